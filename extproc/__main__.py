@@ -1,0 +1,82 @@
+"""Command line: ``guardrail-extproc`` / ``python -m extproc``.
+
+Reads flags and environment into ``Settings`` (a bad value exits 2 with one clear line),
+configures logging, builds the Bedrock client, serves until SIGTERM or SIGINT, then drains:
+health NOT_SERVING, ``--drain-delay``, in-flight streams get ``--grace-period``, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from extproc.config import Settings, load_settings
+from extproc.errors import ConfigError
+from extproc.guardrail import BedrockGuardrailClient
+from extproc.server import start_server
+
+log = logging.getLogger("extproc")
+
+
+async def serve(settings: Settings) -> None:
+    """Run the sidecar until SIGTERM/SIGINT, then drain and return."""
+    guardrail = BedrockGuardrailClient(settings)
+    try:
+        try:
+            running = await start_server(settings, guardrail)
+        except RuntimeError as exc:
+            raise ConfigError(f"--listen {settings.listen}: cannot bind ({exc})") from None
+        log.info(
+            "guardrail-extproc listening on %s:%d (guardrail %s version %s, region %s, "
+            "endpoint %s, input check %s, output check %s, failure mode %s)",
+            settings.listen_host, running.port, settings.guardrail.id,
+            settings.guardrail.version, guardrail.region, guardrail.endpoint_url,
+            settings.input_check.value, "on" if settings.output_check else "off",
+            settings.failure_mode.value,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info(
+            "shutting down: NOT_SERVING, drain delay %.1fs, grace period %.1fs, %d streams "
+            "in flight", settings.drain_delay_s, settings.grace_period_s,
+            running.processor.active_streams,
+        )
+        await running.drain_and_stop(settings.drain_delay_s, settings.grace_period_s)
+        log.info("stopped")
+    finally:
+        guardrail.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        settings = load_settings(args, os.environ)
+    except ConfigError as exc:
+        print(f"guardrail-extproc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # boto3/botocore at DEBUG would log request bodies (prompts and answers).
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"guardrail-extproc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Settings: every knob of the sidecar, parsed from flags and environment once, at start-up.
+
+Owns the option table (flag, environment variable, default, validation) and the frozen
+``Settings`` value handed to the server. Nothing else in the package reads the environment
+(boto3 reads its own standard AWS variables); nothing here runs at import time.
+
+Precedence: command-line flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NewType
+
+from extproc.errors import ConfigError
+
+GuardrailId = NewType("GuardrailId", str)
+GuardrailVersion = NewType("GuardrailVersion", str)
+
+ENV_PREFIX = "EXTPROC_"
+
+# Bedrock's own patterns for the ApplyGuardrail URI members (botocore service model).
+_GUARDRAIL_ID_RE = re.compile(
+    r"(([a-z0-9]+)|(arn:aws(-[^:]+)?:bedrock:[a-z0-9-]{1,20}:[0-9]{12}:guardrail/[a-z0-9]+))"
+)
+_GUARDRAIL_VERSION_RE = re.compile(r"(([1-9][0-9]{0,7})|(DRAFT))")
+
+
+class InputCheck(enum.Enum):
+    """When the prompt is checked with source INPUT."""
+
+    OFF = "off"
+    PARALLEL = "parallel"  # checked while the upstream call runs; the answer is held until it passes
+
+
+class FailureMode(enum.Enum):
+    """What a stream gets when the guardrail cannot give a verdict."""
+
+    CLOSED = "closed"  # the stream ends with a guardrail_unavailable frame (or a 503 before headers)
+    OPEN = "open"  # the text is released unchecked; logged and counted
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailRef:
+    """Which guardrail to apply."""
+
+    id: GuardrailId
+    version: GuardrailVersion
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated configuration of one sidecar process."""
+
+    guardrail: GuardrailRef
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 50051
+    input_check: InputCheck = InputCheck.PARALLEL
+    output_check: bool = True
+    failure_mode: FailureMode = FailureMode.CLOSED
+    guardrail_timeout_s: float = 5.0
+    guardrail_max_attempts: int = 3
+    guardrail_threads: int = 32
+    input_wait_s: float = 0.5
+    drain_delay_s: float = 0.0
+    grace_period_s: float = 30.0
+    metadata_namespace: str = "guardrail"
+    log_level: str = "INFO"
+    aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    flag: str
+    help: str
+    default: str | None
+    parse: Callable[[str, str], Any]
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+def _parse_listen(value: str, where: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{where}: port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port must be 0-65535, got {port}")
+    return host, port
+
+
+def _parse_guardrail_id(value: str, where: str) -> GuardrailId:
+    if not value:
+        raise ConfigError(
+            f"{where} is required: the Bedrock guardrail identifier (id or ARN) to apply"
+        )
+    if len(value) > 2048 or not _GUARDRAIL_ID_RE.fullmatch(value):
+        raise ConfigError(
+            f"{where}: {value!r} is not a guardrail id ([a-z0-9]+) or guardrail ARN"
+        )
+    return GuardrailId(value)
+
+
+def _parse_guardrail_version(value: str, where: str) -> GuardrailVersion:
+    if not _GUARDRAIL_VERSION_RE.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r} is not a guardrail version (1-99999999 or DRAFT)")
+    return GuardrailVersion(value)
+
+
+def _enum_parser(kind: type[enum.Enum]) -> Callable[[str, str], Any]:
+    def parse(value: str, where: str) -> Any:
+        try:
+            return kind(value.strip().lower())
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in kind)
+            raise ConfigError(f"{where}: {value!r} is not one of: {allowed}") from None
+
+    return parse
+
+
+def _parse_bool(value: str, where: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: {value!r} is not a boolean (on/off, true/false)")
+
+
+def _number_parser(
+    kind: type[int] | type[float], low: float, high: float
+) -> Callable[[str, str], Any]:
+    def parse(value: str, where: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a {kind.__name__}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{where}: {number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def _parse_log_level(value: str, where: str) -> str:
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where}: {value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
+def _parse_namespace(value: str, where: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+        raise ConfigError(f"{where}: {value!r} is not a valid metadata namespace")
+    return value
+
+
+OPTIONS: tuple[_Option, ...] = (
+    _Option("--listen", "gRPC listen address HOST:PORT (port 0 picks a free port)",
+            "127.0.0.1:50051", _parse_listen),
+    _Option("--guardrail-id", "Bedrock guardrail identifier (id or ARN); required", None,
+            _parse_guardrail_id),
+    _Option("--guardrail-version", "guardrail version number or DRAFT", "DRAFT",
+            _parse_guardrail_version),
+    _Option("--input-check", "prompt check: parallel (while the upstream runs) or off",
+            "parallel", _enum_parser(InputCheck)),
+    _Option("--output-check", "check streamed answers (on/off)", "on", _parse_bool),
+    _Option("--failure-mode", "when the guardrail gives no verdict: closed or open", "closed",
+            _enum_parser(FailureMode)),
+    _Option("--guardrail-timeout", "seconds one ApplyGuardrail call may take, retries included",
+            "5", _number_parser(float, 0.05, 120)),
+    _Option("--guardrail-max-attempts", "ApplyGuardrail attempts per call (botocore standard "
+            "retries)", "3", _number_parser(int, 1, 10)),
+    _Option("--guardrail-threads", "threads running boto3 calls (concurrent calls per process)",
+            "32", _number_parser(int, 1, 1024)),
+    _Option("--input-wait", "seconds the response-headers answer may wait for a pending prompt "
+            "verdict; keep it below Envoy's message_timeout", "0.5",
+            _number_parser(float, 0, 60)),
+    _Option("--drain-delay", "seconds between NOT_SERVING and closing the listener on SIGTERM",
+            "0", _number_parser(float, 0, 600)),
+    _Option("--grace-period", "seconds in-flight streams get to finish on SIGTERM", "30",
+            _number_parser(float, 0, 3600)),
+    _Option("--metadata-namespace", "dynamic metadata namespace for Envoy's access log",
+            "guardrail", _parse_namespace),
+    _Option("--log-level", "DEBUG, INFO, WARNING or ERROR", "INFO", _parse_log_level),
+)
+
+
+def build_parser(prog: str = "guardrail-extproc") -> argparse.ArgumentParser:
+    """The command-line parser; every flag also reads ``EXTPROC_<FLAG>`` from the environment."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Envoy ext_proc sidecar enforcing AWS Bedrock Guardrails on LLM traffic. "
+        "AWS region, endpoint and credentials come from the standard AWS settings "
+        "(AWS_REGION, AWS_ENDPOINT_URL_BEDROCK_RUNTIME, the credential chain).",
+    )
+    for option in OPTIONS:
+        default = f" (default: {option.default})" if option.default is not None else ""
+        parser.add_argument(option.flag, dest=option.dest, default=None,
+                            help=f"{option.help}{default} [env {option.env}]")
+    return parser
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Parse and validate; raises ``ConfigError`` naming the flag and the environment variable."""
+    args = vars(build_parser().parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = args[option.dest]
+        where = option.flag
+        if raw is None:
+            raw = environ.get(option.env)
+            where = option.env
+        if raw is None:
+            raw = option.default
+            where = f"{option.flag} / {option.env}"
+        if raw is None:
+            raw = ""
+            where = f"{option.flag} / {option.env}"
+        values[option.dest] = option.parse(raw, where)
+    host, port = values.pop("listen")
+    return Settings(
+        guardrail=GuardrailRef(values.pop("guardrail_id"), values.pop("guardrail_version")),
+        listen_host=host,
+        listen_port=port,
+        guardrail_timeout_s=values.pop("guardrail_timeout"),
+        guardrail_max_attempts=values.pop("guardrail_max_attempts"),
+        guardrail_threads=values.pop("guardrail_threads"),
+        input_wait_s=values.pop("input_wait"),
+        drain_delay_s=values.pop("drain_delay"),
+        grace_period_s=values.pop("grace_period"),
+        aws_region=environ.get("AWS_REGION") or None,
+        **values,
+    )

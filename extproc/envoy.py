@@ -1,0 +1,166 @@
+"""The only builder and reader of Envoy ext_proc messages.
+
+Everything else in the package speaks plain Python (dicts of headers, bytes, booleans); this
+module turns that into ``ProcessingResponse`` messages and reads ``ProcessingRequest`` headers.
+Rules from ``shared/docs/ext_proc.md`` and the house style that live here:
+
+* header values are read from ``raw_value`` first (Envoy sends ``raw_value``), and written only
+  as ``raw_value``: setting both makes Envoy fail the request;
+* in FULL_DUPLEX_STREAMED every body answer is a ``StreamedBodyResponse`` (a plain body
+  mutation is a spurious message that resets the stream);
+* a mode override spells out every body mode it wants, since an omitted body mode means NONE,
+  and switching a direction to FULL_DUPLEX_STREAMED also sets that direction's trailer mode
+  to SEND (Envoy rejects FULL_DUPLEX without it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from extproc._pb.envoy.config.core.v3 import base_pb2
+from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc._pb.envoy.type.v3 import http_status_pb2
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+ProcessingMode = processing_mode_pb2.ProcessingMode
+
+_SEND = ProcessingMode.SEND
+_SKIP = ProcessingMode.SKIP
+_NONE = ProcessingMode.NONE
+_BUFFERED = ProcessingMode.BUFFERED
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+
+# Mode overrides; each must be listed in the filter's ``allowed_override_modes``.
+# Not an LLM call: no response messages at all.
+MODE_SKIP_RESPONSE = ProcessingMode(response_header_mode=_SKIP)
+# LLM call whose prompt we check: buffer the request body (answered at once, checked beside
+# the upstream call); keep the response headers phase.
+MODE_BUFFER_REQUEST = ProcessingMode(request_body_mode=_BUFFERED)
+# Streamed answer: the response body in FULL_DUPLEX_STREAMED (trailers must then be SEND).
+MODE_FULL_DUPLEX_RESPONSE = ProcessingMode(
+    response_body_mode=_FULL_DUPLEX, response_trailer_mode=_SEND
+)
+
+
+def header_map(headers: Any) -> dict[str, str]:
+    """Envoy's ``HeaderMap`` as a dict (lower-case names; later duplicates win)."""
+    result: dict[str, str] = {}
+    for header in headers.headers:
+        raw = header.raw_value
+        result[header.key.lower()] = (
+            raw.decode("utf-8", "replace") if raw else header.value
+        )
+    return result
+
+
+def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def _metadata(namespace: str, values: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if not values:
+        return None
+    return _struct({namespace: dict(values)})
+
+
+def _header_mutation(
+    remove: Iterable[str] = (), set_headers: Mapping[str, str] | None = None
+) -> pb.HeaderMutation | None:
+    remove = list(remove)
+    if not remove and not set_headers:
+        return None
+    options = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for name, value in (set_headers or {}).items()
+    ]
+    return pb.HeaderMutation(set_headers=options, remove_headers=remove)
+
+
+def headers_response(
+    *,
+    response_phase: bool,
+    remove_headers: Iterable[str] = (),
+    mode: Any = None,
+    metadata_namespace: str = "",
+    metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    """Continue after a headers message, optionally removing headers and overriding modes."""
+    common = pb.CommonResponse(header_mutation=_header_mutation(remove_headers))
+    answer = pb.HeadersResponse(response=common)
+    response = (
+        pb.ProcessingResponse(response_headers=answer)
+        if response_phase
+        else pb.ProcessingResponse(request_headers=answer)
+    )
+    if mode is not None:
+        response.mode_override.CopyFrom(mode)
+    meta = _metadata(metadata_namespace, metadata)
+    if meta is not None:
+        response.dynamic_metadata.CopyFrom(meta)
+    return response
+
+
+def continue_request_body() -> pb.ProcessingResponse:
+    """Let a BUFFERED request body through unchanged."""
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse()))
+
+
+def streamed_response_body(
+    body: bytes,
+    end_of_stream: bool,
+    *,
+    metadata_namespace: str = "",
+    metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    """A FULL_DUPLEX_STREAMED answer on the response body: ``body`` goes to the client next."""
+    mutation = pb.BodyMutation(
+        streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+    )
+    response = pb.ProcessingResponse(
+        response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+    )
+    meta = _metadata(metadata_namespace, metadata)
+    if meta is not None:
+        response.dynamic_metadata.CopyFrom(meta)
+    return response
+
+
+def continue_trailers(*, response_phase: bool) -> pb.ProcessingResponse:
+    """Let trailers through unchanged."""
+    answer = pb.TrailersResponse()
+    if response_phase:
+        return pb.ProcessingResponse(response_trailers=answer)
+    return pb.ProcessingResponse(request_trailers=answer)
+
+
+def immediate_response(
+    status: int,
+    body: bytes,
+    *,
+    details: str,
+    content_type: str = "application/json",
+    metadata_namespace: str = "",
+    metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    """A local reply; only valid while the response headers have not gone out."""
+    reply = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+        headers=_header_mutation(set_headers={"content-type": content_type}),
+        body=body,
+        details=details,
+    )
+    response = pb.ProcessingResponse(immediate_response=reply)
+    meta = _metadata(metadata_namespace, metadata)
+    if meta is not None:
+        response.dynamic_metadata.CopyFrom(meta)
+    return response

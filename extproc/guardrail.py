@@ -1,0 +1,157 @@
+"""The guardrail seam: a ``GuardrailClient`` Protocol and the Bedrock ApplyGuardrail client.
+
+Owns the boto3 ``bedrock-runtime`` client (endpoint from ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``,
+region and credentials from the standard AWS chain), the thread pool its blocking calls run
+in, the per-call deadline, and the mapping of AWS errors onto ``extproc.errors``. It returns
+typed verdicts (``extproc.verdict``) and never decides what a verdict means for a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from extproc.config import GuardrailRef, Settings
+from extproc.errors import (
+    ConfigError,
+    GuardrailError,
+    GuardrailInputTooLarge,
+    GuardrailRejected,
+    GuardrailServerError,
+    GuardrailThrottled,
+    GuardrailTimeout,
+)
+from extproc.verdict import GuardrailVerdict, classify
+
+log = logging.getLogger(__name__)
+
+
+class Source(enum.Enum):
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+
+
+class GuardrailClient(Protocol):
+    """Anything that can apply a guardrail to texts (Bedrock, the tests' fakes)."""
+
+    async def apply(
+        self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]
+    ) -> GuardrailVerdict:
+        """Check ``texts`` (one content block each); raise ``GuardrailError`` on failure."""
+        ...
+
+    def close(self) -> None:
+        """Release threads and connections."""
+        ...
+
+
+_THROTTLE_CODES = frozenset({"ThrottlingException", "TooManyRequestsException"})
+_SERVER_CODES = frozenset(
+    {"InternalServerException", "ServiceUnavailableException", "InternalFailure",
+     "ServiceUnavailable"}
+)
+
+
+def map_client_error(exc: botocore.exceptions.ClientError) -> GuardrailError:
+    """Turn a botocore ``ClientError`` into our hierarchy (message kept for logs only)."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    message = str(error.get("Message", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    lowered = message.lower()
+    # Bedrock reports oversize input as a 429 ThrottlingException (bedrock.md A.4): splitting
+    # helps, retrying never does.
+    if "text units" in lowered and "exceeds the maximum" in lowered:
+        return GuardrailInputTooLarge(f"{code}: {message}")
+    if code in _THROTTLE_CODES or status == 429:
+        return GuardrailThrottled(f"{code}: {message}")
+    if code in _SERVER_CODES or status >= 500:
+        return GuardrailServerError(f"{code}: {message}")
+    return GuardrailRejected(f"{code} ({status}): {message}")
+
+
+class BedrockGuardrailClient:
+    """ApplyGuardrail through boto3, run in a thread pool so the event loop never blocks."""
+
+    def __init__(self, settings: Settings) -> None:
+        session = boto3.session.Session(region_name=settings.aws_region)
+        if session.region_name is None:
+            raise ConfigError(
+                "no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in the AWS "
+                "config profile)"
+            )
+        if session.get_credentials() is None:
+            raise ConfigError(
+                "no AWS credentials found in the standard chain (environment, shared "
+                "credentials/config files, web identity/IRSA, container or instance role)"
+            )
+        self._timeout = settings.guardrail_timeout_s
+        config = botocore.config.Config(
+            connect_timeout=min(2.0, self._timeout),
+            read_timeout=self._timeout,
+            retries={"mode": "standard", "total_max_attempts": settings.guardrail_max_attempts},
+            max_pool_connections=settings.guardrail_threads,
+            user_agent_extra="guardrail-extproc",
+        )
+        self._client: Any = session.client("bedrock-runtime", config=config)
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.guardrail_threads, thread_name_prefix="apply-guardrail"
+        )
+
+    @property
+    def endpoint_url(self) -> str:
+        return str(self._client.meta.endpoint_url)
+
+    @property
+    def region(self) -> str:
+        return str(self._client.meta.region_name)
+
+    def _call(self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]) -> Any:
+        return self._client.apply_guardrail(
+            guardrailIdentifier=guardrail.id,
+            guardrailVersion=guardrail.version,
+            source=source.value,
+            content=[{"text": {"text": text}} for text in texts],
+        )
+
+    async def apply(
+        self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]
+    ) -> GuardrailVerdict:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        future = loop.run_in_executor(self._executor, self._call, guardrail, source, texts)
+        try:
+            response = await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            raise GuardrailTimeout(
+                f"no ApplyGuardrail answer within {self._timeout:.2f}s"
+            ) from None
+        except botocore.exceptions.ClientError as exc:
+            raise map_client_error(exc) from exc
+        except (botocore.exceptions.ReadTimeoutError,
+                botocore.exceptions.ConnectTimeoutError) as exc:
+            raise GuardrailTimeout(type(exc).__name__) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise GuardrailServerError(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(response, dict) or "action" not in response:
+            raise GuardrailServerError("ApplyGuardrail answer without an action")
+        verdict = classify(response)
+        log.debug(
+            "ApplyGuardrail source=%s blocks=%d outcome=%s text_units=%d latency_ms=%.1f",
+            source.value, len(texts), verdict.outcome.value, verdict.text_units,
+            (time.monotonic() - started) * 1000,
+        )
+        return verdict
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._client.close()

@@ -1,0 +1,125 @@
+"""The gRPC transport: ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` on ``grpc.aio``,
+plus the standard gRPC health service on the same port.
+
+Thin on purpose: one ``StreamProcessor`` per RPC, a read loop that hands it each message,
+answers written in order through its ``Outbox``. Envoy ending the RPC (half-close or
+cancellation) is the normal end of a stream. Nothing here decides anything about guardrails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.config import Settings
+from extproc.formats import StreamFormat, all_formats
+from extproc.guardrail import GuardrailClient
+from extproc.stream import Outbox, StreamProcessor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """The ext_proc service: a read loop per stream around a ``StreamProcessor``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        guardrail: GuardrailClient,
+        formats: tuple[StreamFormat, ...] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._guardrail = guardrail
+        self._formats = formats if formats is not None else all_formats()
+        self._ids = itertools.count(1)
+        self.active_streams = 0
+
+    async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
+        stream_id = f"s{next(self._ids)}"
+        outbox = Outbox(context.write)
+        processor = StreamProcessor(
+            self._settings, self._guardrail, self._formats, outbox, stream_id
+        )
+        self.active_streams += 1
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                await processor.handle(request)
+        except asyncio.CancelledError:
+            # Envoy cancels the side stream once it needs nothing more (ext_proc.md 1).
+            raise
+        except Exception:
+            log.exception("stream %s: unexpected error; ending the RPC", stream_id)
+            raise
+        finally:
+            processor.close()
+            self.active_streams -= 1
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port and the handles needed to stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    processor: ExternalProcessor
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def drain_and_stop(self, drain_delay_s: float, grace_s: float) -> None:
+        """NOT_SERVING, wait ``drain_delay_s`` for load balancers to notice, then stop
+        accepting and give in-flight streams ``grace_s`` to finish."""
+        await self.set_serving(False)
+        if drain_delay_s > 0:
+            await asyncio.sleep(drain_delay_s)
+        await self.server.stop(grace_s)
+
+
+def server_options() -> Sequence[tuple[str, Any]]:
+    """gRPC server channel options.
+
+    ``so_reuseport`` is off so that a second process on the same port fails loudly instead of
+    silently sharing it. Keepalive pings from Envoy are allowed so idle HTTP/2 connections to
+    the sidecar survive.
+    """
+    return (
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    )
+
+
+async def start_server(settings: Settings, guardrail: GuardrailClient) -> RunningServer:
+    """Bind, register the ext_proc and health services, start; returns the bound port."""
+    server = grpc.aio.server(options=server_options())
+    processor = ExternalProcessor(settings, guardrail)
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"could not bind {settings.listen}")
+    await server.start()
+    running = RunningServer(server=server, port=port, health=health_servicer, processor=processor)
+    await running.set_serving(True)
+    return running

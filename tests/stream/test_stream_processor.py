@@ -1,0 +1,364 @@
+"""The per-stream state machine fed scripted Envoy messages, with a fake guardrail."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from extproc.config import FailureMode, InputCheck
+from extproc.envoy import ProcessingMode
+from extproc.errors import GuardrailThrottled, GuardrailTimeout
+from extproc.formats import all_formats
+from extproc.guardrail import Source
+from extproc.stream import Outbox, StreamProcessor
+from tests.support import (
+    BLOCK_FRAME,
+    UNAVAILABLE_FRAME,
+    FakeGuardrail,
+    body_of,
+    chat_request,
+    chunk_event,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    settings,
+)
+
+CLEAN = [
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+    chunk_event("Hello"),
+    chunk_event(", wor"),
+    chunk_event("ld! caf\u00e9"),
+    chunk_event(None, "stop"),
+    b"data: [DONE]\n\n",
+]
+
+
+class Harness:
+    def __init__(self, guardrail: FakeGuardrail | None = None, **overrides: Any) -> None:
+        self.guardrail = guardrail or FakeGuardrail()
+        self.sent: list[Any] = []
+
+        async def write(message: Any) -> None:
+            self.sent.append(message)
+
+        self.processor = StreamProcessor(
+            settings(**overrides), self.guardrail, all_formats(), Outbox(write), "t1"
+        )
+
+    async def feed(self, *requests: Any) -> None:
+        for request in requests:
+            await self.processor.handle(request)
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    def body_answers(self) -> list[tuple[bytes, bool]]:
+        return [body_of(m) for m in self.sent if m.WhichOneof("response") == "response_body"]
+
+    def client_bytes(self) -> bytes:
+        return b"".join(body for body, _ in self.body_answers())
+
+    async def open_sse(self, prompt: str = "hi") -> None:
+        await self.feed(request_headers(), request_body(chat_request(prompt)), response_headers())
+        await self.settle()
+
+
+def split_everywhere(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+async def test_non_llm_request_skips_the_response_phase() -> None:
+    h = Harness()
+    await h.feed(request_headers(path="/healthz", method="GET", end_of_stream=True))
+    (answer,) = h.sent
+    assert answer.WhichOneof("response") == "request_headers"
+    assert answer.mode_override.response_header_mode == ProcessingMode.SKIP
+    assert not answer.request_headers.response.header_mutation.remove_headers
+    assert h.guardrail.calls == []
+
+
+async def test_llm_request_drops_accept_encoding_and_buffers_the_prompt() -> None:
+    h = Harness()
+    await h.feed(request_headers(path="/v1/chat/completions?x=1"))
+    (answer,) = h.sent
+    assert list(answer.request_headers.response.header_mutation.remove_headers) == [
+        "accept-encoding"]
+    assert answer.mode_override.request_body_mode == ProcessingMode.BUFFERED
+
+
+async def test_output_only_mode_does_not_buffer_the_prompt() -> None:
+    h = Harness(input_check=InputCheck.OFF)
+    await h.feed(request_headers())
+    assert not h.sent[0].HasField("mode_override")
+
+
+async def test_sse_answer_switches_to_full_duplex_with_trailers_send() -> None:
+    h = Harness()
+    await h.open_sse()
+    mode = h.sent[-1].mode_override
+    assert h.sent[-1].WhichOneof("response") == "response_headers"
+    assert mode.response_body_mode == ProcessingMode.FULL_DUPLEX_STREAMED
+    assert mode.response_trailer_mode == ProcessingMode.SEND
+
+
+async def test_non_sse_answer_is_not_processed() -> None:
+    h = Harness()
+    await h.feed(request_headers(), request_body(chat_request("hi")))
+    await h.settle()
+    await h.feed(response_headers(content_type="application/json"))
+    assert not h.sent[-1].HasField("mode_override")
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 50, 10_000])
+async def test_clean_stream_is_byte_identical(size: int) -> None:
+    h = Harness()
+    await h.open_sse()
+    original = b"".join(CLEAN)
+    chunks = split_everywhere(original, size)
+    for chunk in chunks:
+        await h.feed(response_body(chunk))
+        await h.settle()
+    await h.feed(response_body(b"", end_of_stream=True))
+    await h.settle()
+    answers = h.body_answers()
+    assert h.client_bytes() == original
+    assert answers[-1][1] is True and all(not eos for _, eos in answers[:-1])
+    assert h.processor.stats["outcome"] == "pass"
+
+
+async def test_block_mid_stream_ends_with_the_error_frame_and_no_blocked_text() -> None:
+    h = Harness()
+    await h.open_sse()
+    await h.feed(response_body(chunk_event("Safe start. ")))
+    await h.settle()
+    await h.feed(response_body(chunk_event("now the forbidden part")))
+    await h.settle()
+    await h.feed(response_body(chunk_event("more")), response_body(b"", end_of_stream=True))
+    await h.settle()
+    answers = h.body_answers()
+    assert h.client_bytes() == chunk_event("Safe start. ") + BLOCK_FRAME
+    assert answers[-1] == (BLOCK_FRAME, True)
+    assert b"forbidden" not in h.client_bytes()
+    assert h.processor.stats["outcome"] == "block"
+    assert h.processor.stats["chars_released"] == len("Safe start. ")
+
+
+async def test_nothing_is_sent_after_the_block() -> None:
+    h = Harness()
+    await h.open_sse()
+    await h.feed(response_body(chunk_event("forbidden")))
+    await h.settle()
+    count = len(h.sent)
+    await h.feed(response_body(chunk_event("tail")), response_body(b"", end_of_stream=True),
+                 response_body(b"", end_of_stream=True))
+    await h.settle()
+    assert len(h.sent) == count
+
+
+async def test_text_is_held_until_a_passing_check_covers_it() -> None:
+    hold = asyncio.Event()
+    h = Harness(FakeGuardrail(hold=hold), input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    await h.feed(response_body(chunk_event("one ")))
+    await h.settle()
+    assert h.client_bytes() == b""  # the check is still running
+    hold.set()
+    await h.settle()
+    assert h.client_bytes() == chunk_event("one ")
+
+
+async def test_one_call_in_flight_and_coalescing() -> None:
+    hold = asyncio.Event()
+    guard = FakeGuardrail(hold=hold)
+    h = Harness(guard, input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    await h.feed(response_body(chunk_event("a")))
+    await h.settle()
+    for word in ("b", "c", "d"):
+        await h.feed(response_body(chunk_event(word)))
+        await h.settle()
+    assert len(guard.calls) == 1 and guard.max_in_flight == 1
+    hold.set()
+    await h.settle()
+    # The second call covers everything that arrived while the first one ran.
+    assert len(guard.calls) == 2
+    assert guard.calls[1].texts == ["abcd"]
+    assert guard.max_in_flight == 1
+    await h.feed(response_body(b"", end_of_stream=True))
+    await h.settle()
+    assert len(guard.calls) == 2  # the last call already covered the whole answer
+    assert h.body_answers()[-1][1] is True
+
+
+async def test_final_call_covers_the_whole_answer() -> None:
+    hold = asyncio.Event()
+    guard = FakeGuardrail(hold=hold)
+    h = Harness(guard, input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    await h.feed(response_body(chunk_event("x")))
+    await h.feed(response_body(chunk_event("y") + b"data: [DONE]\n\n", end_of_stream=True))
+    hold.set()
+    await h.settle()
+    assert guard.calls[-1].texts == ["xy"]
+    assert all(call.source is Source.OUTPUT for call in guard.calls)
+    assert h.body_answers()[-1][1] is True
+
+
+async def test_an_event_split_across_chunks_is_released_whole() -> None:
+    h = Harness(input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    event = chunk_event("split event")
+    await h.feed(response_body(event[:20]))
+    await h.settle()
+    assert h.client_bytes() == b""
+    await h.feed(response_body(event[20:]))
+    await h.settle()
+    assert h.client_bytes() == event
+
+
+async def test_tool_call_arguments_are_checked() -> None:
+    h = Harness(input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    tool = (b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+            b'{"arguments":"{\\"q\\": \\"forbidden\\"}"}}]}}]}\n\n')
+    await h.feed(response_body(tool))
+    await h.settle()
+    assert h.client_bytes() == BLOCK_FRAME
+    assert h.guardrail.calls[0].texts == ['{"q": "forbidden"}']
+
+
+@pytest.mark.parametrize("outcome", ["masked", "detected"])
+async def test_mask_and_detect_only_do_not_end_the_stream(outcome: str) -> None:
+    guard = FakeGuardrail(masked=("secret",) if outcome == "masked" else (),
+                          detected=("secret",) if outcome == "detected" else ())
+    h = Harness(guard, input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    original = chunk_event("the secret is out") + b"data: [DONE]\n\n"
+    await h.feed(response_body(original, end_of_stream=True))
+    await h.settle()
+    assert h.client_bytes() == original
+    assert h.body_answers()[-1][1] is True
+
+
+async def test_guardrail_failure_fails_closed_by_default() -> None:
+    h = Harness(FakeGuardrail(error=GuardrailThrottled("429")), input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    await h.feed(response_body(chunk_event("hello")))
+    await h.settle()
+    assert h.client_bytes() == UNAVAILABLE_FRAME
+    assert h.body_answers()[-1][1] is True
+    assert h.processor.stats["error_class"] == "throttled"
+
+
+async def test_guardrail_failure_fail_open_releases_the_text() -> None:
+    h = Harness(FakeGuardrail(error=GuardrailTimeout("slow")), input_check=InputCheck.OFF,
+                failure_mode=FailureMode.OPEN)
+    await h.feed(request_headers(), response_headers())
+    original = chunk_event("hello") + b"data: [DONE]\n\n"
+    await h.feed(response_body(original, end_of_stream=True))
+    await h.settle()
+    assert h.client_bytes() == original
+    assert h.processor.stats["failed_open"] is True
+
+
+async def test_input_block_before_response_headers_is_a_400_json_error() -> None:
+    h = Harness()
+    await h.feed(request_headers(), request_body(chat_request("say forbidden")))
+    await h.settle()
+    await h.feed(response_headers())
+    answer = h.sent[-1]
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert answer.immediate_response.status.code == 400
+    assert answer.immediate_response.body == (
+        b'{"error": {"message": "Violated guardrail policy", "code": 400, '
+        b'"type": "guardrail_violation"}}')
+    assert h.guardrail.calls[0].source is Source.INPUT
+    assert h.guardrail.calls[0].texts == ["say forbidden"]
+
+
+async def test_input_block_after_response_headers_is_the_frame() -> None:
+    hold = asyncio.Event()
+    h = Harness(FakeGuardrail(hold=hold), input_wait_s=0)
+    await h.feed(request_headers(), request_body(chat_request("say forbidden")),
+                 response_headers())
+    await h.feed(response_body(chunk_event("model text")))
+    await h.settle()
+    assert h.client_bytes() == b""  # held: the prompt verdict is pending
+    hold.set()
+    await h.settle()
+    assert h.client_bytes() == BLOCK_FRAME
+    assert b"model text" not in h.client_bytes()
+
+
+async def test_output_is_held_until_the_prompt_passes() -> None:
+    hold = asyncio.Event()
+    guard = FakeGuardrail(hold=hold)
+    h = Harness(guard, input_wait_s=0)
+    await h.feed(request_headers(), request_body(chat_request("hello")), response_headers())
+    original = b"".join(CLEAN)
+    await h.feed(response_body(original, end_of_stream=True))
+    await h.settle()
+    assert h.client_bytes() == b""
+    hold.set()
+    await h.settle()
+    assert h.client_bytes() == original
+
+
+async def test_input_block_before_any_body_chunk_waits_for_the_first_chunk() -> None:
+    hold = asyncio.Event()
+    h = Harness(FakeGuardrail(hold=hold), input_wait_s=0)
+    await h.feed(request_headers(), request_body(chat_request("forbidden")), response_headers())
+    hold.set()
+    await h.settle()
+    # FULL_DUPLEX: an answer before Envoy's first chunk would be spurious.
+    assert h.body_answers() == []
+    await h.feed(response_body(chunk_event("x")))
+    await h.settle()
+    assert h.body_answers() == [(BLOCK_FRAME, True)]
+
+
+async def test_repeated_final_chunk_is_ignored() -> None:
+    # envoy#46237: a duplicate end_of_stream chunk must not produce a second final answer.
+    h = Harness(input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    await h.feed(response_body(b"data: [DONE]\n\n", end_of_stream=True))
+    await h.settle()
+    await h.feed(response_body(b"data: [DONE]\n\n", end_of_stream=True))
+    await h.settle()
+    assert [eos for _, eos in h.body_answers()].count(True) == 1
+
+
+async def test_unterminated_last_event_is_passed_through() -> None:
+    h = Harness(input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    original = chunk_event("a") + b"data: [DONE]"
+    await h.feed(response_body(original, end_of_stream=True))
+    await h.settle()
+    assert h.client_bytes() == original
+
+
+async def test_non_json_data_passes_through() -> None:
+    h = Harness(input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers())
+    original = b"data: not json at all\n\n: keep-alive\n\ndata: [DONE]\n\n"
+    await h.feed(response_body(original, end_of_stream=True))
+    await h.settle()
+    assert h.client_bytes() == original
+    assert h.guardrail.calls == []
+
+
+async def test_close_cancels_the_check_in_flight() -> None:
+    hold = asyncio.Event()
+    h = Harness(FakeGuardrail(hold=hold), input_check=InputCheck.OFF)
+    await h.feed(request_headers(), response_headers(), response_body(chunk_event("a")))
+    await h.settle()
+    tasks_before = {t for t in asyncio.all_tasks() if not t.done()}
+    h.processor.close()
+    await h.settle()
+    still_running = {t for t in tasks_before if not t.done()} - {asyncio.current_task()}
+    assert still_running == set()

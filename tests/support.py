@@ -1,0 +1,158 @@
+"""Test support shared by the tiers: Envoy message builders and a scriptable guardrail fake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc._pb.envoy.config.core.v3 import base_pb2
+from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.config import GuardrailRef, Settings
+from extproc.errors import GuardrailError
+from extproc.guardrail import Source
+from extproc.verdict import GuardrailVerdict, classify
+
+ProcessingMode = processing_mode_pb2.ProcessingMode
+
+BLOCK_FRAME = (
+    b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
+    b'"type": "guardrail_violation"}}\n\ndata: [DONE]\n\n'
+)
+UNAVAILABLE_FRAME = (
+    b'data: {"error": {"message": "Guardrail unavailable", "code": 503, '
+    b'"type": "guardrail_unavailable"}}\n\ndata: [DONE]\n\n'
+)
+
+
+def settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"guardrail": GuardrailRef("testguardrail", "1")}  # type: ignore[arg-type]
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _header_map(headers: Sequence[tuple[str, str]]) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers]
+    )
+
+
+def request_headers(
+    path: str = "/v1/chat/completions",
+    method: str = "POST",
+    extra: Sequence[tuple[str, str]] = (("accept-encoding", "gzip"),),
+    end_of_stream: bool = False,
+) -> pb.ProcessingRequest:
+    headers = [(":method", method), (":path", path), (":authority", "llm"),
+               ("content-type", "application/json"), *extra]
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(headers=_header_map(headers), end_of_stream=end_of_stream)
+    )
+
+
+def request_body(body: bytes, end_of_stream: bool = True) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=end_of_stream))
+
+
+def chat_request(prompt: str, stream: bool = True) -> bytes:
+    return json.dumps(
+        {"model": "demo", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+    ).encode()
+
+
+def response_headers(
+    status: int = 200, content_type: str = "text/event-stream", end_of_stream: bool = False
+) -> pb.ProcessingRequest:
+    headers = [(":status", str(status)), ("content-type", content_type)]
+    return pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(headers=_header_map(headers), end_of_stream=end_of_stream)
+    )
+
+
+def response_body(body: bytes, end_of_stream: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=end_of_stream))
+
+
+def chunk_event(content: str | None = None, finish_reason: str | None = None) -> bytes:
+    delta: dict[str, Any] = {} if content is None else {"content": content}
+    obj = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "demo",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def bedrock_response(outcome: str, texts: Sequence[str] = ()) -> dict[str, Any]:
+    """A Bedrock-shaped ApplyGuardrail answer for the fake."""
+    usage = {"topicPolicyUnits": 0, "contentPolicyUnits": 0, "wordPolicyUnits": 1,
+             "sensitiveInformationPolicyUnits": 0, "sensitiveInformationPolicyFreeUnits": 0,
+             "contextualGroundingPolicyUnits": 0}
+    if outcome == "block":
+        return {"action": "GUARDRAIL_INTERVENED", "outputs": [{"text": "Sorry."}], "usage": usage,
+                "assessments": [{"wordPolicy": {"customWords": [
+                    {"match": "x", "action": "BLOCKED", "detected": True}]}}]}
+    if outcome == "mask":
+        return {"action": "GUARDRAIL_INTERVENED", "usage": usage,
+                "outputs": [{"text": t} for t in texts],
+                "assessments": [{"sensitiveInformationPolicy": {"piiEntities": [
+                    {"match": "a@b.c", "type": "EMAIL", "action": "ANONYMIZED",
+                     "detected": True}]}}]}
+    if outcome == "detect":
+        return {"action": "NONE", "outputs": [], "usage": usage,
+                "assessments": [{"sensitiveInformationPolicy": {"piiEntities": [
+                    {"match": "555", "type": "PHONE", "action": "NONE", "detected": True}]}}]}
+    return {"action": "NONE", "outputs": [], "usage": usage, "assessments": []}
+
+
+@dataclass
+class Call:
+    source: Source
+    texts: list[str]
+
+
+@dataclass
+class FakeGuardrail:
+    """Verdicts by rule: any ``blocked`` word -> block, ``masked`` -> mask, ``detected`` ->
+    detect-only; ``error`` raises it; ``hold`` makes calls wait until released."""
+
+    blocked: tuple[str, ...] = ("forbidden",)
+    masked: tuple[str, ...] = ()
+    detected: tuple[str, ...] = ()
+    error: GuardrailError | None = None
+    calls: list[Call] = field(default_factory=list)
+    hold: asyncio.Event | None = None
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    async def apply(self, guardrail: GuardrailRef, source: Source,
+                    texts: Sequence[str]) -> GuardrailVerdict:
+        self.calls.append(Call(source, list(texts)))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            else:
+                await asyncio.sleep(0)
+            if self.error is not None:
+                raise self.error
+            joined = " ".join(texts).lower()
+            if any(word in joined for word in self.blocked):
+                return classify(bedrock_response("block"))
+            if any(word in joined for word in self.masked):
+                return classify(bedrock_response("mask", texts))
+            if any(word in joined for word in self.detected):
+                return classify(bedrock_response("detect"))
+            return classify(bedrock_response("pass"))
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        pass
+
+
+def body_of(response: pb.ProcessingResponse) -> tuple[bytes, bool]:
+    """(body, end_of_stream) of a FULL_DUPLEX response body answer."""
+    streamed = response.response_body.response.body_mutation.streamed_response
+    return streamed.body, streamed.end_of_stream
