@@ -1,0 +1,17 @@
+# The guardrail sidecar: small, non-root. Also carries the demo's fake LLM and local Bedrock
+# endpoint (same package), used by docker-compose.yml.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY extproc ./extproc
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --no-create-home extproc
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER 10001
+ENV PYTHONUNBUFFERED=1 \
+    EXTPROC_LISTEN=0.0.0.0:50051
+EXPOSE 50051
+ENTRYPOINT ["guardrail-extproc"]
