@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NewType
 
 from extproc.errors import ConfigError
+from extproc.policy import StreamMode, Strategy, WindowPolicy
 
 GuardrailId = NewType("GuardrailId", str)
 GuardrailVersion = NewType("GuardrailVersion", str)
@@ -70,6 +71,10 @@ class Settings:
     grace_period_s: float = 30.0
     metadata_namespace: str = "guardrail"
     log_level: str = "INFO"
+    stream_mode: StreamMode = StreamMode.SYNC
+    window: WindowPolicy = WindowPolicy()
+    keepalive_s: float = 5.0
+    streamed_message_timeout_s: float = 10.0
     aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
 
     @property
@@ -202,6 +207,26 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--metadata-namespace", "dynamic metadata namespace for Envoy's access log",
             "guardrail", _parse_namespace),
     _Option("--log-level", "DEBUG, INFO, WARNING or ERROR", "INFO", _parse_log_level),
+    _Option("--stream-mode", "sync: no text before a passing check; async: release at once, "
+            "check beside the stream", "sync", _enum_parser(StreamMode)),
+    _Option("--check-strategy", "windowed (new text + overlap, linear cost) or cumulative "
+            "(the whole answer each time)", "windowed", _enum_parser(Strategy)),
+    _Option("--window-chars", "new characters per check (800 + 200 overlap = 1 text unit)",
+            "800", _number_parser(int, 1, 100_000)),
+    _Option("--window-overlap", "characters of already-checked text repeated at the start of "
+            "each window (and held back in sync mode)", "200", _number_parser(int, 0, 10_000)),
+    _Option("--window-min-chars", "new characters that trigger a check mid-stream (the first "
+            "check and the end of the stream do not wait)", "800",
+            _number_parser(int, 1, 100_000)),
+    _Option("--fast-first-window", "release the first checked text in full (time to first "
+            "token = one round trip)", "on", _parse_bool),
+    _Option("--max-stream-text-units", "cumulative strategy: text units per policy one stream "
+            "may spend before falling back to windows", "100", _number_parser(int, 1, 1_000_000)),
+    _Option("--keepalive-interval", "seconds of silence before an SSE comment keep-alive while "
+            "text is held (0: off)", "5", _number_parser(float, 0, 3600)),
+    _Option("--streamed-message-timeout", "STREAMED fallback: override_message_timeout while "
+            "the final answer waits for a check (must be <= Envoy's max_message_timeout)", "10",
+            _number_parser(float, 0.001, 3600)),
 )
 
 
@@ -238,7 +263,23 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             where = f"{option.flag} / {option.env}"
         values[option.dest] = option.parse(raw, where)
     host, port = values.pop("listen")
+    window = WindowPolicy(
+        strategy=values.pop("check_strategy"),
+        window_chars=values.pop("window_chars"),
+        overlap_chars=values.pop("window_overlap"),
+        min_chars=values.pop("window_min_chars"),
+        fast_first_window=values.pop("fast_first_window"),
+        max_stream_text_units=values.pop("max_stream_text_units"),
+    )
+    if window.min_chars > window.window_chars:
+        raise ConfigError(
+            f"--window-min-chars ({window.min_chars}) must not exceed --window-chars "
+            f"({window.window_chars})"
+        )
     return Settings(
+        window=window,
+        keepalive_s=values.pop("keepalive_interval"),
+        streamed_message_timeout_s=values.pop("streamed_message_timeout"),
         guardrail=GuardrailRef(values.pop("guardrail_id"), values.pop("guardrail_version")),
         listen_host=host,
         listen_port=port,

@@ -34,6 +34,7 @@ _SKIP = ProcessingMode.SKIP
 _NONE = ProcessingMode.NONE
 _BUFFERED = ProcessingMode.BUFFERED
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+STREAMED = ProcessingMode.STREAMED
 
 # Mode overrides; each must be listed in the filter's ``allowed_override_modes``.
 # Not an LLM call: no response messages at all.
@@ -133,6 +134,40 @@ def streamed_response_body(
     if meta is not None:
         response.dynamic_metadata.CopyFrom(meta)
     return response
+
+
+def streamed_mode_body(body: bytes | None, *, pass_through: bool = False,
+                      metadata_namespace: str = "",
+                      metadata: Mapping[str, Any] | None = None) -> pb.ProcessingResponse:
+    """A STREAMED answer to one response body chunk: the chunk unchanged (``pass_through``),
+    replaced by ``body``, or cleared (``body`` empty or None)."""
+    if pass_through:
+        common = pb.CommonResponse()
+    elif body:
+        common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))
+    else:
+        common = pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True))
+    response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+    meta = _metadata(metadata_namespace, metadata)
+    if meta is not None:
+        response.dynamic_metadata.CopyFrom(meta)
+    return response
+
+
+def override_message_timeout(seconds: float) -> pb.ProcessingResponse:
+    """Restart Envoy's message timer with ``seconds`` (not an answer; STREAMED only)."""
+    response = pb.ProcessingResponse()
+    response.override_message_timeout.FromMilliseconds(max(1, int(seconds * 1000)))
+    return response
+
+
+def mode_with_request_buffering(configured_response_body_mode: int) -> Any:
+    """Buffer the request body, keeping the configured response body mode (an omitted body
+    mode in an override means NONE)."""
+    if configured_response_body_mode == _NONE:
+        return MODE_BUFFER_REQUEST
+    return ProcessingMode(request_body_mode=_BUFFERED,
+                          response_body_mode=configured_response_body_mode)
 
 
 def continue_trailers(*, response_phase: bool) -> pb.ProcessingResponse:

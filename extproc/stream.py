@@ -12,16 +12,14 @@ The phases, and what each one answers:
 * request body (BUFFERED): continue at once, start the INPUT check beside the upstream call;
 * response headers: a prompt already blocked -> local 400 JSON error (a 503 when the guardrail
   failed and the failure mode is closed); a ``200 text/event-stream`` answer -> switch the body
-  to FULL_DUPLEX_STREAMED and guard it with ``OutputGuard``; any other answer whose prompt
-  verdict is still pending -> FULL_DUPLEX too, held whole until the verdict;
-* response body: fed to ``OutputGuard``, which releases only text covered by a passing check.
+  to FULL_DUPLEX_STREAMED and guard it with ``extproc.guard.OutputGuard``; any other answer
+  whose prompt verdict is still pending -> FULL_DUPLEX too, held whole until the verdict;
+* response body: fed to the guard; what it releases goes out through a body sink.
 
-``OutputGuard`` is the sync-mode output guard. Events are released whole and in order, and only
-once every character of model text up to them was covered by a passing ApplyGuardrail call
-(and the prompt passed). At most one call is in flight; text arriving meanwhile is coalesced
-into the next call, which covers the whole answer so far; the last call covers the whole
-answer. A block ends the body with the format's terminal frame and ``end_of_stream``, after
-which Envoy resets the upstream; nothing is ever sent after that.
+Two sinks, chosen from the body mode Envoy reports in ``protocol_config``:
+``FullDuplexSink`` (FULL_DUPLEX_STREAMED, Envoy >= 1.34: answers any time, can end the body
+early so that Envoy resets the upstream) and ``StreamedSink`` (a route configured STREAMED, the
+fallback for older Envoy/Istio: one answer per chunk, in order, at once).
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ from extproc.config import FailureMode, InputCheck, Settings
 from extproc.errors import GuardrailError
 from extproc.formats import ErrorKind, StreamFormat, find_format
 from extproc.guardrail import GuardrailClient, Source
-from extproc.sse import SSEDecoder
+from extproc.guard import OutputGuard
 from extproc.verdict import GuardrailVerdict, Outcome
 
 log = logging.getLogger(__name__)
@@ -83,173 +81,66 @@ class Gate(enum.Enum):
     FAILED = "failed"  # no verdict, failure mode closed
 
 
-class OutputGuard:
-    """Sync-mode guard of one response body in FULL_DUPLEX_STREAMED."""
+class FullDuplexSink:
+    """FULL_DUPLEX_STREAMED: released bytes go out at once as ``StreamedBodyResponse``s."""
 
-    def __init__(
-        self,
-        fmt: StreamFormat,
-        *,
-        parse_sse: bool,
-        check_output: bool,
-        apply: Callable[[list[str]], Awaitable[GuardrailVerdict]],
-        gate: Callable[[], Gate],
-        emit: Callable[[bytes, bool, Mapping[str, Any] | None], None],
-        flush: Callable[[], Awaitable[None]],
-        failure_mode: FailureMode,
-        stats: dict[str, Any],
-    ) -> None:
-        self._fmt = fmt
-        self._decoder = SSEDecoder() if parse_sse else None
-        self._check_output = check_output
-        self._apply = apply
-        self._gate = gate
-        self._emit = emit
-        self._flush = flush
-        self._failure_mode = failure_mode
-        self.stats = stats
-        self._channels: dict[Hashable, list[str]] = {}
-        self._held: deque[tuple[bytes, int]] = deque()
-        self._text_total = 0
-        self._checked = 0
-        self._released_chars = 0
-        self._upstream_done = False
-        self._chunks_seen = False
-        self._pending_end: str | None = None
-        self._in_flight: asyncio.Task[None] | None = None
-        self.finished = False
+    def __init__(self, outbox: Outbox, namespace: str) -> None:
+        self._outbox = outbox
+        self._namespace = namespace
 
-    # -- input from Envoy -------------------------------------------------------------------
+    def release(self, data: bytes) -> None:
+        if data:
+            self._outbox.put(envoy.streamed_response_body(data, False))
 
-    def on_chunk(self, body: bytes, end_of_stream: bool) -> None:
-        """One response body chunk from Envoy (chunk boundaries are arbitrary)."""
-        if self.finished or self._upstream_done:
-            return  # after our end, or a repeated final chunk (envoy#46237)
-        self._chunks_seen = True
-        if self._pending_end is not None:
-            self.end(self._pending_end)
+    def finish(self, data: bytes, metadata: Mapping[str, Any]) -> None:
+        self._outbox.put(envoy.streamed_response_body(
+            data, True, metadata_namespace=self._namespace, metadata=metadata))
+
+    def chunk_done(self, end_of_stream: bool) -> None:
+        """FULL_DUPLEX answers are not paired with chunks."""
+
+
+class StreamedSink:
+    """STREAMED (Envoy < 1.34): exactly one answer per chunk, in order, at once.
+
+    Released bytes ride on the next chunk's answer; a chunk with nothing to release is
+    cleared. The final chunk's answer waits for the final check, with
+    ``override_message_timeout`` so Envoy's timer does not fire meanwhile. After the end,
+    every later chunk is cleared. The upstream keeps generating until it finishes.
+    """
+
+    def __init__(self, outbox: Outbox, namespace: str, message_timeout_s: float) -> None:
+        self._outbox = outbox
+        self._namespace = namespace
+        self._timeout_s = message_timeout_s
+        self._pending = bytearray()
+        self._finished = False
+        self._metadata: Mapping[str, Any] | None = None
+        self._final_waiting = False
+
+    def release(self, data: bytes) -> None:
+        self._pending += data
+
+    def finish(self, data: bytes, metadata: Mapping[str, Any]) -> None:
+        self._pending += data
+        self._finished = True
+        self._metadata = metadata
+        if self._final_waiting:
+            self._answer()
+
+    def chunk_done(self, end_of_stream: bool) -> None:
+        if end_of_stream and not self._finished:
+            self._final_waiting = True
+            self._outbox.put(envoy.override_message_timeout(self._timeout_s))
             return
-        if self._decoder is None:
-            if body:
-                self._held.append((body, self._text_total))
-        else:
-            for event in self._decoder.feed(body, end_of_stream=end_of_stream):
-                if self._check_output:
-                    for channel, text in self._fmt.extract(event):
-                        self._channels.setdefault(channel, []).append(text)
-                        self._text_total += len(text)
-                self._held.append((event.raw, self._text_total))
-        if end_of_stream:
-            self._upstream_done = True
-            if self._decoder is not None:
-                leftover = self._decoder.flush()
-                if leftover:
-                    # An unterminated last event: no client dispatches it; pass its bytes on.
-                    self._held.append((leftover, self._text_total))
-        self._advance()
+        self._answer()
 
-    def on_gate_change(self) -> None:
-        """The prompt verdict arrived."""
-        gate = self._gate()
-        if gate is Gate.BLOCKED:
-            self.end(ErrorKind.VIOLATION)
-        elif gate is Gate.FAILED:
-            self.end(ErrorKind.UNAVAILABLE)
-        else:
-            self._advance()
-
-    # -- decisions --------------------------------------------------------------------------
-
-    def _advance(self) -> None:
-        self._release()
-        self._maybe_check()
-
-    def _release(self) -> None:
-        if self.finished or not self._chunks_seen:
-            return
-        if self._gate() is not Gate.OPEN:
-            return
-        out: list[bytes] = []
-        held = self._held
-        checked = self._checked
-        while held and held[0][1] <= checked:
-            raw, position = held.popleft()
-            out.append(raw)
-            self._released_chars = position
-        end_of_stream = self._upstream_done and not held
-        if out or end_of_stream:
-            if end_of_stream:
-                self.finished = True
-                self.stats["outcome"] = self.stats.get("outcome") or "pass"
-            self._emit(b"".join(out), end_of_stream, self._metadata() if end_of_stream else None)
-
-    def _maybe_check(self) -> None:
-        if self.finished or self._in_flight is not None or self._text_total == self._checked:
-            return
-        covered = self._text_total
-        texts = ["".join(parts) for parts in self._channels.values()]
-        self._in_flight = asyncio.get_running_loop().create_task(self._check(covered, texts))
-
-    async def _check(self, covered: int, texts: list[str]) -> None:
-        try:
-            verdict = await self._apply(texts)
-        except GuardrailError as exc:
-            self._in_flight = None
-            self.stats["errors"] = self.stats.get("errors", 0) + 1
-            self.stats["error_class"] = exc.error_class
-            if self._failure_mode is FailureMode.OPEN:
-                log.warning("output check failed (%s); failure mode open: releasing unchecked "
-                            "text", exc.error_class)
-                self.stats["failed_open"] = True
-                self._checked = covered
-                self._advance()
-            else:
-                log.warning("output check failed (%s); failure mode closed: ending the stream",
-                            exc.error_class)
-                self.end(ErrorKind.UNAVAILABLE)
-        else:
-            self._in_flight = None
-            self.stats["checks"] = self.stats.get("checks", 0) + 1
-            self.stats["text_units"] = self.stats.get("text_units", 0) + verdict.text_units
-            if verdict.outcome is Outcome.BLOCK:
-                self.stats["tripped_at"] = covered
-                self.end(ErrorKind.VIOLATION)
-            else:
-                if verdict.outcome is Outcome.MASK:
-                    self.stats["masked"] = self.stats.get("masked", 0) + 1
-                if verdict.detected_only:
-                    self.stats["detected"] = self.stats.get("detected", 0) + len(
-                        verdict.detected_only)
-                self._checked = covered
-                self._advance()
-        await self._flush()
-
-    def end(self, kind: str) -> None:
-        """End the body with the format's terminal frame; nothing is sent after it."""
-        if self.finished:
-            return
-        if not self._chunks_seen:
-            # FULL_DUPLEX answers are only valid once Envoy has sent a body chunk.
-            self._pending_end = kind
-            return
-        self.finished = True
-        self._held.clear()
-        self.stats["outcome"] = "block" if kind == ErrorKind.VIOLATION else "unavailable"
-        task = self._in_flight
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        self._in_flight = None
-        self._emit(self._fmt.terminal_frame(kind), True, self._metadata())
-
-    def _metadata(self) -> dict[str, Any]:
-        self.stats["chars_released"] = self._released_chars
-        return self.stats
-
-    def close(self) -> None:
-        """The stream is over (or cancelled): stop the check in flight."""
-        if self._in_flight is not None:
-            self._in_flight.cancel()
-            self._in_flight = None
+    def _answer(self) -> None:
+        metadata, self._metadata = self._metadata, None
+        self._final_waiting = False
+        self._outbox.put(envoy.streamed_mode_body(
+            bytes(self._pending), metadata_namespace=self._namespace, metadata=metadata))
+        self._pending.clear()
 
 
 class StreamProcessor:
@@ -273,7 +164,9 @@ class StreamProcessor:
         self._input_task: asyncio.Task[None] | None = None
         self._input_gate = Gate.OPEN
         self._guard: OutputGuard | None = None
-        self._response_started = False
+        self._sink: FullDuplexSink | StreamedSink | None = None
+        self._configured_response_body = envoy.ProcessingMode.NONE
+        self._streamed = False
         self.stats: dict[str, Any] = {
             "guardrail_id": settings.guardrail.id,
             "guardrail_version": settings.guardrail.version,
@@ -285,12 +178,11 @@ class StreamProcessor:
         """One message from Envoy; answers go to the outbox, which is flushed before return."""
         kind = request.WhichOneof("request")
         if kind == "response_body":
-            body = request.response_body
-            if self._guard is not None:
-                self._guard.on_chunk(body.body, body.end_of_stream)
-            else:
-                log.warning("stream %s: response body without a guard; ignored", self.stream_id)
+            self._on_response_body(request.response_body)
         elif kind == "request_headers":
+            if request.HasField("protocol_config"):
+                self._configured_response_body = request.protocol_config.response_body_mode
+                self._streamed = self._configured_response_body == envoy.STREAMED
             self._on_request_headers(request.request_headers)
         elif kind == "request_body":
             self._on_request_body(request.request_body)
@@ -328,12 +220,14 @@ class StreamProcessor:
         if request_id:
             self.stats["request_id"] = request_id
         self.stats["format"] = fmt.name
+        if self._streamed:
+            self.stats["body_mode"] = "streamed"
         check_prompt = settings.input_check is InputCheck.PARALLEL and not message.end_of_stream
+        mode = (envoy.mode_with_request_buffering(self._configured_response_body)
+                if check_prompt else None)
         self._outbox.put(
             envoy.headers_response(
-                response_phase=False,
-                remove_headers=(HEADER_ACCEPT_ENCODING,),
-                mode=envoy.MODE_BUFFER_REQUEST if check_prompt else None,
+                response_phase=False, remove_headers=(HEADER_ACCEPT_ENCODING,), mode=mode
             )
         )
 
@@ -379,7 +273,6 @@ class StreamProcessor:
     # -- response ---------------------------------------------------------------------------
 
     async def _on_response_headers(self, message: Any) -> None:
-        self._response_started = True
         fmt = self._fmt
         if fmt is None:
             self._outbox.put(envoy.headers_response(response_phase=True))
@@ -390,7 +283,8 @@ class StreamProcessor:
             # wait only briefly for a prompt verdict that can still become a proper 4xx.
             await asyncio.wait((task,), timeout=self._settings.input_wait_s)
         gate = self._input_gate
-        ns = self._settings.metadata_namespace
+        settings = self._settings
+        ns = settings.metadata_namespace
         if gate is Gate.BLOCKED or gate is Gate.FAILED:
             kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
             status, body = fmt.error_body(kind)
@@ -404,37 +298,45 @@ class StreamProcessor:
         content_type = headers.get(HEADER_CONTENT_TYPE, "").lower()
         is_sse = headers.get(":status") == "200" and content_type.startswith(SSE_CONTENT_TYPE)
         has_body = not message.end_of_stream
-        check_output = self._settings.output_check and is_sse
+        check_output = settings.output_check and is_sse
         if has_body and (check_output or gate is Gate.PENDING):
+            sink: FullDuplexSink | StreamedSink
+            if self._streamed:
+                sink = StreamedSink(self._outbox, ns, settings.streamed_message_timeout_s)
+            else:
+                sink = FullDuplexSink(self._outbox, ns)
+            self._sink = sink
             self._guard = OutputGuard(
                 fmt,
                 parse_sse=is_sse,
                 check_output=check_output,
+                mode=settings.stream_mode,
+                policy=settings.window,
                 apply=self._apply_output,
-                gate=lambda: self._input_gate,
-                emit=self._emit_body,
+                gate=lambda: self._input_gate.value,
+                sink=sink,
                 flush=self._outbox.flush,
-                failure_mode=self._settings.failure_mode,
+                failure_mode=settings.failure_mode,
                 stats=self.stats,
+                keepalive_s=settings.keepalive_s if not self._streamed else 0.0,
+                label=f"stream {self.stream_id}",
             )
-            self._outbox.put(
-                envoy.headers_response(response_phase=True, mode=envoy.MODE_FULL_DUPLEX_RESPONSE)
-            )
+            mode = None if self._streamed else envoy.MODE_FULL_DUPLEX_RESPONSE
+            self._outbox.put(envoy.headers_response(response_phase=True, mode=mode))
             return
         self._outbox.put(envoy.headers_response(response_phase=True))
 
+    def _on_response_body(self, body: Any) -> None:
+        guard, sink = self._guard, self._sink
+        if guard is None or sink is None:
+            if self._streamed:
+                # A STREAMED route whose answer we do not guard: one unchanged answer per chunk.
+                self._outbox.put(envoy.streamed_mode_body(None, pass_through=True))
+            else:
+                log.warning("stream %s: response body without a guard; ignored", self.stream_id)
+            return
+        guard.on_chunk(body.body, body.end_of_stream)
+        sink.chunk_done(body.end_of_stream)
+
     def _apply_output(self, texts: list[str]) -> Coroutine[Any, Any, GuardrailVerdict]:
         return self._guardrail.apply(self._settings.guardrail, Source.OUTPUT, texts)
-
-    def _emit_body(self, body: bytes, end_of_stream: bool,
-                   metadata: Mapping[str, Any] | None) -> None:
-        if end_of_stream and self.stats.get("outcome") in ("block", "unavailable"):
-            log.info("stream %s: answer ended by the guardrail (%s) after %s released "
-                     "characters", self.stream_id, self.stats.get("outcome"),
-                     self.stats.get("chars_released", 0))
-        self._outbox.put(
-            envoy.streamed_response_body(
-                body, end_of_stream,
-                metadata_namespace=self._settings.metadata_namespace, metadata=metadata,
-            )
-        )

@@ -8,7 +8,7 @@ across calls, no Envoy or gRPC types.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Protocol
 
 from extproc.sse import SSEEvent
@@ -36,6 +36,10 @@ class StreamFormat(Protocol):
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         """The model text in one SSE event, as (channel, text) pairs in stream order."""
+        ...
+
+    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        """The event with the text of the given channels replaced (masking), same shape."""
         ...
 
     def terminal_frame(self, kind: str) -> bytes:

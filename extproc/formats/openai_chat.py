@@ -14,7 +14,7 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from extproc.formats import ErrorKind
-from extproc.sse import SSEEvent
+from extproc.sse import SSEEvent, encode_event
 
 _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
@@ -90,7 +90,7 @@ class OpenAIChat:
                 found.append((("content", index), content))
             refusal = delta.get("refusal")
             if isinstance(refusal, str) and refusal:
-                found.append((("content", index), refusal))
+                found.append((("refusal", index), refusal))
             tool_calls = delta.get("tool_calls")
             if isinstance(tool_calls, list):
                 for call in tool_calls:
@@ -107,6 +107,26 @@ class OpenAIChat:
                 if isinstance(arguments, str) and arguments:
                     found.append((("function", index), arguments))
         return found
+
+    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        chunk = json.loads(event.data or "")
+        for choice in chunk.get("choices", []):
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            if ("content", index) in texts and isinstance(delta.get("content"), str):
+                delta["content"] = texts[("content", index)]
+            if ("refusal", index) in texts and isinstance(delta.get("refusal"), str):
+                delta["refusal"] = texts[("refusal", index)]
+            for call in delta.get("tool_calls") or []:
+                key = ("tool", index, call.get("index", 0))
+                function = call.get("function") or {}
+                if key in texts and isinstance(function.get("arguments"), str):
+                    function["arguments"] = texts[key]
+            function_call = delta.get("function_call") or {}
+            if ("function", index) in texts and isinstance(function_call.get("arguments"), str):
+                function_call["arguments"] = texts[("function", index)]
+        data = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
+        return encode_event(data, event.event)
 
     def terminal_frame(self, kind: str) -> bytes:
         body = json.dumps(error_object(kind))

@@ -31,6 +31,7 @@ from extproc.demo.upstream import FakeLLM
 from extproc.localbedrock import LocalBedrock, default_policy
 
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
+SMALL_WINDOWS = ("--window-chars", "120", "--window-overlap", "40", "--window-min-chars", "60")
 GUARDRAIL_ID = "demoguardrail"
 
 
@@ -199,8 +200,9 @@ def stacks(bedrock: LocalBedrock, llm: FakeLLM,
 
 @pytest.fixture(scope="session")
 def stack(stacks: StackFactory) -> Stack:
-    """The default stack: input check in parallel, output check, fail closed."""
-    return stacks()
+    """The default stack: input check in parallel, output check, fail closed, sync mode, with
+    small windows so that short scripted answers span several checks."""
+    return stacks(SMALL_WINDOWS)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import pytest
 
 from extproc.config import FailureMode, InputCheck
 from extproc.envoy import ProcessingMode
+from extproc.policy import WindowPolicy
 from extproc.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.formats import all_formats
 from extproc.guardrail import Source
@@ -175,7 +176,7 @@ async def test_text_is_held_until_a_passing_check_covers_it() -> None:
 async def test_one_call_in_flight_and_coalescing() -> None:
     hold = asyncio.Event()
     guard = FakeGuardrail(hold=hold)
-    h = Harness(guard, input_check=InputCheck.OFF)
+    h = Harness(guard, input_check=InputCheck.OFF, window=WindowPolicy(min_chars=1))
     await h.feed(request_headers(), response_headers())
     await h.feed(response_body(chunk_event("a")))
     await h.settle()

@@ -1,0 +1,578 @@
+"""``extproc.config``: flags, ``EXTPROC_*`` environment variables, defaults, validation; and the
+``python -m extproc`` command line's configuration-error and help behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.policy import StreamMode, Strategy
+from extproc.config import (
+    OPTIONS,
+    FailureMode,
+    GuardrailRef,
+    InputCheck,
+    Settings,
+    build_parser,
+    load_settings,
+)
+from extproc.errors import ConfigError, ExtprocError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GID = "gr0abc123xyz"
+BASE_ARGV = ["--guardrail-id", GID]
+
+# Spelled out (not derived from OPTIONS) so a renamed variable breaks a test.
+ENV_NAMES = {
+    "--listen": "EXTPROC_LISTEN",
+    "--guardrail-id": "EXTPROC_GUARDRAIL_ID",
+    "--guardrail-version": "EXTPROC_GUARDRAIL_VERSION",
+    "--input-check": "EXTPROC_INPUT_CHECK",
+    "--output-check": "EXTPROC_OUTPUT_CHECK",
+    "--failure-mode": "EXTPROC_FAILURE_MODE",
+    "--guardrail-timeout": "EXTPROC_GUARDRAIL_TIMEOUT",
+    "--guardrail-max-attempts": "EXTPROC_GUARDRAIL_MAX_ATTEMPTS",
+    "--guardrail-threads": "EXTPROC_GUARDRAIL_THREADS",
+    "--input-wait": "EXTPROC_INPUT_WAIT",
+    "--drain-delay": "EXTPROC_DRAIN_DELAY",
+    "--grace-period": "EXTPROC_GRACE_PERIOD",
+    "--metadata-namespace": "EXTPROC_METADATA_NAMESPACE",
+    "--log-level": "EXTPROC_LOG_LEVEL",
+    "--stream-mode": "EXTPROC_STREAM_MODE",
+    "--check-strategy": "EXTPROC_CHECK_STRATEGY",
+    "--window-chars": "EXTPROC_WINDOW_CHARS",
+    "--window-overlap": "EXTPROC_WINDOW_OVERLAP",
+    "--window-min-chars": "EXTPROC_WINDOW_MIN_CHARS",
+    "--fast-first-window": "EXTPROC_FAST_FIRST_WINDOW",
+    "--max-stream-text-units": "EXTPROC_MAX_STREAM_TEXT_UNITS",
+    "--keepalive-interval": "EXTPROC_KEEPALIVE_INTERVAL",
+    "--streamed-message-timeout": "EXTPROC_STREAMED_MESSAGE_TIMEOUT",
+}
+
+
+def settings_from(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    return load_settings(list(argv or []), dict(env or {}))
+
+
+def attr(settings: Settings, path: str) -> Any:
+    value: Any = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def config_error(argv: list[str], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        settings_from(argv, env)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- option table
+
+
+def test_option_table_matches_the_documented_names() -> None:
+    assert {o.flag: o.env for o in OPTIONS} == ENV_NAMES
+    assert len({o.dest for o in OPTIONS}) == len(OPTIONS)
+
+
+def test_defaults() -> None:
+    s = settings_from(BASE_ARGV)
+    assert s == Settings(guardrail=GuardrailRef(GID, "DRAFT"))  # type: ignore[arg-type]
+    assert s.listen_host == "127.0.0.1"
+    assert s.listen_port == 50051
+    assert s.listen == "127.0.0.1:50051"
+    assert s.guardrail.id == GID
+    assert s.guardrail.version == "DRAFT"
+    assert s.input_check is InputCheck.PARALLEL
+    assert s.output_check is True
+    assert s.failure_mode is FailureMode.CLOSED
+    assert s.guardrail_timeout_s == 5.0
+    assert s.guardrail_max_attempts == 3
+    assert s.guardrail_threads == 32
+    assert s.input_wait_s == 0.5
+    assert s.drain_delay_s == 0.0
+    assert s.grace_period_s == 30.0
+    assert s.metadata_namespace == "guardrail"
+    assert s.log_level == "INFO"
+    assert s.aws_region is None
+
+
+def test_numeric_defaults_have_the_right_types() -> None:
+    s = settings_from(BASE_ARGV)
+    for name in ("guardrail_timeout_s", "input_wait_s", "drain_delay_s", "grace_period_s"):
+        assert type(getattr(s, name)) is float, name
+    for name in ("listen_port", "guardrail_max_attempts", "guardrail_threads"):
+        assert type(getattr(s, name)) is int, name
+
+
+def test_settings_are_frozen() -> None:
+    s = settings_from(BASE_ARGV)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.listen_port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.guardrail.id = "other"  # type: ignore[misc]
+
+
+# (flag, value, Settings attribute, expected) — one row per option at least.
+SETS: list[tuple[str, str, str, Any]] = [
+    ("--stream-mode", "async", "stream_mode", StreamMode.ASYNC),
+    ("--check-strategy", "cumulative", "window.strategy", Strategy.CUMULATIVE),
+    ("--window-chars", "900", "window.window_chars", 900),
+    ("--window-overlap", "50", "window.overlap_chars", 50),
+    ("--window-min-chars", "100", "window.min_chars", 100),
+    ("--fast-first-window", "off", "window.fast_first_window", False),
+    ("--max-stream-text-units", "7", "window.max_stream_text_units", 7),
+    ("--keepalive-interval", "0", "keepalive_s", 0.0),
+    ("--streamed-message-timeout", "3", "streamed_message_timeout_s", 3.0),
+    ("--listen", "0.0.0.0:8443", "listen_host", "0.0.0.0"),
+    ("--listen", "0.0.0.0:8443", "listen_port", 8443),
+    ("--listen", "[::1]:9000", "listen_host", "::1"),
+    ("--listen", "[::1]:9000", "listen", "[::1]:9000"),
+    ("--listen", "localhost:0", "listen_port", 0),
+    ("--listen", "sidecar.local:65535", "listen", "sidecar.local:65535"),
+    ("--guardrail-id", "zz9plural", "guardrail.id", "zz9plural"),
+    ("--guardrail-version", "7", "guardrail.version", "7"),
+    ("--guardrail-version", "DRAFT", "guardrail.version", "DRAFT"),
+    ("--input-check", "off", "input_check", InputCheck.OFF),
+    ("--input-check", "PARALLEL", "input_check", InputCheck.PARALLEL),
+    ("--output-check", "off", "output_check", False),
+    ("--output-check", "FALSE", "output_check", False),
+    ("--output-check", "0", "output_check", False),
+    ("--output-check", "no", "output_check", False),
+    ("--output-check", "yes", "output_check", True),
+    ("--output-check", " True ", "output_check", True),
+    ("--output-check", "1", "output_check", True),
+    ("--failure-mode", "open", "failure_mode", FailureMode.OPEN),
+    ("--failure-mode", " Closed ", "failure_mode", FailureMode.CLOSED),
+    ("--guardrail-timeout", "2.5", "guardrail_timeout_s", 2.5),
+    ("--guardrail-timeout", "0.05", "guardrail_timeout_s", 0.05),
+    ("--guardrail-timeout", "120", "guardrail_timeout_s", 120.0),
+    ("--guardrail-max-attempts", "1", "guardrail_max_attempts", 1),
+    ("--guardrail-max-attempts", "10", "guardrail_max_attempts", 10),
+    ("--guardrail-threads", "8", "guardrail_threads", 8),
+    ("--guardrail-threads", "1024", "guardrail_threads", 1024),
+    ("--input-wait", "1.25", "input_wait_s", 1.25),
+    ("--input-wait", "0", "input_wait_s", 0.0),
+    ("--drain-delay", "3", "drain_delay_s", 3.0),
+    ("--drain-delay", "600", "drain_delay_s", 600.0),
+    ("--grace-period", "10.5", "grace_period_s", 10.5),
+    ("--grace-period", "3600", "grace_period_s", 3600.0),
+    ("--metadata-namespace", "envoy.filters.http.guardrail-v2_x",
+     "metadata_namespace", "envoy.filters.http.guardrail-v2_x"),
+    ("--log-level", "debug", "log_level", "DEBUG"),
+    ("--log-level", "Warning", "log_level", "WARNING"),
+    ("--log-level", "ERROR", "log_level", "ERROR"),
+]
+
+
+def test_set_table_covers_every_option() -> None:
+    assert {flag for flag, *_ in SETS} == set(ENV_NAMES)
+
+
+def _argv_for(flag: str, value: str) -> list[str]:
+    return [flag, value] if flag == "--guardrail-id" else [*BASE_ARGV, flag, value]
+
+
+@pytest.mark.parametrize(("flag", "value", "field", "expected"), SETS,
+                         ids=[f"{f}={v}->{a}" for f, v, a, _ in SETS])
+def test_flag_sets_field(flag: str, value: str, field: str, expected: Any) -> None:
+    s = settings_from(_argv_for(flag, value))
+    assert attr(s, field) == expected
+    assert type(attr(s, field)) is type(expected)
+
+
+@pytest.mark.parametrize(("flag", "value", "field", "expected"), SETS,
+                         ids=[f"{f}={v}->{a}" for f, v, a, _ in SETS])
+def test_flag_equals_form(flag: str, value: str, field: str, expected: Any) -> None:
+    argv = [f"{flag}={value}"] if flag == "--guardrail-id" else [*BASE_ARGV, f"{flag}={value}"]
+    assert attr(settings_from(argv), field) == expected
+
+
+@pytest.mark.parametrize(("flag", "value", "field", "expected"), SETS,
+                         ids=[f"{ENV_NAMES[f]}={v}->{a}" for f, v, a, _ in SETS])
+def test_env_sets_field(flag: str, value: str, field: str, expected: Any) -> None:
+    env = {"EXTPROC_GUARDRAIL_ID": GID, ENV_NAMES[flag]: value}
+    s = settings_from([], env)
+    assert attr(s, field) == expected
+    assert type(attr(s, field)) is type(expected)
+
+
+def test_only_the_given_option_changes() -> None:
+    default = settings_from(BASE_ARGV)
+    changed = settings_from([*BASE_ARGV, "--guardrail-threads", "4"])
+    assert dataclasses.replace(default, guardrail_threads=4) == changed
+
+
+def test_all_flags_together() -> None:
+    s = settings_from([
+        "--listen", "10.0.0.5:6000", "--guardrail-id", "abc", "--guardrail-version", "12",
+        "--input-check", "off", "--output-check", "off", "--failure-mode", "open",
+        "--guardrail-timeout", "1", "--guardrail-max-attempts", "2", "--guardrail-threads", "3",
+        "--input-wait", "0.25", "--drain-delay", "4", "--grace-period", "5",
+        "--metadata-namespace", "gr", "--log-level", "error",
+    ], {"AWS_REGION": "eu-west-1"})
+    assert s == Settings(
+        guardrail=GuardrailRef("abc", "12"),  # type: ignore[arg-type]
+        listen_host="10.0.0.5", listen_port=6000, input_check=InputCheck.OFF,
+        output_check=False, failure_mode=FailureMode.OPEN, guardrail_timeout_s=1.0,
+        guardrail_max_attempts=2, guardrail_threads=3, input_wait_s=0.25, drain_delay_s=4.0,
+        grace_period_s=5.0, metadata_namespace="gr", log_level="ERROR", aws_region="eu-west-1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "flag_value", "env_value", "field", "expected"),
+    [
+        ("--listen", "127.0.0.1:7000", "0.0.0.0:8000", "listen_port", 7000),
+        ("--guardrail-id", "fromflag", "fromenv", "guardrail.id", "fromflag"),
+        ("--guardrail-version", "3", "4", "guardrail.version", "3"),
+        ("--input-check", "parallel", "off", "input_check", InputCheck.PARALLEL),
+        ("--output-check", "on", "off", "output_check", True),
+        ("--failure-mode", "closed", "open", "failure_mode", FailureMode.CLOSED),
+        ("--guardrail-timeout", "1.5", "9", "guardrail_timeout_s", 1.5),
+        ("--log-level", "ERROR", "DEBUG", "log_level", "ERROR"),
+    ],
+)
+def test_flag_beats_env(flag: str, flag_value: str, env_value: str, field: str,
+                        expected: Any) -> None:
+    env = {"EXTPROC_GUARDRAIL_ID": GID, ENV_NAMES[flag]: env_value}
+    assert attr(settings_from([flag, flag_value], env), field) == expected
+
+
+def test_a_valid_flag_hides_an_invalid_env_value() -> None:
+    env = {"EXTPROC_GUARDRAIL_ID": GID, "EXTPROC_GUARDRAIL_THREADS": "lots"}
+    assert settings_from(["--guardrail-threads", "2"], env).guardrail_threads == 2
+
+
+def test_env_beats_default_and_other_env_vars_are_ignored() -> None:
+    env = {"EXTPROC_GUARDRAIL_ID": GID, "EXTPROC_LISTEN": "0.0.0.0:1234",
+           "EXTPROC_UNKNOWN": "x", "GUARDRAIL_ID": "nope", "extproc_log_level": "DEBUG"}
+    s = settings_from([], env)
+    assert s.listen == "0.0.0.0:1234"
+    assert s.guardrail.id == GID
+    assert s.log_level == "INFO"
+
+
+def test_only_the_given_environ_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTPROC_GUARDRAIL_ID", GID)
+    monkeypatch.setenv("EXTPROC_LISTEN", "0.0.0.0:1")
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    with pytest.raises(ConfigError):
+        load_settings([], {})
+    s = load_settings(BASE_ARGV, {})
+    assert s.listen_port == 50051
+    assert s.aws_region is None
+
+
+# --------------------------------------------------------------------------- guardrail id / version
+
+
+def test_missing_guardrail_id_names_flag_and_env() -> None:
+    message = config_error([])
+    assert "--guardrail-id" in message
+    assert "EXTPROC_GUARDRAIL_ID" in message
+    assert "required" in message
+
+
+def test_missing_guardrail_id_is_a_config_error_subclass() -> None:
+    with pytest.raises(ExtprocError):
+        settings_from([])
+
+
+def test_empty_guardrail_id_flag() -> None:
+    message = config_error(["--guardrail-id", ""])
+    assert message.startswith("--guardrail-id")
+    assert "required" in message
+
+
+def test_empty_guardrail_id_env() -> None:
+    message = config_error([], {"EXTPROC_GUARDRAIL_ID": ""})
+    assert message.startswith("EXTPROC_GUARDRAIL_ID")
+    assert "required" in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "abc",
+        "gr0abc123xyz",
+        "0",
+        "a" * 2048,
+        "arn:aws:bedrock:us-east-1:123456789012:guardrail/gr0abc123xyz",
+        "arn:aws-us-gov:bedrock:us-gov-west-1:123456789012:guardrail/abc",
+        "arn:aws-cn:bedrock:cn-north-1:123456789012:guardrail/abc",
+        "arn:aws-iso-b:bedrock:us-isob-east-1:123456789012:guardrail/x1",
+    ],
+    ids=["short", "typical", "digit", "max-length", "arn", "arn-gov", "arn-cn", "arn-iso"],
+)
+def test_valid_guardrail_ids(value: str) -> None:
+    assert settings_from(["--guardrail-id", value]).guardrail.id == value
+    assert settings_from([], {"EXTPROC_GUARDRAIL_ID": value}).guardrail.id == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ABC",
+        "gr-abc",
+        "gr_abc",
+        "abc def",
+        " abc",
+        "abc\n",
+        "a" * 2049,
+        "arn:aws:bedrock:us-east-1:12345:guardrail/abc",
+        "arn:aws:bedrock:us-east-1:123456789012:guardrail/",
+        "arn:aws:bedrock:us-east-1:123456789012:guardrail/ABC",
+        "arn:aws:bedrock:us-east-1:123456789012:knowledge-base/abc",
+        "arn:aws:s3:::my-bucket",
+        "arn:aws:bedrock:us-east-1:123456789012:guardrail/abc:1",
+        "arn:aws:bedrock::123456789012:guardrail/abc",
+    ],
+    ids=["upper", "dash", "underscore", "space", "leading-space", "newline", "too-long",
+         "short-account", "no-id", "upper-id", "wrong-resource", "s3", "versioned-arn",
+         "no-region"],
+)
+def test_invalid_guardrail_ids(value: str) -> None:
+    message = config_error(["--guardrail-id", value])
+    assert message.startswith("--guardrail-id: ")
+    assert "is not a guardrail id" in message
+    env_message = config_error([], {"EXTPROC_GUARDRAIL_ID": value})
+    assert env_message.startswith("EXTPROC_GUARDRAIL_ID: ")
+
+
+@pytest.mark.parametrize("value", ["1", "9", "10", "12345678", "99999999", "DRAFT"])
+def test_valid_guardrail_versions(value: str) -> None:
+    assert settings_from([*BASE_ARGV, "--guardrail-version", value]).guardrail.version == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["0", "01", "-1", "1.0", "123456789", "draft", "Draft", "DRAFT1", " 1", "v1", "", "latest"],
+)
+def test_invalid_guardrail_versions(value: str) -> None:
+    message = config_error([*BASE_ARGV, "--guardrail-version", value])
+    assert message.startswith("--guardrail-version: ")
+    assert "is not a guardrail version" in message
+    assert "DRAFT" in message
+    env_message = config_error(BASE_ARGV, {"EXTPROC_GUARDRAIL_VERSION": value})
+    assert env_message.startswith("EXTPROC_GUARDRAIL_VERSION: ")
+
+
+# --------------------------------------------------------------------------- bad values
+
+
+BAD: list[tuple[str, str, tuple[str, ...]]] = [
+    ("--stream-mode", "eventually", ("is not one of", "sync", "async")),
+    ("--check-strategy", "sometimes", ("is not one of", "windowed", "cumulative")),
+    ("--window-chars", "0", ("outside",)),
+    ("--window-overlap", "-1", ("outside",)),
+    ("--window-min-chars", "x", ("is not a int",)),
+    ("--fast-first-window", "maybe", ("is not a boolean",)),
+    ("--max-stream-text-units", "0", ("outside",)),
+    ("--keepalive-interval", "-1", ("outside",)),
+    ("--streamed-message-timeout", "0", ("outside",)),
+    ("--listen", "127.0.0.1", ("expected HOST:PORT", "'127.0.0.1'")),
+    ("--listen", "50051", ("expected HOST:PORT",)),
+    ("--listen", ":50051", ("expected HOST:PORT",)),
+    ("--listen", "", ("expected HOST:PORT",)),
+    ("--listen", "localhost:http", ("port must be a number", "'http'")),
+    ("--listen", "localhost:", ("port must be a number",)),
+    ("--listen", "localhost:50o51", ("port must be a number",)),
+    ("--listen", "localhost:65536", ("port must be 0-65535", "65536")),
+    ("--listen", "localhost:-1", ("port must be 0-65535",)),
+    ("--listen", "localhost:99999999", ("port must be 0-65535",)),
+    ("--input-check", "sometimes", ("'sometimes'", "is not one of", "off", "parallel")),
+    ("--input-check", "", ("is not one of", "off", "parallel")),
+    ("--failure-mode", "maybe", ("'maybe'", "is not one of", "closed", "open")),
+    ("--output-check", "enabled", ("'enabled'", "not a boolean", "on/off", "true/false")),
+    ("--output-check", "", ("not a boolean", "on/off")),
+    ("--guardrail-timeout", "fast", ("'fast'", "not a float")),
+    ("--guardrail-timeout", "0", ("outside", "0.05..120")),
+    ("--guardrail-timeout", "0.049", ("outside", "0.05..120")),
+    ("--guardrail-timeout", "120.5", ("outside", "0.05..120")),
+    ("--guardrail-timeout", "nan", ("outside", "0.05..120")),
+    ("--guardrail-timeout", "inf", ("outside", "0.05..120")),
+    ("--guardrail-max-attempts", "2.5", ("'2.5'", "int")),
+    ("--guardrail-max-attempts", "0", ("outside", "1..10")),
+    ("--guardrail-max-attempts", "11", ("outside", "1..10")),
+    ("--guardrail-threads", "many", ("'many'", "int")),
+    ("--guardrail-threads", "0", ("outside", "1..1024")),
+    ("--guardrail-threads", "1025", ("outside", "1..1024")),
+    ("--input-wait", "-0.1", ("outside", "0..60")),
+    ("--input-wait", "61", ("outside", "0..60")),
+    ("--drain-delay", "601", ("outside", "0..600")),
+    ("--drain-delay", "soon", ("not a float",)),
+    ("--grace-period", "3601", ("outside", "0..3600")),
+    ("--grace-period", "-1", ("outside", "0..3600")),
+    ("--metadata-namespace", "", ("not a valid metadata namespace",)),
+    ("--metadata-namespace", "has space", ("'has space'", "not a valid metadata namespace")),
+    ("--metadata-namespace", "a/b", ("not a valid metadata namespace",)),
+    ("--log-level", "TRACE", ("'TRACE'", "DEBUG", "INFO", "WARNING", "ERROR")),
+    ("--log-level", "CRITICAL", ("DEBUG", "INFO", "WARNING", "ERROR")),
+]
+
+
+def test_bad_table_covers_every_validated_option() -> None:
+    covered = {flag for flag, *_ in BAD} | {"--guardrail-id", "--guardrail-version"}
+    assert covered == set(ENV_NAMES)
+
+
+@pytest.mark.parametrize(("flag", "value", "fragments"), BAD,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD])
+def test_bad_flag_value_names_the_flag(flag: str, value: str, fragments: tuple[str, ...]) -> None:
+    message = config_error([*BASE_ARGV, f"{flag}={value}"])
+    assert message.startswith(f"{flag}: "), message
+    assert ENV_NAMES[flag] not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("flag", "value", "fragments"), BAD,
+                         ids=[f"{ENV_NAMES[f]}={v!r}" for f, v, _ in BAD])
+def test_bad_env_value_names_the_env_var(flag: str, value: str,
+                                         fragments: tuple[str, ...]) -> None:
+    message = config_error(BASE_ARGV, {ENV_NAMES[flag]: value})
+    assert message.startswith(f"{ENV_NAMES[flag]}: "), message
+    assert flag not in message.replace(ENV_NAMES[flag], "")
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_config_errors_do_not_chain_parsing_exceptions() -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from([*BASE_ARGV, "--guardrail-threads", "many"])
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__ is True
+
+
+def test_first_bad_option_in_table_order_is_reported() -> None:
+    message = config_error(["--log-level", "LOUD", "--listen", "nowhere"])
+    assert message.startswith("--listen: ")
+
+
+# --------------------------------------------------------------------------- AWS_REGION
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"AWS_REGION": "eu-central-1"}, "eu-central-1"),
+        ({"AWS_REGION": ""}, None),
+        ({}, None),
+        ({"AWS_DEFAULT_REGION": "us-west-2"}, None),
+        ({"EXTPROC_AWS_REGION": "us-west-2"}, None),
+    ],
+    ids=["set", "empty", "unset", "default-region-left-to-boto3", "no-extproc-variant"],
+)
+def test_aws_region(env: dict[str, str], expected: str | None) -> None:
+    assert settings_from(BASE_ARGV, env).aws_region == expected
+
+
+def test_aws_region_is_not_a_flag() -> None:
+    with pytest.raises(SystemExit) as info:
+        settings_from([*BASE_ARGV, "--aws-region", "eu-west-1"])
+    assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def test_build_parser_has_every_flag_defaulting_to_none() -> None:
+    parser = build_parser()
+    assert parser.prog == "guardrail-extproc"
+    assert build_parser("custom").prog == "custom"
+    namespace = vars(parser.parse_args([]))
+    assert namespace == {o.dest: None for o in OPTIONS}
+
+
+def test_build_parser_help_names_every_env_var_and_default() -> None:
+    text = build_parser().format_help()
+    flat = " ".join(text.split())
+    for flag, env in ENV_NAMES.items():
+        assert flag in flat
+        assert f"[env {env}]" in flat
+    assert "(default: 127.0.0.1:50051)" in flat
+    assert "(default: DRAFT)" in flat
+    assert "AWS_REGION" in flat
+
+
+def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        settings_from([*BASE_ARGV, "--no-such-flag"])
+    assert info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("EXTPROC_") and k not in ("AWS_REGION", "PYTHONWARNINGS")}
+    env["COLUMNS"] = "80"
+    env["NO_COLOR"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def assert_one_config_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stderr.endswith("\n")
+    assert lines[0].startswith("guardrail-extproc: configuration error: ")
+    return lines[0]
+
+
+def test_cli_without_guardrail_id_exits_2_with_one_line() -> None:
+    line = assert_one_config_error_line(run_cli(env=clean_env()))
+    assert "--guardrail-id" in line
+    assert "EXTPROC_GUARDRAIL_ID" in line
+
+
+def test_cli_bad_env_value_names_the_variable() -> None:
+    result = run_cli(env=clean_env(EXTPROC_GUARDRAIL_ID=GID, EXTPROC_LISTEN="nowhere"))
+    line = assert_one_config_error_line(result)
+    assert "EXTPROC_LISTEN" in line
+    assert "expected HOST:PORT" in line
+
+
+def test_cli_bad_flag_value_names_the_flag() -> None:
+    result = run_cli("--guardrail-id", GID, "--failure-mode", "sideways", env=clean_env())
+    line = assert_one_config_error_line(result)
+    assert "--failure-mode" in line
+    assert "closed, open" in line
+
+
+def test_cli_help_exits_0_and_mentions_every_env_var() -> None:
+    result = run_cli("--help", env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    flat = " ".join(result.stdout.split())
+    assert flat.startswith("usage: ")
+    for flag, env in ENV_NAMES.items():
+        assert flag in flat
+        assert env in flat, env
+    for aws in ("AWS_REGION", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME"):
+        assert aws in flat
+
+
+def test_window_min_chars_cannot_exceed_window_chars() -> None:
+    message = config_error([*BASE_ARGV, "--window-chars", "100", "--window-min-chars", "200"])
+    assert "--window-min-chars" in message and "--window-chars" in message
