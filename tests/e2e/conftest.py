@@ -220,3 +220,27 @@ def _reset_and_report(request: pytest.FixtureRequest, bedrock: LocalBedrock) -> 
 
 
 __all__ = ["Stack", "StackFactory", "tail", "GUARDRAIL_ID"]
+
+
+def use_config(path: str) -> Callable[[dict[str, Any]], None]:
+    """A tweak that swaps the shipped envoy.yaml for another shipped config, same ports."""
+    from extproc.demo.stack import REPO_ROOT
+
+    def tweak(config: dict[str, Any]) -> None:
+        other = render_envoy_config(
+            load_envoy_config(REPO_ROOT / path),
+            sidecar_port=int(_cluster_port(config, "guardrail_sidecar")),
+            upstream_port=int(_cluster_port(config, "llm_upstream")),
+        )
+        config.clear()
+        config.update(other)
+
+    return tweak
+
+
+def _cluster_port(config: dict[str, Any], name: str) -> int:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == name:
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+            return int(endpoint["endpoint"]["address"]["socket_address"]["port_value"])
+    raise KeyError(name)
