@@ -17,31 +17,50 @@ from collections.abc import Sequence
 from extproc.config import Settings, load_settings
 from extproc.errors import ConfigError
 from extproc.guardrail import BedrockGuardrailClient
+from extproc.resilience import ResilienceConfig, ResilientGuardrail
 from extproc.server import start_server
 
 log = logging.getLogger("extproc")
 
 
+def resilience_config(settings: Settings) -> ResilienceConfig:
+    """Retries, breaker and budget from the settings."""
+    return ResilienceConfig(
+        deadline_s=settings.guardrail_timeout_s,
+        attempt_timeout_s=min(settings.guardrail_attempt_timeout_s, settings.guardrail_timeout_s),
+        max_attempts=settings.guardrail_max_attempts,
+        max_chars_per_call=settings.guardrail_max_chars_per_call,
+        breaker_failures=settings.breaker_failures,
+        breaker_cooldown_s=settings.breaker_cooldown_s,
+        budget_rps=settings.budget_rps,
+        budget_text_units_per_s=settings.budget_text_units,
+        budget_max_wait_s=settings.budget_max_wait_s,
+    )
+
+
 async def serve(settings: Settings) -> None:
     """Run the sidecar until SIGTERM/SIGINT, then drain and return."""
-    guardrail = BedrockGuardrailClient(settings)
+    bedrock = BedrockGuardrailClient(
+        settings, max_attempts=1, attempt_timeout_s=settings.guardrail_attempt_timeout_s)
+    guardrail = ResilientGuardrail(bedrock, resilience_config(settings))
     try:
         try:
             running = await start_server(settings, guardrail)
         except RuntimeError as exc:
             raise ConfigError(f"--listen {settings.listen}: cannot bind ({exc})") from None
-        log.info(
-            "guardrail-extproc listening on %s:%d (guardrail %s version %s, region %s, "
-            "endpoint %s, input check %s, output check %s, failure mode %s)",
-            settings.listen_host, running.port, settings.guardrail.id,
-            settings.guardrail.version, guardrail.region, guardrail.endpoint_url,
-            settings.input_check.value, "on" if settings.output_check else "off",
-            settings.failure_mode.value,
-        )
+        # Before the listening line: from then on a SIGTERM must drain, not kill.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "guardrail-extproc listening on %s:%d (guardrail %s version %s, region %s, "
+            "endpoint %s, input check %s, output check %s, failure mode %s)",
+            settings.listen_host, running.port, settings.guardrail.id,
+            settings.guardrail.version, bedrock.region, bedrock.endpoint_url,
+            settings.input_check.value, "on" if settings.output_check else "off",
+            settings.failure_mode,
+        )
         await stop.wait()
         log.info(
             "shutting down: NOT_SERVING, drain delay %.1fs, grace period %.1fs, %d streams "

@@ -13,10 +13,11 @@ import argparse
 import enum
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NewType
 
 from extproc.errors import ConfigError
+from extproc.failure import FailureMode, FailurePolicy, parse_failure_policy
 from extproc.policy import StreamMode, Strategy, WindowPolicy
 
 GuardrailId = NewType("GuardrailId", str)
@@ -35,14 +36,16 @@ class InputCheck(enum.Enum):
     """When the prompt is checked with source INPUT."""
 
     OFF = "off"
+    PRE_CALL = "pre_call"  # checked before the request goes upstream (a block never reaches it)
     PARALLEL = "parallel"  # checked while the upstream call runs; the answer is held until it passes
 
 
-class FailureMode(enum.Enum):
-    """What a stream gets when the guardrail cannot give a verdict."""
+class PromptScope(enum.Enum):
+    """Which prompt text is checked."""
 
-    CLOSED = "closed"  # the stream ends with a guardrail_unavailable frame (or a 503 before headers)
-    OPEN = "open"  # the text is released unchecked; logged and counted
+    LAST_USER = "last_user"
+    ALL = "all"
+    ALL_WITH_SYSTEM = "all_with_system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +57,35 @@ class GuardrailRef:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """What the sidecar does for the requests of one route (defaults: the process settings;
+    overridden per route from Envoy, see ``extproc.routes``)."""
+
+    guardrail: GuardrailRef
+    enabled: bool = True
+    input_check: InputCheck = InputCheck.PRE_CALL
+    prompt_scope: PromptScope = PromptScope.LAST_USER
+    output_check: bool = True
+    stream_mode: StreamMode = StreamMode.SYNC
+    shadow: bool = False
+    soft_block: bool = False
+    failure_mode: FailurePolicy = FailurePolicy()
+    window: WindowPolicy = WindowPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The validated configuration of one sidecar process."""
 
     guardrail: GuardrailRef
     listen_host: str = "127.0.0.1"
     listen_port: int = 50051
-    input_check: InputCheck = InputCheck.PARALLEL
+    input_check: InputCheck = InputCheck.PRE_CALL
+    prompt_scope: PromptScope = PromptScope.LAST_USER
     output_check: bool = True
-    failure_mode: FailureMode = FailureMode.CLOSED
+    shadow: bool = False
+    soft_block: bool = False
+    failure_mode: FailurePolicy = FailurePolicy()
     guardrail_timeout_s: float = 5.0
     guardrail_max_attempts: int = 3
     guardrail_threads: int = 32
@@ -75,7 +98,30 @@ class Settings:
     window: WindowPolicy = WindowPolicy()
     keepalive_s: float = 5.0
     streamed_message_timeout_s: float = 10.0
+    guardrail_attempt_timeout_s: float = 2.0
+    guardrail_max_chars_per_call: int = 25_000
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
+    budget_rps: float = 50.0
+    budget_text_units: float = 200.0
+    budget_max_wait_s: float = 0.25
     aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
+    routes: Mapping[str, RoutePolicy] = field(default_factory=dict)
+
+    @property
+    def default_route(self) -> RoutePolicy:
+        """The route policy built from the process-wide settings."""
+        return RoutePolicy(
+            guardrail=self.guardrail,
+            input_check=self.input_check,
+            prompt_scope=self.prompt_scope,
+            output_check=self.output_check,
+            stream_mode=self.stream_mode,
+            shadow=self.shadow,
+            soft_block=self.soft_block,
+            failure_mode=self.failure_mode,
+            window=self.window,
+        )
 
     @property
     def listen(self) -> str:
@@ -142,6 +188,13 @@ def _enum_parser(kind: type[enum.Enum]) -> Callable[[str, str], Any]:
     return parse
 
 
+def _parse_failure_policy(value: str, where: str) -> FailurePolicy:
+    try:
+        return parse_failure_policy(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _parse_bool(value: str, where: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -186,15 +239,40 @@ OPTIONS: tuple[_Option, ...] = (
             _parse_guardrail_id),
     _Option("--guardrail-version", "guardrail version number or DRAFT", "DRAFT",
             _parse_guardrail_version),
-    _Option("--input-check", "prompt check: parallel (while the upstream runs) or off",
-            "parallel", _enum_parser(InputCheck)),
-    _Option("--output-check", "check streamed answers (on/off)", "on", _parse_bool),
-    _Option("--failure-mode", "when the guardrail gives no verdict: closed or open", "closed",
-            _enum_parser(FailureMode)),
+    _Option("--input-check", "prompt check: pre_call (before the upstream is contacted), "
+            "parallel (while the upstream runs) or off", "pre_call", _enum_parser(InputCheck)),
+    _Option("--prompt-scope", "prompt text checked: last_user, all (messages) or "
+            "all_with_system", "last_user", _enum_parser(PromptScope)),
+    _Option("--output-check", "check answers, streamed and not (on/off)", "on", _parse_bool),
+    _Option("--shadow", "detect-only rollout: check everything, never block or rewrite, count "
+            "and log what would have happened", "off", _parse_bool),
+    _Option("--soft-block", "end a blocked answer with the guardrail's message as normal "
+            "content and a content-filter finish reason instead of an error", "off",
+            _parse_bool),
+    _Option("--failure-mode", "when the guardrail gives no verdict: closed, open, or per error "
+            "class, e.g. closed,throttled=open,timeout=open (classes: throttled, timeout, "
+            "server_error, input_too_large, rejected, circuit_open, budget)", "closed",
+            _parse_failure_policy),
     _Option("--guardrail-timeout", "seconds one ApplyGuardrail call may take, retries included",
             "5", _number_parser(float, 0.05, 120)),
-    _Option("--guardrail-max-attempts", "ApplyGuardrail attempts per call (botocore standard "
-            "retries)", "3", _number_parser(int, 1, 10)),
+    _Option("--guardrail-max-attempts", "ApplyGuardrail attempts per call: retries with "
+            "backoff and jitter for throttling, timeouts and 5xx, within --guardrail-timeout",
+            "3", _number_parser(int, 1, 10)),
+    _Option("--guardrail-attempt-timeout", "seconds one attempt may take", "2",
+            _number_parser(float, 0.05, 120)),
+    _Option("--guardrail-max-chars-per-call", "larger inputs are split into several calls "
+            "(Bedrock rejects calls over the per-policy text-unit quota)", "25000",
+            _number_parser(int, 1000, 10_000_000)),
+    _Option("--breaker-failures", "consecutive failed attempts that open the circuit breaker "
+            "(calls then fail fast; 0: off)", "5", _number_parser(int, 0, 10_000)),
+    _Option("--breaker-cooldown", "seconds the breaker stays open before a probe call", "10",
+            _number_parser(float, 0.1, 3600)),
+    _Option("--budget-rps", "ApplyGuardrail requests per second this process may send "
+            "(token bucket; 0: unlimited)", "50", _number_parser(float, 0, 100_000)),
+    _Option("--budget-text-units", "text units per second this process may send (0: "
+            "unlimited)", "200", _number_parser(float, 0, 1_000_000)),
+    _Option("--budget-max-wait", "seconds a call may wait for budget before it fails as "
+            "'budget'", "0.25", _number_parser(float, 0, 60)),
     _Option("--guardrail-threads", "threads running boto3 calls (concurrent calls per process)",
             "32", _number_parser(int, 1, 1024)),
     _Option("--input-wait", "seconds the response-headers answer may wait for a pending prompt "
@@ -285,6 +363,10 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         listen_port=port,
         guardrail_timeout_s=values.pop("guardrail_timeout"),
         guardrail_max_attempts=values.pop("guardrail_max_attempts"),
+        guardrail_attempt_timeout_s=values.pop("guardrail_attempt_timeout"),
+        guardrail_max_chars_per_call=values.pop("guardrail_max_chars_per_call"),
+        breaker_cooldown_s=values.pop("breaker_cooldown"),
+        budget_max_wait_s=values.pop("budget_max_wait"),
         guardrail_threads=values.pop("guardrail_threads"),
         input_wait_s=values.pop("input_wait"),
         drain_delay_s=values.pop("drain_delay"),

@@ -42,6 +42,8 @@ MODE_SKIP_RESPONSE = ProcessingMode(response_header_mode=_SKIP)
 # LLM call whose prompt we check: buffer the request body (answered at once, checked beside
 # the upstream call); keep the response headers phase.
 MODE_BUFFER_REQUEST = ProcessingMode(request_body_mode=_BUFFERED)
+# Non-streamed (JSON) answer: the whole body once; the response headers wait for its answer.
+MODE_BUFFER_RESPONSE = ProcessingMode(response_body_mode=_BUFFERED)
 # Streamed answer: the response body in FULL_DUPLEX_STREAMED (trailers must then be SEND).
 MODE_FULL_DUPLEX_RESPONSE = ProcessingMode(
     response_body_mode=_FULL_DUPLEX, response_trailer_mode=_SEND
@@ -114,6 +116,39 @@ def headers_response(
 def continue_request_body() -> pb.ProcessingResponse:
     """Let a BUFFERED request body through unchanged."""
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse()))
+
+
+def replace_request_body(body: bytes) -> pb.ProcessingResponse:
+    """A BUFFERED request body answer that replaces the body; ``content-length`` is set to
+    match (Envoy rejects a mismatch with a local 500)."""
+    common = pb.CommonResponse(
+        header_mutation=_header_mutation(set_headers={"content-length": str(len(body))}),
+        body_mutation=pb.BodyMutation(body=body),
+    )
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+
+def replace_response_body(body: bytes, *, metadata_namespace: str = "",
+                          metadata: Mapping[str, Any] | None = None) -> pb.ProcessingResponse:
+    """A BUFFERED response body answer that replaces the body (``content-length`` was removed
+    in the headers answer)."""
+    common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))
+    response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+    meta = _metadata(metadata_namespace, metadata)
+    if meta is not None:
+        response.dynamic_metadata.CopyFrom(meta)
+    return response
+
+
+def continue_response_body(*, metadata_namespace: str = "",
+                           metadata: Mapping[str, Any] | None = None) -> pb.ProcessingResponse:
+    """Let a BUFFERED response body through unchanged."""
+    response = pb.ProcessingResponse(
+        response_body=pb.BodyResponse(response=pb.CommonResponse()))
+    meta = _metadata(metadata_namespace, metadata)
+    if meta is not None:
+        response.dynamic_metadata.CopyFrom(meta)
+    return response
 
 
 def streamed_response_body(

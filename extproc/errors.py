@@ -6,18 +6,55 @@
      ├── ConfigError                 bad settings, raised once at start-up (exit code 2)
      └── GuardrailError              an ApplyGuardrail call did not produce a verdict
           ├── GuardrailUnavailable   transient: the failure policy decides (fail closed/open)
-          │    ├── GuardrailThrottled      429 ThrottlingException (RPS or text units/s)
-          │    ├── GuardrailTimeout        no answer within the per-call deadline
-          │    └── GuardrailServerError    5xx, connection errors, unparseable answers
-          ├── GuardrailInputTooLarge  429 whose message says the text units exceed the maximum
-          └── GuardrailRejected       4xx that retrying cannot fix: access denied, unknown
-                                      guardrail or version, validation, quota exceeded
+          │    ├── GuardrailThrottled      "throttled": 429 ThrottlingException (RPS or text
+          │    │    │                       units/s); retried with backoff
+          │    │    └── GuardrailBudgetExhausted  "budget": our own client-side token bucket
+          │    │                            (requests/s or text units/s) had no room within
+          │    │                            the wait allowed; no request was sent, not retried
+          │    ├── GuardrailTimeout        "timeout": no answer within the per-attempt timeout
+          │    │                            or the per-call deadline; retried while time is left
+          │    ├── GuardrailServerError    "server_error": 5xx, connection errors, unparseable
+          │    │                            or inconsistent answers, unexpected client bugs;
+          │    │                            retried
+          │    └── GuardrailCircuitOpen    "circuit_open": the circuit breaker of this guardrail
+          │                                 is open (recent calls kept failing); failed fast
+          │                                 without a request, not retried
+          ├── GuardrailInputTooLarge  "input_too_large": 429 whose message says the text units
+          │                            exceed the maximum; never retried as is, the resilient
+          │                            client splits the texts into smaller calls instead and
+          │                            raises it only when one text unit is still too large
+          └── GuardrailRejected       "rejected": 4xx that retrying cannot fix: access denied,
+                                       unknown guardrail or version, validation, quota
+                                       exceeded; never retried, never trips the breaker,
+                                       logged loudly once per guardrail
+
+``error_class`` is the label used in logs, metadata and the per-class failure policy
+(``extproc.resilience.FailurePolicy``). Every error that reaches the stream code carries one of
+``ERROR_CLASSES``; ``GuardrailError`` and ``GuardrailUnavailable`` themselves are abstract
+("error", "unavailable") and ``extproc.resilience.ResilientGuardrail`` turns any such instance
+(or any unexpected exception of an inner client) into a ``GuardrailServerError``.
 
 None of these is ever shown to an HTTP client: the client only ever sees the fixed error
-objects built in ``extproc.formats``. ``error_class`` is the label used in logs and metadata.
+objects built in ``extproc.formats``.
 """
 
 from __future__ import annotations
+
+from typing import Final
+
+#: Every ``error_class`` a raised guardrail error carries, in the order of the docstring.
+ERROR_CLASSES: Final = (
+    "throttled",
+    "timeout",
+    "server_error",
+    "input_too_large",
+    "rejected",
+    "circuit_open",
+    "budget",
+)
+
+#: The classes a retry can fix: transient failures of one request.
+RETRYABLE_CLASSES: Final = frozenset({"throttled", "timeout", "server_error"})
 
 
 class ExtprocError(Exception):
@@ -42,12 +79,24 @@ class GuardrailThrottled(GuardrailUnavailable):
     error_class = "throttled"
 
 
+class GuardrailBudgetExhausted(GuardrailThrottled):
+    """The client-side request or text-unit budget had no room in time; nothing was sent."""
+
+    error_class = "budget"
+
+
 class GuardrailTimeout(GuardrailUnavailable):
     error_class = "timeout"
 
 
 class GuardrailServerError(GuardrailUnavailable):
     error_class = "server_error"
+
+
+class GuardrailCircuitOpen(GuardrailUnavailable):
+    """The guardrail's circuit breaker is open; the call failed fast without a request."""
+
+    error_class = "circuit_open"
 
 
 class GuardrailInputTooLarge(GuardrailError):

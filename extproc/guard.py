@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from extproc.config import FailureMode
+from extproc.failure import FailurePolicy
 from extproc.errors import GuardrailError, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat
 from extproc.masking import map_region
@@ -135,13 +135,21 @@ class OutputGuard:
         gate: Callable[[], str],
         sink: BodySink,
         flush: Callable[[], Awaitable[None]],
-        failure_mode: FailureMode,
+        failure_mode: FailurePolicy,
         stats: dict[str, Any],
         keepalive_s: float = 0.0,
         label: str = "stream",
+        shadow: bool = False,
+        soft_block: bool = False,
     ) -> None:
         self._label = label
+        self._shadow = shadow
+        self._soft_block = soft_block
+        if shadow:
+            # Detect-only: everything goes out as it comes; verdicts are only counted.
+            mode = StreamMode.ASYNC
         self._fmt = fmt
+        self._codec = fmt.stream_codec()
         self._decoder = SSEDecoder() if parse_sse else None
         self._check_output = check_output
         self._mode = mode
@@ -161,12 +169,14 @@ class OutputGuard:
         self._upstream_done = False
         self._chunks_seen = False
         self._pending_end: str | None = None
+        self._pending_message: str | None = None
         self._first_check_done = False
         self._in_flight: asyncio.Task[None] | None = None
         self._keepalive: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._last_emit = time.monotonic()
         self.finished = False
-        stats.setdefault("mode", mode.value)
+        stats.setdefault("mode", "shadow" if shadow else mode.value)
         stats.setdefault("strategy", policy.strategy.value)
 
     # -- input ------------------------------------------------------------------------------
@@ -177,7 +187,7 @@ class OutputGuard:
             return  # after our end, or a repeated final chunk (envoy#46237)
         self._chunks_seen = True
         if self._pending_end is not None:
-            self.end(self._pending_end)
+            self.end(self._pending_end, self._pending_message)
             return
         decoder = self._decoder
         if decoder is None:
@@ -198,7 +208,7 @@ class OutputGuard:
     def _deltas(self, event: SSEEvent) -> list[_Delta]:
         if not self._check_output:
             return []
-        found = self._fmt.extract(event)
+        found = self._codec.extract(event)
         if not found:
             return []
         deltas = []
@@ -252,27 +262,43 @@ class OutputGuard:
         return True
 
     def _render(self, item: _Held) -> bytes:
-        if self._mode is StreamMode.ASYNC or not item.deltas:
+        """The bytes of a released event. The codec sees every released event, in order (its
+        closing frames follow what the client received); masked text replaces the original."""
+        if item.event is None:
             return item.raw
         changed: dict[Hashable, str] = {}
-        for delta in item.deltas:
-            text = "".join(delta.mapped)
-            if text != delta.text:
-                changed[self._channels[delta.channel].key] = text
-        if not changed or item.event is None:
-            return item.raw
-        return self._fmt.rewrite(item.event, changed)
+        if self._mode is not StreamMode.ASYNC:
+            for delta in item.deltas:
+                text = "".join(delta.mapped)
+                if text != delta.text:
+                    changed[self._channels[delta.channel].key] = text
+        return self._codec.rewrite(item.event, changed)
 
     def _release(self) -> None:
-        if self.finished or not self._chunks_seen or self._gate() != "open":
+        if self.finished or not self._chunks_seen or (
+                self._gate() != "open" and not self._shadow):
             return
         held = self._held
         out: list[bytes] = []
-        while held and self._releasable(held[0]):
-            item = held.popleft()
-            out.append(self._render(item))
-            for delta in item.deltas:
-                self._released_chars += len(delta.text)
+        if self._mode is StreamMode.ASYNC:
+            # Events go out as they come, except a trailing run of events without text (the
+            # finish chunk, [DONE], message_stop): they wait until every character was checked,
+            # so that a late block still ends the stream before the client's terminator.
+            count = len(held)
+            if not self._all_checked():
+                while count and not held[count - 1].deltas:
+                    count -= 1
+            for _ in range(count):
+                item = held.popleft()
+                out.append(self._render(item))
+                for delta in item.deltas:
+                    self._released_chars += len(delta.text)
+        else:
+            while held and self._releasable(held[0]):
+                item = held.popleft()
+                out.append(self._render(item))
+                for delta in item.deltas:
+                    self._released_chars += len(delta.text)
         end_of_stream = self._upstream_done and not held
         if end_of_stream:
             self.finished = True
@@ -282,6 +308,10 @@ class OutputGuard:
         elif out:
             self._last_emit = time.monotonic()
             self._sink.release(b"".join(out))
+
+    def _all_checked(self) -> bool:
+        return (self._upstream_done and self._in_flight is None
+                and all(c.checked >= c.length for c in self._channels))
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -333,6 +363,10 @@ class OutputGuard:
         except GuardrailError as exc:
             self._in_flight = None
             self._on_error(exc, blocks, texts)
+        except Exception:  # noqa: BLE001 - a bug must not leave a FULL_DUPLEX body hanging
+            log.exception("%s: BUG in the output check; ending the stream", self._label)
+            self._in_flight = None
+            self.end(ErrorKind.UNAVAILABLE)
         else:
             self._in_flight = None
             self._on_verdict(verdict, blocks, texts)
@@ -353,10 +387,17 @@ class OutputGuard:
             first = blocks[0]
             self.stats["tripped_window"] = (
                 f"{self._channels[first.channel_index].key}:{first.start}-{first.end}")
-            self.end(ErrorKind.VIOLATION)
+            if self._shadow:
+                self._count("would_block")
+                log.info("%s: shadow: the answer would have been blocked", self._label)
+                self._accept(blocks, texts, None)
+                return
+            self.end(ErrorKind.VIOLATION, verdict.outputs[0] if verdict.outputs else None)
             return
         masked: list[str] | None = None
-        if verdict.outcome is Outcome.MASK:
+        if verdict.outcome is Outcome.MASK and self._shadow:
+            self._count("would_mask")
+        elif verdict.outcome is Outcome.MASK:
             self._count("masked")
             if self._mode is StreamMode.ASYNC:
                 self._count("mask_unapplied")
@@ -367,14 +408,14 @@ class OutputGuard:
     def _on_error(self, exc: GuardrailError, blocks: list[Block], texts: list[str]) -> None:
         self._count("errors")
         self.stats["error_class"] = exc.error_class
-        if self._failure_mode is FailureMode.OPEN:
-            log.warning("output check failed (%s); failure mode open: releasing unchecked text",
-                        exc.error_class)
+        if self._failure_mode.fails_open(exc) or self._shadow:
+            log.warning("%s: output check failed (%s); failure mode open: releasing unchecked "
+                        "text", self._label, exc.error_class)
             self.stats["failed_open"] = True
             self._accept(blocks, texts, None)
         else:
-            log.warning("output check failed (%s); failure mode closed: ending the stream",
-                        exc.error_class)
+            log.warning("%s: output check failed (%s); failure mode closed: ending the stream",
+                        self._label, exc.error_class)
             self.end(ErrorKind.UNAVAILABLE)
 
     def _accept(self, blocks: list[Block], texts: list[str], masked: list[str] | None) -> None:
@@ -390,7 +431,7 @@ class OutputGuard:
             limit = block.end if (final or fast) else max(channel.limit, block.end - overlap)
             masked_text = masked[index] if masked is not None else texts[index]
             channel.last = (block, texts[index], masked_text)
-            if self._mode is StreamMode.SYNC and limit > channel.limit:
+            if self._mode is StreamMode.SYNC and (limit > channel.limit or masked is not None):
                 self._map(channel, block, texts[index], masked_text, limit)
             channel.limit = max(channel.limit, limit)
             channel.trim(min(channel.limit, max(0, channel.checked - overlap)))
@@ -407,46 +448,53 @@ class OutputGuard:
         cuts = sorted({d.start - base for d in deltas if start < d.start < limit}
                       | {d.start + len(d.text) - base for d in deltas
                          if start < d.start + len(d.text) < limit})
-        region_start, region_end = start - base, limit - base
-        if region_end <= region_start:
-            for delta in deltas:
-                delta.mapped_to = max(delta.mapped_to, min(limit, delta.start + len(delta.text)))
-            return
-        pieces, carry = map_region(original, masked, region_start, cuts, region_end)
-        bounds = [region_start, *cuts]
-        for piece, low in zip(pieces, bounds, strict=True):
-            position = base + low
-            for delta in deltas:
-                if delta.start <= position < delta.start + len(delta.text):
-                    delta.mapped.append(piece)
-                    break
+        region_start, region_end = start - base, max(limit, start) - base
+        if region_end > region_start or masked != original:
+            pieces, carry = map_region(original, masked, region_start,
+                                       cuts if region_end > region_start else [], region_end)
+            if region_end > region_start:
+                bounds = [region_start, *cuts]
+                for piece, low in zip(pieces, bounds, strict=True):
+                    position = base + low
+                    for delta in deltas:
+                        if delta.start <= position < delta.start + len(delta.text):
+                            delta.mapped.append(piece)
+                            break
+            if base + carry > channel.mask_from:
+                channel.mask_from = base + carry
+                if base + carry > limit:
+                    # An entity runs past what is released now: the rest of it is dropped.
+                    self._count("mask_carried")
         for delta in deltas:
             delta.mapped_to = max(delta.mapped_to, min(limit, delta.start + len(delta.text)))
-        channel.mask_from = base + carry
-        if masked != original and base + carry > limit:
-            self._count("mask_carried")
 
     # -- the end ----------------------------------------------------------------------------
 
-    def end(self, kind: str) -> None:
-        """End the body with the format's terminal frame; nothing is sent after it."""
+    def end(self, kind: str, message: str | None = None) -> None:
+        """End the body with the format's terminal frame (or, soft block, the guardrail's
+        message as normal content); nothing is sent after it."""
         if self.finished:
             return
         if not self._chunks_seen:
             # FULL_DUPLEX answers are only valid once Envoy has sent a body chunk.
             self._pending_end = kind
+            self._pending_message = message
             return
         self.finished = True
         self._held.clear()
         self._cancel_keepalive()
-        self.stats["outcome"] = "block" if kind == ErrorKind.VIOLATION else "unavailable"
+        soft = self._soft_block and kind == ErrorKind.VIOLATION and self._decoder is not None
+        self.stats["outcome"] = ("soft_block" if soft else
+                                 "block" if kind == ErrorKind.VIOLATION else "unavailable")
         task = self._in_flight
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         self._in_flight = None
         log.info("%s: answer ended by the guardrail (%s) after %d released characters",
                  self._label, self.stats["outcome"], self._released_chars)
-        self._sink.finish(self._fmt.terminal_frame(kind), self._metadata())
+        frame = (self._codec.soft_block_frame(message or "") if soft
+                 else self._codec.terminal_frame(kind))
+        self._sink.finish(frame, self._metadata())
 
     def _metadata(self) -> dict[str, Any]:
         self.stats["chars_released"] = self._released_chars
@@ -455,6 +503,8 @@ class OutputGuard:
     def close(self) -> None:
         """The stream is over (or cancelled): stop the check in flight and the timer."""
         self._cancel_keepalive()
+        for task in list(self._tasks):
+            task.cancel()
         if self._in_flight is not None:
             self._in_flight.cancel()
             self._in_flight = None
@@ -483,5 +533,7 @@ class OutputGuard:
             self._sink.release(encode_comment("keep-alive"))
             self._last_emit = time.monotonic()
             self._count("keepalives")
-            asyncio.get_running_loop().create_task(self._flush())
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self._arm_keepalive()

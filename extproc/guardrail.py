@@ -2,8 +2,12 @@
 
 Owns the boto3 ``bedrock-runtime`` client (endpoint from ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``,
 region and credentials from the standard AWS chain), the thread pool its blocking calls run
-in, the per-call deadline, and the mapping of AWS errors onto ``extproc.errors``. It returns
+in, the per-attempt timeout, and the mapping of AWS errors onto ``extproc.errors``. It returns
 typed verdicts (``extproc.verdict``) and never decides what a verdict means for a stream.
+
+Retries, the per-call deadline, splitting of oversize input, the circuit breaker and the
+client-side quota budget live in ``extproc.resilience.ResilientGuardrail``, which wraps this
+client; wrapped, it is built with ``max_attempts=1`` so that botocore does not retry as well.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ class Source(enum.Enum):
 
 
 class GuardrailClient(Protocol):
-    """Anything that can apply a guardrail to texts (Bedrock, the tests' fakes)."""
+    """Anything that can apply a guardrail to texts (Bedrock, the tests' fakes).
+
+    An implementation may also accept a keyword-only ``timeout`` (seconds, or None for its
+    own default) bounding this one call; ``ResilientGuardrail`` passes the time left of its
+    deadline when it does, and enforces the bound from outside either way.
+    """
 
     async def apply(
         self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]
@@ -61,16 +70,22 @@ _SERVER_CODES = frozenset(
 )
 
 
+def is_input_too_large_message(message: str) -> bool:
+    """Whether an error message is Bedrock's "Input text size (N text units) exceeds the maximum
+    allowed (M text units)", whatever the status code it came with."""
+    lowered = message.lower()
+    return "text units" in lowered and "exceeds the maximum" in lowered
+
+
 def map_client_error(exc: botocore.exceptions.ClientError) -> GuardrailError:
     """Turn a botocore ``ClientError`` into our hierarchy (message kept for logs only)."""
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     message = str(error.get("Message", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    lowered = message.lower()
     # Bedrock reports oversize input as a 429 ThrottlingException (bedrock.md A.4): splitting
     # helps, retrying never does.
-    if "text units" in lowered and "exceeds the maximum" in lowered:
+    if is_input_too_large_message(message):
         return GuardrailInputTooLarge(f"{code}: {message}")
     if code in _THROTTLE_CODES or status == 429:
         return GuardrailThrottled(f"{code}: {message}")
@@ -80,9 +95,22 @@ def map_client_error(exc: botocore.exceptions.ClientError) -> GuardrailError:
 
 
 class BedrockGuardrailClient:
-    """ApplyGuardrail through boto3, run in a thread pool so the event loop never blocks."""
+    """ApplyGuardrail through boto3, run in a thread pool so the event loop never blocks.
 
-    def __init__(self, settings: Settings) -> None:
+    ``max_attempts`` (default ``settings.guardrail_max_attempts``) is botocore's
+    ``total_max_attempts``; give 1 when ``ResilientGuardrail`` wraps the client (it retries
+    itself, inside its deadline). ``attempt_timeout_s`` (default
+    ``settings.guardrail_timeout_s``) bounds one call and is botocore's read timeout; ``apply``
+    may lower it per call with ``timeout``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_attempts: int | None = None,
+        attempt_timeout_s: float | None = None,
+    ) -> None:
         session = boto3.session.Session(region_name=settings.aws_region)
         if session.region_name is None:
             raise ConfigError(
@@ -94,11 +122,19 @@ class BedrockGuardrailClient:
                 "no AWS credentials found in the standard chain (environment, shared "
                 "credentials/config files, web identity/IRSA, container or instance role)"
             )
-        self._timeout = settings.guardrail_timeout_s
+        attempts = settings.guardrail_max_attempts if max_attempts is None else max_attempts
+        if attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {attempts}")
+        self._timeout = (
+            settings.guardrail_timeout_s if attempt_timeout_s is None else attempt_timeout_s
+        )
+        if not self._timeout > 0:
+            raise ValueError(f"attempt_timeout_s must be positive, got {self._timeout}")
+        self.max_attempts = attempts
         config = botocore.config.Config(
             connect_timeout=min(2.0, self._timeout),
             read_timeout=self._timeout,
-            retries={"mode": "standard", "total_max_attempts": settings.guardrail_max_attempts},
+            retries={"mode": "standard", "total_max_attempts": attempts},
             max_pool_connections=settings.guardrail_threads,
             user_agent_extra="guardrail-extproc",
         )
@@ -123,18 +159,31 @@ class BedrockGuardrailClient:
             content=[{"text": {"text": text}} for text in texts],
         )
 
+    @property
+    def timeout(self) -> float:
+        """The per-call (per-attempt) timeout in seconds."""
+        return self._timeout
+
     async def apply(
-        self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]
+        self,
+        guardrail: GuardrailRef,
+        source: Source,
+        texts: Sequence[str],
+        *,
+        timeout: float | None = None,
     ) -> GuardrailVerdict:
+        """One ApplyGuardrail call (botocore retries up to ``max_attempts``), bounded by
+        ``timeout`` if given and by the client's own timeout in any case."""
+        limit = self._timeout if timeout is None else min(self._timeout, timeout)
+        if limit <= 0:
+            raise GuardrailTimeout("no time left for an ApplyGuardrail call")
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         future = loop.run_in_executor(self._executor, self._call, guardrail, source, texts)
         try:
-            response = await asyncio.wait_for(future, self._timeout)
+            response = await asyncio.wait_for(future, limit)
         except TimeoutError:
-            raise GuardrailTimeout(
-                f"no ApplyGuardrail answer within {self._timeout:.2f}s"
-            ) from None
+            raise GuardrailTimeout(f"no ApplyGuardrail answer within {limit:.2f}s") from None
         except botocore.exceptions.ClientError as exc:
             raise map_client_error(exc) from exc
         except (botocore.exceptions.ReadTimeoutError,

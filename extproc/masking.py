@@ -6,12 +6,57 @@ of the region being released. ``map_region`` aligns the original and the masked 
 masked text where the original was cut, gives a replaced span whole to the piece where it
 starts, and reports when a replaced span runs past the end of the region, so that the next
 region starts after it. Pure: strings in, strings out.
+
+Alignment: masked text is the original with some spans replaced by ``{NAME}`` placeholders, so
+the literal runs between placeholders must appear in the original in order, each placeholder
+standing for a non-empty span. A regular expression built from the masked text finds that
+alignment exactly. A longest-common-subsequence diff would match a cut-off entity at the end of
+a block (``bob@exa``) against the same letters inside an earlier, masked one. ``difflib`` is
+only the fallback for masked text that is not of that form.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from difflib import SequenceMatcher
+
+_PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_\-]+\}")
+
+Opcode = tuple[str, int, int, int, int]
+
+
+def align(original: str, masked: str) -> list[Opcode]:
+    """Opcodes (``difflib`` style) turning ``original`` into ``masked``."""
+    if original == masked:
+        return [("equal", 0, len(original), 0, len(masked))]
+    literals: list[tuple[int, int]] = []  # spans of literal text in ``masked``
+    pattern: list[str] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(masked):
+        literals.append((position, match.start()))
+        pattern.append(re.escape(masked[position:match.start()]))
+        pattern.append("(.+?)")
+        position = match.end()
+    literals.append((position, len(masked)))
+    pattern.append(re.escape(masked[position:]))
+    found = None
+    if len(literals) > 1 and len(masked) <= 100_000:
+        found = re.fullmatch("".join(pattern), original, re.DOTALL)
+    if found is None:
+        return SequenceMatcher(None, original, masked, autojunk=False).get_opcodes()
+    opcodes: list[Opcode] = []
+    i = 0
+    for index, (low, high) in enumerate(literals):
+        if high > low:
+            opcodes.append(("equal", i, i + (high - low), low, high))
+            i += high - low
+        if index < len(literals) - 1:
+            span_start, span_end = found.span(index + 1)
+            placeholder_end = literals[index + 1][0]
+            opcodes.append(("replace", span_start, span_end, high, placeholder_end))
+            i = span_end
+    return opcodes
 
 
 def map_region(
@@ -20,10 +65,10 @@ def map_region(
     """Masked text for ``original[start:end]`` cut at ``cuts`` (increasing, inside the region).
 
     Returns ``len(cuts) + 1`` pieces and the position in ``original`` where the next region
-    must start: ``end``, or the end of a replaced span that starts inside the region and runs
-    past ``end`` (its replacement is already in the last piece). A replaced span that starts
-    before ``start`` and runs into the region belongs to the previous region: its part inside
-    this one is dropped.
+    must start: ``end``, or the end of a replaced span that runs past ``end`` (its replacement
+    is already in a piece, or, if it started before ``start``, was released in part and must
+    not be released any further). The part of a replaced span that started before ``start``
+    and lies inside the region is dropped.
     """
     bounds = [start, *cuts, end]
     pieces = [""] * (len(bounds) - 1)
@@ -39,8 +84,7 @@ def map_region(
             index += 1
         return index
 
-    matcher = SequenceMatcher(None, original, masked, autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    for tag, i1, i2, j1, j2 in align(original, masked):
         if tag == "equal":
             low, high = max(i1, start), min(i2, end)
             position = low
@@ -49,8 +93,10 @@ def map_region(
                 stop = min(high, bounds[index + 1])
                 pieces[index] += masked[j1 + (position - i1): j1 + (stop - i1)]
                 position = stop
-        elif start <= i1 < end or (i1 == i2 == end == start):
+        elif start <= i1 < end or i1 == i2 == start < end:
             pieces[piece_of(i1)] += masked[j1:j2]
             if i2 > end:
-                carry = i2
+                carry = max(carry, i2)
+        elif i1 < start < i2 and i2 > end:
+            carry = max(carry, i2)
     return pieces, carry

@@ -22,6 +22,7 @@ from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as
 from extproc.config import Settings
 from extproc.formats import StreamFormat, all_formats
 from extproc.guardrail import GuardrailClient
+from extproc.routes import RouteResolver
 from extproc.stream import Outbox, StreamProcessor
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,30 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._guardrail = guardrail
         self._formats = formats if formats is not None else all_formats()
         self._ids = itertools.count(1)
+        self.routes = RouteResolver(settings)
         self.active_streams = 0
 
     async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
         stream_id = f"s{next(self._ids)}"
-        outbox = Outbox(context.write)
+
+        async def write(message: Any) -> None:
+            # A write fails only once the RPC is over (Envoy cancelled it, the connection
+            # dropped, the stop's grace ran out): the normal end of a stream, with nobody left
+            # to answer. Guardrail tasks write too, so the error must not escape into them.
+            try:
+                await context.write(message)
+            except grpc.aio.AbortError:
+                raise
+            except grpc.aio.BaseError as exc:
+                log.debug("stream %s: RPC already over, answer dropped (%s)",
+                          stream_id, type(exc).__name__)
+
+        outbox = Outbox(write)
+        # Read everything needed from the context now: after a cancellation some context
+        # calls crash grpcio (performance-notes.md).
+        route = self.routes.resolve(context.invocation_metadata() or ())
         processor = StreamProcessor(
-            self._settings, self._guardrail, self._formats, outbox, stream_id
+            self._settings, self._guardrail, self._formats, outbox, stream_id, route
         )
         self.active_streams += 1
         try:
@@ -116,9 +134,7 @@ async def start_server(settings: Settings, guardrail: GuardrailClient) -> Runnin
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise OSError(f"could not bind {settings.listen}")
+    port = server.add_insecure_port(settings.listen)  # raises RuntimeError when it cannot bind
     await server.start()
     running = RunningServer(server=server, port=port, health=health_servicer, processor=processor)
     await running.set_serving(True)

@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
 from typing import Any
 
 from extproc import envoy
-from extproc.config import FailureMode, InputCheck, Settings
-from extproc.errors import GuardrailError
+from extproc.config import InputCheck, RoutePolicy, Settings
+from extproc.errors import GuardrailError, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat, find_format
 from extproc.guardrail import GuardrailClient, Source
 from extproc.guard import OutputGuard
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 HEADER_ACCEPT_ENCODING = "accept-encoding"
 HEADER_CONTENT_TYPE = "content-type"
+HEADER_CONTENT_LENGTH = "content-length"
+JSON_CONTENT_TYPE = "application/json"
 HEADER_REQUEST_ID = "x-request-id"
 SSE_CONTENT_TYPE = "text/event-stream"
 
@@ -153,8 +155,10 @@ class StreamProcessor:
         formats: tuple[StreamFormat, ...],
         outbox: Outbox,
         stream_id: str,
+        route: RoutePolicy | None = None,
     ) -> None:
         self._settings = settings
+        self._route = route if route is not None else settings.default_route
         self._guardrail = guardrail
         self._formats = formats
         self._outbox = outbox
@@ -167,9 +171,13 @@ class StreamProcessor:
         self._sink: FullDuplexSink | StreamedSink | None = None
         self._configured_response_body = envoy.ProcessingMode.NONE
         self._streamed = False
+        self._request_done = False
+        self._json_answer = False
+        self._json_task: asyncio.Task[None] | None = None
+        self._response_body = bytearray()
         self.stats: dict[str, Any] = {
-            "guardrail_id": settings.guardrail.id,
-            "guardrail_version": settings.guardrail.version,
+            "guardrail_id": self._route.guardrail.id,
+            "guardrail_version": self._route.guardrail.version,
         }
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -196,8 +204,9 @@ class StreamProcessor:
 
     def close(self) -> None:
         """The RPC ended: cancel every background task of this stream."""
-        if self._input_task is not None and not self._input_task.done():
-            self._input_task.cancel()
+        for task in (self._input_task, self._json_task):
+            if task is not None and not task.done():
+                task.cancel()
         if self._guard is not None:
             self._guard.close()
 
@@ -208,8 +217,8 @@ class StreamProcessor:
         method = headers.get(":method", "")
         path = headers.get(":path", "")
         fmt = find_format(method, path, self._formats)
-        settings = self._settings
-        guarding = settings.output_check or settings.input_check is not InputCheck.OFF
+        route = self._route
+        guarding = route.enabled and (route.output_check or route.input_check is not InputCheck.OFF)
         if fmt is None or not guarding:
             self._outbox.put(
                 envoy.headers_response(response_phase=False, mode=envoy.MODE_SKIP_RESPONSE)
@@ -222,7 +231,7 @@ class StreamProcessor:
         self.stats["format"] = fmt.name
         if self._streamed:
             self.stats["body_mode"] = "streamed"
-        check_prompt = settings.input_check is InputCheck.PARALLEL and not message.end_of_stream
+        check_prompt = route.input_check is not InputCheck.OFF and not message.end_of_stream
         mode = (envoy.mode_with_request_buffering(self._configured_response_body)
                 if check_prompt else None)
         self._outbox.put(
@@ -232,27 +241,50 @@ class StreamProcessor:
         )
 
     def _on_request_body(self, message: Any) -> None:
-        self._outbox.put(envoy.continue_request_body())
-        if self._fmt is None or self._input_task is not None:
+        route = self._route
+        pre_call = route.input_check is InputCheck.PRE_CALL and not route.shadow
+        if self._fmt is None or self._input_task is not None or self._request_done:
+            self._outbox.put(envoy.continue_request_body())
             return
         self._request_body += message.body
         if not message.end_of_stream:
+            # BUFFERED sends one message; anything else is answered as it comes.
+            self._outbox.put(envoy.continue_request_body())
             return
-        texts = self._fmt.prompt_texts(bytes(self._request_body))
+        self._request_done = True
+        body = bytes(self._request_body)
         self._request_body = bytearray()
+        texts = self._fmt.prompt_texts(body, route.prompt_scope.value)
         if not texts:
+            self._outbox.put(envoy.continue_request_body())
             return
         self._input_gate = Gate.PENDING
-        self._input_task = asyncio.get_running_loop().create_task(self._check_input(texts))
+        if pre_call:
+            # The answer waits for the verdict: keep Envoy's message timer from firing first.
+            self._outbox.put(envoy.override_message_timeout(self._settings.guardrail_timeout_s + 1))
+        else:
+            self._outbox.put(envoy.continue_request_body())
+        self._input_task = asyncio.get_running_loop().create_task(
+            self._check_input(texts, body if pre_call else None))
 
-    async def _check_input(self, texts: list[str]) -> None:
+    async def _check_input(self, texts: list[str], held_body: bytes | None) -> None:
+        """The prompt check. ``held_body``: pre_call, the request waits for this answer."""
+        route = self._route
+        verdict: GuardrailVerdict | None = None
         try:
-            verdict = await self._guardrail.apply(self._settings.guardrail, Source.INPUT, texts)
-        except GuardrailError as exc:
+            verdict = await self._guardrail.apply(route.guardrail, Source.INPUT, texts)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
+            if not isinstance(exc, GuardrailError):
+                log.exception("stream %s: BUG in the prompt check", self.stream_id)
+                exc = GuardrailServerError(f"internal: {type(exc).__name__}")
             self.stats["input"] = f"error:{exc.error_class}"
-            if self._settings.failure_mode is FailureMode.OPEN:
+            self.stats["error_class"] = exc.error_class
+            if route.failure_mode.fails_open(exc) or route.shadow:
                 log.warning("stream %s: prompt check failed (%s); failure mode open",
                             self.stream_id, exc.error_class)
+                self.stats["failed_open"] = True
                 self._input_gate = Gate.OPEN
             else:
                 log.warning("stream %s: prompt check failed (%s); failure mode closed",
@@ -261,14 +293,52 @@ class StreamProcessor:
         else:
             self.stats["input"] = verdict.outcome.value
             self.stats["text_units"] = self.stats.get("text_units", 0) + verdict.text_units
-            if verdict.outcome is Outcome.BLOCK:
+            if verdict.outcome is Outcome.BLOCK and route.shadow:
+                self.stats["would_block_input"] = True
+                log.info("stream %s: shadow: the prompt would have been blocked", self.stream_id)
+                self._input_gate = Gate.OPEN
+            elif verdict.outcome is Outcome.BLOCK:
                 log.info("stream %s: prompt blocked by the guardrail", self.stream_id)
                 self._input_gate = Gate.BLOCKED
             else:
                 self._input_gate = Gate.OPEN
-        if self._guard is not None:
+        if held_body is not None:
+            self._answer_held_request(held_body, texts, verdict)
+        elif self._guard is not None:
             self._guard.on_gate_change()
-            await self._outbox.flush()
+        await self._outbox.flush()
+
+    def _answer_held_request(self, body: bytes, texts: list[str],
+                             verdict: GuardrailVerdict | None) -> None:
+        """pre_call: the request body answer, once the prompt verdict is known."""
+        fmt = self._fmt
+        assert fmt is not None, "BUG: a held request without a format"
+        gate = self._input_gate
+        if gate is Gate.BLOCKED or gate is Gate.FAILED:
+            kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
+            self._reply_error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
+            return
+        if verdict is not None and verdict.outcome is Outcome.MASK \
+                and len(verdict.outputs) == len(texts):
+            rewritten = fmt.rewrite_prompt(body, self._route.prompt_scope.value,
+                                           list(verdict.outputs))
+            if rewritten is not None:
+                self.stats["input_masked"] = True
+                self._outbox.put(envoy.replace_request_body(rewritten))
+                return
+            log.warning("stream %s: masked prompt could not be rewritten; sent unchanged",
+                        self.stream_id)
+        self._outbox.put(envoy.continue_request_body())
+
+    def _reply_error(self, kind: str, outcome: str) -> None:
+        """A local error reply (only while the response headers have not gone out)."""
+        fmt = self._fmt
+        assert fmt is not None, "BUG: an error reply without a format"
+        status, body = fmt.error_body(kind)
+        self.stats["outcome"] = outcome
+        self._outbox.put(envoy.immediate_response(
+            status, body, details=f"{kind}_input" if outcome != "block" else kind,
+            metadata_namespace=self._settings.metadata_namespace, metadata=self.stats))
 
     # -- response ---------------------------------------------------------------------------
 
@@ -287,18 +357,24 @@ class StreamProcessor:
         ns = settings.metadata_namespace
         if gate is Gate.BLOCKED or gate is Gate.FAILED:
             kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
-            status, body = fmt.error_body(kind)
-            self.stats["outcome"] = "input_block" if gate is Gate.BLOCKED else "unavailable"
-            self._outbox.put(
-                envoy.immediate_response(status, body, details=f"{kind}_input",
-                                         metadata_namespace=ns, metadata=self.stats)
-            )
+            self._reply_error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
             return
         headers = envoy.header_map(message.headers)
         content_type = headers.get(HEADER_CONTENT_TYPE, "").lower()
-        is_sse = headers.get(":status") == "200" and content_type.startswith(SSE_CONTENT_TYPE)
+        ok = headers.get(":status") == "200"
+        is_sse = ok and content_type.startswith(SSE_CONTENT_TYPE)
+        is_json = ok and content_type.startswith(JSON_CONTENT_TYPE)
         has_body = not message.end_of_stream
-        check_output = settings.output_check and is_sse
+        route = self._route
+        if has_body and is_json and (route.output_check or gate is Gate.PENDING):
+            # A non-streamed answer: take it whole; the client's headers wait for our answer,
+            # so a block can still be a proper 4xx.
+            self._json_answer = True
+            self._outbox.put(envoy.headers_response(
+                response_phase=True, remove_headers=(HEADER_CONTENT_LENGTH,),
+                mode=envoy.MODE_BUFFER_RESPONSE))
+            return
+        check_output = route.output_check and is_sse
         if has_body and (check_output or gate is Gate.PENDING):
             sink: FullDuplexSink | StreamedSink
             if self._streamed:
@@ -310,23 +386,106 @@ class StreamProcessor:
                 fmt,
                 parse_sse=is_sse,
                 check_output=check_output,
-                mode=settings.stream_mode,
-                policy=settings.window,
+                mode=route.stream_mode,
+                policy=route.window,
                 apply=self._apply_output,
                 gate=lambda: self._input_gate.value,
                 sink=sink,
                 flush=self._outbox.flush,
-                failure_mode=settings.failure_mode,
+                failure_mode=route.failure_mode,
                 stats=self.stats,
                 keepalive_s=settings.keepalive_s if not self._streamed else 0.0,
                 label=f"stream {self.stream_id}",
+                shadow=route.shadow,
+                soft_block=route.soft_block,
             )
             mode = None if self._streamed else envoy.MODE_FULL_DUPLEX_RESPONSE
             self._outbox.put(envoy.headers_response(response_phase=True, mode=mode))
             return
         self._outbox.put(envoy.headers_response(response_phase=True))
 
+    async def _check_json_answer(self, body: bytes) -> None:
+        """A whole non-streamed answer (BUFFERED): prompt verdict, then the answer's check."""
+        fmt, route = self._fmt, self._route
+        assert fmt is not None, "BUG: a JSON answer without a format"
+        ns = self._settings.metadata_namespace
+        if self._input_task is not None:
+            await asyncio.wait((self._input_task,))
+        gate = self._input_gate
+        if gate is Gate.BLOCKED or gate is Gate.FAILED:
+            kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
+            self._reply_error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
+            await self._outbox.flush()
+            return
+        pairs = fmt.response_texts(body) if route.output_check else []
+        reply = envoy.continue_response_body(metadata_namespace=ns, metadata=self.stats)
+        if pairs:
+            try:
+                verdict = await self._apply_output([text for _, text in pairs])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: answer anyway
+                if not isinstance(exc, GuardrailError):
+                    log.exception("stream %s: BUG in the answer check", self.stream_id)
+                    exc = GuardrailServerError(f"internal: {type(exc).__name__}")
+                self.stats["error_class"] = exc.error_class
+                if route.failure_mode.fails_open(exc) or route.shadow:
+                    self.stats["failed_open"] = True
+                    log.warning("stream %s: answer check failed (%s); failure mode open",
+                                self.stream_id, exc.error_class)
+                else:
+                    log.warning("stream %s: answer check failed (%s); failure mode closed",
+                                self.stream_id, exc.error_class)
+                    self._reply_error(ErrorKind.UNAVAILABLE, "unavailable")
+                    await self._outbox.flush()
+                    return
+            else:
+                self.stats["checks"] = self.stats.get("checks", 0) + 1
+                self.stats["text_units"] = self.stats.get("text_units", 0) + verdict.text_units
+                if route.shadow and verdict.outcome is not Outcome.PASS:
+                    self.stats[f"would_{verdict.outcome.value}"] = True
+                elif verdict.outcome is Outcome.BLOCK and route.soft_block:
+                    self.stats["outcome"] = "soft_block"
+                    message = verdict.outputs[0] if verdict.outputs else ""
+                    reply = envoy.replace_response_body(
+                        fmt.soft_block_response(body, message), metadata_namespace=ns,
+                        metadata=self.stats)
+                elif verdict.outcome is Outcome.BLOCK:
+                    log.info("stream %s: answer blocked by the guardrail", self.stream_id)
+                    self._reply_error(ErrorKind.VIOLATION, "block")
+                    await self._outbox.flush()
+                    return
+                elif verdict.outcome is Outcome.MASK:
+                    masked = {channel: text for (channel, _), text in zip(
+                        pairs, verdict.outputs, strict=False)}
+                    try:
+                        if len(verdict.outputs) != len(pairs):
+                            raise ValueError("masked outputs do not match the answer's texts")
+                        rewritten = fmt.rewrite_response(body, masked)
+                    except ValueError as exc:
+                        # Masked text that cannot be put back must not go out as the original.
+                        log.warning("stream %s: masked answer cannot be rewritten (%s); "
+                                    "blocking", self.stream_id, exc)
+                        self._reply_error(ErrorKind.VIOLATION, "block")
+                        await self._outbox.flush()
+                        return
+                    self.stats["masked"] = 1
+                    reply = envoy.replace_response_body(
+                        rewritten, metadata_namespace=ns, metadata=self.stats)
+        self.stats.setdefault("outcome", "pass")
+        self._outbox.put(reply)
+        await self._outbox.flush()
+
     def _on_response_body(self, body: Any) -> None:
+        if self._json_answer:
+            self._response_body += body.body
+            if body.end_of_stream and self._json_task is None:
+                # The answer waits for checks: keep Envoy's message timer from firing first.
+                self._outbox.put(envoy.override_message_timeout(
+                    2 * self._settings.guardrail_timeout_s + 1))
+                self._json_task = asyncio.get_running_loop().create_task(
+                    self._check_json_answer(bytes(self._response_body)))
+            return
         guard, sink = self._guard, self._sink
         if guard is None or sink is None:
             if self._streamed:
@@ -339,4 +498,4 @@ class StreamProcessor:
         sink.chunk_done(body.end_of_stream)
 
     def _apply_output(self, texts: list[str]) -> Coroutine[Any, Any, GuardrailVerdict]:
-        return self._guardrail.apply(self._settings.guardrail, Source.OUTPUT, texts)
+        return self._guardrail.apply(self._route.guardrail, Source.OUTPUT, texts)

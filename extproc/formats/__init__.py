@@ -1,9 +1,35 @@
-"""Wire formats of the LLM APIs we guard, behind one ``StreamFormat`` interface.
+"""Wire formats of the LLM APIs we guard: one module per API behind two small interfaces.
 
-A format recognises its requests by method and path, pulls the text to check out of a request
-body (the prompt) and out of each SSE event of a streamed answer, and builds the terminal
-frames and error bodies that its own clients understand. Formats are pure: no I/O, no state
-across calls, no Envoy or gRPC types.
+A :class:`StreamFormat` is stateless, one instance per API. It recognises its requests by
+method and path, takes the prompt text out of a request body (and puts a masked prompt back),
+takes the answer text out of a non-streamed JSON answer (and puts masked text back), and builds
+the answers its clients understand: a soft block, an error body.
+
+A :class:`StreamCodec` is made per streamed answer (``StreamFormat.stream_codec()``). It reads
+the text out of each SSE event, rewrites events for masking, and builds the frames that end a
+stream: the terminal frame of a hard block (the API's official SDK raises an error) and the
+soft-block frame (the stream ends normally, the guardrail's message as the last content, with
+the API's content-filter finish/stop reason).
+
+A codec keeps the client's view of the stream (ids, open content blocks, output items,
+sequence numbers, the text already sent), because the closing frames must continue exactly the
+events the client received. It learns that view from :meth:`StreamCodec.rewrite`, which the
+caller invokes for **every event it releases to the client, in order**; :meth:`extract` is
+invoked for every event as it arrives (the events released are always a prefix of those).
+
+Formats and codecs are pure: no I/O, no logging, no Envoy or gRPC types.
+
+Modules and the paths they recognise (``POST``, path without query, by suffix):
+
+========================  ===========================  ===========================
+module                    API                          path ends with
+========================  ===========================  ===========================
+``openai_chat``           OpenAI Chat Completions      ``/chat/completions``
+``openai_responses``      OpenAI Responses             ``/responses``
+``anthropic_messages``    Anthropic Messages           ``/messages`` (not Assistants
+                                                       ``/threads/{id}/messages``)
+``openai_completions``    OpenAI legacy Completions    ``/completions`` (not chat)
+========================  ===========================  ===========================
 """
 
 from __future__ import annotations
@@ -13,16 +39,74 @@ from typing import Protocol
 
 from extproc.sse import SSEEvent
 
+__all__ = [
+    "ErrorKind",
+    "PromptScope",
+    "StreamCodec",
+    "StreamFormat",
+    "all_formats",
+    "find_format",
+    "strip_query",
+]
+
 
 class ErrorKind:
     """The two client-facing errors; the only things a client ever learns about a failure."""
 
-    VIOLATION = "guardrail_violation"
-    UNAVAILABLE = "guardrail_unavailable"
+    VIOLATION = "guardrail_violation"  # HTTP 400, "Violated guardrail policy"
+    UNAVAILABLE = "guardrail_unavailable"  # HTTP 503, "Guardrail unavailable"
+
+
+class PromptScope:
+    """Which prompt text ``prompt_texts`` returns (the values of ``extproc.config.PromptScope``).
+
+    * ``last_user``: the text of the last user turn (the default).
+    * ``all``: the text of every conversation turn, tool results included; no instructions.
+    * ``all_with_system``: ``all`` plus the system / developer instructions.
+    """
+
+    LAST_USER = "last_user"
+    ALL = "all"
+    ALL_WITH_SYSTEM = "all_with_system"
+    VALUES = (LAST_USER, ALL, ALL_WITH_SYSTEM)
+
+
+class StreamCodec(Protocol):
+    """The events of one streamed answer. May keep state; one instance per stream."""
+
+    def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
+        """The model text in one SSE event as (channel, text) pairs in stream order.
+
+        Called once per event as it arrives, in order. A channel is one independent stream of
+        text (a choice's content, a tool call's arguments, a content block) and is the same
+        hashable key for every event of that stream of text.
+        """
+        ...
+
+    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        """The bytes to send for an event released to the client.
+
+        Called for every released event, in release order, ``texts`` holding the new text of
+        the channels that changed (masking; empty when nothing changed). Returns the same event
+        shape with those texts replaced, or ``event.raw`` unchanged when there is nothing to
+        change. Events repeating text already streamed (Responses ``*.done`` events,
+        ``response.completed``) are rewritten with the text the client actually received.
+        """
+        ...
+
+    def terminal_frame(self, kind: str) -> bytes:
+        """The bytes that end a stream cut by the guardrail (``kind``: an ``ErrorKind``);
+        the API's official SDK raises its error with the kind's message."""
+        ...
+
+    def soft_block_frame(self, message: str) -> bytes:
+        """The bytes that end the stream normally: ``message`` as the last content, the API's
+        content-filter finish/stop reason and its terminator, continuing the released events."""
+        ...
 
 
 class StreamFormat(Protocol):
-    """One LLM API's request and stream shapes."""
+    """One LLM API's request and answer shapes. Stateless; one instance per API."""
 
     name: str
 
@@ -30,24 +114,36 @@ class StreamFormat(Protocol):
         """True when a request with this method and path (query stripped) is this API's."""
         ...
 
-    def prompt_texts(self, body: bytes) -> list[str]:
-        """The prompt text to check with source INPUT; empty when there is nothing to check."""
+    def prompt_texts(self, body: bytes, scope: str) -> list[str]:
+        """The prompt text to check with source INPUT (``scope``: a ``PromptScope`` value);
+        empty when there is nothing to check or the body is not this API's JSON."""
         ...
 
-    def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
-        """The model text in one SSE event, as (channel, text) pairs in stream order."""
+    def rewrite_prompt(self, body: bytes, scope: str, texts: list[str]) -> bytes | None:
+        """The request body with the texts of ``prompt_texts(body, scope)`` replaced by
+        ``texts`` (same order and count); None when that is not possible."""
         ...
 
-    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        """The event with the text of the given channels replaced (masking), same shape."""
+    def response_texts(self, body: bytes) -> list[tuple[Hashable, str]]:
+        """The model text of a non-streamed JSON answer as (channel, text) pairs."""
         ...
 
-    def terminal_frame(self, kind: str) -> bytes:
-        """The bytes that end a stream cut by the guardrail (error frame and terminator)."""
+    def rewrite_response(self, body: bytes, texts: Mapping[Hashable, str]) -> bytes:
+        """The non-streamed answer with the given channels' texts replaced (masking).
+        Raises ``ValueError`` when a text cannot be put back (the caller must then block)."""
+        ...
+
+    def soft_block_response(self, body: bytes | None, message: str) -> bytes:
+        """A normal non-streamed answer whose content is ``message`` and whose finish/stop
+        reason is the API's content-filter one; ids, model and usage kept from ``body``."""
         ...
 
     def error_body(self, kind: str) -> tuple[int, bytes]:
-        """HTTP status and JSON body for an error sent before response headers went out."""
+        """HTTP status and the API's own JSON error body, for an answer before headers."""
+        ...
+
+    def stream_codec(self) -> StreamCodec:
+        """A fresh codec for one streamed answer."""
         ...
 
 
@@ -70,7 +166,11 @@ def find_format(method: str, path: str, formats: tuple[StreamFormat, ...]) -> St
 
 
 def all_formats() -> tuple[StreamFormat, ...]:
-    """Every format the sidecar guards, most specific first."""
+    """Every format the sidecar guards, most specific first (``/chat/completions`` before
+    ``/completions``)."""
+    from extproc.formats.anthropic_messages import AnthropicMessages
     from extproc.formats.openai_chat import OpenAIChat
+    from extproc.formats.openai_completions import OpenAICompletions
+    from extproc.formats.openai_responses import OpenAIResponses
 
-    return (OpenAIChat(),)
+    return (OpenAIChat(), OpenAIResponses(), AnthropicMessages(), OpenAICompletions())

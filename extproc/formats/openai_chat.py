@@ -1,10 +1,26 @@
-"""OpenAI Chat Completions (``POST .../chat/completions``), also spoken by vLLM and most
-OpenAI-compatible servers.
+"""OpenAI Chat Completions (``POST .../chat/completions``), also spoken by vLLM, Azure OpenAI
+(``/openai/deployments/{name}/chat/completions``) and most OpenAI-compatible servers.
+
+Paths: any ``POST`` whose path (query stripped) ends with ``/chat/completions``.
+
+Prompt: ``messages[].content`` (a string, or each ``text`` part of a list). ``last_user``: the
+last ``user`` message (nothing when it has no text); ``all``: every message but ``system`` and
+``developer`` (assistant and tool messages included); ``all_with_system``: every message.
 
 Streamed answers are ``data: {chat.completion.chunk}`` events ended by ``data: [DONE]``. The
 model text is each choice's ``delta.content`` and ``delta.refusal``, plus streamed tool-call
 arguments (``delta.tool_calls[].function.arguments``, and the legacy ``delta.function_call``).
-A ``data:`` line that is not JSON carries no text for us and passes through unchanged.
+Channels: ``("content", choice)``, ``("refusal", choice)``, ``("tool", choice, call index)``,
+``("function", choice)``; the non-streamed answer uses the same keys (``message`` instead of
+``delta``; the choice's and the tool call's positions are their indexes, so that channels stay
+unique even in an answer that repeats an index). A ``data:`` line that is not
+JSON carries no text for us and passes through unchanged. A rewritten (masked) choice loses its
+``logprobs``, which would repeat the original tokens.
+
+Hard block: ``data: {"error": {...}}`` then ``data: [DONE]``; the ``openai`` SDK raises
+``openai.APIError`` with the message on any ``data:`` object with an ``error`` key. Soft block:
+a chunk with the message as ``delta.content`` for each open choice, a chunk with
+``finish_reason: "content_filter"``, then ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -13,32 +29,73 @@ import json
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from extproc.formats import ErrorKind
+from extproc.formats import PromptScope, StreamCodec
+from extproc.formats import _common as c
 from extproc.sse import SSEEvent, encode_event
-
-_ERRORS: Mapping[str, tuple[int, str]] = {
-    ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
-    ErrorKind.UNAVAILABLE: (503, "Guardrail unavailable"),
-}
 
 
 def error_object(kind: str) -> dict[str, Any]:
     """``{"error": {"message", "code", "type"}}`` as OpenAI clients expect it."""
-    code, message = _ERRORS[kind]
+    code, message = c.error_status(kind)
     return {"error": {"message": message, "code": code, "type": kind}}
 
 
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [
-            part.get("text", "")
-            for part in content
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-        ]
-        return "\n".join(p for p in parts if p)
-    return ""
+def error_frame(kind: str) -> bytes:
+    """``data: {"error": ...}`` then ``data: [DONE]`` (shared with legacy Completions)."""
+    return f"data: {json.dumps(error_object(kind))}\n\n".encode() + c.DONE
+
+
+def error_body(kind: str) -> tuple[int, bytes]:
+    status, _ = c.error_status(kind)
+    return status, json.dumps(error_object(kind)).encode()
+
+
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def _prompt_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return []
+    if scope == PromptScope.LAST_USER:
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return c.content_slots(message)
+        return []
+    slots: list[c.Slot] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        if scope == PromptScope.ALL and message.get("role") in _SYSTEM_ROLES:
+            continue
+        slots += c.content_slots(message)
+    return slots
+
+
+def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        return []
+    slots: list[c.Slot] = []
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        index = position  # unique even when an answer repeats an index
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            continue
+        slots += c.text_slot(message, "content", ("content", index))
+        slots += c.text_slot(message, "refusal", ("refusal", index))
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for number, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    slots += c.text_slot(function, "arguments", ("tool", index, number))
+        function_call = message.get("function_call")
+        if isinstance(function_call, dict):
+            slots += c.text_slot(function_call, "arguments", ("function", index))
+    return slots
 
 
 class OpenAIChat:
@@ -49,31 +106,84 @@ class OpenAIChat:
     def matches(self, method: str, path: str) -> bool:
         return method == "POST" and path.endswith("/chat/completions")
 
-    def prompt_texts(self, body: bytes) -> list[str]:
-        """The last user message (text parts joined)."""
-        try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return []
-        messages = request.get("messages") if isinstance(request, Mapping) else None
-        if not isinstance(messages, list):
-            return []
-        for message in reversed(messages):
-            if isinstance(message, Mapping) and message.get("role") == "user":
-                text = _message_text(message.get("content"))
-                return [text] if text else []
-        return []
+    def prompt_texts(self, body: bytes, scope: str = PromptScope.LAST_USER) -> list[str]:
+        return c.prompt_texts(body, scope, _prompt_slots)
+
+    def rewrite_prompt(self, body: bytes, scope: str, texts: list[str]) -> bytes | None:
+        return c.rewrite_prompt(body, scope, texts, _prompt_slots)
+
+    def response_texts(self, body: bytes) -> list[tuple[Hashable, str]]:
+        return c.response_texts(body, _response_slots)
+
+    def rewrite_response(self, body: bytes, texts: Mapping[Hashable, str]) -> bytes:
+        changed = {key[1] for key in texts if isinstance(key, tuple) and len(key) > 1}
+
+        def find(answer: dict[str, Any]) -> list[c.Slot]:
+            choices = answer.get("choices")
+            for position, choice in enumerate(choices if isinstance(choices, list) else []):
+                if isinstance(choice, dict) and position in changed \
+                        and choice.get("logprobs") is not None:
+                    choice["logprobs"] = None
+            return _response_slots(answer)
+
+        return c.rewrite_response(body, texts, find)
+
+    def soft_block_response(self, body: bytes | None, message: str) -> bytes:
+        answer = c.load_object(body) or {}
+        choices = answer.get("choices")
+        indexes = [choice.get("index", position) for position, choice in enumerate(choices)
+                   if isinstance(choice, dict)] if isinstance(choices, list) else []
+        result: dict[str, Any] = {
+            "id": answer.get("id") or "chatcmpl-guardrail",
+            "object": "chat.completion",
+            "created": answer.get("created") if isinstance(answer.get("created"), int) else 0,
+            "model": answer.get("model") if isinstance(answer.get("model"), str) else "",
+        }
+        for key in ("service_tier", "system_fingerprint"):
+            if key in answer:
+                result[key] = answer[key]
+        result["choices"] = [
+            {"index": index, "message": {"role": "assistant", "content": message,
+                                         "refusal": None, "annotations": []},
+             "logprobs": None, "finish_reason": "content_filter"}
+            for index in (indexes or [0])
+        ]
+        if "usage" in answer:
+            result["usage"] = answer["usage"]
+        return c.dumps(result).encode()
+
+    def error_body(self, kind: str) -> tuple[int, bytes]:
+        return error_body(kind)
+
+    def stream_codec(self) -> StreamCodec:
+        return ChatCodec()
+
+
+def _chunk(data: str | None) -> dict[str, Any] | None:
+    if not data or data == "[DONE]":
+        return None
+    return c.load_object(data)
+
+
+class ChatCodec:
+    """One streamed Chat Completions answer."""
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] = {}  # id, created, model, ... of the stream's chunks
+        self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
+
+    def _remember_head(self, chunk: dict[str, Any]) -> None:
+        if self._head:
+            return
+        for key in ("id", "created", "model", "service_tier", "system_fingerprint"):
+            if key in chunk:
+                self._head[key] = chunk[key]
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
-        data = event.data
-        if not data or data == "[DONE]":
+        chunk = _chunk(event.data)
+        if chunk is None:
             return []
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return []
-        if not isinstance(chunk, Mapping):
-            return []
+        self._remember_head(chunk)
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             return []
@@ -81,15 +191,15 @@ class OpenAIChat:
         for choice in choices:
             if not isinstance(choice, Mapping):
                 continue
-            index = choice.get("index", 0)
+            index = c.key(choice.get("index", 0))
             delta = choice.get("delta")
             if not isinstance(delta, Mapping):
                 continue
             content = delta.get("content")
-            if isinstance(content, str) and content:
+            if c.is_text(content):
                 found.append((("content", index), content))
             refusal = delta.get("refusal")
-            if isinstance(refusal, str) and refusal:
+            if c.is_text(refusal):
                 found.append((("refusal", index), refusal))
             tool_calls = delta.get("tool_calls")
             if isinstance(tool_calls, list):
@@ -99,39 +209,88 @@ class OpenAIChat:
                     function = call.get("function")
                     if isinstance(function, Mapping):
                         arguments = function.get("arguments")
-                        if isinstance(arguments, str) and arguments:
-                            found.append((("tool", index, call.get("index", 0)), arguments))
+                        if c.is_text(arguments):
+                            found.append((("tool", index, c.key(call.get("index", 0))), arguments))
             function_call = delta.get("function_call")
             if isinstance(function_call, Mapping):
                 arguments = function_call.get("arguments")
-                if isinstance(arguments, str) and arguments:
+                if c.is_text(arguments):
                     found.append((("function", index), arguments))
         return found
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        chunk = json.loads(event.data or "")
-        for choice in chunk.get("choices", []):
-            index = choice.get("index", 0)
-            delta = choice.get("delta") or {}
-            if ("content", index) in texts and isinstance(delta.get("content"), str):
-                delta["content"] = texts[("content", index)]
-            if ("refusal", index) in texts and isinstance(delta.get("refusal"), str):
-                delta["refusal"] = texts[("refusal", index)]
-            for call in delta.get("tool_calls") or []:
-                key = ("tool", index, call.get("index", 0))
-                function = call.get("function") or {}
-                if key in texts and isinstance(function.get("arguments"), str):
-                    function["arguments"] = texts[key]
-            function_call = delta.get("function_call") or {}
-            if ("function", index) in texts and isinstance(function_call.get("arguments"), str):
-                function_call["arguments"] = texts[("function", index)]
-        data = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
-        return encode_event(data, event.event)
+        chunk = _chunk(event.data)
+        if chunk is None:
+            return event.raw
+        self._remember_head(chunk)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return event.raw
+        changed = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            index = c.key(choice.get("index", 0))
+            self._choices[index] = self._choices.get(index, False) or bool(
+                choice.get("finish_reason"))
+            if texts and self._rewrite_choice(choice, index, texts):
+                changed = True
+                if choice.get("logprobs") is not None:
+                    choice["logprobs"] = None
+        if not changed:
+            return event.raw
+        return encode_event(c.dumps(chunk), event.event)
+
+    @staticmethod
+    def _rewrite_choice(choice: dict[str, Any], index: Any,
+                        texts: Mapping[Hashable, str]) -> bool:
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return False
+        changed = False
+        key: Hashable
+        for field in ("content", "refusal"):
+            key = (field, index)
+            if key in texts and isinstance(delta.get(field), str):
+                delta[field] = texts[key]
+                changed = True
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            key = ("tool", index, c.key(call.get("index", 0)))
+            function = call.get("function")
+            if key in texts and isinstance(function, dict) \
+                    and isinstance(function.get("arguments"), str):
+                function["arguments"] = texts[key]
+                changed = True
+        function_call = delta.get("function_call")
+        key = ("function", index)
+        if key in texts and isinstance(function_call, dict) \
+                and isinstance(function_call.get("arguments"), str):
+            function_call["arguments"] = texts[key]
+            changed = True
+        return changed
 
     def terminal_frame(self, kind: str) -> bytes:
-        body = json.dumps(error_object(kind))
-        return f"data: {body}\n\ndata: [DONE]\n\n".encode()
+        return error_frame(kind)
 
-    def error_body(self, kind: str) -> tuple[int, bytes]:
-        status, _ = _ERRORS[kind]
-        return status, json.dumps(error_object(kind)).encode()
+    def soft_block_frame(self, message: str) -> bytes:
+        head = {
+            "id": self._head.get("id") or "chatcmpl-guardrail",
+            "object": "chat.completion.chunk",
+            "created": self._head.get("created", 0),
+            "model": self._head.get("model", ""),
+        }
+        for key in ("service_tier", "system_fingerprint"):
+            if key in self._head:
+                head[key] = self._head[key]
+        open_choices = [i for i, finished in self._choices.items() if not finished]
+        targets = open_choices or list(self._choices) or [0]
+        content = {**head, "choices": [
+            {"index": i, "delta": {"content": message} if i in self._choices
+             else {"role": "assistant", "content": message},
+             "logprobs": None, "finish_reason": None} for i in targets]}
+        finish = {**head, "choices": [
+            {"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}
+            for i in targets]}
+        return c.event_bytes(content) + c.event_bytes(finish) + c.DONE

@@ -13,7 +13,7 @@ import pytest
 
 from extproc.demo.upstream import CANNED_ANSWERS, Script, chat_chunk, sse_data
 from extproc.localbedrock import error_marker
-from tests.e2e.conftest import Stack, StackFactory
+from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.support import BLOCK_FRAME, UNAVAILABLE_FRAME, chat_request
 
 HTTP_VERSIONS = ["http1", "http2"]
@@ -159,9 +159,10 @@ def test_blocked_prompt_raises_bad_request_in_openai_sdk(stack: Stack) -> None:
     assert "Violated guardrail policy" in str(caught.value)
 
 
-def test_prompt_block_after_response_headers_is_the_frame(stack: Stack) -> None:
-    # The verdict on the prompt comes after the answer's headers went out: the frame, and
-    # no model text at all (sync mode holds the answer until the prompt passed).
+def test_prompt_block_after_response_headers_is_the_frame(stacks: StackFactory) -> None:
+    # Parallel prompt check: the verdict on the prompt comes after the answer's headers went
+    # out: the frame, and no model text at all (the answer is held until the prompt passed).
+    stack = stacks([*SMALL_WINDOWS, "--input-check", "parallel"])
     stack.bedrock.set_latency(1500)
     script_id = stack.llm.register(Script(chunks=tuple(events("model ", "text")), delays_ms=5))
     response, body = post_stream(stack, script_id, "http1", prompt="bazinga")

@@ -12,7 +12,7 @@ from extproc.demo.stack import find_envoy
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAPS = sorted(
-    p for p in (ROOT / "envoy").rglob("*.yaml")
+    p for p in (ROOT / "envoy").glob("*.yaml")
     if "static_resources" in (yaml.safe_load(p.read_text()) or {})
 )
 

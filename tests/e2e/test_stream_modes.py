@@ -96,9 +96,12 @@ def test_streamed_fallback_passes_non_llm_traffic(streamed_stack: Stack) -> None
 
 
 def test_streamed_fallback_survives_checks_longer_than_message_timeout(
-        streamed_stack: Stack) -> None:
+        stacks: StackFactory) -> None:
     # Envoy's message_timeout is 2 s on this listener; each guardrail call takes 2.3 s. The
     # final chunk's answer waits for the final check under override_message_timeout.
+    streamed_stack = stacks(
+        [*SMALL_WINDOWS, "--input-check", "off", "--guardrail-attempt-timeout", "4",
+         "--guardrail-timeout", "8"], tweak_envoy=use_config("envoy/envoy-streamed.yaml"))
     streamed_stack.bedrock.set_latency(2300)
     chunks = tuple(events("slow ", "but ", "fine."))
     script_id = streamed_stack.llm.register(Script(chunks=chunks, delays_ms=5))

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from extproc.config import FailureMode, InputCheck
+from extproc.config import InputCheck
+from extproc.failure import FailureMode, FailurePolicy
 from extproc.envoy import ProcessingMode
 from extproc.policy import WindowPolicy
 from extproc.errors import GuardrailThrottled, GuardrailTimeout
@@ -111,7 +112,7 @@ async def test_non_sse_answer_is_not_processed() -> None:
     h = Harness()
     await h.feed(request_headers(), request_body(chat_request("hi")))
     await h.settle()
-    await h.feed(response_headers(content_type="application/json"))
+    await h.feed(response_headers(content_type="text/plain"))
     assert not h.sent[-1].HasField("mode_override")
 
 
@@ -258,7 +259,7 @@ async def test_guardrail_failure_fails_closed_by_default() -> None:
 
 async def test_guardrail_failure_fail_open_releases_the_text() -> None:
     h = Harness(FakeGuardrail(error=GuardrailTimeout("slow")), input_check=InputCheck.OFF,
-                failure_mode=FailureMode.OPEN)
+                failure_mode=FailurePolicy.uniform(FailureMode.OPEN))
     await h.feed(request_headers(), response_headers())
     original = chunk_event("hello") + b"data: [DONE]\n\n"
     await h.feed(response_body(original, end_of_stream=True))
@@ -284,7 +285,7 @@ async def test_input_block_before_response_headers_is_a_400_json_error() -> None
 
 async def test_input_block_after_response_headers_is_the_frame() -> None:
     hold = asyncio.Event()
-    h = Harness(FakeGuardrail(hold=hold), input_wait_s=0)
+    h = Harness(FakeGuardrail(hold=hold), input_wait_s=0, input_check=InputCheck.PARALLEL)
     await h.feed(request_headers(), request_body(chat_request("say forbidden")),
                  response_headers())
     await h.feed(response_body(chunk_event("model text")))
@@ -312,7 +313,7 @@ async def test_output_is_held_until_the_prompt_passes() -> None:
 
 async def test_input_block_before_any_body_chunk_waits_for_the_first_chunk() -> None:
     hold = asyncio.Event()
-    h = Harness(FakeGuardrail(hold=hold), input_wait_s=0)
+    h = Harness(FakeGuardrail(hold=hold), input_wait_s=0, input_check=InputCheck.PARALLEL)
     await h.feed(request_headers(), request_body(chat_request("forbidden")), response_headers())
     hold.set()
     await h.settle()

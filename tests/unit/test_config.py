@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from extproc.policy import StreamMode, Strategy
+from extproc.config import PromptScope
+from extproc.failure import FailurePolicy
 from extproc.config import (
     OPTIONS,
     FailureMode,
@@ -53,6 +55,16 @@ ENV_NAMES = {
     "--max-stream-text-units": "EXTPROC_MAX_STREAM_TEXT_UNITS",
     "--keepalive-interval": "EXTPROC_KEEPALIVE_INTERVAL",
     "--streamed-message-timeout": "EXTPROC_STREAMED_MESSAGE_TIMEOUT",
+    "--prompt-scope": "EXTPROC_PROMPT_SCOPE",
+    "--shadow": "EXTPROC_SHADOW",
+    "--soft-block": "EXTPROC_SOFT_BLOCK",
+    "--guardrail-attempt-timeout": "EXTPROC_GUARDRAIL_ATTEMPT_TIMEOUT",
+    "--guardrail-max-chars-per-call": "EXTPROC_GUARDRAIL_MAX_CHARS_PER_CALL",
+    "--breaker-failures": "EXTPROC_BREAKER_FAILURES",
+    "--breaker-cooldown": "EXTPROC_BREAKER_COOLDOWN",
+    "--budget-rps": "EXTPROC_BUDGET_RPS",
+    "--budget-text-units": "EXTPROC_BUDGET_TEXT_UNITS",
+    "--budget-max-wait": "EXTPROC_BUDGET_MAX_WAIT",
 }
 
 
@@ -89,9 +101,9 @@ def test_defaults() -> None:
     assert s.listen == "127.0.0.1:50051"
     assert s.guardrail.id == GID
     assert s.guardrail.version == "DRAFT"
-    assert s.input_check is InputCheck.PARALLEL
+    assert s.input_check is InputCheck.PRE_CALL
     assert s.output_check is True
-    assert s.failure_mode is FailureMode.CLOSED
+    assert s.failure_mode == FailurePolicy()
     assert s.guardrail_timeout_s == 5.0
     assert s.guardrail_max_attempts == 3
     assert s.guardrail_threads == 32
@@ -121,6 +133,18 @@ def test_settings_are_frozen() -> None:
 
 # (flag, value, Settings attribute, expected) — one row per option at least.
 SETS: list[tuple[str, str, str, Any]] = [
+    ("--prompt-scope", "all_with_system", "prompt_scope", PromptScope.ALL_WITH_SYSTEM),
+    ("--shadow", "on", "shadow", True),
+    ("--soft-block", "yes", "soft_block", True),
+    ("--guardrail-attempt-timeout", "1.5", "guardrail_attempt_timeout_s", 1.5),
+    ("--guardrail-max-chars-per-call", "5000", "guardrail_max_chars_per_call", 5000),
+    ("--breaker-failures", "0", "breaker_failures", 0),
+    ("--breaker-cooldown", "3", "breaker_cooldown_s", 3.0),
+    ("--budget-rps", "25", "budget_rps", 25.0),
+    ("--budget-text-units", "0", "budget_text_units", 0.0),
+    ("--budget-max-wait", "0.5", "budget_max_wait_s", 0.5),
+    ("--failure-mode", "closed,throttled=open", "failure_mode",
+     FailurePolicy(throttled=FailureMode.OPEN)),
     ("--stream-mode", "async", "stream_mode", StreamMode.ASYNC),
     ("--check-strategy", "cumulative", "window.strategy", Strategy.CUMULATIVE),
     ("--window-chars", "900", "window.window_chars", 900),
@@ -148,8 +172,8 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--output-check", "yes", "output_check", True),
     ("--output-check", " True ", "output_check", True),
     ("--output-check", "1", "output_check", True),
-    ("--failure-mode", "open", "failure_mode", FailureMode.OPEN),
-    ("--failure-mode", " Closed ", "failure_mode", FailureMode.CLOSED),
+    ("--failure-mode", "open", "failure_mode", FailurePolicy.uniform(FailureMode.OPEN)),
+    ("--failure-mode", " Closed ", "failure_mode", FailurePolicy()),
     ("--guardrail-timeout", "2.5", "guardrail_timeout_s", 2.5),
     ("--guardrail-timeout", "0.05", "guardrail_timeout_s", 0.05),
     ("--guardrail-timeout", "120", "guardrail_timeout_s", 120.0),
@@ -220,7 +244,8 @@ def test_all_flags_together() -> None:
     assert s == Settings(
         guardrail=GuardrailRef("abc", "12"),  # type: ignore[arg-type]
         listen_host="10.0.0.5", listen_port=6000, input_check=InputCheck.OFF,
-        output_check=False, failure_mode=FailureMode.OPEN, guardrail_timeout_s=1.0,
+        output_check=False, failure_mode=FailurePolicy.uniform(FailureMode.OPEN),
+        guardrail_timeout_s=1.0,
         guardrail_max_attempts=2, guardrail_threads=3, input_wait_s=0.25, drain_delay_s=4.0,
         grace_period_s=5.0, metadata_namespace="gr", log_level="ERROR", aws_region="eu-west-1",
     )
@@ -234,7 +259,7 @@ def test_all_flags_together() -> None:
         ("--guardrail-version", "3", "4", "guardrail.version", "3"),
         ("--input-check", "parallel", "off", "input_check", InputCheck.PARALLEL),
         ("--output-check", "on", "off", "output_check", True),
-        ("--failure-mode", "closed", "open", "failure_mode", FailureMode.CLOSED),
+        ("--failure-mode", "closed", "open", "failure_mode", FailurePolicy()),
         ("--guardrail-timeout", "1.5", "9", "guardrail_timeout_s", 1.5),
         ("--log-level", "ERROR", "DEBUG", "log_level", "ERROR"),
     ],
@@ -368,6 +393,16 @@ def test_invalid_guardrail_versions(value: str) -> None:
 
 
 BAD: list[tuple[str, str, tuple[str, ...]]] = [
+    ("--prompt-scope", "some", ("is not one of", "last_user")),
+    ("--shadow", "perhaps", ("is not a boolean",)),
+    ("--soft-block", "2", ("is not a boolean",)),
+    ("--guardrail-attempt-timeout", "0", ("outside",)),
+    ("--guardrail-max-chars-per-call", "10", ("outside",)),
+    ("--breaker-failures", "-1", ("outside",)),
+    ("--breaker-cooldown", "0", ("outside",)),
+    ("--budget-rps", "-1", ("outside",)),
+    ("--budget-text-units", "x", ("is not a float",)),
+    ("--budget-max-wait", "-1", ("outside",)),
     ("--stream-mode", "eventually", ("is not one of", "sync", "async")),
     ("--check-strategy", "sometimes", ("is not one of", "windowed", "cumulative")),
     ("--window-chars", "0", ("outside",)),
@@ -389,7 +424,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--listen", "localhost:99999999", ("port must be 0-65535",)),
     ("--input-check", "sometimes", ("'sometimes'", "is not one of", "off", "parallel")),
     ("--input-check", "", ("is not one of", "off", "parallel")),
-    ("--failure-mode", "maybe", ("'maybe'", "is not one of", "closed", "open")),
+    ("--failure-mode", "maybe", ("'maybe'", "is not a failure mode", "closed or open")),
     ("--output-check", "enabled", ("'enabled'", "not a boolean", "on/off", "true/false")),
     ("--output-check", "", ("not a boolean", "on/off")),
     ("--guardrail-timeout", "fast", ("'fast'", "not a float")),
@@ -557,7 +592,7 @@ def test_cli_bad_flag_value_names_the_flag() -> None:
     result = run_cli("--guardrail-id", GID, "--failure-mode", "sideways", env=clean_env())
     line = assert_one_config_error_line(result)
     assert "--failure-mode" in line
-    assert "closed, open" in line
+    assert "closed or open" in line
 
 
 def test_cli_help_exits_0_and_mentions_every_env_var() -> None:

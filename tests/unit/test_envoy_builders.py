@@ -16,6 +16,7 @@ from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc.config import Settings
 from extproc.envoy import (
     MODE_BUFFER_REQUEST,
+    MODE_BUFFER_RESPONSE,
     MODE_FULL_DUPLEX_RESPONSE,
     MODE_SKIP_RESPONSE,
     ProcessingMode,
@@ -35,6 +36,7 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OVERRIDES = {
     "MODE_SKIP_RESPONSE": MODE_SKIP_RESPONSE,
     "MODE_BUFFER_REQUEST": MODE_BUFFER_REQUEST,
+    "MODE_BUFFER_RESPONSE": MODE_BUFFER_RESPONSE,
     "MODE_FULL_DUPLEX_RESPONSE": MODE_FULL_DUPLEX_RESPONSE,
 }
 
@@ -119,6 +121,7 @@ def test_header_map_reads_a_processing_request() -> None:
 def test_mode_constants_have_exactly_their_fields() -> None:
     assert set_fields(MODE_SKIP_RESPONSE) == {"response_header_mode": ProcessingMode.SKIP}
     assert set_fields(MODE_BUFFER_REQUEST) == {"request_body_mode": ProcessingMode.BUFFERED}
+    assert set_fields(MODE_BUFFER_RESPONSE) == {"response_body_mode": ProcessingMode.BUFFERED}
     assert set_fields(MODE_FULL_DUPLEX_RESPONSE) == {
         "response_body_mode": ProcessingMode.FULL_DUPLEX_STREAMED,
         "response_trailer_mode": ProcessingMode.SEND,

@@ -1,6 +1,8 @@
 """``extproc.formats`` (``find_format``, ``strip_query``) and the OpenAI Chat Completions format.
 
 Stream events are built the way the sidecar sees them: wire bytes through ``SSEDecoder``.
+The stream side (``extract``, ``rewrite``, ``terminal_frame``) lives on the per-stream codec;
+the official SDK's view of the frames is in ``test_formats_openai_chat.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Any
 import pytest
 
 from extproc.formats import ErrorKind, all_formats, find_format, strip_query
+from extproc.formats.anthropic_messages import AnthropicMessages
 from extproc.formats.openai_chat import OpenAIChat, error_object
+from extproc.formats.openai_completions import OpenAICompletions
+from extproc.formats.openai_responses import OpenAIResponses
 from extproc.sse import SSEDecoder, SSEEvent
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -28,6 +33,14 @@ UNAVAILABLE_FRAME = (
 )
 
 FMT = OpenAIChat()
+
+
+def extract(event: SSEEvent) -> list[tuple[Hashable, str]]:
+    return FMT.stream_codec().extract(event)
+
+
+def terminal_frame(kind: str) -> bytes:
+    return FMT.stream_codec().terminal_frame(kind)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -120,11 +133,23 @@ def test_find_format_matches_chat_completions_posts(path: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "other"),
+    [
+        ("POST", "/v1/completions", OpenAICompletions),
+        ("POST", "/v1/responses", OpenAIResponses),
+        ("POST", "/v1/messages", AnthropicMessages),
+        ("POST", "/openai/deployments/x/completions?api-version=2024-10-21", OpenAICompletions),
+    ],
+)
+def test_other_llm_apis_are_not_chat(method: str, path: str, other: type) -> None:
+    assert isinstance(find_format(method, path, all_formats()), other)
+    assert FMT.matches(method, strip_query(path)) is False
+
+
+@pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("POST", "/v1/completions"),
         ("POST", "/v1/embeddings"),
-        ("POST", "/v1/responses"),
         ("POST", "/v1/chat/completions/chatcmpl-123"),
         ("POST", "/v1/chat/completionsx"),
         ("POST", "/v1/models?x=/chat/completions"),
@@ -171,7 +196,8 @@ def test_find_format_first_match_wins_and_empty_tuple() -> None:
 def test_all_formats() -> None:
     formats = all_formats()
     assert isinstance(formats, tuple)
-    assert [type(f) for f in formats] == [OpenAIChat]
+    assert [type(f) for f in formats] == [
+        OpenAIChat, OpenAIResponses, AnthropicMessages, OpenAICompletions]
 
 
 # --------------------------------------------------------------------------- prompt_texts
@@ -199,7 +225,8 @@ def test_prompt_later_non_user_messages_are_skipped() -> None:
     assert FMT.prompt_texts(request) == ["What's the weather in Zürich?"]
 
 
-def test_prompt_list_of_parts_joins_text_parts() -> None:
+def test_prompt_list_of_parts_gives_one_text_per_part() -> None:
+    # One text per part, so that a masked prompt can be put back part by part.
     request = body([{"role": "user", "content": [
         {"type": "text", "text": "Describe this picture"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
@@ -208,7 +235,7 @@ def test_prompt_list_of_parts_joins_text_parts() -> None:
         "not a part",
         {"type": "text", "text": 42},
     ]}])
-    assert FMT.prompt_texts(request) == ["Describe this picture\nin one sentence."]
+    assert FMT.prompt_texts(request) == ["Describe this picture", "in one sentence."]
 
 
 @pytest.mark.parametrize(
@@ -285,23 +312,23 @@ def test_prompt_accepts_utf8_bytes_with_non_ascii() -> None:
 
 def test_extract_content_delta() -> None:
     event = chunk([choice({"content": "Hello"})])
-    assert FMT.extract(event) == [(("content", 0), "Hello")]
+    assert extract(event) == [(("content", 0), "Hello")]
 
 
 def test_extract_content_preserves_text_exactly() -> None:
     text = " un résumé\n\t 日本 🙂 "
-    assert FMT.extract(chunk([choice({"content": text})])) == [(("content", 0), text)]
+    assert extract(chunk([choice({"content": text})])) == [(("content", 0), text)]
 
 
 def test_extract_refusal_has_its_own_channel() -> None:
     # Its own channel, so that masking can rewrite content and refusal separately.
     event = chunk([choice({"refusal": "I'm sorry, I can't help with that."})])
-    assert FMT.extract(event) == [(("refusal", 0), "I'm sorry, I can't help with that.")]
+    assert extract(event) == [(("refusal", 0), "I'm sorry, I can't help with that.")]
 
 
 def test_extract_content_then_refusal_in_one_delta() -> None:
     event = chunk([choice({"content": "Well", "refusal": " no."})])
-    assert FMT.extract(event) == [(("content", 0), "Well"), (("refusal", 0), " no.")]
+    assert extract(event) == [(("content", 0), "Well"), (("refusal", 0), " no.")]
 
 
 def test_extract_multiple_choices_have_separate_channels() -> None:
@@ -310,7 +337,7 @@ def test_extract_multiple_choices_have_separate_channels() -> None:
         choice({"content": "Lyon"}, index=1),
         choice({"refusal": "No."}, index=2),
     ])
-    assert FMT.extract(event) == [
+    assert extract(event) == [
         (("content", 0), "Paris"),
         (("content", 1), "Lyon"),
         (("refusal", 2), "No."),
@@ -318,7 +345,7 @@ def test_extract_multiple_choices_have_separate_channels() -> None:
 
 
 def test_extract_choice_without_index_is_choice_zero() -> None:
-    assert FMT.extract(chunk([choice({"content": "x"}, index=None)])) == [(("content", 0), "x")]
+    assert extract(chunk([choice({"content": "x"}, index=None)])) == [(("content", 0), "x")]
 
 
 def test_extract_tool_call_arguments_per_choice_and_tool_index() -> None:
@@ -329,7 +356,7 @@ def test_extract_tool_call_arguments_per_choice_and_tool_index() -> None:
         ]}, index=0),
         choice({"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}, index=1),
     ])
-    assert FMT.extract(event) == [
+    assert extract(event) == [
         (("tool", 0, 0), "{\"location\": \"Par"),
         (("tool", 0, 1), "{\"city\": \"Ro"),
         (("tool", 1, 0), "{\"q\":"),
@@ -340,7 +367,7 @@ def test_extract_tool_call_header_chunk_has_no_text() -> None:
     event = chunk([choice({"role": "assistant", "content": None, "refusal": None, "tool_calls": [
         {"index": 0, "id": "call_Qm3vX8bN2kLr7TsYw1HdPc0e", "type": "function",
          "function": {"name": "get_weather", "arguments": ""}}]})])
-    assert FMT.extract(event) == []
+    assert extract(event) == []
 
 
 def test_extract_tool_call_malformed_parts_skipped() -> None:
@@ -351,12 +378,12 @@ def test_extract_tool_call_malformed_parts_skipped() -> None:
         {"index": 5, "function": {"arguments": 12}},
         {"function": {"arguments": "no index"}},
     ]})])
-    assert FMT.extract(event) == [(("tool", 0, 0), "no index")]
+    assert extract(event) == [(("tool", 0, 0), "no index")]
 
 
 def test_extract_tool_calls_not_a_list() -> None:
     event = chunk([choice({"tool_calls": {"index": 0, "function": {"arguments": "x"}}})])
-    assert FMT.extract(event) == []
+    assert extract(event) == []
 
 
 def test_extract_content_and_tool_call_in_one_delta_in_order() -> None:
@@ -364,23 +391,23 @@ def test_extract_content_and_tool_call_in_one_delta_in_order() -> None:
         "content": "Let me check.",
         "tool_calls": [{"index": 0, "function": {"arguments": "{}"}}],
     })])
-    assert FMT.extract(event) == [(("content", 0), "Let me check."), (("tool", 0, 0), "{}")]
+    assert extract(event) == [(("content", 0), "Let me check."), (("tool", 0, 0), "{}")]
 
 
 def test_extract_legacy_function_call() -> None:
     event = chunk([choice({"function_call": {"arguments": "{\"location\": \"Bos"}})])
-    assert FMT.extract(event) == [(("function", 0), "{\"location\": \"Bos")]
+    assert extract(event) == [(("function", 0), "{\"location\": \"Bos")]
 
 
 def test_extract_legacy_function_call_name_only_has_no_text() -> None:
     event = chunk([choice({"role": "assistant", "content": None,
                            "function_call": {"name": "get_weather", "arguments": ""}})])
-    assert FMT.extract(event) == []
+    assert extract(event) == []
 
 
 def test_extract_legacy_function_call_on_second_choice() -> None:
     event = chunk([choice({"function_call": {"arguments": "{}"}}, index=1)])
-    assert FMT.extract(event) == [(("function", 1), "{}")]
+    assert extract(event) == [(("function", 1), "{}")]
 
 
 def test_channels_of_different_kinds_are_distinct() -> None:
@@ -390,7 +417,7 @@ def test_channels_of_different_kinds_are_distinct() -> None:
                 "function_call": {"arguments": "c"}}, index=0),
         choice({"content": "d"}, index=1),
     ])
-    found = FMT.extract(event)
+    found = extract(event)
     assert [text for _, text in found] == ["a", "b", "c", "d"]
     assert {channel for channel, _ in found} == channels
     for channel, _ in found:
@@ -441,24 +468,24 @@ def test_channels_of_different_kinds_are_distinct() -> None:
          "event-without-data", "id-and-retry-only"],
 )
 def test_extract_events_without_model_text(raw: bytes) -> None:
-    assert FMT.extract(one_event(raw)) == []
+    assert extract(one_event(raw)) == []
 
 
 def test_extract_multiline_data_is_joined_before_parsing() -> None:
     event = one_event(b'data: {"choices": [{"index": 0,\ndata: "delta": {"content": "hi"}}]}\n\n')
-    assert FMT.extract(event) == [(("content", 0), "hi")]
+    assert extract(event) == [(("content", 0), "hi")]
 
 
 def test_extract_with_event_name_and_crlf() -> None:
     raw = chunk_bytes([choice({"content": "crlf"})]).replace(b"\n", b"\r\n")
     event = one_event(b"event: message\r\nid: 3\r\n" + raw)
-    assert FMT.extract(event) == [(("content", 0), "crlf")]
+    assert extract(event) == [(("content", 0), "crlf")]
 
 
 def test_extract_on_a_hand_built_event() -> None:
     event = SSEEvent(raw=b"", data='{"choices":[{"index":0,"delta":{"content":"x"}}]}')
-    assert FMT.extract(event) == [(("content", 0), "x")]
-    assert FMT.extract(SSEEvent(raw=b": x\n\n", comments=("x",))) == []
+    assert extract(event) == [(("content", 0), "x")]
+    assert extract(SSEEvent(raw=b": x\n\n", comments=("x",))) == []
 
 
 def _stream_text(raw: bytes, chunk_size: int | None = None) -> list[tuple[Hashable, str]]:
@@ -473,7 +500,7 @@ def _stream_text(raw: bytes, chunk_size: int | None = None) -> list[tuple[Hashab
     assert decoder.flush() == b""
     found: list[tuple[Hashable, str]] = []
     for event in events:
-        found += FMT.extract(event)
+        found += extract(event)
     return found
 
 
@@ -508,7 +535,7 @@ def test_error_kinds() -> None:
 
 
 def test_violation_terminal_frame_is_byte_exact() -> None:
-    frame = FMT.terminal_frame("guardrail_violation")
+    frame = terminal_frame("guardrail_violation")
     assert isinstance(frame, bytes)
     assert frame == (
         b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
@@ -518,7 +545,7 @@ def test_violation_terminal_frame_is_byte_exact() -> None:
 
 
 def test_unavailable_terminal_frame_is_byte_exact() -> None:
-    frame = FMT.terminal_frame(ErrorKind.UNAVAILABLE)
+    frame = terminal_frame(ErrorKind.UNAVAILABLE)
     assert frame == UNAVAILABLE_FRAME
     payload = json.loads(frame.split(b"\n\n")[0].removeprefix(b"data: "))
     assert payload["error"]["type"] == "guardrail_unavailable"
@@ -534,7 +561,7 @@ def test_unavailable_terminal_frame_is_byte_exact() -> None:
 )
 def test_terminal_frame_decodes_into_exactly_two_events(kind: str, code: int,
                                                         message: str) -> None:
-    frame = FMT.terminal_frame(kind)
+    frame = terminal_frame(kind)
     events = decode(frame)
     assert len(events) == 2
     error, done = events
@@ -544,12 +571,12 @@ def test_terminal_frame_decodes_into_exactly_two_events(kind: str, code: int,
     assert json.loads(error.data) == {"error": {"message": message, "code": code, "type": kind}}
     assert done.data == "[DONE]"
     # Our own frames carry no model text: re-reading them never checks anything.
-    assert FMT.extract(error) == []
-    assert FMT.extract(done) == []
+    assert extract(error) == []
+    assert extract(done) == []
 
 
 def test_terminal_frame_decodes_the_same_byte_by_byte() -> None:
-    frame = FMT.terminal_frame(ErrorKind.VIOLATION)
+    frame = terminal_frame(ErrorKind.VIOLATION)
     decoder = SSEDecoder()
     events: list[SSEEvent] = []
     for byte in frame:
@@ -588,6 +615,6 @@ def test_error_object_shape() -> None:
 @pytest.mark.parametrize("kind", ["guardrail_exploded", "", "VIOLATION"])
 def test_unknown_error_kind_is_rejected(kind: str) -> None:
     with pytest.raises(KeyError):
-        FMT.terminal_frame(kind)
+        terminal_frame(kind)
     with pytest.raises(KeyError):
         FMT.error_body(kind)

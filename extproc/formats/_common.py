@@ -1,0 +1,182 @@
+"""Helpers shared by the format modules: JSON in and out, error messages, text slots.
+
+A *slot* is a place in a parsed JSON document that holds text we check: ``container[key]``.
+Reading the texts and writing masked texts back walk the same slots, so the two always agree
+on order and count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+from extproc.formats import ErrorKind, PromptScope
+from extproc.sse import encode_event
+
+_ERRORS: Mapping[str, tuple[int, str]] = {
+    ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
+    ErrorKind.UNAVAILABLE: (503, "Guardrail unavailable"),
+}
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_status(kind: str) -> tuple[int, str]:
+    """HTTP status and client message of an ``ErrorKind``; ``KeyError`` for anything else."""
+    return _ERRORS[kind]
+
+
+def check_scope(scope: str) -> str:
+    if scope not in PromptScope.VALUES:
+        raise ValueError(f"unknown prompt scope {scope!r}")
+    return scope
+
+
+def load_json(data: bytes | str | None) -> Any:
+    """The parsed JSON, or None when it is not JSON."""
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def load_object(data: bytes | str | None) -> dict[str, Any] | None:
+    """The parsed JSON object, or None when it is not a JSON object."""
+    value = load_json(data)
+    return value if isinstance(value, dict) else None
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, UTF-8 text kept as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def event_bytes(payload: Any, event: str | None = None) -> bytes:
+    """One SSE message event carrying ``payload`` as compact JSON."""
+    return encode_event(dumps(payload), event)
+
+
+def key(value: Any) -> Hashable:
+    """An index from the wire as part of a channel key: ints and strings as they are, anything
+    else (a list, an object, a bool) as its JSON text, so a malformed index still gives a
+    stable, hashable channel instead of an error."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    return dumps(value)
+
+
+def is_text(value: Any) -> TypeGuard[str]:
+    return isinstance(value, str) and value != ""
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """``container[key]`` holds checked text; ``as_json``: it holds a JSON value checked as its
+    serialisation (Anthropic's non-streamed ``tool_use.input``)."""
+
+    container: Any
+    key: Any
+    channel: Hashable = None
+    as_json: bool = False
+
+    def get(self) -> str:
+        value = self.container[self.key]
+        return dumps(value) if self.as_json else value
+
+    def set(self, text: str) -> None:
+        if self.as_json:
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"masked JSON of {self.channel!r} is no longer JSON") from exc
+            if type(value) is not type(self.container[self.key]):
+                raise ValueError(f"masked JSON of {self.channel!r} changed type")
+            self.container[self.key] = value
+        else:
+            self.container[self.key] = text
+
+
+def text_slot(container: Any, key: Any, channel: Hashable = None) -> list[Slot]:
+    """A one-slot list when ``container[key]`` is non-empty text, else an empty list."""
+    try:
+        value = container[key]
+    except (KeyError, IndexError, TypeError):
+        return []
+    return [Slot(container, key, channel)] if is_text(value) else []
+
+
+SlotFinder = Callable[[Any, str], Iterable[Slot]]
+
+
+def prompt_texts(body: bytes, scope: str, find: SlotFinder) -> list[str]:
+    check_scope(scope)
+    request = load_object(body)
+    if request is None:
+        return []
+    return [slot.get() for slot in find(request, scope)]
+
+
+def rewrite_prompt(body: bytes, scope: str, texts: list[str], find: SlotFinder) -> bytes | None:
+    check_scope(scope)
+    request = load_object(body)
+    if request is None:
+        return None
+    slots = list(find(request, scope))
+    if len(slots) != len(texts) or not all(isinstance(t, str) for t in texts):
+        return None
+    for slot, text in zip(slots, texts, strict=True):
+        slot.set(text)
+    return dumps(request).encode()
+
+
+def response_texts(body: bytes, find: Callable[[dict[str, Any]], Iterable[Slot]]
+                   ) -> list[tuple[Hashable, str]]:
+    answer = load_object(body)
+    if answer is None:
+        return []
+    return [(slot.channel, slot.get()) for slot in find(answer)]
+
+
+def rewrite_response(body: bytes, texts: Mapping[Hashable, str],
+                     find: Callable[[dict[str, Any]], Iterable[Slot]]) -> bytes:
+    answer = load_object(body)
+    if answer is None:
+        raise ValueError("the answer is not a JSON object")
+    slots = {slot.channel: slot for slot in find(answer)}
+    unknown = [channel for channel in texts if channel not in slots]
+    if unknown:
+        raise ValueError(f"no such channels in the answer: {unknown!r}")
+    for channel, text in texts.items():
+        slots[channel].set(text)
+    return dumps(answer).encode()
+
+
+def message_parts(content: Any, part_types: tuple[str, ...] = ("text",),
+                  channel: Hashable = None) -> list[Slot]:
+    """Slots of a message ``content``: the string itself, or each text part of a list
+    (``{"type": <one of part_types>, "text": ...}``, or a typeless part with ``text``)."""
+    if isinstance(content, str):
+        return []  # a string content is a slot of its parent; see ``content_slots``
+    if not isinstance(content, list):
+        return []
+    slots: list[Slot] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind is None or kind in part_types:
+            slots += text_slot(part, "text", channel)
+    return slots
+
+
+def content_slots(message: Mapping[str, Any], key: str = "content",
+                  part_types: tuple[str, ...] = ("text",)) -> list[Slot]:
+    """Slots of ``message[key]``: one for a string, one per text part of a list."""
+    content = message.get(key)
+    if isinstance(content, str):
+        return text_slot(message, key)
+    return message_parts(content, part_types)

@@ -1,0 +1,381 @@
+"""``extproc.formats``: the interface every format module implements, request matching across
+all formats, and helpers the per-API tests share (SDK clients over a mock transport, the
+guard's way of driving a codec).
+
+The official SDKs (``openai``, ``anthropic``) talk through ``httpx2``; a ``MockTransport``
+serves them our bytes, split into small chunks, so each SDK parses exactly what a client
+behind Envoy would receive.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.formats import (
+    ErrorKind,
+    PromptScope,
+    StreamCodec,
+    StreamFormat,
+    all_formats,
+    find_format,
+)
+from extproc.formats.anthropic_messages import AnthropicMessages
+from extproc.formats.openai_chat import OpenAIChat
+from extproc.formats.openai_completions import OpenAICompletions
+from extproc.formats.openai_responses import OpenAIResponses
+from extproc.sse import SSEDecoder, SSEEvent
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+VIOLATION_MESSAGE = "Violated guardrail policy"
+UNAVAILABLE_MESSAGE = "Guardrail unavailable"
+SOFT_MESSAGE = "Sorry, the guardrail blocked this answer. 申し訳ありません 🙏"
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def decode(raw: bytes, chunk_size: int | None = None) -> list[SSEEvent]:
+    """Wire bytes -> events, as the sidecar's decoder sees them."""
+    decoder = SSEDecoder()
+    events: list[SSEEvent] = []
+    step = chunk_size or max(1, len(raw))
+    for start in range(0, len(raw), step):
+        events += decoder.feed(raw[start:start + step])
+    events += decoder.feed(b"", end_of_stream=True)
+    assert decoder.flush() == b""
+    return events
+
+
+def extract_all(codec: StreamCodec, events: list[SSEEvent]) -> list[tuple[Hashable, str]]:
+    found: list[tuple[Hashable, str]] = []
+    for event in events:
+        found += codec.extract(event)
+    return found
+
+
+def joined(found: list[tuple[Hashable, str]]) -> dict[Hashable, str]:
+    texts: dict[Hashable, str] = {}
+    for channel, text in found:
+        texts[channel] = texts.get(channel, "") + text
+    return texts
+
+
+def release(codec: StreamCodec, events: list[SSEEvent],
+            mask: Callable[[Hashable, str], str] | None = None) -> bytes:
+    """What the guard does: extract every event as it arrives, then rewrite every released
+    event in order with the changed texts of its channels (``mask``: new text per delta)."""
+    per_event = [codec.extract(event) for event in events]
+    out: list[bytes] = []
+    for event, found in zip(events, per_event, strict=True):
+        changed: dict[Hashable, str] = {}
+        if mask is not None:
+            for channel, text in found:
+                new = mask(channel, text)
+                if new != text:
+                    changed[channel] = new
+        out.append(codec.rewrite(event, changed))
+    return b"".join(out)
+
+
+def chunked(body: bytes, size: int = 7) -> Iterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+
+
+class Served:
+    """A MockTransport answering every request with one canned response; records requests."""
+
+    def __init__(self, body: bytes, status: int = 200,
+                 content_type: str = "text/event-stream; charset=utf-8") -> None:
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+        self.requests: list[httpx2.Request] = []
+
+    def handler(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        return httpx2.Response(self.status, headers={"content-type": self.content_type},
+                               content=chunked(self.body))
+
+    def http_client(self) -> httpx2.Client:
+        return httpx2.Client(transport=httpx2.MockTransport(self.handler))
+
+
+def openai_client(body: bytes, status: int = 200, json_body: bool = False) -> openai.OpenAI:
+    served = Served(body, status, "application/json" if json_body else "text/event-stream")
+    return openai.OpenAI(api_key="sk-test", base_url="http://llm.test/v1", max_retries=0,
+                         http_client=served.http_client())
+
+
+def anthropic_client(body: bytes, status: int = 200,
+                     json_body: bool = False) -> anthropic.Anthropic:
+    served = Served(body, status, "application/json" if json_body else "text/event-stream")
+    return anthropic.Anthropic(api_key="sk-ant-test", base_url="http://llm.test",
+                               max_retries=0, http_client=served.http_client())
+
+
+def sse_payloads(raw: bytes) -> list[tuple[str | None, Any]]:
+    """(event name, parsed data) of every message event; ``[DONE]`` kept as the string."""
+    result = []
+    for event in decode(raw):
+        if event.data is None:
+            continue
+        data: Any = event.data if event.data == "[DONE]" else json.loads(event.data)
+        result.append((event.event, data))
+    return result
+
+
+# --------------------------------------------------------------------------- the interface
+
+FORMATS = all_formats()
+CODEC_METHODS = ("extract", "rewrite", "terminal_frame", "soft_block_frame")
+FORMAT_METHODS = ("matches", "prompt_texts", "rewrite_prompt", "response_texts",
+                  "rewrite_response", "soft_block_response", "error_body", "stream_codec")
+
+
+def test_all_formats_order_and_names() -> None:
+    assert [type(f) for f in FORMATS] == [
+        OpenAIChat, OpenAIResponses, AnthropicMessages, OpenAICompletions]
+    names = [f.name for f in FORMATS]
+    assert names == ["openai.chat_completions", "openai.responses", "anthropic.messages",
+                     "openai.completions"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_every_format_implements_the_protocols(fmt: StreamFormat) -> None:
+    for method in FORMAT_METHODS:
+        assert callable(getattr(fmt, method)), method
+        protocol = inspect.signature(getattr(StreamFormat, method))
+        actual = inspect.signature(getattr(fmt, method))
+        assert list(actual.parameters) == list(protocol.parameters)[1:], method
+    codec = fmt.stream_codec()
+    for method in CODEC_METHODS:
+        protocol = inspect.signature(getattr(StreamCodec, method))
+        actual = inspect.signature(getattr(codec, method))
+        assert list(actual.parameters) == list(protocol.parameters)[1:], method
+    # One codec per stream: never shared.
+    assert fmt.stream_codec() is not codec
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("POST", "/v1/chat/completions", OpenAIChat),
+        ("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+         OpenAIChat),
+        ("POST", "/v1/completions", OpenAICompletions),
+        ("POST", "/openai/deployments/davinci/completions?api-version=2024-10-21",
+         OpenAICompletions),
+        ("POST", "/completions", OpenAICompletions),
+        ("POST", "/v1/responses", OpenAIResponses),
+        ("POST", "/openai/v1/responses?api-version=preview", OpenAIResponses),
+        ("POST", "/v1/messages", AnthropicMessages),
+        ("POST", "/anthropic/v1/messages?beta=true", AnthropicMessages),
+        ("POST", "/v1/threads/thread_abc/messages", None),
+        ("POST", "/v1/messages/count_tokens", None),
+        ("POST", "/v1/messages/batches", None),
+        ("POST", "/v1/responses/resp_123/cancel", None),
+        ("POST", "/v1/responses/input_tokens", None),
+        ("GET", "/v1/responses", None),
+        ("GET", "/v1/messages", None),
+        ("PUT", "/v1/completions", None),
+        ("POST", "/v1/embeddings", None),
+        ("POST", "/v1/chat/completionsx", None),
+        ("POST", "/v1/models?x=/messages", None),
+    ],
+)
+def test_find_format_across_all_apis(method: str, path: str, expected: type | None) -> None:
+    found = find_format(method, path, FORMATS)
+    if expected is None:
+        assert found is None
+    else:
+        assert type(found) is expected
+
+
+def test_chat_path_is_not_completions_even_alone() -> None:
+    # all_formats() tries chat first, and completions also refuses chat paths by itself.
+    assert OpenAICompletions().matches("POST", "/v1/chat/completions") is False
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_unknown_scope_is_rejected(fmt: StreamFormat) -> None:
+    with pytest.raises(ValueError, match="scope"):
+        fmt.prompt_texts(b"{}", "everything")
+    with pytest.raises(ValueError, match="scope"):
+        fmt.rewrite_prompt(b"{}", "everything", [])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("scope", PromptScope.VALUES)
+@pytest.mark.parametrize("raw", [b"", b"{not json", b"\xff\xfe\x00", b"[]", b"null", b'"x"'])
+def test_prompt_of_garbage_is_empty(fmt: StreamFormat, scope: str, raw: bytes) -> None:
+    assert fmt.prompt_texts(raw, scope) == []
+    assert fmt.rewrite_prompt(raw, scope, []) is None
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("raw", [b"", b"{not json", b"[]", b"{}", b'{"choices": 3}'])
+def test_response_texts_of_garbage_is_empty(fmt: StreamFormat, raw: bytes) -> None:
+    assert fmt.response_texts(raw) == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_rewrite_response_rejects_what_it_cannot_do(fmt: StreamFormat) -> None:
+    with pytest.raises(ValueError):
+        fmt.rewrite_response(b"not json", {("text", 0): "x"})
+    with pytest.raises(ValueError):
+        fmt.rewrite_response(b"{}", {("no such channel", 0): "x"})
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    ("kind", "status", "message"),
+    [(ErrorKind.VIOLATION, 400, VIOLATION_MESSAGE),
+     (ErrorKind.UNAVAILABLE, 503, UNAVAILABLE_MESSAGE)],
+)
+def test_error_body_status_and_message(fmt: StreamFormat, kind: str, status: int,
+                                       message: str) -> None:
+    got, body = fmt.error_body(kind)
+    assert got == status
+    payload = json.loads(body)
+    assert payload["error"]["message"] == message
+    assert payload["error"]["type"] == kind
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("kind", ["guardrail_exploded", "", "VIOLATION"])
+def test_unknown_error_kind_is_rejected(fmt: StreamFormat, kind: str) -> None:
+    with pytest.raises(KeyError):
+        fmt.error_body(kind)
+    with pytest.raises(KeyError):
+        fmt.stream_codec().terminal_frame(kind)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("kind", [ErrorKind.VIOLATION, ErrorKind.UNAVAILABLE])
+def test_own_frames_carry_no_model_text(fmt: StreamFormat, kind: str) -> None:
+    # Our frames are whole SSE events and re-reading them never yields text to check.
+    for frame in (fmt.stream_codec().terminal_frame(kind),):
+        events = decode(frame)
+        assert b"".join(e.raw for e in events) == frame
+        assert extract_all(fmt.stream_codec(), events) == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_soft_block_frame_on_a_fresh_codec_is_whole_events(fmt: StreamFormat) -> None:
+    frame = fmt.stream_codec().soft_block_frame(SOFT_MESSAGE)
+    events = decode(frame, chunk_size=3)
+    assert b"".join(e.raw for e in events) == frame
+    texts = joined(extract_all(fmt.stream_codec(), events))
+    assert list(texts.values()) == [SOFT_MESSAGE]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_rewrite_without_changes_is_byte_identical(fmt: StreamFormat) -> None:
+    name = {"openai.chat_completions": "openai_tool_calls.sse",
+            "openai.responses": "responses_stream.sse",
+            "anthropic.messages": "anthropic_stream.sse",
+            "openai.completions": "completions.sse"}[fmt.name]
+    raw = fixture(name)
+    assert release(fmt.stream_codec(), decode(raw, chunk_size=11)) == raw
+    # And events that carry no JSON at all pass through.
+    odd = decode(b": keep-alive\n\ndata: not json\n\nevent: ping\n\ndata: [DONE]\n\n")
+    codec = fmt.stream_codec()
+    assert extract_all(codec, odd) == []
+    assert b"".join(codec.rewrite(e, {}) for e in odd) == b"".join(e.raw for e in odd)
+
+
+def upper_mask(channel: Hashable, text: str) -> str:
+    return text.upper()
+
+
+# --------------------------------------------------------------------------- robustness
+
+_TYPES = [
+    "response.created", "response.in_progress", "response.output_item.added",
+    "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+    "response.refusal.delta", "response.function_call_arguments.delta",
+    "response.function_call_arguments.done", "response.content_part.done",
+    "response.reasoning_summary_part.added", "response.reasoning_summary_text.delta",
+    "response.reasoning_summary_part.done", "response.output_item.done",
+    "response.completed", "response.failed", "error",
+    "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+    "message_delta", "message_stop", "ping", "chat.completion.chunk", "text_completion",
+]
+_FIELDS = ["index", "output_index", "content_index", "summary_index", "delta", "text",
+           "part", "item", "response", "choices", "message", "finish_reason",
+           "sequence_number", "usage", "content_block", "arguments", "refusal", "logprobs",
+           "content", "output", "summary", "partial_json", "thinking"]
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.text(max_size=6),
+                     st.sampled_from(["output_text", "refusal", "message", "function_call",
+                                      "reasoning", "text", "text_delta", "input_json_delta",
+                                      "thinking_delta", "summary_text", "tool_use"]))
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(_FIELDS + ["type"]), inner, max_size=4)),
+    max_leaves=12)
+_PAYLOADS = st.builds(
+    lambda kind, fields: {"type": kind, **fields},
+    st.sampled_from(_TYPES),
+    st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("odd_index", [[1], {"a": 1}, True, "2", 1.5])
+def test_odd_indexes_give_stable_channels(fmt: StreamFormat, odd_index: Any) -> None:
+    payloads = [
+        {"id": "x", "object": "chat.completion.chunk", "choices": [
+            {"index": odd_index, "delta": {"content": "a", "tool_calls": [
+                {"index": odd_index, "function": {"arguments": "b"}}]}, "text": "c"}]},
+        {"type": "response.output_text.delta", "output_index": odd_index,
+         "content_index": odd_index, "delta": "d"},
+        {"type": "content_block_delta", "index": odd_index,
+         "delta": {"type": "text_delta", "text": "e"}},
+    ]
+    events = decode(b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads))
+    codec = fmt.stream_codec()
+    found = extract_all(codec, events)
+    assert found  # the text is still found, so it is still checked
+    for channel, _ in found:
+        hash(channel)
+    out = release(fmt.stream_codec(), events, upper_mask)
+    assert joined(extract_all(fmt.stream_codec(), decode(out))) == {
+        ch: t.upper() for ch, t in joined(found).items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads=st.lists(_PAYLOADS, max_size=12), masked=st.booleans(),
+       named=st.booleans())
+def test_codecs_survive_malformed_events(fmt: StreamFormat, payloads: list[dict[str, Any]],
+                                         masked: bool, named: bool) -> None:
+    raw = b"".join(
+        (f"event: {p['type']}\n".encode() if named else b"")
+        + b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
+    events = decode(raw)
+    codec = fmt.stream_codec()
+    out = release(codec, events, upper_mask if masked else None)
+    assert isinstance(out, bytes)
+    for frame in (codec.soft_block_frame("stop"),
+                  codec.terminal_frame(ErrorKind.VIOLATION)):
+        decoded = decode(frame)
+        assert b"".join(e.raw for e in decoded) == frame
+        assert all(e.data is not None for e in decoded)
