@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from extproc.config import Settings, load_settings
+from extproc.config import Settings, load_settings, render_settings
 from extproc.errors import ConfigError
 from extproc.guardrail import BedrockGuardrailClient
 from extproc.resilience import ResilienceConfig, ResilientGuardrail
@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"guardrail-extproc: configuration error: {exc}", file=sys.stderr)
         return 2
+    if "--print-config" in args:
+        print(render_settings(settings), end="")
+        return 0
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

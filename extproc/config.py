@@ -294,7 +294,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--window-overlap", "characters of already-checked text repeated at the start of "
             "each window (and held back in sync mode)", "200", _number_parser(int, 0, 10_000)),
     _Option("--window-min-chars", "new characters that trigger a check mid-stream (the first "
-            "check and the end of the stream do not wait)", "800",
+            "check and the end of the stream do not wait); unset, at most --window-chars", "800",
             _number_parser(int, 1, 100_000)),
     _Option("--fast-first-window", "release the first checked text in full (time to first "
             "token = one round trip)", "on", _parse_bool),
@@ -316,6 +316,12 @@ def build_parser(prog: str = "guardrail-extproc") -> argparse.ArgumentParser:
         "AWS region, endpoint and credentials come from the standard AWS settings "
         "(AWS_REGION, AWS_ENDPOINT_URL_BEDROCK_RUNTIME, the credential chain).",
     )
+    parser.add_argument("--config", dest="config", default=None, metavar="FILE",
+                        help=f"YAML configuration file: options by name with underscores, and "
+                        f"per-route policies under 'routes' (flags and environment variables "
+                        f"win over it) [env {CONFIG_ENV}]")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration as YAML and exit")
     for option in OPTIONS:
         default = f" (default: {option.default})" if option.default is not None else ""
         parser.add_argument(option.flag, dest=option.dest, default=None,
@@ -323,23 +329,136 @@ def build_parser(prog: str = "guardrail-extproc") -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+# Per-route settings (configuration file ``routes.<name>.<key>``; Envoy metadata
+# ``x-guardrail-<key with dashes>``): key -> (RoutePolicy field, or "window.<field>", parser).
+ROUTE_FIELDS: Mapping[str, tuple[str, Callable[[str, str], Any]]] = {
+    "guardrail_id": ("guardrail.id", _parse_guardrail_id),
+    "guardrail_version": ("guardrail.version", _parse_guardrail_version),
+    "enabled": ("enabled", _parse_bool),
+    "input_check": ("input_check", _enum_parser(InputCheck)),
+    "prompt_scope": ("prompt_scope", _enum_parser(PromptScope)),
+    "output_check": ("output_check", _parse_bool),
+    "stream_mode": ("stream_mode", _enum_parser(StreamMode)),
+    "shadow": ("shadow", _parse_bool),
+    "soft_block": ("soft_block", _parse_bool),
+    "failure_mode": ("failure_mode", _parse_failure_policy),
+    "window_chars": ("window.window_chars", _number_parser(int, 1, 100_000)),
+    "window_overlap": ("window.overlap_chars", _number_parser(int, 0, 10_000)),
+    "window_min_chars": ("window.min_chars", _number_parser(int, 1, 100_000)),
+}
+
+
+def apply_route_values(base: RoutePolicy, values: Mapping[str, tuple[str, str]],
+                       ) -> RoutePolicy:
+    """``base`` with route settings applied; ``values``: key -> (raw value, where).
+    Raises ``ConfigError`` naming the place of a bad value."""
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    window: dict[str, Any] = {}
+    guardrail = {"id": base.guardrail.id, "version": base.guardrail.version}
+    for key, (raw, where) in values.items():
+        target, parse = ROUTE_FIELDS[key]
+        value = parse(raw, where)
+        if target.startswith("window."):
+            window[target[len("window."):]] = value
+        elif target.startswith("guardrail."):
+            guardrail[target[len("guardrail."):]] = value
+        else:
+            changes[target] = value
+    if window:
+        new_window = dataclasses.replace(base.window, **window)
+        if new_window.min_chars > new_window.window_chars:
+            where = values.get("window_min_chars", values.get("window_chars", ("", "window")))[1]
+            raise ConfigError(f"{where}: window_min_chars ({new_window.min_chars}) must not "
+                              f"exceed window_chars ({new_window.window_chars})")
+        changes["window"] = new_window
+    changes["guardrail"] = GuardrailRef(GuardrailId(guardrail["id"]),
+                                        GuardrailVersion(guardrail["version"]))
+    return dataclasses.replace(base, **changes)
+
+
+def render_settings(settings: Settings) -> str:
+    """The effective configuration as YAML, in the configuration file's own shape."""
+    import yaml
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, FailurePolicy):
+            return str(value)
+        return value
+
+    def route_dict(route: RoutePolicy) -> dict[str, Any]:
+        return {
+            "guardrail_id": route.guardrail.id, "guardrail_version": route.guardrail.version,
+            "enabled": route.enabled, "input_check": plain(route.input_check),
+            "prompt_scope": plain(route.prompt_scope), "output_check": route.output_check,
+            "stream_mode": plain(route.stream_mode), "shadow": route.shadow,
+            "soft_block": route.soft_block, "failure_mode": plain(route.failure_mode),
+            "window_chars": route.window.window_chars,
+            "window_overlap": route.window.overlap_chars,
+            "window_min_chars": route.window.min_chars,
+        }
+
+    special: dict[str, Any] = {
+        "listen": settings.listen,
+        "guardrail_id": settings.guardrail.id,
+        "guardrail_version": settings.guardrail.version,
+        "check_strategy": settings.window.strategy,
+        "window_chars": settings.window.window_chars,
+        "window_overlap": settings.window.overlap_chars,
+        "window_min_chars": settings.window.min_chars,
+        "fast_first_window": settings.window.fast_first_window,
+        "max_stream_text_units": settings.window.max_stream_text_units,
+        "keepalive_interval": settings.keepalive_s,
+    }
+    out: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.dest in special:
+            value = special[option.dest]
+        elif hasattr(settings, option.dest):
+            value = getattr(settings, option.dest)
+        else:
+            value = getattr(settings, option.dest + "_s")
+        out[option.dest] = plain(value)
+    out["routes"] = {name: route_dict(route) for name, route in settings.routes.items()}
+    return str(yaml.safe_dump(out, sort_keys=False))
+
+
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
-    """Parse and validate; raises ``ConfigError`` naming the flag and the environment variable."""
+    """Parse and validate; raises ``ConfigError`` naming the flag, the environment variable or
+    the configuration file's key. Precedence: flag, environment, file, default."""
+    from extproc.configfile import load_file
+
     args = vars(build_parser().parse_args(list(argv)))
+    config_path = args.get("config") or environ.get(CONFIG_ENV)
+    file_config = (load_file(config_path, [o.dest for o in OPTIONS], ROUTE_FIELDS)
+                   if config_path else None)
     values: dict[str, Any] = {}
+    defaulted: set[str] = set()
     for option in OPTIONS:
         raw = args[option.dest]
         where = option.flag
         if raw is None:
             raw = environ.get(option.env)
             where = option.env
+        if raw is None and file_config is not None and option.dest in file_config.values:
+            raw = file_config.values[option.dest].value
+            where = file_config.values[option.dest].where
         if raw is None:
             raw = option.default
             where = f"{option.flag} / {option.env}"
+            defaulted.add(option.dest)
         if raw is None:
             raw = ""
             where = f"{option.flag} / {option.env}"
         values[option.dest] = option.parse(raw, where)
+    if "window_min_chars" in defaulted:
+        # Unset, the trigger follows a smaller window instead of contradicting it.
+        values["window_min_chars"] = min(values["window_min_chars"], values["window_chars"])
     host, port = values.pop("listen")
     window = WindowPolicy(
         strategy=values.pop("check_strategy"),
@@ -354,7 +473,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             f"--window-min-chars ({window.min_chars}) must not exceed --window-chars "
             f"({window.window_chars})"
         )
-    return Settings(
+    settings = Settings(
         window=window,
         keepalive_s=values.pop("keepalive_interval"),
         streamed_message_timeout_s=values.pop("streamed_message_timeout"),
@@ -374,3 +493,13 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         aws_region=environ.get("AWS_REGION") or None,
         **values,
     )
+    if file_config is None or not file_config.routes:
+        return settings
+    import dataclasses
+
+    routes = {
+        name: apply_route_values(settings.default_route,
+                                 {k: (raw.value, raw.where) for k, raw in entries.items()})
+        for name, entries in file_config.routes.items()
+    }
+    return dataclasses.replace(settings, routes=routes)

@@ -5,6 +5,7 @@ Envoy sends per-route settings as gRPC initial metadata on the side stream
 
 =========================  ===================================================================
 ``x-guardrail-route``      a route named in the configuration file (its whole policy)
+(any route setting)        ``x-guardrail-`` + the setting with dashes, e.g. ``x-guardrail-stream-mode``
 ``x-guardrail-id``         guardrail id or ARN
 ``x-guardrail-version``    guardrail version
 ``x-guardrail-enabled``    ``off``: the sidecar lets this route's traffic through untouched
@@ -26,49 +27,25 @@ Turning a route off (``x-guardrail-enabled: off`` or Envoy's ``disabled: true``)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from extproc.config import (
-    GuardrailRef,
-    InputCheck,
-    PromptScope,
-    RoutePolicy,
-    Settings,
-    _enum_parser,
-    _number_parser,
-    _parse_bool,
-    _parse_failure_policy,
-    _parse_guardrail_id,
-    _parse_guardrail_version,
-)
+from extproc.config import ROUTE_FIELDS, RoutePolicy, Settings, apply_route_values
 from extproc.errors import ConfigError
-from extproc.policy import StreamMode
 
 log = logging.getLogger(__name__)
 
 PREFIX = "x-guardrail-"
 ROUTE_KEY = PREFIX + "route"
-
-_Parser = Callable[[str, str], Any]
-
-# metadata key suffix -> (RoutePolicy field, parser); window keys go into ``window``.
-_FIELDS: Mapping[str, tuple[str, _Parser]] = {
-    "enabled": ("enabled", _parse_bool),
-    "input": ("input_check", _enum_parser(InputCheck)),
-    "prompt-scope": ("prompt_scope", _enum_parser(PromptScope)),
-    "output": ("output_check", _parse_bool),
-    "mode": ("stream_mode", _enum_parser(StreamMode)),
-    "shadow": ("shadow", _parse_bool),
-    "soft-block": ("soft_block", _parse_bool),
-    "failure-mode": ("failure_mode", _parse_failure_policy),
-}
-_WINDOW_FIELDS: Mapping[str, tuple[str, _Parser]] = {
-    "window-chars": ("window_chars", _number_parser(int, 1, 100_000)),
-    "window-overlap": ("overlap_chars", _number_parser(int, 0, 10_000)),
-    "window-min-chars": ("min_chars", _number_parser(int, 1, 100_000)),
+# metadata key -> route setting key: x-guardrail-stream-mode -> stream_mode, plus short aliases.
+_KEYS: Mapping[str, str] = {
+    **{PREFIX + key.replace("_", "-"): key for key in ROUTE_FIELDS},
+    PREFIX + "id": "guardrail_id",
+    PREFIX + "version": "guardrail_version",
+    PREFIX + "input": "input_check",
+    PREFIX + "output": "output_check",
+    PREFIX + "mode": "stream_mode",
 }
 
 
@@ -112,31 +89,13 @@ class RouteResolver:
                 self._warn(f"{ROUTE_KEY}: unknown route {name!r}")
             else:
                 policy = named
-        changes: dict[str, Any] = {}
-        window_changes: dict[str, Any] = {}
-        guardrail_id, version = policy.guardrail.id, policy.guardrail.version
-        for key, value in values.items():
-            suffix = key[len(PREFIX):]
+        for key, value in sorted(values.items()):
+            setting = _KEYS.get(key)
+            if setting is None:
+                self._warn(f"{key}: unknown setting")
+                continue
             try:
-                if suffix == "id":
-                    guardrail_id = _parse_guardrail_id(value, key)
-                elif suffix == "version":
-                    version = _parse_guardrail_version(value, key)
-                elif suffix in _FIELDS:
-                    field_name, parse = _FIELDS[suffix]
-                    changes[field_name] = parse(value, key)
-                elif suffix in _WINDOW_FIELDS:
-                    field_name, parse = _WINDOW_FIELDS[suffix]
-                    window_changes[field_name] = parse(value, key)
-                else:
-                    self._warn(f"{key}: unknown setting")
+                policy = apply_route_values(policy, {setting: (value, key)})
             except ConfigError as exc:
                 self._warn(str(exc))
-        if window_changes:
-            window = dataclasses.replace(policy.window, **window_changes)
-            if window.min_chars > window.window_chars:
-                self._warn("x-guardrail-window-min-chars exceeds x-guardrail-window-chars")
-                window = dataclasses.replace(window, min_chars=window.window_chars)
-            changes["window"] = window
-        changes["guardrail"] = GuardrailRef(guardrail_id, version)
-        return dataclasses.replace(policy, **changes)
+        return policy

@@ -524,7 +524,8 @@ def test_build_parser_has_every_flag_defaulting_to_none() -> None:
     assert parser.prog == "guardrail-extproc"
     assert build_parser("custom").prog == "custom"
     namespace = vars(parser.parse_args([]))
-    assert namespace == {o.dest: None for o in OPTIONS}
+    assert namespace == {o.dest: None for o in OPTIONS} | {"config": None,
+                                                            "print_config": False}
 
 
 def test_build_parser_help_names_every_env_var_and_default() -> None:
