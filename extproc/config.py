@@ -105,6 +105,9 @@ class Settings:
     budget_rps: float = 50.0
     budget_text_units: float = 200.0
     budget_max_wait_s: float = 0.25
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
     routes: Mapping[str, RoutePolicy] = field(default_factory=dict)
 
@@ -195,6 +198,17 @@ def _parse_failure_policy(value: str, where: str) -> FailurePolicy:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _parse_file(value: str, where: str) -> str | None:
+    if not value:
+        return None
+    try:
+        with open(value, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} ({exc.strerror})") from None
+    return value
+
+
 def _parse_bool(value: str, where: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -235,6 +249,11 @@ def _parse_namespace(value: str, where: str) -> str:
 OPTIONS: tuple[_Option, ...] = (
     _Option("--listen", "gRPC listen address HOST:PORT (port 0 picks a free port)",
             "127.0.0.1:50051", _parse_listen),
+    _Option("--tls-cert", "PEM certificate chain: serve gRPC over TLS (with --tls-key)", "",
+            _parse_file),
+    _Option("--tls-key", "PEM private key of --tls-cert", "", _parse_file),
+    _Option("--tls-client-ca", "PEM CA bundle: require and verify client certificates (mTLS)",
+            "", _parse_file),
     _Option("--guardrail-id", "Bedrock guardrail identifier (id or ARN); required", None,
             _parse_guardrail_id),
     _Option("--guardrail-version", "guardrail version number or DRAFT", "DRAFT",
@@ -460,6 +479,10 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         # Unset, the trigger follows a smaller window instead of contradicting it.
         values["window_min_chars"] = min(values["window_min_chars"], values["window_chars"])
     host, port = values.pop("listen")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     window = WindowPolicy(
         strategy=values.pop("check_strategy"),
         window_chars=values.pop("window_chars"),

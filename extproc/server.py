@@ -127,6 +127,19 @@ def server_options() -> Sequence[tuple[str, Any]]:
     )
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS for the listener; with ``tls_client_ca``, client certificates are required (mTLS)."""
+    assert settings.tls_cert and settings.tls_key, "BUG: TLS credentials without files"
+    with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
+        pair = (key.read(), cert.read())
+    root = None
+    if settings.tls_client_ca:
+        with open(settings.tls_client_ca, "rb") as ca:
+            root = ca.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=root,
+                                       require_client_auth=root is not None)
+
+
 async def start_server(settings: Settings, guardrail: GuardrailClient) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
     server = grpc.aio.server(options=server_options())
@@ -134,7 +147,11 @@ async def start_server(settings: Settings, guardrail: GuardrailClient) -> Runnin
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(settings.listen)  # raises RuntimeError when it cannot bind
+    # add_*_port raise RuntimeError when they cannot bind.
+    if settings.tls_cert and settings.tls_key:
+        port = server.add_secure_port(settings.listen, server_credentials(settings))
+    else:
+        port = server.add_insecure_port(settings.listen)
     await server.start()
     running = RunningServer(server=server, port=port, health=health_servicer, processor=processor)
     await running.set_serving(True)

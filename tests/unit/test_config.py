@@ -65,6 +65,9 @@ ENV_NAMES = {
     "--budget-rps": "EXTPROC_BUDGET_RPS",
     "--budget-text-units": "EXTPROC_BUDGET_TEXT_UNITS",
     "--budget-max-wait": "EXTPROC_BUDGET_MAX_WAIT",
+    "--tls-cert": "EXTPROC_TLS_CERT",
+    "--tls-key": "EXTPROC_TLS_KEY",
+    "--tls-client-ca": "EXTPROC_TLS_CLIENT_CA",
 }
 
 
@@ -196,7 +199,9 @@ SETS: list[tuple[str, str, str, Any]] = [
 
 
 def test_set_table_covers_every_option() -> None:
-    assert {flag for flag, *_ in SETS} == set(ENV_NAMES)
+    # TLS files only make sense together; tests/grpc/test_tls.py sets and uses them.
+    tls = {"--tls-cert", "--tls-key", "--tls-client-ca"}
+    assert {flag for flag, *_ in SETS} == set(ENV_NAMES) - tls
 
 
 def _argv_for(flag: str, value: str) -> list[str]:
@@ -393,6 +398,9 @@ def test_invalid_guardrail_versions(value: str) -> None:
 
 
 BAD: list[tuple[str, str, tuple[str, ...]]] = [
+    ("--tls-cert", "/nonexistent/cert.pem", ("cannot read",)),
+    ("--tls-key", "/nonexistent/key.pem", ("cannot read",)),
+    ("--tls-client-ca", "/nonexistent/ca.pem", ("cannot read",)),
     ("--prompt-scope", "some", ("is not one of", "last_user")),
     ("--shadow", "perhaps", ("is not a boolean",)),
     ("--soft-block", "2", ("is not a boolean",)),
