@@ -1,8 +1,9 @@
 """Command line: ``guardrail-extproc`` / ``python -m extproc``.
 
 Reads flags and environment into ``Settings`` (a bad value exits 2 with one clear line),
-configures logging, builds the Bedrock client, serves until SIGTERM or SIGINT, then drains:
-health NOT_SERVING, ``--drain-delay``, in-flight streams get ``--grace-period``, exit 0.
+configures logging, builds the Bedrock client, starts the Prometheus endpoint
+(``--metrics-listen``), serves until SIGTERM or SIGINT, then drains: health NOT_SERVING,
+``--drain-delay``, in-flight streams get ``--grace-period``, exit 0.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections.abc import Sequence
 from extproc.config import Settings, load_settings, render_settings
 from extproc.errors import ConfigError
 from extproc.guardrail import BedrockGuardrailClient
+from extproc.logs import configure_logging
+from extproc.metrics import NULL_RECORDER, MetricsServer, PrometheusRecorder, Recorder, \
+    start_metrics_server
 from extproc.resilience import ResilienceConfig, ResilientGuardrail
 from extproc.server import start_server
 
@@ -43,11 +47,29 @@ async def serve(settings: Settings) -> None:
     bedrock = BedrockGuardrailClient(
         settings, max_attempts=1, attempt_timeout_s=settings.guardrail_attempt_timeout_s)
     guardrail = ResilientGuardrail(bedrock, resilience_config(settings))
+    metrics: MetricsServer | None = None
     try:
+        address = settings.metrics_address
+        prometheus = PrometheusRecorder(standard_collectors=True) if address is not None else None
+        recorder: Recorder = NULL_RECORDER
+        if prometheus is not None:
+            prometheus.watch_resilience(lambda: guardrail.stats)
+            recorder = prometheus
         try:
-            running = await start_server(settings, guardrail)
+            running = await start_server(settings, guardrail, recorder=recorder)
         except RuntimeError as exc:
             raise ConfigError(f"--listen {settings.listen}: cannot bind ({exc})") from None
+        if prometheus is not None and address is not None:
+            host, port = address
+            try:
+                metrics = start_metrics_server(prometheus.registry, host, port)
+            except OSError as exc:
+                await running.server.stop(None)
+                raise ConfigError(
+                    f"--metrics-listen {settings.metrics_listen}: cannot bind ({exc})") from None
+            # Before the listening line: whoever waits for that line can read this one.
+            log.info("metrics on http://%s:%d/metrics",
+                     f"[{host}]" if ":" in host else host, metrics.port)
         # Before the listening line: from then on a SIGTERM must drain, not kill.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -70,6 +92,8 @@ async def serve(settings: Settings) -> None:
         await running.drain_and_stop(settings.drain_delay_s, settings.grace_period_s)
         log.info("stopped")
     finally:
+        if metrics is not None:
+            metrics.close()
         guardrail.close()
 
 
@@ -84,14 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--print-config" in args:
         print(render_settings(settings), end="")
         return 0
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # boto3/botocore at DEBUG would log request bodies (prompts and answers).
-    for noisy in ("botocore", "boto3", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    # boto3/botocore at DEBUG would log request bodies (prompts and answers): capped at INFO.
+    configure_logging(settings.log_level, settings.log_format, sys.stderr)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

@@ -18,6 +18,7 @@ from typing import Any, NewType
 
 from extproc.errors import ConfigError
 from extproc.failure import FailureMode, FailurePolicy, parse_failure_policy
+from extproc.logs import LogFormat
 from extproc.policy import StreamMode, Strategy, WindowPolicy
 
 GuardrailId = NewType("GuardrailId", str)
@@ -108,6 +109,9 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    metrics_listen: str = "127.0.0.1:9464"  # HOST:PORT or "off"
+    log_format: LogFormat = LogFormat.JSON
+    audit_include_matches: bool = False
     aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
     routes: Mapping[str, RoutePolicy] = field(default_factory=dict)
 
@@ -130,6 +134,13 @@ class Settings:
     def listen(self) -> str:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the Prometheus endpoint, or None when ``--metrics-listen off``."""
+        if self.metrics_listen == METRICS_OFF:
+            return None
+        return _parse_listen(self.metrics_listen, "--metrics-listen")
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +251,16 @@ def _parse_log_level(value: str, where: str) -> str:
     return level
 
 
+METRICS_OFF = "off"
+
+
+def _parse_metrics_listen(value: str, where: str) -> str:
+    if value.strip().lower() == METRICS_OFF:
+        return METRICS_OFF
+    host, port = _parse_listen(value, where)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _parse_namespace(value: str, where: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
         raise ConfigError(f"{where}: {value!r} is not a valid metadata namespace")
@@ -324,6 +345,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--streamed-message-timeout", "STREAMED fallback: override_message_timeout while "
             "the final answer waits for a check (must be <= Envoy's max_message_timeout)", "10",
             _number_parser(float, 0.001, 3600)),
+    _Option("--metrics-listen", "Prometheus /metrics address HOST:PORT (port 0 picks a free "
+            "port), or off", "127.0.0.1:9464", _parse_metrics_listen),
+    _Option("--log-format", "json (one object per line) or text", "json",
+            _enum_parser(LogFormat)),
+    _Option("--audit-include-matches", "audit records show matched text, cut to its first "
+            "and last character (on/off)", "off", _parse_bool),
 )
 
 
@@ -442,7 +469,8 @@ def render_settings(settings: Settings) -> str:
             value = getattr(settings, option.dest)
         else:
             value = getattr(settings, option.dest + "_s")
-        out[option.dest] = plain(value)
+        if value is not None:
+            out[option.dest] = plain(value)
     out["routes"] = {name: route_dict(route) for name, route in settings.routes.items()}
     return str(yaml.safe_dump(out, sort_keys=False))
 

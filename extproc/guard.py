@@ -22,6 +22,8 @@ a guardrail failure with the failure mode closed, ends the body with the format'
 Nothing is released after that.
 
 Must not build Envoy messages (the sink does) or call AWS directly (``apply`` is injected).
+Each block and mask it acts on (and, in shadow mode, each it would have acted on) is reported
+once through ``on_intervention`` (the stream's audit trail).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class BodySink(Protocol):
 
     def finish(self, data: bytes, metadata: Mapping[str, Any]) -> None:
         """The last bytes of the body; nothing is released after this."""
+
+
+#: ``(outcome, verdict, characters released so far, window)``: a block or mask acted on (or,
+#: in shadow mode, one that would have been); see ``extproc.audit`` for the outcomes.
+Intervention = Callable[[str, GuardrailVerdict, int, str], None]
 
 
 @dataclass(slots=True)
@@ -138,12 +145,12 @@ class OutputGuard:
         failure_mode: FailurePolicy,
         stats: dict[str, Any],
         keepalive_s: float = 0.0,
-        label: str = "stream",
         shadow: bool = False,
         soft_block: bool = False,
+        on_intervention: Intervention | None = None,
     ) -> None:
-        self._label = label
         self._shadow = shadow
+        self._on_intervention = on_intervention
         self._soft_block = soft_block
         if shadow:
             # Detect-only: everything goes out as it comes; verdicts are only counted.
@@ -364,7 +371,7 @@ class OutputGuard:
             self._in_flight = None
             self._on_error(exc, blocks, texts)
         except Exception:  # noqa: BLE001 - a bug must not leave a FULL_DUPLEX body hanging
-            log.exception("%s: BUG in the output check; ending the stream", self._label)
+            log.exception("BUG in the output check; ending the stream")
             self._in_flight = None
             self.end(ErrorKind.UNAVAILABLE)
         else:
@@ -384,38 +391,55 @@ class OutputGuard:
         if verdict.detected_only:
             self._count("detected", len(verdict.detected_only))
         if verdict.outcome is Outcome.BLOCK:
-            first = blocks[0]
-            self.stats["tripped_window"] = (
-                f"{self._channels[first.channel_index].key}:{first.start}-{first.end}")
+            window = self._window(blocks)
             if self._shadow:
+                if not self.stats.get("would_block"):
+                    # Enforced, this block would have ended the stream: report it, not the
+                    # later windows that see the same text again.
+                    self.stats["tripped_window"] = window
+                    self._intervened("shadow_would_block", verdict, window)
+                    log.info("shadow: the answer would have been blocked")
                 self._count("would_block")
-                log.info("%s: shadow: the answer would have been blocked", self._label)
                 self._accept(blocks, texts, None)
                 return
+            self.stats["tripped_window"] = window
+            soft = self._soft_block and self._decoder is not None
+            self._intervened("soft_block" if soft else "block", verdict, window)
             self.end(ErrorKind.VIOLATION, verdict.outputs[0] if verdict.outputs else None)
             return
         masked: list[str] | None = None
         if verdict.outcome is Outcome.MASK and self._shadow:
             self._count("would_mask")
+            self._intervened("shadow_would_mask", verdict, self._window(blocks))
         elif verdict.outcome is Outcome.MASK:
             self._count("masked")
             if self._mode is StreamMode.ASYNC:
                 self._count("mask_unapplied")
+                self._intervened("mask_unapplied", verdict, self._window(blocks))
             else:
                 masked = list(verdict.outputs)
+                self._intervened("mask", verdict, self._window(blocks))
         self._accept(blocks, texts, masked)
+
+    def _window(self, blocks: list[Block]) -> str:
+        first = blocks[0]
+        return f"{self._channels[first.channel_index].key}:{first.start}-{first.end}"
+
+    def _intervened(self, outcome: str, verdict: GuardrailVerdict, window: str) -> None:
+        if self._on_intervention is not None:
+            self._on_intervention(outcome, verdict, self._released_chars, window)
 
     def _on_error(self, exc: GuardrailError, blocks: list[Block], texts: list[str]) -> None:
         self._count("errors")
         self.stats["error_class"] = exc.error_class
         if self._failure_mode.fails_open(exc) or self._shadow:
-            log.warning("%s: output check failed (%s); failure mode open: releasing unchecked "
-                        "text", self._label, exc.error_class)
+            log.warning("output check failed (%s); failure mode open: releasing unchecked "
+                        "text", exc.error_class)
             self.stats["failed_open"] = True
             self._accept(blocks, texts, None)
         else:
-            log.warning("%s: output check failed (%s); failure mode closed: ending the stream",
-                        self._label, exc.error_class)
+            log.warning("output check failed (%s); failure mode closed: ending the stream",
+                        exc.error_class)
             self.end(ErrorKind.UNAVAILABLE)
 
     def _accept(self, blocks: list[Block], texts: list[str], masked: list[str] | None) -> None:
@@ -490,8 +514,8 @@ class OutputGuard:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         self._in_flight = None
-        log.info("%s: answer ended by the guardrail (%s) after %d released characters",
-                 self._label, self.stats["outcome"], self._released_chars)
+        log.info("answer ended by the guardrail (%s) after %d released characters",
+                 self.stats["outcome"], self._released_chars)
         frame = (self._codec.soft_block_frame(message or "") if soft
                  else self._codec.terminal_frame(kind))
         self._sink.finish(frame, self._metadata())
@@ -499,6 +523,12 @@ class OutputGuard:
     def _metadata(self) -> dict[str, Any]:
         self.stats["chars_released"] = self._released_chars
         return self.stats
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held back from the client now. Read from the metrics thread: ``tuple`` copies
+        the deque in one C call, so the loop may change it meanwhile."""
+        return sum(len(item.raw) for item in tuple(self._held))
 
     def close(self) -> None:
         """The stream is over (or cancelled): stop the check in flight and the timer."""

@@ -19,9 +19,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.audit import AuditLog
 from extproc.config import Settings
 from extproc.formats import StreamFormat, all_formats
 from extproc.guardrail import GuardrailClient
+from extproc.logs import bind_stream, unbind_stream
+from extproc.metrics import NULL_RECORDER, Recorder, route_label
 from extproc.routes import RouteResolver
 from extproc.stream import Outbox, StreamProcessor
 
@@ -38,16 +41,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         settings: Settings,
         guardrail: GuardrailClient,
         formats: tuple[StreamFormat, ...] | None = None,
+        recorder: Recorder = NULL_RECORDER,
+        audit: AuditLog | None = None,
     ) -> None:
         self._settings = settings
         self._guardrail = guardrail
         self._formats = formats if formats is not None else all_formats()
+        self._recorder = recorder
+        self._audit = audit if audit is not None else AuditLog(settings.audit_include_matches)
         self._ids = itertools.count(1)
         self.routes = RouteResolver(settings)
         self.active_streams = 0
 
     async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
         stream_id = f"s{next(self._ids)}"
+        # Every record this stream logs (its tasks and timers too) carries the id as a field.
+        stream_token = bind_stream(stream_id)
 
         async def write(message: Any) -> None:
             # A write fails only once the RPC is over (Envoy cancelled it, the connection
@@ -58,15 +67,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             except grpc.aio.AbortError:
                 raise
             except grpc.aio.BaseError as exc:
-                log.debug("stream %s: RPC already over, answer dropped (%s)",
-                          stream_id, type(exc).__name__)
+                log.debug("RPC already over, answer dropped (%s)", type(exc).__name__)
 
         outbox = Outbox(write)
         # Read everything needed from the context now: after a cancellation some context
         # calls crash grpcio (performance-notes.md).
-        route = self.routes.resolve(context.invocation_metadata() or ())
+        metadata = tuple(context.invocation_metadata() or ())
+        route = self.routes.resolve(metadata)
         processor = StreamProcessor(
-            self._settings, self._guardrail, self._formats, outbox, stream_id, route
+            self._settings, self._guardrail, self._formats, outbox, stream_id, route,
+            route_name=route_label(metadata, self._settings.routes), recorder=self._recorder,
+            audit=self._audit,
         )
         self.active_streams += 1
         try:
@@ -79,11 +90,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Envoy cancels the side stream once it needs nothing more (ext_proc.md 1).
             raise
         except Exception:
-            log.exception("stream %s: unexpected error; ending the RPC", stream_id)
+            log.exception("unexpected error; ending the RPC")
             raise
         finally:
             processor.close()
             self.active_streams -= 1
+            unbind_stream(stream_token)
 
 
 @dataclass
@@ -140,10 +152,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
                                        require_client_auth=root is not None)
 
 
-async def start_server(settings: Settings, guardrail: GuardrailClient) -> RunningServer:
+async def start_server(settings: Settings, guardrail: GuardrailClient, *,
+                       recorder: Recorder = NULL_RECORDER) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
     server = grpc.aio.server(options=server_options())
-    processor = ExternalProcessor(settings, guardrail)
+    processor = ExternalProcessor(settings, guardrail, recorder=recorder)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

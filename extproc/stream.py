@@ -20,6 +20,11 @@ Two sinks, chosen from the body mode Envoy reports in ``protocol_config``:
 ``FullDuplexSink`` (FULL_DUPLEX_STREAMED, Envoy >= 1.34: answers any time, can end the body
 early so that Envoy resets the upstream) and ``StreamedSink`` (a route configured STREAMED, the
 fallback for older Envoy/Istio: one answer per chunk, in order, at once).
+
+Every guardrail call goes through ``_apply``, which times it and reports the verdict or the
+error to the metrics ``Recorder`` and adds its findings to the stream's metadata. Each block and
+mask (and shadow would-be one) is written to the audit trail once, where it is acted on
+(``_intervened``). The stream's outcome is counted when the RPC ends (``close``).
 """
 
 from __future__ import annotations
@@ -27,16 +32,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
 from typing import Any
 
 from extproc import envoy
+from extproc.audit import AuditLog, finding_key, reported
 from extproc.config import InputCheck, RoutePolicy, Settings
 from extproc.errors import GuardrailError, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat, find_format
 from extproc.guardrail import GuardrailClient, Source
 from extproc.guard import OutputGuard
+from extproc.metrics import DEFAULT_ROUTE, NO_FORMAT, NULL_RECORDER, Recorder, stream_outcome
 from extproc.verdict import GuardrailVerdict, Outcome
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,8 @@ HEADER_CONTENT_LENGTH = "content-length"
 JSON_CONTENT_TYPE = "application/json"
 HEADER_REQUEST_ID = "x-request-id"
 SSE_CONTENT_TYPE = "text/event-stream"
+#: Distinct findings kept in the metadata summary of one stream.
+MAX_FINDING_KEYS = 16
 
 
 class Outbox:
@@ -156,9 +166,18 @@ class StreamProcessor:
         outbox: Outbox,
         stream_id: str,
         route: RoutePolicy | None = None,
+        *,
+        route_name: str = DEFAULT_ROUTE,
+        recorder: Recorder = NULL_RECORDER,
+        audit: AuditLog | None = None,
     ) -> None:
         self._settings = settings
         self._route = route if route is not None else settings.default_route
+        self._route_name = route_name
+        self._recorder = recorder
+        self._audit = audit if audit is not None else AuditLog()
+        self._counted = False
+        self._findings: dict[str, None] = {}
         self._guardrail = guardrail
         self._formats = formats
         self._outbox = outbox
@@ -203,12 +222,23 @@ class StreamProcessor:
         await self._outbox.flush()
 
     def close(self) -> None:
-        """The RPC ended: cancel every background task of this stream."""
+        """The RPC ended: cancel every background task of this stream, count its outcome."""
+        unfinished = (self._guard is not None and not self._guard.finished) or (
+            self._json_task is not None and not self._json_task.done())
         for task in (self._input_task, self._json_task):
             if task is not None and not task.done():
                 task.cancel()
         if self._guard is not None:
             self._guard.close()
+            self._recorder.untrack_held(self._guard)
+        if self._counted:
+            self._counted = False
+            outcome = stream_outcome(self.stats, guarded=self._fmt is not None,
+                                     unfinished=unfinished)
+            fmt = self._fmt.name if self._fmt is not None else NO_FORMAT
+            self._recorder.stream_finished(self._route_name, fmt, outcome)
+            if outcome == "block" or outcome == "soft_block":
+                self._recorder.released_before_block(self.stats.get("chars_released", 0))
 
     # -- request ----------------------------------------------------------------------------
 
@@ -219,6 +249,9 @@ class StreamProcessor:
         fmt = find_format(method, path, self._formats)
         route = self._route
         guarding = route.enabled and (route.output_check or route.input_check is not InputCheck.OFF)
+        self._counted = True
+        self._recorder.stream_started(
+            self._route_name, fmt.name if fmt is not None and guarding else NO_FORMAT)
         if fmt is None or not guarding:
             self._outbox.put(
                 envoy.headers_response(response_phase=False, mode=envoy.MODE_SKIP_RESPONSE)
@@ -272,35 +305,40 @@ class StreamProcessor:
         route = self._route
         verdict: GuardrailVerdict | None = None
         try:
-            verdict = await self._guardrail.apply(route.guardrail, Source.INPUT, texts)
+            verdict = await self._apply(Source.INPUT, texts)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
             if not isinstance(exc, GuardrailError):
-                log.exception("stream %s: BUG in the prompt check", self.stream_id)
+                log.exception("BUG in the prompt check")
                 exc = GuardrailServerError(f"internal: {type(exc).__name__}")
             self.stats["input"] = f"error:{exc.error_class}"
             self.stats["error_class"] = exc.error_class
             if route.failure_mode.fails_open(exc) or route.shadow:
-                log.warning("stream %s: prompt check failed (%s); failure mode open",
-                            self.stream_id, exc.error_class)
+                log.warning("prompt check failed (%s); failure mode open", exc.error_class)
                 self.stats["failed_open"] = True
                 self._input_gate = Gate.OPEN
             else:
-                log.warning("stream %s: prompt check failed (%s); failure mode closed",
-                            self.stream_id, exc.error_class)
+                log.warning("prompt check failed (%s); failure mode closed", exc.error_class)
                 self._input_gate = Gate.FAILED
         else:
             self.stats["input"] = verdict.outcome.value
             self.stats["text_units"] = self.stats.get("text_units", 0) + verdict.text_units
             if verdict.outcome is Outcome.BLOCK and route.shadow:
                 self.stats["would_block_input"] = True
-                log.info("stream %s: shadow: the prompt would have been blocked", self.stream_id)
+                self._intervened(Source.INPUT, "shadow_would_block", verdict)
+                log.info("shadow: the prompt would have been blocked")
                 self._input_gate = Gate.OPEN
             elif verdict.outcome is Outcome.BLOCK:
-                log.info("stream %s: prompt blocked by the guardrail", self.stream_id)
+                self._intervened(Source.INPUT, "block", verdict)
+                log.info("prompt blocked by the guardrail")
                 self._input_gate = Gate.BLOCKED
             else:
+                if verdict.outcome is Outcome.MASK:
+                    # pre_call rewrites the held prompt; in parallel it has gone upstream.
+                    outcome = ("shadow_would_mask" if route.shadow
+                               else "mask" if held_body is not None else "mask_unapplied")
+                    self._intervened(Source.INPUT, outcome, verdict)
                 self._input_gate = Gate.OPEN
         if held_body is not None:
             self._answer_held_request(held_body, texts, verdict)
@@ -326,8 +364,7 @@ class StreamProcessor:
                 self.stats["input_masked"] = True
                 self._outbox.put(envoy.replace_request_body(rewritten))
                 return
-            log.warning("stream %s: masked prompt could not be rewritten; sent unchanged",
-                        self.stream_id)
+            log.warning("masked prompt could not be rewritten; sent unchanged")
         self._outbox.put(envoy.continue_request_body())
 
     def _reply_error(self, kind: str, outcome: str) -> None:
@@ -336,6 +373,7 @@ class StreamProcessor:
         assert fmt is not None, "BUG: an error reply without a format"
         status, body = fmt.error_body(kind)
         self.stats["outcome"] = outcome
+        self.stats.setdefault("chars_released", 0)
         self._outbox.put(envoy.immediate_response(
             status, body, details=f"{kind}_input" if outcome != "block" else kind,
             metadata_namespace=self._settings.metadata_namespace, metadata=self.stats))
@@ -370,6 +408,7 @@ class StreamProcessor:
             # A non-streamed answer: take it whole; the client's headers wait for our answer,
             # so a block can still be a proper 4xx.
             self._json_answer = True
+            self._recorder.body_mode("buffered")
             self._outbox.put(envoy.headers_response(
                 response_phase=True, remove_headers=(HEADER_CONTENT_LENGTH,),
                 mode=envoy.MODE_BUFFER_RESPONSE))
@@ -379,8 +418,10 @@ class StreamProcessor:
             sink: FullDuplexSink | StreamedSink
             if self._streamed:
                 sink = StreamedSink(self._outbox, ns, settings.streamed_message_timeout_s)
+                self._recorder.body_mode("streamed")
             else:
                 sink = FullDuplexSink(self._outbox, ns)
+                self._recorder.body_mode("full_duplex_streamed")
             self._sink = sink
             self._guard = OutputGuard(
                 fmt,
@@ -395,10 +436,11 @@ class StreamProcessor:
                 failure_mode=route.failure_mode,
                 stats=self.stats,
                 keepalive_s=settings.keepalive_s if not self._streamed else 0.0,
-                label=f"stream {self.stream_id}",
                 shadow=route.shadow,
                 soft_block=route.soft_block,
+                on_intervention=self._output_intervened,
             )
+            self._recorder.track_held(self._guard)
             mode = None if self._streamed else envoy.MODE_FULL_DUPLEX_RESPONSE
             self._outbox.put(envoy.headers_response(response_phase=True, mode=mode))
             return
@@ -426,16 +468,15 @@ class StreamProcessor:
                 raise
             except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: answer anyway
                 if not isinstance(exc, GuardrailError):
-                    log.exception("stream %s: BUG in the answer check", self.stream_id)
+                    log.exception("BUG in the answer check")
                     exc = GuardrailServerError(f"internal: {type(exc).__name__}")
                 self.stats["error_class"] = exc.error_class
                 if route.failure_mode.fails_open(exc) or route.shadow:
                     self.stats["failed_open"] = True
-                    log.warning("stream %s: answer check failed (%s); failure mode open",
-                                self.stream_id, exc.error_class)
+                    log.warning("answer check failed (%s); failure mode open", exc.error_class)
                 else:
-                    log.warning("stream %s: answer check failed (%s); failure mode closed",
-                                self.stream_id, exc.error_class)
+                    log.warning("answer check failed (%s); failure mode closed",
+                                exc.error_class)
                     self._reply_error(ErrorKind.UNAVAILABLE, "unavailable")
                     await self._outbox.flush()
                     return
@@ -444,14 +485,18 @@ class StreamProcessor:
                 self.stats["text_units"] = self.stats.get("text_units", 0) + verdict.text_units
                 if route.shadow and verdict.outcome is not Outcome.PASS:
                     self.stats[f"would_{verdict.outcome.value}"] = True
+                    self._intervened(Source.OUTPUT, f"shadow_would_{verdict.outcome.value}",
+                                     verdict)
                 elif verdict.outcome is Outcome.BLOCK and route.soft_block:
+                    self._intervened(Source.OUTPUT, "soft_block", verdict)
                     self.stats["outcome"] = "soft_block"
                     message = verdict.outputs[0] if verdict.outputs else ""
                     reply = envoy.replace_response_body(
                         fmt.soft_block_response(body, message), metadata_namespace=ns,
                         metadata=self.stats)
                 elif verdict.outcome is Outcome.BLOCK:
-                    log.info("stream %s: answer blocked by the guardrail", self.stream_id)
+                    self._intervened(Source.OUTPUT, "block", verdict)
+                    log.info("answer blocked by the guardrail")
                     self._reply_error(ErrorKind.VIOLATION, "block")
                     await self._outbox.flush()
                     return
@@ -464,11 +509,12 @@ class StreamProcessor:
                         rewritten = fmt.rewrite_response(body, masked)
                     except ValueError as exc:
                         # Masked text that cannot be put back must not go out as the original.
-                        log.warning("stream %s: masked answer cannot be rewritten (%s); "
-                                    "blocking", self.stream_id, exc)
+                        log.warning("masked answer cannot be rewritten (%s); blocking", exc)
+                        self._intervened(Source.OUTPUT, "block", verdict)
                         self._reply_error(ErrorKind.VIOLATION, "block")
                         await self._outbox.flush()
                         return
+                    self._intervened(Source.OUTPUT, "mask", verdict)
                     self.stats["masked"] = 1
                     reply = envoy.replace_response_body(
                         rewritten, metadata_namespace=ns, metadata=self.stats)
@@ -492,10 +538,52 @@ class StreamProcessor:
                 # A STREAMED route whose answer we do not guard: one unchanged answer per chunk.
                 self._outbox.put(envoy.streamed_mode_body(None, pass_through=True))
             else:
-                log.warning("stream %s: response body without a guard; ignored", self.stream_id)
+                log.warning("response body without a guard; ignored")
             return
         guard.on_chunk(body.body, body.end_of_stream)
         sink.chunk_done(body.end_of_stream)
 
     def _apply_output(self, texts: list[str]) -> Coroutine[Any, Any, GuardrailVerdict]:
-        return self._guardrail.apply(self._route.guardrail, Source.OUTPUT, texts)
+        return self._apply(Source.OUTPUT, texts)
+
+    # -- telemetry --------------------------------------------------------------------------
+
+    async def _apply(self, source: Source, texts: list[str]) -> GuardrailVerdict:
+        """One guardrail call, timed and reported to the recorder; its findings go into the
+        metadata summary."""
+        started = time.monotonic()
+        try:
+            verdict = await self._guardrail.apply(self._route.guardrail, source, texts)
+        except Exception as exc:
+            # The stream treats anything but a GuardrailError as a server error (a bug).
+            error_class = exc.error_class if isinstance(exc, GuardrailError) else "server_error"
+            route = self._route
+            fails_open = route.shadow or route.failure_mode.fails_open(error_class)
+            self._recorder.guardrail_error(source.value, error_class,
+                                           "open" if fails_open else "closed",
+                                           time.monotonic() - started)
+            raise
+        self._recorder.verdict(source.value, verdict, time.monotonic() - started)
+        if verdict.findings and len(self._findings) < MAX_FINDING_KEYS:
+            before = len(self._findings)
+            for finding in verdict.findings:
+                if reported(finding) and len(self._findings) < MAX_FINDING_KEYS:
+                    self._findings.setdefault(finding_key(finding))
+            if len(self._findings) > before:
+                self.stats["findings"] = ",".join(self._findings)
+        return verdict
+
+    def _output_intervened(self, outcome: str, verdict: GuardrailVerdict, chars_released: int,
+                           window: str) -> None:
+        self._intervened(Source.OUTPUT, outcome, verdict, chars_released, window)
+
+    def _intervened(self, source: Source, outcome: str, verdict: GuardrailVerdict,
+                    chars_released: int = 0, window: str | None = None) -> None:
+        """One audit record for a block or mask acted on (or, shadow, one that would be)."""
+        guardrail = self._route.guardrail
+        self._audit.record(
+            outcome=outcome, source=source.value.lower(), verdict=verdict,
+            guardrail_id=guardrail.id, guardrail_version=guardrail.version,
+            route=self._route_name, fmt=self._fmt.name if self._fmt is not None else NO_FORMAT,
+            stream=self.stream_id, request_id=self.stats.get("request_id"),
+            chars_released=chars_released, tripped_window=window)

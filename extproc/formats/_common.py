@@ -40,7 +40,8 @@ def load_json(data: bytes | str | None) -> Any:
         return None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: hostile nesting; not JSON we can read, so not text we check.
         return None
 
 
@@ -91,7 +92,7 @@ class Slot:
         if self.as_json:
             try:
                 value = json.loads(text)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ValueError(f"masked JSON of {self.channel!r} is no longer JSON") from exc
             if type(value) is not type(self.container[self.key]):
                 raise ValueError(f"masked JSON of {self.channel!r} changed type")

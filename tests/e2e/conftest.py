@@ -10,6 +10,7 @@ port 0; ports are read back. Logs are printed only when a test fails.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,14 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.envoy.listener_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """The sidecar's /metrics URL, from its start-up log line."""
+        log = self.sidecar.log_path.read_text(encoding="utf-8", errors="replace")
+        match = re.search(r"metrics on (http://\S+/metrics)", log)
+        assert match, f"no metrics line in the sidecar log:\n{self.sidecar.logs()}"
+        return match[1]
+
     def logs(self) -> str:
         return (f"--- sidecar log ---\n{self.sidecar.logs()}\n"
                 f"--- envoy log ---\n{self.envoy.logs()}")
@@ -132,8 +141,8 @@ class StackFactory:
         workdir = self.tmp / f"stack{len(self.stacks)}"
         workdir.mkdir()
         sidecar = SidecarProcess(
-            ["--listen", "127.0.0.1:0", "--guardrail-id", GUARDRAIL_ID, "--guardrail-version",
-             "1", "--grace-period", "5", *sidecar_args],
+            ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--guardrail-id",
+             GUARDRAIL_ID, "--guardrail-version", "1", "--grace-period", "5", *sidecar_args],
             sidecar_env(self.bedrock.url), workdir,
         ).start()
         config = render_envoy_config(
@@ -244,3 +253,34 @@ def _cluster_port(config: dict[str, Any], name: str) -> int:
             endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
             return int(endpoint["endpoint"]["address"]["socket_address"]["port_value"])
     raise KeyError(name)
+
+
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+
+
+def with_routes(routes: dict[str, dict[str, str] | None]) -> Callable[[dict[str, Any]], None]:
+    """A tweak adding one route per prefix before the catch-all, each rewritten to ``/`` and
+    sent to the same upstream: a dict gives the ext_proc per-route gRPC initial metadata
+    (``x-guardrail-*`` policy keys), ``None`` turns the ext_proc filter off for the route
+    (``ExtProcPerRoute.disabled``)."""
+
+    def tweak(config: dict[str, Any]) -> None:
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        virtual_host = hcm["typed_config"]["route_config"]["virtual_hosts"][0]
+        added: list[dict[str, Any]] = []
+        for prefix, metadata in routes.items():
+            per_route: dict[str, Any] = {"@type": EXT_PROC_PER_ROUTE}
+            if metadata is None:
+                per_route["disabled"] = True
+            else:
+                per_route["overrides"] = {"grpc_initial_metadata": [
+                    {"key": key, "value": value} for key, value in metadata.items()]}
+            added.append({
+                "match": {"prefix": prefix},
+                "route": {"cluster": "llm_upstream", "timeout": "0s", "prefix_rewrite": "/"},
+                "typed_per_filter_config": {EXT_PROC_FILTER: per_route},
+            })
+        virtual_host["routes"][:0] = added
+
+    return tweak

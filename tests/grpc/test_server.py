@@ -512,7 +512,7 @@ def local_bedrock() -> Iterator[LocalBedrock]:
 def sidecar_env(bedrock_url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
     env.update(AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", EXTPROC_METRICS_LISTEN="127.0.0.1:0")
     if bedrock_url is not None:
         env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = bedrock_url
     return env
@@ -568,7 +568,7 @@ async def test_process_sigterm_drains_the_stream_in_flight(
     assert code == 0, sidecar.log
     assert time.monotonic() - sigterm_at < grace, sidecar.log
     assert re.search(r"shutting down.*\b1 streams? in flight", sidecar.log), sidecar.log
-    assert re.search(r"extproc: stopped$", sidecar.log, re.M), sidecar.log
+    assert '"logger": "extproc", "message": "stopped"}' in sidecar.log, sidecar.log
     (call,) = local_bedrock.stats.recent
     assert call.source == "OUTPUT" and call.texts == ("Hello there",)
 

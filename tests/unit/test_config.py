@@ -25,6 +25,7 @@ from extproc.config import (
     load_settings,
 )
 from extproc.errors import ConfigError, ExtprocError
+from extproc.logs import LogFormat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GID = "gr0abc123xyz"
@@ -65,6 +66,9 @@ ENV_NAMES = {
     "--budget-rps": "EXTPROC_BUDGET_RPS",
     "--budget-text-units": "EXTPROC_BUDGET_TEXT_UNITS",
     "--budget-max-wait": "EXTPROC_BUDGET_MAX_WAIT",
+    "--metrics-listen": "EXTPROC_METRICS_LISTEN",
+    "--log-format": "EXTPROC_LOG_FORMAT",
+    "--audit-include-matches": "EXTPROC_AUDIT_INCLUDE_MATCHES",
     "--tls-cert": "EXTPROC_TLS_CERT",
     "--tls-key": "EXTPROC_TLS_KEY",
     "--tls-client-ca": "EXTPROC_TLS_CLIENT_CA",
@@ -116,6 +120,10 @@ def test_defaults() -> None:
     assert s.metadata_namespace == "guardrail"
     assert s.log_level == "INFO"
     assert s.aws_region is None
+    assert s.metrics_listen == "127.0.0.1:9464"
+    assert s.metrics_address == ("127.0.0.1", 9464)
+    assert s.log_format is LogFormat.JSON
+    assert s.audit_include_matches is False
 
 
 def test_numeric_defaults_have_the_right_types() -> None:
@@ -146,6 +154,13 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--budget-rps", "25", "budget_rps", 25.0),
     ("--budget-text-units", "0", "budget_text_units", 0.0),
     ("--budget-max-wait", "0.5", "budget_max_wait_s", 0.5),
+    ("--metrics-listen", "0.0.0.0:0", "metrics_listen", "0.0.0.0:0"),
+    ("--metrics-listen", "[::1]:9100", "metrics_address", ("::1", 9100)),
+    ("--metrics-listen", " Off ", "metrics_listen", "off"),
+    ("--metrics-listen", "off", "metrics_address", None),
+    ("--log-format", "TEXT", "log_format", LogFormat.TEXT),
+    ("--log-format", "json", "log_format", LogFormat.JSON),
+    ("--audit-include-matches", "on", "audit_include_matches", True),
     ("--failure-mode", "closed,throttled=open", "failure_mode",
      FailurePolicy(throttled=FailureMode.OPEN)),
     ("--stream-mode", "async", "stream_mode", StreamMode.ASYNC),
@@ -411,6 +426,11 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--budget-rps", "-1", ("outside",)),
     ("--budget-text-units", "x", ("is not a float",)),
     ("--budget-max-wait", "-1", ("outside",)),
+    ("--metrics-listen", "9464", ("expected HOST:PORT",)),
+    ("--metrics-listen", "localhost:99999", ("port must be 0-65535",)),
+    ("--metrics-listen", "no", ("expected HOST:PORT",)),
+    ("--log-format", "xml", ("is not one of", "json", "text")),
+    ("--audit-include-matches", "maybe", ("is not a boolean",)),
     ("--stream-mode", "eventually", ("is not one of", "sync", "async")),
     ("--check-strategy", "sometimes", ("is not one of", "windowed", "cumulative")),
     ("--window-chars", "0", ("outside",)),

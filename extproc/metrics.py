@@ -1,0 +1,474 @@
+"""Metrics: the ``Recorder`` seam the stream code calls at its decision points, a Prometheus
+implementation behind it (served on its own HTTP port) and a no-op one.
+
+Owns metric names, labels and their bounds. Label values are bounded by construction: route
+names come from the configuration (``route_label``: anything else is ``default``), formats from
+the code, sources, actions, outcomes and error classes from fixed sets; finding names (topic
+names, filter and PII types, regex names) and usage members come from the guardrail, so each
+kind keeps at most ``max_names`` distinct values and counts the rest as ``other``. Request ids
+and text never become labels.
+
+Cost: nothing here runs per body chunk. Per stream, a few dict lookups of pre-bound label
+children and their increments; per guardrail call, one pass over the verdict's findings and
+usage. The bytes held back from clients are summed at scrape time from the live guards
+(``track_held``), and the resilience counters are read from ``ResilientGuardrail.stats`` at
+scrape time, so neither costs the hot path anything.
+
+Must not log, decide, or see prompts, answers or matched text.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from extproc.errors import ERROR_CLASSES
+from extproc.verdict import GuardrailVerdict, Outcome
+
+PREFIX: Final = "guardrail_extproc_"
+DEFAULT_ROUTE: Final = "default"
+NO_FORMAT: Final = "none"
+OTHER: Final = "other"
+ROUTE_KEY: Final = "x-guardrail-route"
+
+#: ``Source.value`` -> label.
+SOURCES: Final[Mapping[str, str]] = {"INPUT": "input", "OUTPUT": "output"}
+
+#: What became of a stream, as ``stream_outcome`` names it.
+STREAM_OUTCOMES: Final = (
+    "pass", "block", "soft_block", "input_block", "mask", "unavailable", "failed_open",
+    "shadow_would_block", "shadow_would_mask", "skipped", "cancelled",
+)
+VERDICT_ACTIONS: Final = ("pass", "mask", "block", "detect_only")
+FAILURE_MODES: Final = ("closed", "open")
+#: How the sidecar takes a guarded answer's body from Envoy.
+BODY_MODES: Final = ("full_duplex_streamed", "streamed", "buffered")
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+
+_FINDING_ACTIONS: Final[Mapping[str, str]] = {
+    "BLOCKED": "blocked", "ANONYMIZED": "anonymized", "NONE": "detected",
+}
+_TERMINAL: Final = frozenset({"block", "soft_block", "input_block", "unavailable"})
+_NAME_CHARS: Final = 64
+_CACHE_LIMIT: Final = 4096
+
+LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RELEASED_BUCKETS: Final = (0, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000)
+
+
+class HeldBytes(Protocol):
+    """Something holding response bytes back from the client (an ``OutputGuard``)."""
+
+    @property
+    def held_bytes(self) -> int: ...
+
+
+class Recorder(Protocol):
+    """What the stream code reports. Labels passed in are already bounded (see the module
+    docstring); implementations bound the ones that come from the guardrail."""
+
+    def stream_started(self, route: str, fmt: str) -> None:
+        """An ext_proc stream's request headers were seen (``fmt``: ``none`` if not an LLM
+        call)."""
+
+    def stream_finished(self, route: str, fmt: str, outcome: str) -> None:
+        """The stream ended; ``outcome`` is one of ``STREAM_OUTCOMES``."""
+
+    def body_mode(self, mode: str) -> None:
+        """A guarded answer's body is taken in ``mode`` (one of ``BODY_MODES``)."""
+
+    def verdict(self, source: str, verdict: GuardrailVerdict, seconds: float) -> None:
+        """A guardrail call (``source``: ``Source.value``) returned ``verdict``."""
+
+    def guardrail_error(self, source: str, error_class: str, failure_mode: str,
+                        seconds: float) -> None:
+        """A guardrail call failed; ``failure_mode`` (closed/open) is what the stream did."""
+
+    def released_before_block(self, chars: int) -> None:
+        """Characters of model text the client had when its answer was blocked."""
+
+    def track_held(self, holder: HeldBytes) -> None:
+        """Count ``holder.held_bytes`` in the held-bytes gauge until ``untrack_held``."""
+
+    def untrack_held(self, holder: HeldBytes) -> None: ...
+
+
+class NullRecorder:
+    """Records nothing (tests, in-process use)."""
+
+    def stream_started(self, route: str, fmt: str) -> None:
+        pass
+
+    def stream_finished(self, route: str, fmt: str, outcome: str) -> None:
+        pass
+
+    def body_mode(self, mode: str) -> None:
+        pass
+
+    def verdict(self, source: str, verdict: GuardrailVerdict, seconds: float) -> None:
+        pass
+
+    def guardrail_error(self, source: str, error_class: str, failure_mode: str,
+                        seconds: float) -> None:
+        pass
+
+    def released_before_block(self, chars: int) -> None:
+        pass
+
+    def track_held(self, holder: HeldBytes) -> None:
+        pass
+
+    def untrack_held(self, holder: HeldBytes) -> None:
+        pass
+
+
+NULL_RECORDER: Final = NullRecorder()
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def route_label(metadata: Iterable[tuple[str, Any]], routes: Mapping[str, Any]) -> str:
+    """The route label of a stream: its ``x-guardrail-route`` when that names a configured
+    route, else ``default`` (unknown names must not create series)."""
+    for key, value in metadata:
+        if key == ROUTE_KEY and isinstance(value, str) and value in routes:
+            return value
+    return DEFAULT_ROUTE
+
+
+def stream_outcome(stats: Mapping[str, Any], *, guarded: bool, unfinished: bool) -> str:
+    """What became of a stream, from its metadata: the terminal outcome if there is one, else
+    a shadow would-be verdict, a mask, a fail-open, a pass. ``guarded``: it was an LLM call;
+    ``unfinished``: the RPC ended while its answer was still being guarded."""
+    if not guarded:
+        return "skipped"
+    outcome = stats.get("outcome")
+    if outcome in _TERMINAL:
+        return str(outcome)
+    if stats.get("would_block") or stats.get("would_block_input"):
+        return "shadow_would_block"
+    if stats.get("would_mask"):
+        return "shadow_would_mask"
+    if outcome is None and unfinished:
+        return "cancelled"
+    if stats.get("masked") or stats.get("input_masked"):
+        return "mask"
+    if stats.get("failed_open"):
+        return "failed_open"
+    return "pass"
+
+
+def verdict_action(verdict: GuardrailVerdict) -> str:
+    """``block``, ``mask``, ``detect_only`` (passed with detected findings) or ``pass``."""
+    if verdict.outcome is Outcome.BLOCK:
+        return "block"
+    if verdict.outcome is Outcome.MASK:
+        return "mask"
+    return "detect_only" if verdict.detected_only else "pass"
+
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def usage_policy(key: str) -> str:
+    """A ``usage`` member as a policy label: ``sensitiveInformationPolicyFreeUnits`` ->
+    ``sensitive_information_free``."""
+    base = key[:-len("Units")] if key.endswith("Units") else key
+    return _CAMEL.sub("_", base.replace("Policy", "")).lower()
+
+
+class _Names:
+    """At most ``limit`` distinct values per kind; later ones are ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: dict[str, set[str]] = {}
+
+    def admit(self, kind: str, value: str) -> str:
+        value = value[:_NAME_CHARS] or OTHER
+        seen = self._seen.setdefault(kind, set())
+        if value in seen or value == OTHER:
+            return value
+        if len(seen) >= self._limit:
+            return OTHER
+        seen.add(value)
+        return value
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+class PrometheusRecorder:
+    """Prometheus metrics in their own registry (``registry``); see the module docstring."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_names: int = 50,
+                 standard_collectors: bool = False) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        if standard_collectors:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+        self._names = _Names(max_names)
+        self._started = Counter(
+            PREFIX + "streams_started", "ext_proc streams whose request headers were seen",
+            ("route", "format"), registry=reg)
+        self._finished = Counter(
+            PREFIX + "streams_finished", "ext_proc streams ended, by what became of them",
+            ("route", "format", "outcome"), registry=reg)
+        self._in_flight = Gauge(
+            PREFIX + "streams_in_flight", "ext_proc streams open now", registry=reg)
+        self._body_modes = Counter(
+            PREFIX + "response_body_mode", "guarded answers by the Envoy body mode they are "
+            "taken in (FULL_DUPLEX_STREAMED, STREAMED fallback, BUFFERED JSON)", ("mode",),
+            registry=reg)
+        self._verdicts = Counter(
+            PREFIX + "verdicts", "guardrail verdicts by source and action",
+            ("source", "action"), registry=reg)
+        self._findings = Counter(
+            PREFIX + "findings", "guardrail findings by policy type, name and action "
+            "(detected: detect-only, not acted on)", ("policy", "name", "action"),
+            registry=reg)
+        self._units = Counter(
+            PREFIX + "text_units", "text units billed, per policy (ApplyGuardrail usage)",
+            ("source", "policy"), registry=reg)
+        self._latency = Histogram(
+            PREFIX + "guardrail_call_duration_seconds", "ApplyGuardrail call time as the "
+            "stream waits for it (retries and splits included)", ("source",),
+            buckets=LATENCY_BUCKETS, registry=reg)
+        self._errors = Counter(
+            PREFIX + "guardrail_errors", "guardrail calls without a verdict, by error class "
+            "and what the failure policy did (closed: ended the stream, open: released)",
+            ("source", "error_class", "failure_mode"), registry=reg)
+        self._released = Histogram(
+            PREFIX + "chars_released_before_block", "characters of model text the client "
+            "already had when its answer was blocked", buckets=RELEASED_BUCKETS, registry=reg)
+        held = Gauge(PREFIX + "held_bytes", "response bytes held back from clients now, "
+                     "all streams", registry=reg)
+        self._held: set[HeldBytes] = set()
+        held.set_function(self._held_bytes)
+        # Pre-bound children: the per-stream and per-call paths only look them up.
+        self._body_children = {mode: self._body_modes.labels(mode) for mode in BODY_MODES}
+        self._verdict_children = {
+            (value, action): self._verdicts.labels(label, action)
+            for value, label in SOURCES.items() for action in VERDICT_ACTIONS
+        }
+        self._latency_children = {value: self._latency.labels(label)
+                                  for value, label in SOURCES.items()}
+        self._started_children: dict[tuple[str, str], Any] = {}
+        self._finished_children: dict[tuple[str, str, str], Any] = {}
+        self._finding_children: dict[tuple[str, str, str], Any] = {}
+        self._unit_children: dict[tuple[str, str], Any] = {}
+        self._error_children: dict[tuple[str, str, str], Any] = {}
+
+    # -- streams
+
+    def stream_started(self, route: str, fmt: str) -> None:
+        key = (route, fmt)
+        child = self._started_children.get(key)
+        if child is None:
+            child = self._started_children[key] = self._started.labels(route, fmt)
+        child.inc()
+        self._in_flight.inc()
+
+    def stream_finished(self, route: str, fmt: str, outcome: str) -> None:
+        key = (route, fmt, outcome)
+        child = self._finished_children.get(key)
+        if child is None:
+            label = outcome if outcome in STREAM_OUTCOMES else OTHER
+            child = self._finished_children[key] = self._finished.labels(route, fmt, label)
+        child.inc()
+        self._in_flight.dec()
+
+    def body_mode(self, mode: str) -> None:
+        child = self._body_children.get(mode)
+        if child is not None:
+            child.inc()
+
+    def released_before_block(self, chars: int) -> None:
+        self._released.observe(chars)
+
+    # -- guardrail calls
+
+    def verdict(self, source: str, verdict: GuardrailVerdict, seconds: float) -> None:
+        latency = self._latency_children.get(source)
+        if latency is None:
+            return
+        latency.observe(seconds)
+        self._verdict_children[source, verdict_action(verdict)].inc()
+        for finding in verdict.findings:
+            action = finding.action
+            if action == "NONE" and not finding.detected:
+                continue
+            self._finding_child(finding.policy, finding.name, action).inc()
+        for key, units in verdict.usage.items():
+            # Members ending in "Units" are billed text units (others count policies).
+            if units > 0 and key.endswith("Units"):
+                self._unit_child(source, key).inc(units)
+
+    def guardrail_error(self, source: str, error_class: str, failure_mode: str,
+                        seconds: float) -> None:
+        latency = self._latency_children.get(source)
+        if latency is None:
+            return
+        latency.observe(seconds)
+        key = (source, error_class, failure_mode)
+        child = self._error_children.get(key)
+        if child is None:
+            child = self._errors.labels(
+                SOURCES[source], error_class if error_class in ERROR_CLASSES else OTHER,
+                failure_mode if failure_mode in FAILURE_MODES else OTHER)
+            self._error_children[key] = child
+        child.inc()
+
+    def _finding_child(self, policy: str, name: str, action: str) -> Any:
+        key = (policy, name, action)
+        child = self._finding_children.get(key)
+        if child is not None:
+            return child
+        label = self._names.admit("finding:" + policy, name)
+        if label == OTHER and name != OTHER:
+            return self._finding_child(policy, OTHER, action)
+        child = self._findings.labels(
+            self._names.admit("policy", policy), label, _FINDING_ACTIONS.get(action, OTHER))
+        if len(self._finding_children) < _CACHE_LIMIT:
+            self._finding_children[key] = child
+        return child
+
+    def _unit_child(self, source: str, key: str) -> Any:
+        cache_key = (source, key)
+        child = self._unit_children.get(cache_key)
+        if child is None:
+            policy = self._names.admit("usage", usage_policy(key))
+            child = self._units.labels(SOURCES[source], policy)
+            if len(self._unit_children) < _CACHE_LIMIT:
+                self._unit_children[cache_key] = child
+        return child
+
+    # -- held bytes (read at scrape time, from the HTTP server's thread)
+
+    def track_held(self, holder: HeldBytes) -> None:
+        self._held.add(holder)
+
+    def untrack_held(self, holder: HeldBytes) -> None:
+        self._held.discard(holder)
+
+    def _held_bytes(self) -> float:
+        # tuple() copies the set in one C call: safe while the event loop adds and removes.
+        return float(sum(holder.held_bytes for holder in tuple(self._held)))
+
+    # -- resilience
+
+    def watch_resilience(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Export a ``ResilientGuardrail``'s counters (``stats``: its ``stats`` property)."""
+        self.registry.register(ResilienceCollector(stats))
+
+
+class ResilienceCollector(Collector):
+    """Retries, breaker and budget counters of ``ResilientGuardrail``, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def _snapshot(self) -> Mapping[str, Any]:
+        # The event loop's thread updates the counters while we copy them; a copy that races
+        # a new dict entry raises and is simply taken again.
+        for _ in range(5):
+            try:
+                return self._stats()
+            except RuntimeError:
+                continue
+        return {}
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._snapshot()
+        if not stats:
+            return
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, doc, value=float(stats.get(key, 0)))
+
+        yield counter("bedrock_calls", "apply() calls of the resilient client", "calls")
+        yield counter("bedrock_attempts", "ApplyGuardrail requests sent (retries included)",
+                      "attempts")
+        yield counter("bedrock_retries", "ApplyGuardrail retries", "retries")
+        yield counter("bedrock_split_calls", "calls made for input split over the per-call "
+                      "limit", "split_calls")
+        yield counter("breaker_fast_fails", "attempts failed fast by an open circuit breaker",
+                      "breaker_fast_fails")
+        yield counter("budget_rejections", "attempts refused by the client-side budget",
+                      "budget_rejections")
+        yield counter("budget_waits", "attempts that waited for client-side budget",
+                      "budget_waits")
+        yield counter("budget_wait_seconds", "time attempts waited for budget",
+                      "budget_wait_s")
+        errors = CounterMetricFamily(PREFIX + "bedrock_attempt_errors",
+                                     "failed ApplyGuardrail attempts by error class",
+                                     labels=("error_class",))
+        for name, value in sorted(dict(stats.get("attempt_errors", {})).items()):
+            errors.add_metric((name,), float(value))
+        yield errors
+        failures = CounterMetricFamily(PREFIX + "bedrock_call_failures",
+                                       "apply() calls that gave no verdict, by error class",
+                                       labels=("error_class",))
+        for name, value in sorted(dict(stats.get("failures", {})).items()):
+            failures.add_metric((name,), float(value))
+        yield failures
+        transitions = CounterMetricFamily(PREFIX + "breaker_transitions",
+                                          "circuit breaker state changes",
+                                          labels=("from_state", "to_state"))
+        for key, value in sorted(dict(stats.get("breaker_transitions", {})).items()):
+            old, _, new = str(key).partition("->")
+            transitions.add_metric((old, new), float(value))
+        yield transitions
+        state = GaugeMetricFamily(PREFIX + "breaker_state", "1 for each guardrail's current "
+                                  "circuit breaker state", labels=("guardrail", "state"))
+        for guardrail, current in sorted(dict(stats.get("breaker_states", {})).items()):
+            for name in BREAKER_STATES:
+                state.add_metric((guardrail, name), 1.0 if current == name else 0.0)
+        yield state
+
+
+# --------------------------------------------------------------------------- the HTTP server
+
+
+@dataclass
+class MetricsServer:
+    """The ``/metrics`` HTTP server, running in a daemon thread."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_port)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    """Serve ``registry`` on ``http://host:port/metrics`` (port 0 picks one); raises
+    ``OSError`` when it cannot bind."""
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(httpd, thread)
