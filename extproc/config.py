@@ -106,6 +106,8 @@ class Settings:
     budget_rps: float = 50.0
     budget_text_units: float = 200.0
     budget_max_wait_s: float = 0.25
+    max_held_bytes: int = 4 * 1024 * 1024
+    max_streams: int = 2000
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -291,7 +293,7 @@ OPTIONS: tuple[_Option, ...] = (
             _parse_bool),
     _Option("--failure-mode", "when the guardrail gives no verdict: closed, open, or per error "
             "class, e.g. closed,throttled=open,timeout=open (classes: throttled, timeout, "
-            "server_error, input_too_large, rejected, circuit_open, budget)", "closed",
+            "server_error, input_too_large, rejected, circuit_open, budget, overload)", "closed",
             _parse_failure_policy),
     _Option("--guardrail-timeout", "seconds one ApplyGuardrail call may take, retries included",
             "5", _number_parser(float, 0.05, 120)),
@@ -340,6 +342,12 @@ OPTIONS: tuple[_Option, ...] = (
             "token = one round trip)", "on", _parse_bool),
     _Option("--max-stream-text-units", "cumulative strategy: text units per policy one stream "
             "may spend before falling back to windows", "100", _number_parser(int, 1, 1_000_000)),
+    _Option("--max-held-bytes", "bytes one stream may hold back (unchecked text, a partial "
+            "event); beyond it the failure policy's 'overload' class decides (0: no limit)",
+            "4194304", _number_parser(int, 0, 1 << 34)),
+    _Option("--max-streams", "streams this process guards at once; beyond it the failure "
+            "policy's 'overload' class decides (closed: 503; open: unchecked) (0: no limit)",
+            "2000", _number_parser(int, 0, 10_000_000)),
     _Option("--keepalive-interval", "seconds of silence before an SSE comment keep-alive while "
             "text is held (0: off)", "5", _number_parser(float, 0, 3600)),
     _Option("--streamed-message-timeout", "STREAMED fallback: override_message_timeout while "

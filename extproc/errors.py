@@ -23,10 +23,12 @@
           │                            exceed the maximum; never retried as is, the resilient
           │                            client splits the texts into smaller calls instead and
           │                            raises it only when one text unit is still too large
-          └── GuardrailRejected       "rejected": 4xx that retrying cannot fix: access denied,
-                                       unknown guardrail or version, validation, quota
-                                       exceeded; never retried, never trips the breaker,
-                                       logged loudly once per guardrail
+          ├── GuardrailRejected       "rejected": 4xx that retrying cannot fix: access denied,
+          │                            unknown guardrail or version, validation, quota
+          │                            exceeded; never retried, never trips the breaker,
+          │                            logged loudly once per guardrail
+          └── GuardrailOverload       "overload": a limit of this process was reached (bytes held
+                                       by one stream, streams guarded at once); no request
 
 ``error_class`` is the label used in logs, metadata and the per-class failure policy
 (``extproc.resilience.FailurePolicy``). Every error that reaches the stream code carries one of
@@ -51,6 +53,7 @@ ERROR_CLASSES: Final = (
     "rejected",
     "circuit_open",
     "budget",
+    "overload",
 )
 
 #: The classes a retry can fix: transient failures of one request.
@@ -105,3 +108,9 @@ class GuardrailInputTooLarge(GuardrailError):
 
 class GuardrailRejected(GuardrailError):
     error_class = "rejected"
+
+
+class GuardrailOverload(GuardrailError):
+    """A limit of this process was reached (``--max-held-bytes``, ``--max-streams``)."""
+
+    error_class = "overload"

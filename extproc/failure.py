@@ -35,6 +35,7 @@ class FailurePolicy:
     rejected: FailureMode = FailureMode.CLOSED
     circuit_open: FailureMode = FailureMode.CLOSED
     budget: FailureMode = FailureMode.CLOSED
+    overload: FailureMode = FailureMode.CLOSED
 
     def __post_init__(self) -> None:
         for name in ERROR_CLASSES:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extproc.failure import FailurePolicy
-from extproc.errors import GuardrailError, GuardrailServerError
+from extproc.errors import GuardrailError, GuardrailOverload, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat
 from extproc.masking import map_region
 from extproc.policy import (
@@ -148,7 +148,10 @@ class OutputGuard:
         shadow: bool = False,
         soft_block: bool = False,
         on_intervention: Intervention | None = None,
+        max_held_bytes: int = 0,
     ) -> None:
+        self._max_held_bytes = max_held_bytes
+        self._passthrough = False
         self._shadow = shadow
         self._on_intervention = on_intervention
         self._soft_block = soft_block
@@ -196,6 +199,10 @@ class OutputGuard:
         if self._pending_end is not None:
             self.end(self._pending_end, self._pending_message)
             return
+        if self._passthrough:
+            self._upstream_done = end_of_stream
+            self._forward(body)
+            return
         decoder = self._decoder
         if decoder is None:
             if body:
@@ -210,7 +217,47 @@ class OutputGuard:
                 if leftover:
                     # An unterminated last event: no client dispatches it; its bytes pass on.
                     self._held.append(_Held(leftover, None, []))
+        if self._max_held_bytes and self._over_limit():
+            return
         self._advance()
+
+    def _over_limit(self) -> bool:
+        """``--max-held-bytes``: a stream may not hold more; the failure policy decides
+        between ending it (closed) and letting the rest through unchecked (open)."""
+        pending = self._decoder.pending_size if self._decoder is not None else 0
+        if pending + sum(len(item.raw) for item in self._held) <= self._max_held_bytes:
+            return False
+        error = GuardrailOverload(f"more than {self._max_held_bytes} bytes held")
+        self._count("errors")
+        self.stats["error_class"] = error.error_class
+        if self._failure_mode.fails_open(error) or self._shadow:
+            log.warning("stream held more than %d bytes; failure mode open: passing the rest "
+                        "through unchecked", self._max_held_bytes)
+            self.stats["failed_open"] = True
+            self._passthrough = True
+            task, self._in_flight = self._in_flight, None
+            if task is not None:
+                task.cancel()
+            raw = b"".join(item.raw for item in self._held)
+            self._held.clear()
+            if self._decoder is not None:
+                raw += self._decoder.flush()
+            self._forward(raw)
+        else:
+            log.warning("stream held more than %d bytes; failure mode closed: ending it",
+                        self._max_held_bytes)
+            self.end(ErrorKind.UNAVAILABLE)
+        return True
+
+    def _forward(self, data: bytes) -> None:
+        """Pass-through after an overload in failure mode open."""
+        if self._upstream_done:
+            self.finished = True
+            self.stats["outcome"] = self.stats.get("outcome") or "pass"
+            self._cancel_keepalive()
+            self._sink.finish(data, self._metadata())
+        elif data:
+            self._sink.release(data)
 
     def _deltas(self, event: SSEEvent) -> list[_Delta]:
         if not self._check_output:

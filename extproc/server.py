@@ -26,7 +26,7 @@ from extproc.guardrail import GuardrailClient
 from extproc.logs import bind_stream, unbind_stream
 from extproc.metrics import NULL_RECORDER, Recorder, route_label
 from extproc.routes import RouteResolver
-from extproc.stream import Outbox, StreamProcessor
+from extproc.stream import Admission, Outbox, StreamProcessor
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._audit = audit if audit is not None else AuditLog(settings.audit_include_matches)
         self._ids = itertools.count(1)
         self.routes = RouteResolver(settings)
+        self.admission = Admission(settings.max_streams)
         self.active_streams = 0
 
     async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
@@ -77,7 +78,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         processor = StreamProcessor(
             self._settings, self._guardrail, self._formats, outbox, stream_id, route,
             route_name=route_label(metadata, self._settings.routes), recorder=self._recorder,
-            audit=self._audit,
+            audit=self._audit, admission=self.admission,
         )
         self.active_streams += 1
         try:

@@ -110,6 +110,11 @@ class SSEDecoder:
         self._last_id = ""
 
     @property
+    def pending_size(self) -> int:
+        """``len(pending)``, without the copy."""
+        return len(self._buf)
+
+    @property
     def pending(self) -> bytes:
         """Bytes fed that are not yet part of a returned event."""
         return bytes(self._buf)

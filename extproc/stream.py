@@ -40,7 +40,7 @@ from typing import Any
 from extproc import envoy
 from extproc.audit import AuditLog, finding_key, reported
 from extproc.config import InputCheck, RoutePolicy, Settings
-from extproc.errors import GuardrailError, GuardrailServerError
+from extproc.errors import GuardrailError, GuardrailOverload, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat, find_format
 from extproc.guardrail import GuardrailClient, Source
 from extproc.guard import OutputGuard
@@ -155,6 +155,25 @@ class StreamedSink:
         self._pending.clear()
 
 
+class Admission:
+    """How many streams this process guards at once (``--max-streams``; 0: no limit)."""
+
+    __slots__ = ("limit", "active")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def enter(self) -> bool:
+        if self.limit and self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        self.active -= 1
+
+
 class StreamProcessor:
     """Decides every answer of one ext_proc stream; see the module docstring."""
 
@@ -170,7 +189,10 @@ class StreamProcessor:
         route_name: str = DEFAULT_ROUTE,
         recorder: Recorder = NULL_RECORDER,
         audit: AuditLog | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self._admission = admission if admission is not None else Admission()
+        self._admitted = False
         self._settings = settings
         self._route = route if route is not None else settings.default_route
         self._route_name = route_name
@@ -223,6 +245,9 @@ class StreamProcessor:
 
     def close(self) -> None:
         """The RPC ended: cancel every background task of this stream, count its outcome."""
+        if self._admitted:
+            self._admitted = False
+            self._admission.leave()
         unfinished = (self._guard is not None and not self._guard.finished) or (
             self._json_task is not None and not self._json_task.done())
         for task in (self._input_task, self._json_task):
@@ -262,6 +287,22 @@ class StreamProcessor:
         if request_id:
             self.stats["request_id"] = request_id
         self.stats["format"] = fmt.name
+        self._admitted = self._admission.enter()
+        if not self._admitted:
+            error = GuardrailOverload(f"more than {self._admission.limit} streams guarded")
+            self.stats["error_class"] = error.error_class
+            if route.failure_mode.fails_open(error) or route.shadow:
+                log.warning("%d streams guarded already; failure mode open: this one passes "
+                            "unchecked", self._admission.limit)
+                self.stats["failed_open"] = True
+                self._fmt = None
+                self._outbox.put(envoy.headers_response(
+                    response_phase=False, mode=envoy.MODE_SKIP_RESPONSE))
+            else:
+                log.warning("%d streams guarded already; failure mode closed: 503",
+                            self._admission.limit)
+                self._reply_error(ErrorKind.UNAVAILABLE, "unavailable")
+            return
         if self._streamed:
             self.stats["body_mode"] = "streamed"
         check_prompt = route.input_check is not InputCheck.OFF and not message.end_of_stream
@@ -439,6 +480,7 @@ class StreamProcessor:
                 shadow=route.shadow,
                 soft_block=route.soft_block,
                 on_intervention=self._output_intervened,
+                max_held_bytes=settings.max_held_bytes,
             )
             self._recorder.track_held(self._guard)
             mode = None if self._streamed else envoy.MODE_FULL_DUPLEX_RESPONSE
