@@ -107,6 +107,7 @@ class Settings:
     budget_text_units: float = 200.0
     budget_max_wait_s: float = 0.25
     max_held_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = 1024 * 1024
     max_streams: int = 2000
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -345,6 +346,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--max-held-bytes", "bytes one stream may hold back (unchecked text, a partial "
             "event); beyond it the failure policy's 'overload' class decides (0: no limit)",
             "4194304", _number_parser(int, 0, 1 << 34)),
+    _Option("--max-request-bytes", "largest request body (prompt) checked, inflated; larger "
+            "ones get 413 before anything goes upstream (keep it at most Envoy's buffer "
+            "limit, per_connection_buffer_limit_bytes, 1 MiB by default; 0: no limit)",
+            "1048576", _number_parser(int, 0, 1 << 34)),
     _Option("--max-streams", "streams this process guards at once; beyond it the failure "
             "policy's 'overload' class decides (closed: 503; open: unchecked) (0: no limit)",
             "2000", _number_parser(int, 0, 10_000_000)),

@@ -118,11 +118,12 @@ def continue_request_body() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse()))
 
 
-def replace_request_body(body: bytes) -> pb.ProcessingResponse:
+def replace_request_body(body: bytes, remove_headers: Iterable[str] = ()) -> pb.ProcessingResponse:
     """A BUFFERED request body answer that replaces the body; ``content-length`` is set to
     match (Envoy rejects a mismatch with a local 500)."""
     common = pb.CommonResponse(
-        header_mutation=_header_mutation(set_headers={"content-length": str(len(body))}),
+        header_mutation=_header_mutation(remove_headers,
+                                         set_headers={"content-length": str(len(body))}),
         body_mutation=pb.BodyMutation(body=body),
     )
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))

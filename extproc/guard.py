@@ -29,6 +29,7 @@ once through ``on_intervention`` (the stream's audit trail).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -215,8 +216,13 @@ class OutputGuard:
             if decoder is not None:
                 leftover = decoder.flush()
                 if leftover:
-                    # An unterminated last event: no client dispatches it; its bytes pass on.
-                    self._held.append(_Held(leftover, None, []))
+                    # An unterminated last event. EventSource would not dispatch it, but
+                    # line-based readers act on its data lines: check it like an event and pass
+                    # its bytes on unchanged.
+                    closing = SSEDecoder().feed(leftover + b"\n\n", end_of_stream=True)
+                    event = dataclasses.replace(closing[0], raw=leftover) if closing else None
+                    deltas = self._deltas(event) if event is not None else []
+                    self._held.append(_Held(leftover, event, deltas))
         if self._max_held_bytes and self._over_limit():
             return
         self._advance()

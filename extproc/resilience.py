@@ -678,7 +678,8 @@ class ResilientGuardrail:
                 return []
             try:
                 verdict = await self._attempts(
-                    run.guardrail, run.source, [p.text for p in call], run.deadline)
+                    run.guardrail, run.source, [p.text for p in call], run.deadline,
+                    patient=True)
             except GuardrailInputTooLarge:
                 units = _units(call)
                 if units <= 1:
@@ -699,7 +700,10 @@ class ResilientGuardrail:
     # -- one call: breaker, budget, attempts, backoff
 
     async def _attempts(self, guardrail: GuardrailRef, source: Source, texts: list[str],
-                        deadline: float) -> GuardrailVerdict:
+                        deadline: float, *, patient: bool = False) -> GuardrailVerdict:
+        """One call with its retries; ``patient``: a part of a split input, which may wait for
+        budget up to the deadline (a large prompt needs more text units than one second of
+        budget holds, and must not fail for that alone)."""
         cfg = self._config
         breaker = self._breaker(guardrail)
         units = sum(text_units(t) for t in texts)
@@ -716,7 +720,7 @@ class ResilientGuardrail:
                     raise last  # keeps its own cause
                 raise
             try:
-                await self._take_budget(units, deadline)
+                await self._take_budget(units, deadline, patient=patient)
             except GuardrailBudgetExhausted:
                 breaker.neutral(probe)
                 if last is not None:
@@ -780,7 +784,7 @@ class ResilientGuardrail:
                 raise
             raise error from exc
 
-    async def _take_budget(self, units: int, deadline: float) -> None:
+    async def _take_budget(self, units: int, deadline: float, *, patient: bool = False) -> None:
         waits = []
         if self._rps is not None:
             waits.append(self._rps.reserve(1))
@@ -789,7 +793,8 @@ class ResilientGuardrail:
         wait = max(waits, default=0.0)
         if wait <= 0:
             return
-        allowed = min(self._config.budget_max_wait_s, deadline - self._clock())
+        remaining = deadline - self._clock()
+        allowed = remaining if patient else min(self._config.budget_max_wait_s, remaining)
         if wait > allowed:
             self._refund_budget(units)
             self._counters["budget_rejections"] += 1

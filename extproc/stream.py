@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import zlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 HEADER_ACCEPT_ENCODING = "accept-encoding"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_CONTENT_LENGTH = "content-length"
+HEADER_CONTENT_ENCODING = "content-encoding"
 JSON_CONTENT_TYPE = "application/json"
 HEADER_REQUEST_ID = "x-request-id"
 SSE_CONTENT_TYPE = "text/event-stream"
@@ -155,6 +157,30 @@ class StreamedSink:
         self._pending.clear()
 
 
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes | None:
+    """The request body without its content-encoding (gzip, deflate), at most ``limit`` bytes
+    (0: no limit) once inflated; None when it cannot be read (unknown encoding, corrupt data,
+    a decompression bomb)."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header, detected
+    try:
+        out = inflater.decompress(body, limit or 0)
+    except zlib.error:
+        if encoding != "deflate":
+            return None
+        try:  # "deflate" is sometimes sent raw, without the zlib header
+            inflater = zlib.decompressobj(wbits=-15)
+            out = inflater.decompress(body, limit or 0)
+        except zlib.error:
+            return None
+    if inflater.unconsumed_tail or not inflater.eof:
+        return None
+    return out
+
+
 class Admission:
     """How many streams this process guards at once (``--max-streams``; 0: no limit)."""
 
@@ -213,6 +239,8 @@ class StreamProcessor:
         self._configured_response_body = envoy.ProcessingMode.NONE
         self._streamed = False
         self._request_done = False
+        self._request_decoded = False
+        self._content_encoding = "identity"
         self._json_answer = False
         self._json_task: asyncio.Task[None] | None = None
         self._response_body = bytearray()
@@ -306,6 +334,15 @@ class StreamProcessor:
         if self._streamed:
             self.stats["body_mode"] = "streamed"
         check_prompt = route.input_check is not InputCheck.OFF and not message.end_of_stream
+        self._content_encoding = headers.get(HEADER_CONTENT_ENCODING, "identity").strip().lower()
+        length = headers.get(HEADER_CONTENT_LENGTH, "")
+        limit = self._settings.max_request_bytes
+        if check_prompt and limit and length.isdigit() and int(length) > limit:
+            # Answer before Envoy buffers it: a body over Envoy's buffer limit would otherwise
+            # stall the request (read-disabled) instead of failing.
+            log.info("prompt of %s bytes is over --max-request-bytes (%d): 413", length, limit)
+            self._reply_error(ErrorKind.TOO_LARGE, "too_large")
+            return
         mode = (envoy.mode_with_request_buffering(self._configured_response_body)
                 if check_prompt else None)
         self._outbox.put(
@@ -328,6 +365,15 @@ class StreamProcessor:
         self._request_done = True
         body = bytes(self._request_body)
         self._request_body = bytearray()
+        decoded = decode_body(body, self._content_encoding, self._settings.max_request_bytes)
+        if decoded is None:
+            # A prompt we cannot read must not go upstream unchecked.
+            log.info("request body with content-encoding %r cannot be read: 415",
+                     self._content_encoding)
+            self._reply_error(ErrorKind.UNREADABLE, "unreadable")
+            return
+        self._request_decoded = decoded is not body
+        body = decoded
         texts = self._fmt.prompt_texts(body, route.prompt_scope.value)
         if not texts:
             self._outbox.put(envoy.continue_request_body())
@@ -403,7 +449,9 @@ class StreamProcessor:
                                            list(verdict.outputs))
             if rewritten is not None:
                 self.stats["input_masked"] = True
-                self._outbox.put(envoy.replace_request_body(rewritten))
+                self._outbox.put(envoy.replace_request_body(
+                    rewritten, remove_headers=(HEADER_CONTENT_ENCODING,)
+                    if self._request_decoded else ()))
                 return
             log.warning("masked prompt could not be rewritten; sent unchanged")
         self._outbox.put(envoy.continue_request_body())
@@ -487,6 +535,17 @@ class StreamProcessor:
             self._outbox.put(envoy.headers_response(response_phase=True, mode=mode))
             return
         self._outbox.put(envoy.headers_response(response_phase=True))
+
+    async def _answer_json(self, body: bytes) -> None:
+        """Envoy waits for this answer: whatever goes wrong, it gets one."""
+        try:
+            await self._check_json_answer(body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not leave Envoy waiting
+            log.exception("BUG while checking a non-streamed answer; failing closed")
+            self._reply_error(ErrorKind.UNAVAILABLE, "unavailable")
+            await self._outbox.flush()
 
     async def _check_json_answer(self, body: bytes) -> None:
         """A whole non-streamed answer (BUFFERED): prompt verdict, then the answer's check."""
@@ -572,7 +631,7 @@ class StreamProcessor:
                 self._outbox.put(envoy.override_message_timeout(
                     2 * self._settings.guardrail_timeout_s + 1))
                 self._json_task = asyncio.get_running_loop().create_task(
-                    self._check_json_answer(bytes(self._response_body)))
+                    self._answer_json(bytes(self._response_body)))
             return
         guard, sink = self._guard, self._sink
         if guard is None or sink is None:

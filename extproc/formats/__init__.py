@@ -51,10 +51,13 @@ __all__ = [
 
 
 class ErrorKind:
-    """The two client-facing errors; the only things a client ever learns about a failure."""
+    """The client-facing errors; the only things a client ever learns about a failure."""
 
     VIOLATION = "guardrail_violation"  # HTTP 400, "Violated guardrail policy"
     UNAVAILABLE = "guardrail_unavailable"  # HTTP 503, "Guardrail unavailable"
+    # Requests only (before anything went upstream):
+    TOO_LARGE = "guardrail_request_too_large"  # HTTP 413: over --max-request-bytes
+    UNREADABLE = "guardrail_unreadable_request"  # HTTP 415: a content-encoding we cannot read
 
 
 class PromptScope:

@@ -18,6 +18,8 @@ from extproc.sse import encode_event
 _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
     ErrorKind.UNAVAILABLE: (503, "Guardrail unavailable"),
+    ErrorKind.TOO_LARGE: (413, "Request too large for the guardrail"),
+    ErrorKind.UNREADABLE: (415, "Request body could not be read by the guardrail"),
 }
 
 DONE = b"data: [DONE]\n\n"

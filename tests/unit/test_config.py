@@ -71,6 +71,7 @@ ENV_NAMES = {
     "--audit-include-matches": "EXTPROC_AUDIT_INCLUDE_MATCHES",
     "--max-held-bytes": "EXTPROC_MAX_HELD_BYTES",
     "--max-streams": "EXTPROC_MAX_STREAMS",
+    "--max-request-bytes": "EXTPROC_MAX_REQUEST_BYTES",
     "--tls-cert": "EXTPROC_TLS_CERT",
     "--tls-key": "EXTPROC_TLS_KEY",
     "--tls-client-ca": "EXTPROC_TLS_CLIENT_CA",
@@ -148,6 +149,7 @@ def test_settings_are_frozen() -> None:
 SETS: list[tuple[str, str, str, Any]] = [
     ("--max-held-bytes", "0", "max_held_bytes", 0),
     ("--max-streams", "10", "max_streams", 10),
+    ("--max-request-bytes", "2048", "max_request_bytes", 2048),
     ("--prompt-scope", "all_with_system", "prompt_scope", PromptScope.ALL_WITH_SYSTEM),
     ("--shadow", "on", "shadow", True),
     ("--soft-block", "yes", "soft_block", True),
@@ -419,6 +421,7 @@ def test_invalid_guardrail_versions(value: str) -> None:
 BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--max-held-bytes", "-1", ("outside",)),
     ("--max-streams", "lots", ("is not a int",)),
+    ("--max-request-bytes", "-5", ("outside",)),
     ("--tls-cert", "/nonexistent/cert.pem", ("cannot read",)),
     ("--tls-key", "/nonexistent/key.pem", ("cannot read",)),
     ("--tls-client-ca", "/nonexistent/ca.pem", ("cannot read",)),
