@@ -23,6 +23,7 @@ from extproc.metrics import NULL_RECORDER, MetricsServer, PrometheusRecorder, Re
     start_metrics_server
 from extproc.resilience import ResilienceConfig, ResilientGuardrail
 from extproc.server import start_server
+from extproc.workers import supervise
 
 log = logging.getLogger("extproc")
 
@@ -110,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # boto3/botocore at DEBUG would log request bodies (prompts and answers): capped at INFO.
     configure_logging(settings.log_level, settings.log_format, sys.stderr)
+    if settings.workers > 1:
+        return supervise(settings, args)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

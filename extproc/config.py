@@ -106,6 +106,8 @@ class Settings:
     budget_rps: float = 50.0
     budget_text_units: float = 200.0
     budget_max_wait_s: float = 0.25
+    workers: int = 1
+    reuse_port: bool = False
     max_held_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
     max_streams: int = 2000
@@ -343,6 +345,11 @@ OPTIONS: tuple[_Option, ...] = (
             "token = one round trip)", "on", _parse_bool),
     _Option("--max-stream-text-units", "cumulative strategy: text units per policy one stream "
             "may spend before falling back to windows", "100", _number_parser(int, 1, 1_000_000)),
+    _Option("--workers", "server processes sharing the listen port (SO_REUSEPORT) to use "
+            "more than one core; worker i serves metrics on the metrics port + i", "1",
+            _number_parser(int, 1, 256)),
+    _Option("--reuse-port", "bind the listen port with SO_REUSEPORT (set for workers; for "
+            "processes started by other means)", "off", _parse_bool),
     _Option("--max-held-bytes", "bytes one stream may hold back (unchecked text, a partial "
             "event); beyond it the failure policy's 'overload' class decides (0: no limit)",
             "4194304", _number_parser(int, 0, 1 << 34)),

@@ -126,15 +126,15 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-def server_options() -> Sequence[tuple[str, Any]]:
+def server_options(reuse_port: bool = False) -> Sequence[tuple[str, Any]]:
     """gRPC server channel options.
 
-    ``so_reuseport`` is off so that a second process on the same port fails loudly instead of
-    silently sharing it. Keepalive pings from Envoy are allowed so idle HTTP/2 connections to
-    the sidecar survive.
+    ``so_reuseport`` is off unless asked for (``--workers``, ``--reuse-port``), so that a second
+    process on the same port fails loudly instead of silently sharing it. Keepalive pings from
+    Envoy are allowed so idle HTTP/2 connections to the sidecar survive.
     """
     return (
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     )
@@ -156,7 +156,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
 async def start_server(settings: Settings, guardrail: GuardrailClient, *,
                        recorder: Recorder = NULL_RECORDER) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=server_options(settings.reuse_port))
     processor = ExternalProcessor(settings, guardrail, recorder=recorder)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()

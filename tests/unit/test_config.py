@@ -69,6 +69,8 @@ ENV_NAMES = {
     "--metrics-listen": "EXTPROC_METRICS_LISTEN",
     "--log-format": "EXTPROC_LOG_FORMAT",
     "--audit-include-matches": "EXTPROC_AUDIT_INCLUDE_MATCHES",
+    "--workers": "EXTPROC_WORKERS",
+    "--reuse-port": "EXTPROC_REUSE_PORT",
     "--max-held-bytes": "EXTPROC_MAX_HELD_BYTES",
     "--max-streams": "EXTPROC_MAX_STREAMS",
     "--max-request-bytes": "EXTPROC_MAX_REQUEST_BYTES",
@@ -147,6 +149,8 @@ def test_settings_are_frozen() -> None:
 
 # (flag, value, Settings attribute, expected) — one row per option at least.
 SETS: list[tuple[str, str, str, Any]] = [
+    ("--workers", "4", "workers", 4),
+    ("--reuse-port", "on", "reuse_port", True),
     ("--max-held-bytes", "0", "max_held_bytes", 0),
     ("--max-streams", "10", "max_streams", 10),
     ("--max-request-bytes", "2048", "max_request_bytes", 2048),
@@ -419,6 +423,8 @@ def test_invalid_guardrail_versions(value: str) -> None:
 
 
 BAD: list[tuple[str, str, tuple[str, ...]]] = [
+    ("--workers", "0", ("outside",)),
+    ("--reuse-port", "sure", ("is not a boolean",)),
     ("--max-held-bytes", "-1", ("outside",)),
     ("--max-streams", "lots", ("is not a int",)),
     ("--max-request-bytes", "-5", ("outside",)),
