@@ -103,8 +103,8 @@ class Settings:
     guardrail_max_chars_per_call: int = 25_000
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
-    budget_rps: float = 50.0
-    budget_text_units: float = 200.0
+    budget_rps: float = 0.0
+    budget_text_units: float = 0.0
     budget_max_wait_s: float = 0.25
     workers: int = 1
     reuse_port: bool = False
@@ -313,9 +313,11 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--breaker-cooldown", "seconds the breaker stays open before a probe call", "10",
             _number_parser(float, 0.1, 3600)),
     _Option("--budget-rps", "ApplyGuardrail requests per second this process may send "
-            "(token bucket; 0: unlimited)", "50", _number_parser(float, 0, 100_000)),
+            "(token bucket; 0: unlimited): your account's quota divided by the processes that "
+            "share it", "0", _number_parser(float, 0, 100_000)),
     _Option("--budget-text-units", "text units per second this process may send (0: "
-            "unlimited)", "200", _number_parser(float, 0, 1_000_000)),
+            "unlimited): the smallest per-policy quota divided by the processes that share it",
+            "0", _number_parser(float, 0, 1_000_000)),
     _Option("--budget-max-wait", "seconds a call may wait for budget before it fails as "
             "'budget'", "0.25", _number_parser(float, 0, 60)),
     _Option("--guardrail-threads", "threads running boto3 calls (concurrent calls per process)",

@@ -152,6 +152,8 @@ class OutputGuard:
         max_held_bytes: int = 0,
     ) -> None:
         self._max_held_bytes = max_held_bytes
+        self._bytes_in = 0  # body bytes fed
+        self._bytes_out = 0  # raw bytes of the events released
         self._passthrough = False
         self._shadow = shadow
         self._on_intervention = on_intervention
@@ -204,6 +206,7 @@ class OutputGuard:
             self._upstream_done = end_of_stream
             self._forward(body)
             return
+        self._bytes_in += len(body)
         decoder = self._decoder
         if decoder is None:
             if body:
@@ -230,8 +233,8 @@ class OutputGuard:
     def _over_limit(self) -> bool:
         """``--max-held-bytes``: a stream may not hold more; the failure policy decides
         between ending it (closed) and letting the rest through unchecked (open)."""
-        pending = self._decoder.pending_size if self._decoder is not None else 0
-        if pending + sum(len(item.raw) for item in self._held) <= self._max_held_bytes:
+        # Every byte fed is either held (events keep their raw bytes) or pending in the decoder.
+        if self._bytes_in - self._bytes_out <= self._max_held_bytes:
             return False
         error = GuardrailOverload(f"more than {self._max_held_bytes} bytes held")
         self._count("errors")
@@ -351,12 +354,14 @@ class OutputGuard:
             for _ in range(count):
                 item = held.popleft()
                 out.append(self._render(item))
+                self._bytes_out += len(item.raw)
                 for delta in item.deltas:
                     self._released_chars += len(delta.text)
         else:
             while held and self._releasable(held[0]):
                 item = held.popleft()
                 out.append(self._render(item))
+                self._bytes_out += len(item.raw)
                 for delta in item.deltas:
                     self._released_chars += len(delta.text)
         end_of_stream = self._upstream_done and not held
@@ -518,8 +523,9 @@ class OutputGuard:
              limit: int) -> None:
         """Give each held delta of ``channel`` in [previous limit, ``limit``) its text."""
         start = max(channel.limit, channel.mask_from)
+        index = self._channel_index[channel.key]
         deltas = [d for item in self._held for d in item.deltas
-                  if d.channel == self._channel_index[channel.key]
+                  if d.channel == index
                   and d.start + len(d.text) > channel.limit and d.start < limit]
         base = block.start
         cuts = sorted({d.start - base for d in deltas if start < d.start < limit}
@@ -531,12 +537,15 @@ class OutputGuard:
                                        cuts if region_end > region_start else [], region_end)
             if region_end > region_start:
                 bounds = [region_start, *cuts]
+                # Pieces and deltas are both in text order: one pass over each.
+                cursor = 0
                 for piece, low in zip(pieces, bounds, strict=True):
                     position = base + low
-                    for delta in deltas:
-                        if delta.start <= position < delta.start + len(delta.text):
-                            delta.mapped.append(piece)
-                            break
+                    while cursor < len(deltas) and (
+                            deltas[cursor].start + len(deltas[cursor].text) <= position):
+                        cursor += 1
+                    if cursor < len(deltas) and deltas[cursor].start <= position:
+                        deltas[cursor].mapped.append(piece)
             if base + carry > channel.mask_from:
                 channel.mask_from = base + carry
                 if base + carry > limit:
@@ -581,7 +590,7 @@ class OutputGuard:
     def held_bytes(self) -> int:
         """Bytes held back from the client now. Read from the metrics thread: ``tuple`` copies
         the deque in one C call, so the loop may change it meanwhile."""
-        return sum(len(item.raw) for item in tuple(self._held))
+        return 0 if self.finished else self._bytes_in - self._bytes_out
 
     def close(self) -> None:
         """The stream is over (or cancelled): stop the check in flight and the timer."""
