@@ -252,7 +252,8 @@ class Stack:
                 p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
             self.sidecar = SidecarProcess(
                 ["--listen", "127.0.0.1:0", "--guardrail-id", GUARDRAIL_ID,
-                 "--guardrail-version", GUARDRAIL_VERSION, "--grace-period", "2", *sidecar_args],
+                 "--guardrail-version", GUARDRAIL_VERSION, "--grace-period", "2", "--metrics-listen", "127.0.0.1:0",
+                 *sidecar_args],
                 env, self.workdir)
             cleanup.push(f"{name}: sidecar", lambda: self.sidecar and self.sidecar.stop(10))
             self.sidecar.start()
