@@ -354,7 +354,8 @@ class StreamProcessor:
     def _on_request_body(self, message: Any) -> None:
         route = self._route
         pre_call = route.input_check is InputCheck.PRE_CALL and not route.shadow
-        if self._fmt is None or self._input_task is not None or self._request_done:
+        if (self._fmt is None or self._input_task is not None or self._request_done
+                or route.input_check is InputCheck.OFF):
             self._outbox.put(envoy.continue_request_body())
             return
         self._request_body += message.body
@@ -365,7 +366,13 @@ class StreamProcessor:
         self._request_done = True
         body = bytes(self._request_body)
         self._request_body = bytearray()
-        decoded = decode_body(body, self._content_encoding, self._settings.max_request_bytes)
+        limit = self._settings.max_request_bytes
+        if limit and len(body) > limit:
+            # No content-length to answer from at the headers (a chunked request).
+            log.info("prompt of %d bytes is over --max-request-bytes (%d): 413", len(body), limit)
+            self._reply_error(ErrorKind.TOO_LARGE, "too_large")
+            return
+        decoded = decode_body(body, self._content_encoding, limit)
         if decoded is None:
             # A prompt we cannot read must not go upstream unchecked.
             log.info("request body with content-encoding %r cannot be read: 415",

@@ -198,11 +198,13 @@ def test_allowed_override_modes_match_the_code_exactly() -> None:
         json.dumps(as_dict(m), sort_keys=True) for m in OVERRIDES.values())
 
 
-def test_base_processing_mode_is_headers_only() -> None:
+def test_base_processing_mode_buffers_prompts_and_nothing_else() -> None:
+    # The request body is BUFFERED from the start: switched on only by the headers answer, a
+    # large chunked body stalled Envoy (test_bug_chunked_prompt_over_envoys_buffer_limit_...).
     base = json_format.ParseDict(_ext_proc_config()["processing_mode"], ProcessingMode())
     assert base.request_header_mode == ProcessingMode.DEFAULT
     assert base.response_header_mode == ProcessingMode.DEFAULT
-    assert base.request_body_mode == ProcessingMode.NONE
+    assert base.request_body_mode == ProcessingMode.BUFFERED
     assert base.response_body_mode == ProcessingMode.NONE
 
 
