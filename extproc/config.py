@@ -101,7 +101,7 @@ class Settings:
     streamed_message_timeout_s: float = 10.0
     guardrail_attempt_timeout_s: float = 2.0
     guardrail_max_chars_per_call: int = 25_000
-    breaker_failures: int = 5
+    breaker_failures: int = 0
     breaker_cooldown_s: float = 10.0
     budget_rps: float = 0.0
     budget_text_units: float = 0.0
@@ -308,8 +308,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--guardrail-max-chars-per-call", "larger inputs are split into several calls "
             "(Bedrock rejects calls over the per-policy text-unit quota)", "25000",
             _number_parser(int, 1000, 10_000_000)),
-    _Option("--breaker-failures", "consecutive failed attempts that open the circuit breaker "
-            "(calls then fail fast; 0: off)", "5", _number_parser(int, 0, 10_000)),
+    _Option("--breaker-failures", "consecutive failed attempts that also open the circuit "
+            "breaker (0: off; at high concurrency a short run of failures is common, so the "
+            "breaker opens by default only when 80%% of at least 20 attempts in 30 s failed)",
+            "0", _number_parser(int, 0, 10_000)),
     _Option("--breaker-cooldown", "seconds the breaker stays open before a probe call", "10",
             _number_parser(float, 0.1, 3600)),
     _Option("--budget-rps", "ApplyGuardrail requests per second this process may send "
