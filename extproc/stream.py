@@ -500,6 +500,23 @@ class StreamProcessor:
         is_json = ok and content_type.startswith(JSON_CONTENT_TYPE)
         has_body = not message.end_of_stream
         route = self._route
+        encoding = headers.get(HEADER_CONTENT_ENCODING, "identity").strip().lower()
+        if has_body and (is_sse or is_json) and encoding not in ("", "identity") and (
+                route.output_check or gate is Gate.PENDING):
+            # The upstream compressed the answer although accept-encoding was removed: the
+            # guard cannot read it, so it cannot release it as checked.
+            error = GuardrailServerError(f"answer in content-encoding {encoding!r}")
+            self.stats["error_class"] = error.error_class
+            if route.failure_mode.fails_open(error) or route.shadow:
+                log.warning("answer in content-encoding %r cannot be checked; failure mode "
+                            "open: passed unchecked", encoding)
+                self.stats["failed_open"] = True
+                self._outbox.put(envoy.headers_response(response_phase=True))
+            else:
+                log.warning("answer in content-encoding %r cannot be checked; failure mode "
+                            "closed: 503", encoding)
+                self._reply_error(ErrorKind.UNAVAILABLE, "unavailable")
+            return
         if has_body and is_json and (route.output_check or gate is Gate.PENDING):
             # A non-streamed answer: take it whole; the client's headers wait for our answer,
             # so a block can still be a proper 4xx.

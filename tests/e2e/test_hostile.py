@@ -12,8 +12,9 @@ Defined outcomes, in short (what the tests below pin down):
   stream arrives byte-identical whatever the chunking; the same stream with a blocked phrase
   injected ends with the released events (a prefix of the original) and exactly one error frame;
 * bytes the guard cannot read pass through unchanged and **unchecked**: ``data:`` lines that are
-  not JSON (or JSON nested deeper than Python parses), a gzip-encoded SSE body (the upstream
-  ignored the removed ``accept-encoding``), ``text/plain`` or no content type; invalid UTF-8 is
+  not JSON (or JSON nested deeper than Python parses), ``text/plain`` or no content type; a
+  compressed SSE or JSON answer (the upstream ignored the removed ``accept-encoding``) follows
+  the failure policy (closed: 503); invalid UTF-8 is
   read with U+FFFD, checked, and forwarded as sent; an unterminated last event is checked;
 * a request body is read after inflating ``content-encoding: gzip``/``deflate``; one that cannot
   be read is refused (4xx), never forwarded unchecked;
@@ -513,23 +514,21 @@ def test_deeply_nested_json_answer_is_answered_at_once(hostile: Stack) -> None:
 
 
 @pytest.mark.parametrize("version", HTTP_VERSIONS)
-def test_gzip_sse_body_passes_through_unchanged(hostile: Stack, version: str) -> None:
+def test_gzip_sse_body_cannot_be_checked_so_it_fails_closed(hostile: Stack,
+                                                           version: str) -> None:
     # The sidecar removes accept-encoding, but this upstream gzips anyway. The guard cannot
-    # read compressed bytes: they pass through unchanged (not corrupted, not re-chunked into
-    # something else), content-encoding kept, and the client can inflate the original.
-    # NOT checked: the blocked phrase inside reaches the client (see the report).
+    # read compressed bytes, so it cannot release them as checked: failure mode closed (the
+    # default) answers 503 before any byte of the answer; the blocked phrase never arrives.
+    # (Was: passed through unchanged and unchecked.)
     plain = b"".join(events("Hello ", "Project Nightingale ", "world"))
     packed = gzip.compress(plain)
     script = script_of(packed, [7, 20, len(packed) // 2], delays_ms=10,
                        headers=(("content-type", "text/event-stream"),
                                 ("content-encoding", "gzip")))
     result = fetch(hostile, script, version)
-    assert result.status == 200 and result.clean_end
-    assert result.headers.get("content-encoding") == "gzip"
-    assert result.body == packed
-    assert gzip.decompress(result.body) == plain
-    record = hostile.llm.record_for_script(result.script_id or "")
-    assert record.header("accept-encoding") is None
+    assert result.status == 503
+    assert b"guardrail_unavailable" in result.body
+    assert packed not in result.body and b"Nightingale" not in result.body
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", None, "application/octet-stream"])
