@@ -9,7 +9,7 @@ Starts, on 127.0.0.1 with port 0 only, each as its own process: the local ApplyG
 endpoint (``python -m extproc.localbedrock``, the demo policy), the fake LLM
 (``python -m extproc.demo.upstream``, scripts registered over its ``/_scripts`` endpoint), the
 sidecar (the real entry point ``extproc.__main__.main`` under a small monitor that reports the
-event loop's task count, see ``MONITOR``) and Envoy with the shipped ``envoy/envoy.yaml``.
+event loop's task count, see ``extproc.demo.monitored``) and Envoy with the shipped ``envoy/envoy.yaml``.
 
 While the streams run, LocalBedrock gets latency with jitter and, in turn, throttling, 5xx and
 hangs at a rate (``--fault-rate``, per kind, on average), and some upstream answers die
@@ -82,48 +82,6 @@ DONE = b"data: [DONE]\n\n"
 KINDS = {"clean": 45, "masked": 15, "blocked": 15, "marker": 5, "drop": 12, "abort": 8}
 
 FAULT_KINDS = ("throttle", "internal", "unavailable", "hang")
-
-# The real entry point with a monitor beside ``serve``; patches two globals of
-# ``extproc.__main__`` (nothing in the product changes): one JSON line per interval with the
-# event loop's task count, threads, RSS and the server's ``active_streams``.
-MONITOR = r"""
-import asyncio, json, os, sys, threading, time
-import extproc.__main__ as _m
-_holder = []
-_orig_start = _m.start_server
-async def _start(*args, **kwargs):
-    running = await _orig_start(*args, **kwargs)
-    _holder.append(running)
-    return running
-_m.start_server = _start
-_orig_serve = _m.serve
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
-async def _serve(settings):
-    path = os.environ["GUARDRAIL_MONITOR_FILE"]
-    interval = float(os.environ.get("GUARDRAIL_MONITOR_INTERVAL", "0.5"))
-    async def monitor():
-        with open(path, "a", buffering=1) as out:
-            while True:
-                proc = _holder[0].processor if _holder else None
-                out.write(json.dumps({
-                    "t": time.time(), "tasks": len(asyncio.all_tasks()),
-                    "threads": threading.active_count(), "rss_kb": _rss_kb(),
-                    "active_streams": proc.active_streams if proc else None}) + "\n")
-                await asyncio.sleep(interval)
-    task = asyncio.get_running_loop().create_task(monitor())
-    try:
-        await _orig_serve(settings)
-    finally:
-        task.cancel()
-_m.serve = _serve
-sys.exit(_m.main(sys.argv[1:]))
-"""
-
 
 class SetupError(Exception):
     pass
@@ -258,7 +216,7 @@ def start_stack(workdir: Path, args: argparse.Namespace) -> Stack:
         sidecar_environ = {**sidecar_env(bedrock_url, env),
                            "GUARDRAIL_MONITOR_FILE": str(monitor_path)}
         sidecar, match = start_process(
-            "sidecar", [python, "-c", MONITOR, *sidecar_args], workdir,
+            "sidecar", [python, "-m", "extproc.demo.monitored", *sidecar_args], workdir,
             r"guardrail-extproc listening on [^ ]*:(\d+) ", sidecar_environ)
         started.append(sidecar)
         sidecar_port = int(match.group(1))

@@ -86,60 +86,17 @@ LOG_PROBLEMS = ("Traceback", "Task exception was never retrieved", "BUG")
 
 # --------------------------------------------------------------------------- the sidecar monitor
 
-# The real entry point (``extproc.__main__.main``) with a monitor task beside ``serve``: every
-# 0.1 s one JSON line with the event loop's task count, threads, RSS and the server's
-# ``active_streams``. Nothing in the product changes; the wrapper only patches two module
-# globals of ``extproc.__main__`` before calling ``main``.
-MONITOR = r"""
-import asyncio, json, os, sys, threading, time
-import extproc.__main__ as _m
-_holder = []
-_orig_start = _m.start_server
-async def _start(*args, **kwargs):
-    running = await _orig_start(*args, **kwargs)
-    _holder.append(running)
-    return running
-_m.start_server = _start
-_orig_serve = _m.serve
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
-async def _serve(settings):
-    path = os.environ["GUARDRAIL_MONITOR_FILE"]
-    interval = float(os.environ.get("GUARDRAIL_MONITOR_INTERVAL", "0.1"))
-    async def monitor():
-        with open(path, "a", buffering=1) as out:
-            while True:
-                proc = _holder[0].processor if _holder else None
-                out.write(json.dumps({
-                    "t": time.time(), "tasks": len(asyncio.all_tasks()),
-                    "threads": threading.active_count(), "rss_kb": _rss_kb(),
-                    "active_streams": proc.active_streams if proc else None}) + "\n")
-                await asyncio.sleep(interval)
-    task = asyncio.get_running_loop().create_task(monitor())
-    try:
-        await _orig_serve(settings)
-    finally:
-        task.cancel()
-_m.serve = _serve
-sys.exit(_m.main(sys.argv[1:]))
-"""
-
-
 class MonitoredSidecar(SidecarProcess):
-    """The sidecar process started through ``MONITOR``; same arguments, same log."""
+    """The sidecar started through ``extproc.demo.monitored``; same arguments, same log."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str], workdir: Path) -> None:
         self.monitor_path = workdir / "monitor.jsonl"
-        super().__init__(args, {**env, "GUARDRAIL_MONITOR_FILE": str(self.monitor_path)},
-                         workdir)
+        super().__init__(args, {**env, "GUARDRAIL_MONITOR_FILE": str(self.monitor_path),
+                                "GUARDRAIL_MONITOR_INTERVAL": "0.1"}, workdir)
 
     def start(self, timeout: float = 30.0) -> MonitoredSidecar:
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", MONITOR, *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "extproc.demo.monitored", *self.args],
                                      stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         marker = "guardrail-extproc listening on "
@@ -185,7 +142,7 @@ class MonitoredSidecar(SidecarProcess):
 
 
 def monitored_stack(stacks: StackFactory, args: Sequence[str]) -> Stack:
-    """A stack like ``stacks(args)`` whose sidecar runs under ``MONITOR``."""
+    """A stack like ``stacks(args)`` whose sidecar runs under ``extproc.demo.monitored``."""
     workdir = stacks.tmp / f"hostile{len(stacks.stacks)}"
     workdir.mkdir()
     base = ["--listen", "127.0.0.1:0", "--guardrail-id", GUARDRAIL_ID, "--guardrail-version", "1",
