@@ -117,6 +117,8 @@ class Config:
     # ext_proc messages per stream that are not response body messages (for the body count)
     other_msgs: int = 0
     describe: str = ""
+    # http2 max_concurrent_streams on Envoy's sidecar cluster (None: the shipped config's)
+    envoy_max_streams: int | None = None
 
 
 def sidecar_help() -> str:
@@ -161,22 +163,78 @@ def configurations(args: argparse.Namespace) -> list[Config]:
                bedrock_latency=args.latency, other_msgs=guard_other,
                describe=f"sidecar, --stream-mode async, --input-check {args.guard_input}, "
                         f"windowed defaults, Bedrock {args.latency:.0f} ms"),
+        # --workers: N processes on one port; Envoy's sidecar cluster capped at
+        # --envoy-max-streams streams per HTTP/2 connection so that it opens several
+        # connections for the kernel to spread (one per Envoy worker otherwise).
+        Config("body-w2", "sidecar", ("--workers", "2", "--input-check", "off", "--shadow", "on",
+                                      *budget, *extra),
+               bedrock_latency=0.0, other_msgs=2, envoy_max_streams=args.envoy_max_streams,
+               describe=f"as body, --workers 2, Envoy max_concurrent_streams "
+                        f"{args.envoy_max_streams} to the sidecar"),
+        Config("sync-w2", "sidecar", ("--workers", "2", "--stream-mode", "sync",
+                                      "--input-check", args.guard_input, *budget, *extra),
+               bedrock_latency=args.latency, other_msgs=guard_other,
+               envoy_max_streams=args.envoy_max_streams,
+               describe=f"as sync, --workers 2, Envoy max_concurrent_streams "
+                        f"{args.envoy_max_streams} to the sidecar"),
     ]
 
 
 # ------------------------------------------------------------------------------- processes
 
 
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads, dead ones included), in seconds."""
+def descendants(pid: int) -> list[int]:
+    """The living descendants of a process (the sidecar's guardrail call process, workers)."""
+    parents: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[ppid].append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _own_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as handle:
         fields = handle.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads, dead ones included) and of its living
+    descendants (the sidecar's guardrail call process runs boto3 there), in seconds."""
+    total = _own_cpu_s(pid)
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += _own_cpu_s(child)
+    return total
+
+
+def children_cpu_s(pid: int) -> float:
+    """The part of ``proc_cpu_s`` spent in descendants."""
+    total = 0.0
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += _own_cpu_s(child)
+    return total
+
+
 def proc_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/statm", "rb") as handle:
-        return int(handle.read().split()[1]) * PAGE / 2**20
+    """RSS of a process and its living descendants."""
+    total = 0
+    for one in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError), open(f"/proc/{one}/statm", "rb") as handle:
+            total += int(handle.read().split()[1])
+    return total * PAGE / 2**20
 
 
 def machine_busy() -> tuple[float, float]:
@@ -240,6 +298,18 @@ class Service:
             proc.wait()
 
 
+def cap_sidecar_streams(rendered: dict[str, Any], streams: int) -> None:
+    """http2_protocol_options.max_concurrent_streams of the sidecar cluster."""
+    for cluster in rendered["static_resources"]["clusters"]:
+        if cluster["name"] == "guardrail_sidecar":
+            options = cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options["explicit_http_config"]["http2_protocol_options"][
+                "max_concurrent_streams"] = streams
+            return
+    raise KeyError("no guardrail_sidecar cluster")
+
+
 def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
@@ -281,6 +351,8 @@ class Stack:
                                        upstream_port=upstream.port)
         if config.kind == "envoy":
             without_ext_proc(rendered)
+        if config.envoy_max_streams:
+            cap_sidecar_streams(rendered, config.envoy_max_streams)
         self.envoy = EnvoyProcess(rendered, workdir, concurrency=envoy_concurrency)
         cleanup.push(f"{config.name}: envoy", self.envoy.stop)
         self.envoy.start()
@@ -373,7 +445,8 @@ class CellResult:
     events_per_s: float = 0.0
     ext_proc: dict[str, int] = field(default_factory=dict)  # Envoy stat deltas
     body_msgs: int | None = None
-    cpu_s: dict[str, float] = field(default_factory=dict)  # per process
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per process (and descendants)
+    processor_children_cpu_s: float | None = None  # of cpu_s["processor"]: its child processes
     processor_us_per_body_msg: float | None = None
     processor_ms_per_stream: float | None = None
     rss_idle_mb: float | None = None
@@ -482,6 +555,8 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
     def measure_start() -> None:
         time.sleep(max(0.0, start_at - time.time()))
         holder["cpu"] = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+        if processor_pid is not None:
+            holder["children"] = children_cpu_s(processor_pid)
         holder["busy"] = machine_busy()
         holder["t"] = time.monotonic()
 
@@ -490,6 +565,7 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
     sampler.start()
     clients = run_clients(stack.port, settings, concurrency, procs, start_at)
     cpu_after = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+    children_after = children_cpu_s(processor_pid) if processor_pid is not None else 0.0
     busy_after = machine_busy()
     wall = time.monotonic() - holder.get("t", time.monotonic())
     sampler.done.set()
@@ -544,6 +620,8 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
     result.cpu_s = {name: cpu_after[name] - cpu_before.get(name, cpu_after[name])
                     for name in cpu_after}
     result.cpu_s["client"] = sum(c["cpu_s"] for c in clients)
+    if processor_pid is not None:
+        result.processor_children_cpu_s = children_after - holder.get("children", children_after)
     busy0, total0 = holder.get("busy", busy_after)
     if busy_after[1] > total0:
         result.machine_busy_pct = 100.0 * (busy_after[0] - busy0) / (busy_after[1] - total0)
@@ -776,12 +854,13 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                       "added p50", "added p99", "TTFT p50", "TTFT p99", "+TTFT p50",
                       "+TTFT p99", "stall p50", "events/s"], rows))
 
-    out.append("\n2. Resources. CPU of the processor (the sidecar or the bare reference): µs per "
-               "response body message Envoy sent,\n   ms per stream, and the ratio to bare; "
+    out.append("\n2. Resources. CPU of the processor (the sidecar or the bare reference, with "
+               "its child processes): µs per response body message Envoy sent,\n   ms per stream, and the ratio to bare; "
                "RSS = (peak during the cell - idle before) per 1,000 concurrent streams;\n   "
                "calls, TU = ApplyGuardrail calls and text units per stream (LocalBedrock); "
                "call ms = mean call time as the\n   sidecar saw it, INPUT/OUTPUT (its metrics, "
-               "when it has --metrics-listen); CPU % of one core for every\n   process; busy = "
+               "when it has --metrics-listen); CPU % of one core for every\n   process (child %: the "
+               "part of proc % spent in the sidecar's guardrail call process); busy = "
                "the whole machine (% of all CPUs); other = CPU used by anything else meanwhile "
                "(% of one\n   core): noise from outside.")
     rows = []
@@ -808,6 +887,8 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                     or None,
                     100.0 * c.cpu_s.get("processor", 0.0) / wall if "processor" in c.cpu_s
                     else None,
+                    100.0 * c.processor_children_cpu_s / wall
+                    if c.processor_children_cpu_s is not None else None,
                     100.0 * c.cpu_s.get("envoy", 0.0) / wall,
                     100.0 * c.cpu_s.get("upstream", 0.0) / wall,
                     100.0 * c.cpu_s.get("bedrock", 0.0) / wall,
@@ -816,7 +897,7 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                     fmt(c.other_cpu_pct) + ("!" if noisy(args, c) else "")])
     out.append(table(["pacing", "conc", "config", "body msgs/str", "µs/msg", "x bare",
                       "ms/stream", "x bare", "RSS MB/1k", "calls", "TU", "call ms", "proc %",
-                      "envoy %", "upstr %", "bedrk %", "client %", "lag p99", "busy %",
+                      "child %", "envoy %", "upstr %", "bedrk %", "client %", "lag p99", "busy %",
                       "other %"], rows))
 
     dirty = [c for c in cells if noisy(args, c)]
@@ -911,6 +992,23 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                                      "streams (ms)",
                            "value": value, "limit": limit,
                            "pass": value is not None and limit is not None and value <= limit})
+    # --workers 2 at 300 streams: no errors, p99 added below the single-process reference's.
+    scale_conc = 300
+    envoy300 = by_key.get(("paced", scale_conc, "envoy"))
+    bare300 = by_key.get(("paced", scale_conc, "bare"))
+    for name in ("body-w2", "sync-w2"):
+        c = by_key.get(("paced", scale_conc, name))
+        if c is None or envoy300 is None or bare300 is None:
+            continue
+        limit = sub(bare300.over_ms.get("p99"), envoy300.over_ms.get("p99"))
+        value = sub(c.over_ms.get("p99"), envoy300.over_ms.get("p99"))
+        errors = sum(c.errors.values())
+        checks.append({"target": f"{name} (2 workers), {scale_conc} paced streams: errors",
+                       "value": errors, "limit": 0, "pass": errors == 0})
+        checks.append({"target": f"{name} (2 workers), {scale_conc} paced streams: p99 added "
+                                 "latency < the single-process bare reference's (ms)",
+                       "value": value, "limit": limit,
+                       "pass": value is not None and limit is not None and value < limit})
     out.append("\nAcceptance targets (paced streams; 'guardrail off' has no body messages, so "
                "its CPU target is read on the body path row)")
     out.append(table(["target", "value", "limit", "result"],
@@ -957,6 +1055,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default="pre_call",
                         help="--input-check of the sync/async sidecars (pre_call, the default)")
     parser.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy workers (2)")
+    parser.add_argument("--envoy-max-streams", type=int, default=16,
+                        help="the -w2 configurations: max_concurrent_streams per HTTP/2 "
+                             "connection on Envoy's sidecar cluster (16)")
     parser.add_argument("--streams-per-client", type=int, default=150,
                         help="streams per client process (150): more processes above that")
     parser.add_argument("--client-procs", type=int, default=0,

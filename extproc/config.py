@@ -33,6 +33,21 @@ _GUARDRAIL_ID_RE = re.compile(
 _GUARDRAIL_VERSION_RE = re.compile(r"(([1-9][0-9]{0,7})|(DRAFT))")
 
 
+class GuardrailCalls(enum.Enum):
+    """Where the blocking boto3 calls run (``extproc.callproc`` says why)."""
+
+    PROCESS = "process"  # a child process: boto3 never holds the event loop's GIL
+    THREAD = "thread"  # a thread pool of this process
+
+
+class EventLoop(enum.Enum):
+    """The asyncio event loop implementation (``bench/README.md`` has the measurements)."""
+
+    AUTO = "auto"  # uvloop when it is installed, else asyncio's own
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
 class InputCheck(enum.Enum):
     """When the prompt is checked with source INPUT."""
 
@@ -90,6 +105,8 @@ class Settings:
     guardrail_timeout_s: float = 5.0
     guardrail_max_attempts: int = 3
     guardrail_threads: int = 32
+    guardrail_calls: GuardrailCalls = GuardrailCalls.PROCESS
+    event_loop: EventLoop = EventLoop.AUTO
     input_wait_s: float = 0.5
     drain_delay_s: float = 0.0
     grace_period_s: float = 30.0
@@ -324,6 +341,11 @@ OPTIONS: tuple[_Option, ...] = (
             "'budget'", "0.25", _number_parser(float, 0, 60)),
     _Option("--guardrail-threads", "threads running boto3 calls (concurrent calls per process)",
             "32", _number_parser(int, 1, 1024)),
+    _Option("--guardrail-calls", "where boto3 calls run: process (a child process, so they "
+            "never hold the event loop's GIL) or thread (this process's thread pool)", "process",
+            _enum_parser(GuardrailCalls)),
+    _Option("--event-loop", "asyncio event loop: auto (uvloop when installed), uvloop or "
+            "asyncio", "auto", _enum_parser(EventLoop)),
     _Option("--input-wait", "seconds the response-headers answer may wait for a pending prompt "
             "verdict; keep it below Envoy's message_timeout", "0.5",
             _number_parser(float, 0, 60)),

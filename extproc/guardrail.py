@@ -16,7 +16,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -24,7 +24,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from extproc.config import GuardrailRef, Settings
+from extproc.callproc import CallProcess
+from extproc.config import GuardrailCalls, GuardrailRef, Settings
 from extproc.errors import (
     ConfigError,
     GuardrailError,
@@ -94,6 +95,32 @@ def map_client_error(exc: botocore.exceptions.ClientError) -> GuardrailError:
     return GuardrailRejected(f"{code} ({status}): {message}")
 
 
+def boto3_client(region: str | None, *, threads: int, timeout_s: float,
+                 max_attempts: int) -> Any:
+    """The boto3 ``bedrock-runtime`` client: region and credentials from the standard AWS chain
+    (``ConfigError`` when either is missing), the endpoint from
+    ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME`` when set; ``timeout_s`` is the read timeout."""
+    session = boto3.session.Session(region_name=region)
+    if session.region_name is None:
+        raise ConfigError(
+            "no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in the AWS "
+            "config profile)"
+        )
+    if session.get_credentials() is None:
+        raise ConfigError(
+            "no AWS credentials found in the standard chain (environment, shared "
+            "credentials/config files, web identity/IRSA, container or instance role)"
+        )
+    config = botocore.config.Config(
+        connect_timeout=min(2.0, timeout_s),
+        read_timeout=timeout_s,
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        max_pool_connections=threads,
+        user_agent_extra="guardrail-extproc",
+    )
+    return session.client("bedrock-runtime", config=config)
+
+
 class BedrockGuardrailClient:
     """ApplyGuardrail through boto3, run in a thread pool so the event loop never blocks.
 
@@ -111,17 +138,6 @@ class BedrockGuardrailClient:
         max_attempts: int | None = None,
         attempt_timeout_s: float | None = None,
     ) -> None:
-        session = boto3.session.Session(region_name=settings.aws_region)
-        if session.region_name is None:
-            raise ConfigError(
-                "no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in the AWS "
-                "config profile)"
-            )
-        if session.get_credentials() is None:
-            raise ConfigError(
-                "no AWS credentials found in the standard chain (environment, shared "
-                "credentials/config files, web identity/IRSA, container or instance role)"
-            )
         attempts = settings.guardrail_max_attempts if max_attempts is None else max_attempts
         if attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {attempts}")
@@ -131,25 +147,36 @@ class BedrockGuardrailClient:
         if not self._timeout > 0:
             raise ValueError(f"attempt_timeout_s must be positive, got {self._timeout}")
         self.max_attempts = attempts
-        config = botocore.config.Config(
-            connect_timeout=min(2.0, self._timeout),
-            read_timeout=self._timeout,
-            retries={"mode": "standard", "total_max_attempts": attempts},
-            max_pool_connections=settings.guardrail_threads,
-            user_agent_extra="guardrail-extproc",
-        )
-        self._client: Any = session.client("bedrock-runtime", config=config)
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.guardrail_threads, thread_name_prefix="apply-guardrail"
-        )
+        self._client: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._process: CallProcess | None = None
+        if settings.guardrail_calls is GuardrailCalls.PROCESS:
+            self._process = CallProcess(
+                region=settings.aws_region, threads=settings.guardrail_threads,
+                timeout_s=self._timeout, max_attempts=attempts, log_level=settings.log_level,
+                log_format=settings.log_format.value)
+            self._endpoint_url, self._region = self._process.endpoint_url, self._process.region
+        else:
+            self._client = boto3_client(settings.aws_region, threads=settings.guardrail_threads,
+                                        timeout_s=self._timeout, max_attempts=attempts)
+            self._endpoint_url = str(self._client.meta.endpoint_url)
+            self._region = str(self._client.meta.region_name)
+            self._executor = ThreadPoolExecutor(
+                max_workers=settings.guardrail_threads, thread_name_prefix="apply-guardrail"
+            )
+
+    @property
+    def call_process_pid(self) -> int | None:
+        """The child running the calls (``--guardrail-calls process``), if any."""
+        return self._process.pid if self._process is not None else None
 
     @property
     def endpoint_url(self) -> str:
-        return str(self._client.meta.endpoint_url)
+        return self._endpoint_url
 
     @property
     def region(self) -> str:
-        return str(self._client.meta.region_name)
+        return self._region
 
     def _call(self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]) -> Any:
         return self._client.apply_guardrail(
@@ -177,9 +204,13 @@ class BedrockGuardrailClient:
         limit = self._timeout if timeout is None else min(self._timeout, timeout)
         if limit <= 0:
             raise GuardrailTimeout("no time left for an ApplyGuardrail call")
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
-        future = loop.run_in_executor(self._executor, self._call, guardrail, source, texts)
+        if self._process is not None:
+            future: Awaitable[Any] = self._process.call(
+                guardrail.id, guardrail.version, source.value, texts)
+        else:
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._call, guardrail, source, texts)
         try:
             response = await asyncio.wait_for(future, limit)
         except TimeoutError:
@@ -202,5 +233,9 @@ class BedrockGuardrailClient:
         return verdict
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        if self._process is not None:
+            self._process.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()

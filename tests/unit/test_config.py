@@ -18,6 +18,8 @@ from extproc.failure import FailurePolicy
 from extproc.config import (
     OPTIONS,
     FailureMode,
+    EventLoop,
+    GuardrailCalls,
     GuardrailRef,
     InputCheck,
     Settings,
@@ -42,6 +44,8 @@ ENV_NAMES = {
     "--guardrail-timeout": "EXTPROC_GUARDRAIL_TIMEOUT",
     "--guardrail-max-attempts": "EXTPROC_GUARDRAIL_MAX_ATTEMPTS",
     "--guardrail-threads": "EXTPROC_GUARDRAIL_THREADS",
+    "--guardrail-calls": "EXTPROC_GUARDRAIL_CALLS",
+    "--event-loop": "EXTPROC_EVENT_LOOP",
     "--input-wait": "EXTPROC_INPUT_WAIT",
     "--drain-delay": "EXTPROC_DRAIN_DELAY",
     "--grace-period": "EXTPROC_GRACE_PERIOD",
@@ -209,6 +213,10 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--guardrail-max-attempts", "10", "guardrail_max_attempts", 10),
     ("--guardrail-threads", "8", "guardrail_threads", 8),
     ("--guardrail-threads", "1024", "guardrail_threads", 1024),
+    ("--guardrail-calls", "thread", "guardrail_calls", GuardrailCalls.THREAD),
+    ("--guardrail-calls", "process", "guardrail_calls", GuardrailCalls.PROCESS),
+    ("--event-loop", "asyncio", "event_loop", EventLoop.ASYNCIO),
+    ("--event-loop", "uvloop", "event_loop", EventLoop.UVLOOP),
     ("--input-wait", "1.25", "input_wait_s", 1.25),
     ("--input-wait", "0", "input_wait_s", 0.0),
     ("--drain-delay", "3", "drain_delay_s", 3.0),
@@ -493,6 +501,8 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--metadata-namespace", "a/b", ("not a valid metadata namespace",)),
     ("--log-level", "TRACE", ("'TRACE'", "DEBUG", "INFO", "WARNING", "ERROR")),
     ("--log-level", "CRITICAL", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    ("--guardrail-calls", "fork", ("is not one of", "process", "thread")),
+    ("--event-loop", "trio", ("is not one of", "auto", "uvloop", "asyncio")),
 ]
 
 

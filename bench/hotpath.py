@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The sidecar's per-message Python cost, without gRPC, Envoy or the network.
+
+    python bench/hotpath.py [--streams 200] [--events 200] [--modes body,sync,async,bare]
+                            [--profile MODE]
+
+Feeds ``StreamProcessor.handle`` exactly what Envoy sends for one streamed chat completion
+(request headers, response headers, then one body message per SSE event of
+``bench/sse_upstream.py``'s script, the last one empty with end_of_stream), each message parsed
+from its wire bytes as grpc.aio would, and serializes every answer as grpc.aio would. The
+guardrail answers at once (``NONE``). It reports CPU µs per body message (``time.process_time``
+over all streams, interleaved so every mode sees the same machine) for:
+
+* ``bare``: what ``bench/bare_processor.py`` does per message (parse, forward, serialize): the
+  floor that protobuf itself sets;
+* ``body``: the sidecar with ``--input-check off --shadow on`` (the guardrail-off body path);
+* ``sync``, ``async``: the output guard in those modes, windowed defaults.
+
+This is the part of the cost that is ours; ``bench/perf.py`` measures the whole thing (gRPC,
+the event loop, Envoy) under load. ``--profile MODE`` prints a cProfile of that mode instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+for _p in (str(REPO), str(BENCH)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bare_processor import BareProcessor, forward  # noqa: E402
+from sse_upstream import script  # noqa: E402
+
+from extproc._pb.envoy.config.core.v3 import base_pb2  # noqa: E402
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
+from extproc.config import GuardrailRef, InputCheck, Settings  # noqa: E402
+from extproc.formats import all_formats  # noqa: E402
+from extproc.guardrail import Source  # noqa: E402
+from extproc.policy import StreamMode  # noqa: E402
+from extproc.stream import Outbox, StreamProcessor  # noqa: E402
+from extproc.verdict import GuardrailVerdict, classify  # noqa: E402
+
+PASS = {"action": "NONE", "outputs": [], "assessments": [],
+        "usage": {"topicPolicyUnits": 1, "contentPolicyUnits": 1, "wordPolicyUnits": 1,
+                  "sensitiveInformationPolicyUnits": 1, "sensitiveInformationPolicyFreeUnits": 0,
+                  "contextualGroundingPolicyUnits": 0}}
+
+
+class InstantGuardrail:
+    """Every text passes, answered on the next loop iteration."""
+
+    calls = 0
+
+    async def apply(self, guardrail: GuardrailRef, source: Source,
+                    texts: Sequence[str]) -> GuardrailVerdict:
+        InstantGuardrail.calls += 1
+        return classify(PASS)
+
+    def close(self) -> None:
+        pass
+
+
+def _headers(pairs: Sequence[tuple[str, str]]) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])
+
+
+def wire_messages(events: int) -> tuple[list[bytes], int]:
+    """Serialized ProcessingRequests of one stream, and how many are body messages."""
+    request = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_headers([
+        (":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "llm"),
+        ("content-type", "application/json"), ("x-request-id", "bench")])))
+    response = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_headers([
+        (":status", "200"), ("content-type", "text/event-stream")])))
+    # script() gives HTTP/1.1 chunks; Envoy sends their payloads (one SSE event each).
+    bodies = [pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk.split(b"\r\n", 1)[1][:-2]))
+              for chunk in script(events)]
+    bodies.append(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"", end_of_stream=True)))
+    messages = [request, response, *bodies]
+    return [m.SerializeToString() for m in messages], len(bodies)
+
+
+MODES: dict[str, dict[str, Any]] = {
+    "body": {"input_check": InputCheck.OFF, "shadow": True},
+    "sync": {"input_check": InputCheck.OFF, "stream_mode": StreamMode.SYNC},
+    "async": {"input_check": InputCheck.OFF, "stream_mode": StreamMode.ASYNC},
+}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def write(self, message: Any) -> None:
+        self.bytes += len(message.SerializeToString())
+
+
+async def run_sidecar(settings: Settings, wire: list[bytes], sink: Sink, stream_id: str) -> None:
+    processor = StreamProcessor(settings, InstantGuardrail(), all_formats(),
+                                Outbox(sink.write), stream_id)
+    parse = pb.ProcessingRequest.FromString
+    try:
+        for data in wire:
+            await processor.handle(parse(data))
+        for _ in range(3):  # let a check in flight finish and its release go out
+            await asyncio.sleep(0)
+    finally:
+        processor.close()
+
+
+async def run_bare(wire: list[bytes], sink: Sink) -> None:
+    parse = pb.ProcessingRequest.FromString
+    for data in wire:
+        request = parse(data)
+        if request.WhichOneof("request") == "response_body":
+            await sink.write(forward(request.response_body))
+        else:
+            await sink.write(pb.ProcessingResponse(request_headers=pb.HeadersResponse()))
+
+
+async def measure(mode: str, streams: int, wire: list[bytes]) -> tuple[float, int]:
+    """CPU seconds for ``streams`` streams of ``mode``, one after the other, and bytes out."""
+    sink = Sink()
+    settings = None if mode == "bare" else Settings(
+        guardrail=GuardrailRef("benchguardrail", "1"), **MODES[mode])
+    started = time.process_time()
+    for i in range(streams):
+        if settings is None:
+            await run_bare(wire, sink)
+        else:
+            await run_sidecar(settings, wire, sink, f"s{i}")
+    return time.process_time() - started, sink.bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/hotpath.py", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200, help="streams per round (200)")
+    parser.add_argument("--events", type=int, default=200, help="SSE events per stream (200)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    parser.add_argument("--modes", default="bare,body,sync,async")
+    parser.add_argument("--profile", metavar="MODE", help="cProfile one mode instead")
+    parser.add_argument("--json", metavar="PATH", help="write the figures here too")
+    args = parser.parse_args(argv)
+    wire, body_msgs = wire_messages(args.events)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes + ([args.profile] if args.profile else []):
+        if mode != "bare" and mode not in MODES:
+            parser.error(f"unknown mode {mode!r}")
+
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        asyncio.run(measure(args.profile, args.streams, wire))
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        return 0
+
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"python {sys.version.split()[0]}; {args.streams} streams x {body_msgs} body messages"
+          f" per round, {args.rounds} rounds (median of rounds)")
+    asyncio.run(measure("body", 20, wire))  # warm-up: imports, caches
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            seconds, _ = asyncio.run(measure(mode, args.streams, wire))
+            samples[mode].append(seconds / (args.streams * body_msgs) * 1e6)
+    results = {m: statistics.median(v) for m, v in samples.items()}
+    print(f"{'mode':<6} {'µs/msg':>7} {'min':>7} {'max':>7}")
+    for mode in modes:
+        print(f"{mode:<6} {results[mode]:7.1f} {min(samples[mode]):7.1f} "
+              f"{max(samples[mode]):7.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"per_message_us": results, "samples": samples},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

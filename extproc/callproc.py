@@ -1,0 +1,395 @@
+"""ApplyGuardrail calls in a child process, so that boto3 never competes with the event loop.
+
+Why: one boto3 ``apply_guardrail`` call costs about 1 ms of Python CPU (request building,
+SigV4 signing, parsing; ``bench/README.md``). Run in a thread pool of the sidecar's own
+process, every call holds the GIL against the event loop that answers Envoy. Under load the
+loop is one of 33 threads taking turns: at 100 concurrent streams the answer to a stream's
+request headers took up to 400 ms (Envoy's ``rh`` latency) although the process had CPU to
+spare. In a child process the calls have their own interpreter and GIL, and their CPU lands on
+another core; the loop pays only for a small JSON frame each way.
+
+The parent (``CallProcess``) starts ``python -m extproc.callproc`` with one end of a
+socketpair, and reads its hello (endpoint and region, or a fatal start-up error) before
+serving, so a broken AWS setup still fails at start-up. Frames in both directions are a
+4-byte big-endian length and a JSON object:
+
+* hello (child, once): ``{"hello": {"endpoint_url": ..., "region": ...}}`` or
+  ``{"fatal": "message"}``;
+* request: ``{"id": n, "guardrail": id, "version": v, "source": "INPUT"|"OUTPUT",
+  "texts": [...]}``;
+* answer: ``{"id": n, "ok": <the ApplyGuardrail response without ResponseMetadata>}`` or
+  ``{"id": n, "error": <GuardrailError class name>, "message": ...}``;
+* stop (parent, on close): ``{"stop": true}``.
+
+The child runs the calls in a thread pool (``--guardrail-threads``), maps AWS errors onto
+``extproc.errors`` exactly as the in-process client does, ignores SIGINT/SIGTERM (the parent
+decides when to stop, so a Ctrl-C in a terminal does not fail the checks of draining
+streams) and exits on the parent's stop frame or when the socket closes, which also happens
+when the parent dies. When the
+child dies, the calls waiting on it fail as ``server_error`` (the failure policy decides), and
+the next call starts a new child. Timeouts are the parent's: a late answer is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from extproc.errors import (
+    ConfigError,
+    GuardrailError,
+    GuardrailInputTooLarge,
+    GuardrailRejected,
+    GuardrailServerError,
+    GuardrailThrottled,
+    GuardrailTimeout,
+)
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">I")
+#: Largest frame either side accepts (an ApplyGuardrail request is at most a few MB of text).
+MAX_FRAME = 64 * 1024 * 1024
+#: Seconds the parent waits for the child's hello (imports boto3, builds the client).
+HELLO_TIMEOUT_S = 60.0
+ERROR_CLASSES: dict[str, type[GuardrailError]] = {
+    cls.__name__: cls for cls in (GuardrailTimeout, GuardrailThrottled, GuardrailServerError,
+                                  GuardrailRejected, GuardrailInputTooLarge)
+}
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":"), default=str).encode()
+    return HEADER.pack(len(data)) + data
+
+
+def error_from(name: str, message: str) -> GuardrailError:
+    """The parent's exception for a child's ``error`` answer (unknown names: server_error)."""
+    return ERROR_CLASSES.get(name, GuardrailServerError)(message)
+
+
+# ---------------------------------------------------------------------------------- the parent
+
+
+class CallProcess:
+    """The parent's side: one child process, calls multiplexed over one socket.
+
+    Constructed (and the child started) synchronously, before the event loop serves; used from
+    one event loop at a time (a different loop reconnects on its next call).
+    """
+
+    def __init__(self, *, region: str | None, threads: int, timeout_s: float,
+                 max_attempts: int, log_level: str = "INFO", log_format: str = "json") -> None:
+        self._argv = ["--threads", str(threads), "--timeout", repr(timeout_s),
+                      "--max-attempts", str(max_attempts), "--log-level", log_level,
+                      "--log-format", log_format]
+        if region:
+            self._argv += ["--region", region]
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._conn: socket.socket | None = None  # the writer's socket (a dup of ``_sock``)
+        self._reader_task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[None] | None = None
+        self._closed = False
+        self.restarts = 0
+        hello = self._spawn()
+        self.endpoint_url = str(hello.get("endpoint_url", ""))
+        self.region = str(hello.get("region", ""))
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _spawn(self) -> dict[str, Any]:
+        """Start a child and wait for its hello (blocking); raise ``ConfigError`` on a fatal
+        start-up error, ``GuardrailServerError`` when it does not come up."""
+        parent, child = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "extproc.callproc", "--fd", str(child.fileno()),
+                 *self._argv],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            parent.close()
+            raise GuardrailServerError(f"cannot start the guardrail call process: {exc}") from exc
+        finally:
+            child.close()
+        try:
+            parent.settimeout(HELLO_TIMEOUT_S)
+            hello = _read_frame_blocking(parent)
+        except (OSError, ValueError) as exc:
+            parent.close()
+            _reap(proc)
+            raise GuardrailServerError(
+                f"the guardrail call process did not start ({exc}; exit code {proc.poll()})"
+            ) from None
+        if "fatal" in hello:
+            parent.close()
+            _reap(proc)
+            raise ConfigError(str(hello["fatal"]))
+        parent.setblocking(False)
+        self._sock, self._proc = parent, proc
+        log.debug("guardrail call process %d started", proc.pid)
+        return dict(hello.get("hello") or {})
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sock is None:  # the child died: start another one off the loop
+            await loop.run_in_executor(None, self._spawn)
+            self.restarts += 1
+            log.warning("guardrail call process restarted (pid %s)", self.pid)
+        assert self._sock is not None
+        # A duplicate, so that closing this loop's transport leaves the socket for another.
+        conn = self._sock.dup()
+        reader, writer = await asyncio.open_connection(sock=conn)
+        self._loop, self._writer, self._conn = loop, writer, conn
+        self._reader_task = loop.create_task(self._read_answers(reader))
+
+    async def _ensure(self) -> asyncio.StreamWriter:
+        loop = asyncio.get_running_loop()
+        if self._writer is not None and self._loop is not loop:
+            self._drop_connection(GuardrailServerError("the event loop changed"))
+        if self._writer is None or self._writer.is_closing():
+            if self._starting is None or self._starting.get_loop() is not loop:
+                self._starting = loop.create_task(self._connect())
+            starting = self._starting
+            try:
+                await asyncio.shield(starting)
+            finally:
+                if starting.done() and self._starting is starting:
+                    self._starting = None
+        assert self._writer is not None
+        return self._writer
+
+    async def call(self, guardrail_id: str, version: str, source: str,
+                   texts: Sequence[str]) -> dict[str, Any]:
+        """One ApplyGuardrail call in the child; the response dict, or a ``GuardrailError``.
+        Cancelling it (a timeout) forgets the call; the child's late answer is dropped."""
+        if self._closed:
+            raise GuardrailServerError("the guardrail client is closed")
+        try:
+            writer = await self._ensure()
+        except GuardrailError:
+            raise
+        except (OSError, ConfigError) as exc:
+            raise GuardrailServerError(f"guardrail call process unavailable: {exc}") from exc
+        call_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            writer.write(frame({"id": call_id, "guardrail": guardrail_id, "version": version,
+                                "source": source, "texts": list(texts)}))
+            return await future
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        error: GuardrailError
+        try:
+            while True:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes")
+                answer = json.loads(await reader.readexactly(size))
+                future = self._pending.get(answer.get("id"))
+                if future is None or future.done():
+                    continue  # the caller gave up (timeout, cancelled stream)
+                if "ok" in answer:
+                    future.set_result(answer["ok"])
+                else:
+                    future.set_exception(error_from(str(answer.get("error")),
+                                                    str(answer.get("message", ""))))
+        except asyncio.CancelledError:
+            if self._reader_task is _current_task():
+                # The event loop is shutting down (asyncio.run cancels every task): close this
+                # loop's connection while the loop can still do it; the child stays.
+                self._drop_connection(GuardrailServerError("the event loop stopped"))
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            error = GuardrailServerError("the guardrail call process exited")
+        except ValueError as exc:
+            error = GuardrailServerError(f"bad answer from the guardrail call process: {exc}")
+        if not self._closed:
+            code = self._proc.poll() if self._proc is not None else None
+            log.error("guardrail call process %s ended (exit code %s); %d call(s) failed, the "
+                      "next call starts a new one", self.pid, code, len(self._pending))
+        self._drop_connection(error, child_gone=True)
+
+    def _drop_connection(self, error: GuardrailError, child_gone: bool = False) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        writer, self._writer = self._writer, None
+        task, self._reader_task = self._reader_task, None
+        # The connection may belong to an event loop that is closed by now.
+        with contextlib.suppress(RuntimeError):
+            if writer is not None:
+                writer.close()
+            if task is not None and task is not _current_task():
+                task.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()  # now, even when the loop could not close its transport
+        if child_gone:
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                sock.close()
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                _reap(proc, wait_s=0)
+
+    def close(self) -> None:
+        """Close the socket (the child exits on end of file) and reap the child."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_connection(GuardrailServerError("the guardrail client is closed"))
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            # Say so: an event loop may still hold a duplicate of the socket (uvloop closes its
+            # transports on a later iteration), so the child would not see the end of file yet.
+            with contextlib.suppress(OSError):
+                sock.settimeout(1.0)
+                sock.sendall(frame({"stop": True}))
+            sock.close()
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _reap(proc, wait_s=5.0)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _reap(proc: subprocess.Popen[bytes], wait_s: float = 2.0) -> None:
+    """Wait a little for a child that should exit on its own, then kill it."""
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5.0)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        data = sock.recv(size - len(chunks))
+        if not data:
+            raise ConnectionError("end of file")
+        chunks += data
+    return bytes(chunks)
+
+
+def _read_frame_blocking(sock: socket.socket) -> dict[str, Any]:
+    (size,) = HEADER.unpack(_read_exactly(sock, HEADER.size))
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes")
+    message = json.loads(_read_exactly(sock, size))
+    if not isinstance(message, dict):
+        raise ValueError("frame is not an object")
+    return message
+
+
+# ----------------------------------------------------------------------------------- the child
+
+
+def _answer(client: Any, request: dict[str, Any]) -> dict[str, Any]:
+    # Imported here: the parent never needs botocore's exception classes for this module.
+    import botocore.exceptions
+
+    from extproc.guardrail import map_client_error
+
+    call_id = request.get("id")
+    try:
+        response = client.apply_guardrail(
+            guardrailIdentifier=request["guardrail"], guardrailVersion=request["version"],
+            source=request["source"],
+            content=[{"text": {"text": text}} for text in request["texts"]])
+    except botocore.exceptions.ClientError as exc:
+        error: GuardrailError = map_client_error(exc)
+    except (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as exc:
+        error = GuardrailTimeout(type(exc).__name__)
+    except botocore.exceptions.BotoCoreError as exc:
+        error = GuardrailServerError(f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the parent must get an answer
+        log.exception("unexpected error in an ApplyGuardrail call")
+        error = GuardrailServerError(f"{type(exc).__name__}: {exc}")
+    else:
+        response.pop("ResponseMetadata", None)
+        return {"id": call_id, "ok": response}
+    return {"id": call_id, "error": type(error).__name__, "message": str(error)}
+
+
+def child_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extproc.callproc")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--region")
+    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--max-attempts", type=int, default=1)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="json")
+    args = parser.parse_args(argv)
+    # The parent decides when the calls stop (it closes the socket); see the module docstring.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    from extproc.logs import LogFormat, configure_logging
+
+    configure_logging(args.log_level, LogFormat(args.log_format))
+    try:
+        from extproc.guardrail import boto3_client
+
+        client = boto3_client(args.region, threads=args.threads, timeout_s=args.timeout,
+                              max_attempts=args.max_attempts)
+    except ConfigError as exc:
+        sock.sendall(frame({"fatal": str(exc)}))
+        return 2
+    sock.sendall(frame({"hello": {"endpoint_url": str(client.meta.endpoint_url),
+                                  "region": str(client.meta.region_name)}}))
+    send_lock = threading.Lock()
+    executor = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="apply-guardrail")
+
+    def run(request: dict[str, Any]) -> None:
+        data = frame(_answer(client, request))
+        with send_lock, contextlib.suppress(OSError):
+            sock.sendall(data)
+
+    try:
+        while True:
+            request = _read_frame_blocking(sock)
+            if request.get("stop"):
+                break
+            executor.submit(run, request)
+    except (ConnectionError, OSError, ValueError):
+        pass  # the parent closed the socket (or died): stop
+    executor.shutdown(wait=False, cancel_futures=True)
+    os._exit(0)  # do not wait for calls in flight: nobody is left to read their answers
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

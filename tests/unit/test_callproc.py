@@ -1,0 +1,239 @@
+"""ApplyGuardrail calls in a child process (``extproc.callproc``), against the real local
+endpoint: the same answers and errors as in-process calls, and a defined outcome when the
+child dies, is interrupted, or its parent goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from extproc.config import GuardrailCalls
+from extproc.errors import (
+    ConfigError,
+    GuardrailRejected,
+    GuardrailServerError,
+    GuardrailThrottled,
+    GuardrailTimeout,
+)
+from extproc.guardrail import BedrockGuardrailClient, Source
+from extproc.localbedrock import LocalBedrock, default_policy
+from extproc.verdict import Outcome
+from tests.support import settings
+
+GUARDRAIL = settings().guardrail
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_BEARER_TOKEN_BEDROCK", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.fixture
+def bedrock(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBedrock]:
+    with LocalBedrock(default_policy(), port=0) as lb:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", lb.url)
+        yield lb
+
+
+def make_client(calls: GuardrailCalls = GuardrailCalls.PROCESS,
+                timeout_s: float = 2.0) -> BedrockGuardrailClient:
+    return BedrockGuardrailClient(settings(aws_region="us-east-1", guardrail_calls=calls),
+                                  max_attempts=1, attempt_timeout_s=timeout_s)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_dead(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("calls", list(GuardrailCalls))
+async def test_both_ways_give_the_same_verdicts_and_errors(
+        bedrock: LocalBedrock, calls: GuardrailCalls) -> None:
+    client = make_client(calls)
+    try:
+        assert client.endpoint_url == bedrock.url and client.region == "us-east-1"
+        assert (client.call_process_pid is not None) == (calls is GuardrailCalls.PROCESS)
+        clean = await client.apply(GUARDRAIL, Source.OUTPUT, ["The lighthouse is tall."])
+        assert clean.outcome is Outcome.PASS and clean.text_units > 0
+        blocked = await client.apply(GUARDRAIL, Source.OUTPUT, ["About Project Nightingale."])
+        assert blocked.outcome is Outcome.BLOCK
+        masked = await client.apply(GUARDRAIL, Source.OUTPUT, ["Mail jane.doe@example.com"])
+        assert masked.outcome is Outcome.MASK
+        assert masked.outputs and "jane.doe@example.com" not in masked.outputs[0]
+        bedrock.inject_error("throttle", count=1)
+        with pytest.raises(GuardrailThrottled):
+            await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        bedrock.inject_error("access_denied", count=1)
+        with pytest.raises(GuardrailRejected):
+            await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        bedrock.inject_error("hang")
+        started = time.monotonic()
+        with pytest.raises(GuardrailTimeout):
+            await client.apply(GUARDRAIL, Source.INPUT, ["hello"], timeout=0.3)
+        assert time.monotonic() - started < 1.5
+        bedrock.clear_error()
+    finally:
+        bedrock.clear_error()
+        client.close()
+
+
+async def test_many_concurrent_calls_are_answered_to_their_callers(bedrock: LocalBedrock) -> None:
+    client = make_client()
+    try:
+        texts = [f"Clean text number {i}." if i % 3 else f"Project Nightingale {i}"
+                 for i in range(60)]
+        verdicts = await asyncio.gather(
+            *(client.apply(GUARDRAIL, Source.OUTPUT, [text]) for text in texts))
+        for text, verdict in zip(texts, verdicts, strict=True):
+            expected = Outcome.BLOCK if "Nightingale" in text else Outcome.PASS
+            assert verdict.outcome is expected, text
+    finally:
+        client.close()
+
+
+async def test_child_killed_mid_call_fails_the_call_and_the_next_call_starts_a_new_one(
+        bedrock: LocalBedrock) -> None:
+    client = make_client()
+    try:
+        first = client.call_process_pid
+        assert first is not None
+        bedrock.inject_error("hang")
+        call = asyncio.ensure_future(client.apply(GUARDRAIL, Source.INPUT, ["hello"]))
+        await asyncio.sleep(0.3)  # the call is in the child now
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(GuardrailServerError, match="exited"):
+            await asyncio.wait_for(call, 5)
+        bedrock.clear_error()
+        verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello again"])
+        assert verdict.outcome is Outcome.PASS
+        assert client.call_process_pid not in (None, first)
+        assert wait_dead(first)
+    finally:
+        bedrock.clear_error()
+        client.close()
+
+
+async def test_child_ignores_sigint_so_a_ctrl_c_does_not_fail_draining_streams(
+        bedrock: LocalBedrock) -> None:
+    client = make_client()
+    try:
+        pid = client.call_process_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert alive(pid)
+        verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        assert verdict.outcome is Outcome.PASS
+    finally:
+        client.close()
+
+
+async def test_close_stops_the_child(bedrock: LocalBedrock) -> None:
+    client = make_client()
+    await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+    pid = client.call_process_pid
+    assert pid is not None
+    client.close()
+    assert wait_dead(pid)
+    with pytest.raises(GuardrailServerError, match="closed"):
+        await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+
+
+def test_the_client_survives_a_new_event_loop(bedrock: LocalBedrock) -> None:
+    """Each asyncio.run is a new loop: the next call reconnects to the same child."""
+    client = make_client()
+    try:
+        pid = client.call_process_pid
+        for _ in range(3):
+            verdict = asyncio.run(client.apply(GUARDRAIL, Source.INPUT, ["hello"]))
+            assert verdict.outcome is Outcome.PASS
+        assert client.call_process_pid == pid
+    finally:
+        client.close()
+
+
+def test_child_exits_when_its_parent_dies(bedrock: LocalBedrock) -> None:
+    script = textwrap.dedent("""
+        import os, sys
+        from extproc.guardrail import BedrockGuardrailClient
+        from tests.support import settings
+        client = BedrockGuardrailClient(settings(aws_region="us-east-1"), max_attempts=1)
+        print(client.call_process_pid, flush=True)
+        os._exit(0)  # no close(): the parent just dies
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[0])
+    assert wait_dead(pid), "the call process outlived its parent"
+
+
+@pytest.mark.parametrize("calls", list(GuardrailCalls))
+def test_missing_credentials_are_a_start_up_error(
+        aws_env: None, monkeypatch: pytest.MonkeyPatch, calls: GuardrailCalls) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ConfigError, match="no AWS credentials"):
+        make_client(calls)
+
+
+@pytest.mark.parametrize("calls", list(GuardrailCalls))
+def test_missing_region_is_a_start_up_error(
+        aws_env: None, monkeypatch: pytest.MonkeyPatch, calls: GuardrailCalls) -> None:
+    monkeypatch.delenv("AWS_REGION")
+    with pytest.raises(ConfigError, match="no AWS region"):
+        BedrockGuardrailClient(settings(aws_region=None, guardrail_calls=calls), max_attempts=1)
+
+
+def test_close_under_uvloop_stops_the_child_at_once(bedrock: LocalBedrock) -> None:
+    """Regression: uvloop keeps its own duplicate of the socket until a later loop iteration,
+    so the child saw no end of file and close() waited 5 s before killing it."""
+    uvloop = pytest.importorskip("uvloop")  # a dependency: present wherever the suite runs
+    client = make_client()
+    pid = client.call_process_pid
+    assert pid is not None
+
+    async def use_and_close() -> float:
+        await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        started = time.monotonic()
+        client.close()
+        return time.monotonic() - started
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        took = runner.run(use_and_close())
+    assert took < 1.0
+    assert wait_dead(pid, 2.0)
