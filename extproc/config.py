@@ -10,7 +10,10 @@ Precedence: command-line flag, then environment variable, then default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
+import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +126,7 @@ class Settings:
     budget_rps: float = 0.0
     budget_text_units: float = 0.0
     budget_max_wait_s: float = 0.25
-    workers: int = 1
+    workers: int = field(default_factory=lambda: available_cpus())
     reuse_port: bool = False
     max_held_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
@@ -266,6 +269,43 @@ def _number_parser(
     return parse
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's CPU
+    limit; rounded up), at least 1. ``os.cpu_count()`` would give the node's cores."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``), or None."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as handle:
+            quota, period = handle.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, \
+                open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
+            value, period_us = int(q.read()), int(p.read())
+        return value / period_us if value > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _parse_workers(value: str, where: str) -> int:
+    if value.strip().lower() == "auto":
+        return available_cpus()
+    parsed: int = _number_parser(int, 1, 256)(value, where)
+    return parsed
+
+
 def _parse_log_level(value: str, where: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -372,8 +412,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--max-stream-text-units", "cumulative strategy: text units per policy one stream "
             "may spend before falling back to windows", "100", _number_parser(int, 1, 1_000_000)),
     _Option("--workers", "server processes sharing the listen port (SO_REUSEPORT) to use "
-            "more than one core; worker i serves metrics on the metrics port + i", "1",
-            _number_parser(int, 1, 256)),
+            "more than one core; auto: the CPUs this process may use (affinity and cgroup "
+            "CPU quota); worker i serves metrics on the metrics port + i", "auto",
+            _parse_workers),
     _Option("--reuse-port", "bind the listen port with SO_REUSEPORT (set for workers; for "
             "processes started by other means)", "off", _parse_bool),
     _Option("--max-held-bytes", "bytes one stream may hold back (unchecked text, a partial "

@@ -229,8 +229,11 @@ class SidecarProcess:
 
 
 def sidecar_env(bedrock_url: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for a sidecar talking to a local ApplyGuardrail endpoint."""
+    """Environment for a sidecar talking to a local ApplyGuardrail endpoint; one server process
+    (``--workers 1``) unless the environment says otherwise, so that the demo, the tests and
+    the benchmarks watch one process (a flag still overrides it)."""
     env = dict(os.environ if base is None else base)
+    env.setdefault("EXTPROC_WORKERS", "1")
     env.update(
         AWS_ENDPOINT_URL_BEDROCK_RUNTIME=bedrock_url,
         AWS_REGION=env.get("AWS_REGION", "us-east-1"),

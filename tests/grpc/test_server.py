@@ -512,7 +512,8 @@ def local_bedrock() -> Iterator[LocalBedrock]:
 def sidecar_env(bedrock_url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
     env.update(AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
-               PYTHONUNBUFFERED="1", EXTPROC_METRICS_LISTEN="127.0.0.1:0")
+               PYTHONUNBUFFERED="1", EXTPROC_METRICS_LISTEN="127.0.0.1:0",
+               EXTPROC_WORKERS="1")  # one process to watch (tests/grpc/test_workers.py: more)
     if bedrock_url is not None:
         env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = bedrock_url
     return env

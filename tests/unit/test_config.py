@@ -665,3 +665,22 @@ def test_cli_help_exits_0_and_mentions_every_env_var() -> None:
 def test_window_min_chars_cannot_exceed_window_chars() -> None:
     message = config_error([*BASE_ARGV, "--window-chars", "100", "--window-min-chars", "200"])
     assert "--window-min-chars" in message and "--window-chars" in message
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import extproc.config as config
+
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: None)
+    assert settings_from(BASE_ARGV + ["--workers", "auto"]).workers == 4
+    assert settings_from(BASE_ARGV).workers == 4  # the default
+    assert settings_from(BASE_ARGV + ["--workers", "3"]).workers == 3
+    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: 1.5)  # a pod's limit: 1500m
+    assert config.available_cpus() == 2
+    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: 0.25)
+    assert config.available_cpus() == 1
+    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: 16.0)  # above the affinity
+    assert config.available_cpus() == 4
