@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,7 +83,9 @@ class _Delta:
 class _Held:
     raw: bytes
     event: SSEEvent | None
-    deltas: list[_Delta]
+    chars: int  # characters of model text in it (0: an event without text)
+    # Sync only, where ``mapped`` text must be tracked: that text's place in its channels.
+    deltas: Sequence[_Delta]
 
 
 class _Channel:
@@ -210,10 +212,11 @@ class OutputGuard:
         decoder = self._decoder
         if decoder is None:
             if body:
-                self._held.append(_Held(body, None, []))
+                self._held.append(_Held(body, None, 0, ()))
         else:
+            hold = self._hold
             for event in decoder.feed(body, end_of_stream=end_of_stream):
-                self._held.append(_Held(event.raw, event, self._deltas(event)))
+                hold(event.raw, event)
         if end_of_stream:
             self._upstream_done = True
             if decoder is not None:
@@ -224,8 +227,7 @@ class OutputGuard:
                     # its bytes on unchanged.
                     closing = SSEDecoder().feed(leftover + b"\n\n", end_of_stream=True)
                     event = dataclasses.replace(closing[0], raw=leftover) if closing else None
-                    deltas = self._deltas(event) if event is not None else []
-                    self._held.append(_Held(leftover, event, deltas))
+                    self._hold(leftover, event)
         if self._max_held_bytes and self._over_limit():
             return
         self._advance()
@@ -268,13 +270,15 @@ class OutputGuard:
         elif data:
             self._sink.release(data)
 
-    def _deltas(self, event: SSEEvent) -> list[_Delta]:
-        if not self._check_output:
-            return []
-        found = self._codec.extract(event)
+    def _hold(self, raw: bytes, event: SSEEvent | None) -> None:
+        """Queue an event for release; its text goes to its channels."""
+        found = self._codec.extract(event) if event is not None and self._check_output else ()
         if not found:
-            return []
-        deltas = []
+            self._held.append(_Held(raw, event, 0, ()))
+            return
+        deltas: list[_Delta] = []
+        sync = self._mode is StreamMode.SYNC
+        chars = 0
         for key, text in found:
             index = self._channel_index.get(key)
             if index is None:
@@ -282,8 +286,11 @@ class OutputGuard:
                 self._channel_index[key] = index
                 self._channels.append(
                     _Channel(key, keep_all=self._strategy is Strategy.CUMULATIVE))
-            deltas.append(_Delta(index, self._channels[index].append(text), text))
-        return deltas
+            start = self._channels[index].append(text)
+            chars += len(text)
+            if sync:
+                deltas.append(_Delta(index, start, text))
+        self._held.append(_Held(raw, event, chars, deltas))
 
     def on_gate_change(self) -> None:
         """The prompt verdict arrived."""
@@ -325,21 +332,21 @@ class OutputGuard:
         return True
 
     def _render(self, item: _Held) -> bytes:
-        """The bytes of a released event. The codec sees every released event, in order (its
-        closing frames follow what the client received); masked text replaces the original."""
+        """The bytes of an event released in sync mode. The codec sees every released event, in
+        order (its closing frames follow what the client received); masked text replaces the
+        original."""
         if item.event is None:
             return item.raw
         changed: dict[Hashable, str] = {}
-        if self._mode is not StreamMode.ASYNC:
-            for delta in item.deltas:
-                text = "".join(delta.mapped)
-                if text != delta.text:
-                    changed[self._channels[delta.channel].key] = text
+        for delta in item.deltas:
+            text = "".join(delta.mapped)
+            if text != delta.text:
+                changed[self._channels[delta.channel].key] = text
         return self._codec.rewrite(item.event, changed)
 
     def _release(self) -> None:
         if self.finished or not self._chunks_seen or (
-                self._gate() != "open" and not self._shadow):
+                not self._shadow and self._gate() != "open"):
             return
         held = self._held
         out: list[bytes] = []
@@ -349,21 +356,23 @@ class OutputGuard:
             # so that a late block still ends the stream before the client's terminator.
             count = len(held)
             if not self._all_checked():
-                while count and not held[count - 1].deltas:
+                while count and not held[count - 1].chars:
                     count -= 1
+            rewrite = self._codec.rewrite  # as in ``_render``; async never applies masks
+            size = chars = 0
             for _ in range(count):
                 item = held.popleft()
-                out.append(self._render(item))
-                self._bytes_out += len(item.raw)
-                for delta in item.deltas:
-                    self._released_chars += len(delta.text)
+                out.append(item.raw if item.event is None else rewrite(item.event, {}))
+                size += len(item.raw)
+                chars += item.chars
+            self._bytes_out += size
+            self._released_chars += chars
         else:
             while held and self._releasable(held[0]):
                 item = held.popleft()
                 out.append(self._render(item))
                 self._bytes_out += len(item.raw)
-                for delta in item.deltas:
-                    self._released_chars += len(delta.text)
+                self._released_chars += item.chars
         end_of_stream = self._upstream_done and not held
         if end_of_stream:
             self.finished = True
@@ -381,7 +390,10 @@ class OutputGuard:
     # -- checks -----------------------------------------------------------------------------
 
     def _pending_chars(self) -> int:
-        return sum(c.length - c.checked for c in self._channels)
+        pending = 0
+        for channel in self._channels:  # (once per chunk: a loop is cheaper than sum())
+            pending += channel.length - channel.checked
+        return pending
 
 
     def _maybe_check(self) -> None:

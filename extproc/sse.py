@@ -30,7 +30,9 @@ _NEWLINES = re.compile(r"\r\n?|\n")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
+_CR_BYTE = b"\r"
 _LF = 0x0A
+_SPACE = 0x20
 
 _NO_CR = 0
 _CR_AFTER_LINE = 1
@@ -128,6 +130,39 @@ class SSEDecoder:
         """Consume one chunk; return the events it completes, in stream order."""
         if type(data) is not bytes:
             data = bytes(data)
+        events: list[SSEEvent] = []
+        if not self._buf and not self._cr and not self._bom and _CR_BYTE not in data:
+            # Nothing pending (so no field of an unfinished event either), the BOM settled, LF
+            # line endings: the usual chunk is one or more whole events, each an optional
+            # ``event`` line and one ``data`` line, and needs no per-line work. What follows
+            # them is fed as a chunk of its own, which gives the same events (boundaries are
+            # arbitrary).
+            n = len(data)
+            start = 0
+            while True:
+                line = start
+                name = None
+                if data.startswith(b"event:", line):
+                    end = data.find(b"\n", line)
+                    if end < 0:
+                        break
+                    value = line + 7 if data[line + 6] == _SPACE else line + 6
+                    name = str(data[value:end], "utf-8", "replace")
+                    line = end + 1
+                if not data.startswith(b"data:", line):
+                    break
+                end = data.find(b"\n", line)
+                nxt = end + 2
+                if end < 0 or nxt > n or data[end + 1] != _LF:
+                    break
+                value = line + 6 if data[line + 5] == _SPACE else line + 5
+                events.append(SSEEvent(data[start:nxt], name,
+                                       str(data[value:end], "utf-8", "replace")))
+                start = nxt
+            if start == n:
+                return events
+            if start:
+                data = data[start:]
         if self._buf:
             buf: bytes | bytearray = self._buf
             self._buf += data
@@ -137,7 +172,6 @@ class SSEDecoder:
         pos = self._pos
         scan = self._scan
         blk = 0
-        events: list[SSEEvent] = []
         if self._cr:
             if pos < n:
                 if buf[pos] == _LF:
@@ -156,21 +190,35 @@ class SSEDecoder:
             self._bom = False
             if buf.startswith(_BOM):
                 pos = scan = 3
-        search = _EOL.search
-        while (m := search(buf, scan)) is not None:
-            end, nxt = m.span()
-            if nxt == n and not end_of_stream and buf[end] == _CR and nxt == end + 1:
+        if _CR_BYTE in data:
+            search = _EOL.search
+            while (m := search(buf, scan)) is not None:
+                end, nxt = m.span()
+                if nxt == n and not end_of_stream and buf[end] == _CR and nxt == end + 1:
+                    if end == pos:
+                        self._cr = _CR_AFTER_BLANK
+                        pos = nxt
+                        break
+                    self._cr = _CR_AFTER_LINE
                 if end == pos:
-                    self._cr = _CR_AFTER_BLANK
-                    pos = nxt
-                    break
-                self._cr = _CR_AFTER_LINE
-            if end == pos:
-                events.append(self._dispatch(bytes(buf[blk:nxt])))
-                blk = nxt
-            else:
-                self._line(str(buf[pos:end], "utf-8", "replace"))
-            pos = scan = nxt
+                    events.append(self._dispatch(bytes(buf[blk:nxt])))
+                    blk = nxt
+                else:
+                    self._line(str(buf[pos:end], "utf-8", "replace"))
+                pos = scan = nxt
+        else:
+            # The usual stream: LF line endings only. The bytes not scanned yet are ``data``
+            # (a pending line holds no line ending), so every line ending is an LF: the same
+            # loop with ``find`` instead of a regex search per line.
+            find = buf.find
+            while (end := find(b"\n", scan)) >= 0:
+                nxt = end + 1
+                if end == pos:
+                    events.append(self._dispatch(bytes(buf[blk:nxt])))
+                    blk = nxt
+                else:
+                    self._line(str(buf[pos:end], "utf-8", "replace"))
+                pos = scan = nxt
         if buf is self._buf:
             if blk:
                 del self._buf[:blk]

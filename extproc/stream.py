@@ -543,7 +543,8 @@ class StreamProcessor:
                 mode=route.stream_mode,
                 policy=route.window,
                 apply=self._apply_output,
-                gate=lambda: self._input_gate.value,
+                # Read per body chunk: ``_value_``, as ``.value`` is a Python-level property.
+                gate=lambda: self._input_gate._value_,
                 sink=sink,
                 flush=self._outbox.flush,
                 failure_mode=route.failure_mode,

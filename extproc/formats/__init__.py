@@ -16,6 +16,9 @@ sequence numbers, the text already sent), because the closing frames must contin
 events the client received. It learns that view from :meth:`StreamCodec.rewrite`, which the
 caller invokes for **every event it releases to the client, in order**; :meth:`extract` is
 invoked for every event as it arrives (the events released are always a prefix of those).
+Both run once per event of every stream, so a codec parses an event's JSON once: ``extract``
+keeps what ``rewrite`` will need of it (``_common.Notes``), and ``rewrite`` parses again only
+to replace text or for an event ``extract`` did not see (a caller that checks no text).
 
 Formats and codecs are pure: no I/O, no logging, no Envoy or gRPC types.
 
@@ -78,7 +81,8 @@ class StreamCodec(Protocol):
     """The events of one streamed answer. May keep state; one instance per stream."""
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
-        """The model text in one SSE event as (channel, text) pairs in stream order.
+        """The model text in one SSE event as (channel, text) pairs in stream order, each text
+        non-empty.
 
         Called once per event as it arrives, in order. A channel is one independent stream of
         text (a choice's content, a tool call's arguments, a content block) and is the same

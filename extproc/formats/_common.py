@@ -8,12 +8,13 @@ on order and count.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from extproc.formats import ErrorKind, PromptScope
-from extproc.sse import encode_event
+from extproc.sse import SSEEvent, encode_event
 
 _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
@@ -47,8 +48,22 @@ def load_json(data: bytes | str | None) -> Any:
         return None
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
 def load_object(data: bytes | str | None) -> dict[str, Any] | None:
     """The parsed JSON object, or None when it is not a JSON object."""
+    if type(data) is str and data[:1] == "{":
+        # Every streamed event's data goes through here. ``json.loads`` on such text is
+        # ``raw_decode`` at 0 plus a check that only whitespace follows; calling ``raw_decode``
+        # directly skips two regex matches and two Python frames (~1 µs of ~2.5). Anything but
+        # an object that ends the text exactly takes the general path, so the result is the same.
+        try:
+            value, end = _raw_decode(data)
+        except (ValueError, RecursionError):
+            return None  # json.loads raises the same error for it
+        if end == len(data):
+            return value  # type: ignore[no-any-return]
     value = load_json(data)
     return value if isinstance(value, dict) else None
 
@@ -61,6 +76,37 @@ def dumps(value: Any) -> str:
 def event_bytes(payload: Any, event: str | None = None) -> bytes:
     """One SSE message event carrying ``payload`` as compact JSON."""
     return encode_event(dumps(payload), event)
+
+
+#: ``Notes.take`` for an event whose ``extract`` it did not see.
+UNREAD: Any = object()
+
+
+class Notes:
+    """What a codec's ``extract`` read from each event, kept for that event's ``rewrite``.
+
+    The caller extracts every event as it arrives and rewrites the released ones in the same
+    order, a prefix of them (``StreamCodec``): the notes form a queue whose oldest entry is the
+    next rewrite's. Without this, every released event is parsed twice. An event ``extract``
+    did not see (the caller checks no text) has no note (``UNREAD``): the codec reads it again.
+    Notes of text deltas are small tuples, not the parsed event (held events are many), so a
+    delta whose text is replaced (masking, rare) is parsed again.
+    """
+
+    __slots__ = ("_queue",)
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[SSEEvent, Any]] = deque()
+
+    def put(self, event: SSEEvent, note: Any) -> None:
+        self._queue.append((event, note))
+
+    def take(self, event: SSEEvent) -> Any:
+        """The note of ``event`` (``UNREAD`` when ``extract`` did not see it)."""
+        queue = self._queue
+        if queue and queue[0][0] is event:
+            return queue.popleft()[1]
+        return UNREAD
 
 
 def key(value: Any) -> Hashable:

@@ -225,6 +225,7 @@ class AnthropicCodec:
         self._started = False  # the client received message_start
         self._blocks = 0  # content blocks the client received a start for
         self._open: set[int] = set()
+        self._notes = c.Notes()
 
     def _seen(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
@@ -240,9 +241,11 @@ class AnthropicCodec:
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         payload = c.load_object(event.data)
+        kind = payload.get("type") if payload is not None else None
+        # ``rewrite`` needs the payload of the few events that change the client's view.
+        self._notes.put(event, payload if isinstance(kind, str) and kind in _TRACKED else None)
         if payload is None:
             return []
-        kind = payload.get("type")
         if kind in ("message_start", "message_delta"):
             self._seen(payload)
             return []
@@ -252,14 +255,17 @@ class AnthropicCodec:
         return [] if found is None else [(found[0], found[1])]
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        payload = self._notes.take(event)
         name = event.event
         if name in ("ping", "error") or (name == "content_block_delta" and not texts):
             return event.raw
-        payload = c.load_object(event.data)
+        if payload is c.UNREAD or (payload is None and texts):
+            # Not extracted, or maybe a text delta to rewrite: read the event (again).
+            payload = c.load_object(event.data)
         if payload is None:
             return event.raw
         kind = payload.get("type")
-        if kind in _TRACKED:
+        if isinstance(kind, str) and kind in _TRACKED:  # (a hostile list is not hashable)
             self._seen(payload)
             index = payload.get("index")
             if kind == "message_start":

@@ -165,12 +165,47 @@ def _chunk(data: str | None) -> dict[str, Any] | None:
     return c.load_object(data)
 
 
+def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
+                    states: list[tuple[Hashable, bool]]) -> None:
+    """``ChatCodec.extract`` of one choice (once per event: ``c.key`` and ``c.is_text`` inlined
+    for the usual values)."""
+    index = choice.get("index", 0)
+    if type(index) is not int:
+        index = c.key(index)
+    states.append((index, bool(choice.get("finish_reason"))))
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    content = delta.get("content")
+    if content and isinstance(content, str):
+        found.append((("content", index), content))
+    refusal = delta.get("refusal")
+    if refusal and isinstance(refusal, str):
+        found.append((("refusal", index), refusal))
+    tool_calls = delta.get("tool_calls")
+    if isinstance(tool_calls, list):
+        for call in tool_calls:
+            if not isinstance(call, dict):
+                continue
+            function = call.get("function")
+            if isinstance(function, dict):
+                arguments = function.get("arguments")
+                if c.is_text(arguments):
+                    found.append((("tool", index, c.key(call.get("index", 0))), arguments))
+    function_call = delta.get("function_call")
+    if isinstance(function_call, dict):
+        arguments = function_call.get("arguments")
+        if c.is_text(arguments):
+            found.append((("function", index), arguments))
+
+
 class ChatCodec:
     """One streamed Chat Completions answer."""
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}  # id, created, model, ... of the stream's chunks
         self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
+        self._notes = c.Notes()
 
     def _remember_head(self, chunk: dict[str, Any]) -> None:
         if self._head:
@@ -180,45 +215,33 @@ class ChatCodec:
                 self._head[key] = chunk[key]
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
-        chunk = _chunk(event.data)
-        if chunk is None:
-            return []
-        self._remember_head(chunk)
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return []
         found: list[tuple[Hashable, str]] = []
-        for choice in choices:
-            if not isinstance(choice, Mapping):
-                continue
-            index = c.key(choice.get("index", 0))
-            delta = choice.get("delta")
-            if not isinstance(delta, Mapping):
-                continue
-            content = delta.get("content")
-            if c.is_text(content):
-                found.append((("content", index), content))
-            refusal = delta.get("refusal")
-            if c.is_text(refusal):
-                found.append((("refusal", index), refusal))
-            tool_calls = delta.get("tool_calls")
-            if isinstance(tool_calls, list):
-                for call in tool_calls:
-                    if not isinstance(call, Mapping):
-                        continue
-                    function = call.get("function")
-                    if isinstance(function, Mapping):
-                        arguments = function.get("arguments")
-                        if c.is_text(arguments):
-                            found.append((("tool", index, c.key(call.get("index", 0))), arguments))
-            function_call = delta.get("function_call")
-            if isinstance(function_call, Mapping):
-                arguments = function_call.get("arguments")
-                if c.is_text(arguments):
-                    found.append((("function", index), arguments))
+        # Each choice's (index, finished): all that ``rewrite`` needs of an unchanged event.
+        states: list[tuple[Hashable, bool]] = []
+        chunk = _chunk(event.data)
+        if chunk is not None:
+            if not self._head:
+                self._remember_head(chunk)
+            choices = chunk.get("choices")
+            if isinstance(choices, list):
+                for choice in choices:
+                    if isinstance(choice, dict):
+                        _extract_choice(choice, found, states)
+        self._notes.put(event, states)
         return found
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        states = self._notes.take(event)
+        if texts or states is c.UNREAD:
+            return self._rewrite(event, texts)
+        seen = self._choices
+        for index, finished in states:
+            if not seen.get(index):
+                seen[index] = finished
+        return event.raw
+
+    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        """``rewrite`` from the event's data: text to replace, or an event not extracted."""
         chunk = _chunk(event.data)
         if chunk is None:
             return event.raw

@@ -116,6 +116,7 @@ class CompletionsCodec:
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
         self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
+        self._notes = c.Notes()
 
     def _remember_head(self, chunk: dict[str, Any]) -> None:
         if not self._head:
@@ -124,17 +125,37 @@ class CompletionsCodec:
                     self._head[key] = chunk[key]
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
+        found: list[tuple[Hashable, str]] = []
+        # Each choice's (index, finished): all that ``rewrite`` needs of an unchanged event.
+        states: list[tuple[Hashable, bool]] = []
         chunk = _chunk(event.data)
-        if chunk is None:
-            return []
-        self._remember_head(chunk)
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return []
-        return [(("text", c.key(choice.get("index", 0))), choice["text"]) for choice in choices
-                if isinstance(choice, dict) and c.is_text(choice.get("text"))]
+        if chunk is not None:
+            self._remember_head(chunk)
+            choices = chunk.get("choices")
+            if isinstance(choices, list):
+                for choice in choices:
+                    if not isinstance(choice, dict):
+                        continue
+                    index = c.key(choice.get("index", 0))
+                    states.append((index, bool(choice.get("finish_reason"))))
+                    text = choice.get("text")
+                    if c.is_text(text):
+                        found.append((("text", index), text))
+        self._notes.put(event, states)
+        return found
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        states = self._notes.take(event)
+        if texts or states is c.UNREAD:
+            return self._rewrite(event, texts)
+        seen = self._choices
+        for index, finished in states:
+            if not seen.get(index):
+                seen[index] = finished
+        return event.raw
+
+    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        """``rewrite`` from the event's data: text to replace, or an event not extracted."""
         chunk = _chunk(event.data)
         if chunk is None:
             return event.raw

@@ -274,13 +274,15 @@ class ResponsesCodec:
         self._open_parts: set[tuple[int, int]] = set()
         self._sent: dict[Hashable, list[str]] = {}  # channel -> text pieces the client received
         self._masked: set[Hashable] = set()  # channels whose sent text differs from upstream
+        self._notes = c.Notes()
 
     # -- reading ------------------------------------------------------------------------------
 
     def _payload(self, event: SSEEvent) -> dict[str, Any] | None:
         payload = c.load_object(event.data)
-        if payload is None:
-            return None
+        return None if payload is None else self._read(payload)
+
+    def _read(self, payload: dict[str, Any]) -> dict[str, Any]:
         seq = payload.get("sequence_number")
         if isinstance(seq, int) and not isinstance(seq, bool) and seq > self._seq:
             self._seq = seq
@@ -290,28 +292,43 @@ class ResponsesCodec:
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         payload = self._payload(event)
-        if payload is None:
-            return []
-        spec = _DELTAS.get(payload.get("type"))  # type: ignore[arg-type]
-        if spec is None:
+        kind = payload.get("type") if payload is not None else None
+        spec = _DELTAS.get(kind) if isinstance(kind, str) else None
+        if payload is None or spec is None:
+            self._notes.put(event, payload)
             return []
         delta = payload.get("delta")
-        if not c.is_text(delta):
+        if not isinstance(delta, str):
+            self._notes.put(event, None)  # nothing for ``rewrite`` to do
             return []
-        return [(_channel(payload, *spec), delta)]
+        # A text delta's note is its channel and text, not the payload: deltas are many.
+        channel = _channel(payload, *spec)
+        self._notes.put(event, (channel, delta))
+        return [(channel, delta)] if delta else []
 
     # -- releasing ----------------------------------------------------------------------------
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        payload = self._payload(event)
+        note = self._notes.take(event)
+        if type(note) is tuple:
+            channel, delta = note
+            if texts.get(channel, delta) == delta:
+                self._sent.setdefault(channel, []).append(delta)
+                return event.raw
+            note = c.UNREAD  # masked: read the event again to rewrite it
+        if note is None:
+            return event.raw
+        payload = self._payload(event) if note is c.UNREAD else self._read(note)
         if payload is None:
             return event.raw
         kind = payload.get("type")
+        if not isinstance(kind, str):
+            return event.raw  # (a hostile list is not hashable)
         changed = False
         if kind in _DELTAS:
             changed = self._on_delta(payload, texts)
         elif kind in _DONES:
-            spec = _DONES[kind]  # type: ignore[index]
+            spec = _DONES[kind]
             channel = _channel(payload, spec[0], spec[1])
             if channel in self._masked and isinstance(payload.get(spec[2]), str):
                 payload[spec[2]] = self._text(channel)

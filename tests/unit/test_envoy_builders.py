@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from extproc import envoy
 from extproc._pb.envoy.config.core.v3 import base_pb2
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.config import Settings
 from extproc.envoy import (
     MODE_BUFFER_REQUEST,
@@ -319,6 +320,23 @@ def test_streamed_response_body(body: bytes, end: bool) -> None:
     assert streamed.end_of_stream_without_message is False
     assert not response.HasField("dynamic_metadata")
     assert not response.HasField("mode_override")
+
+
+@pytest.mark.parametrize("end", [False, True])
+@pytest.mark.parametrize("body", [b"", b"x", b"data: [DONE]\n\n", bytes(range(256)) * 70],
+                         ids=["empty", "one", "done", "16k"])
+def test_streamed_response_body_bytes_equal_the_nested_constructors(body: bytes,
+                                                                   end: bool) -> None:
+    # The builder sets the leaf in place (cheaper); the wire bytes must be those of the plain
+    # nested-constructor form, including the empty body's present-but-empty sub-messages.
+    nested = ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
+            body=body, end_of_stream=end)))))
+    built = streamed_response_body(body, end)
+    assert built.SerializeToString() == nested.SerializeToString()
+    assert built.SerializeToString(deterministic=True) == nested.SerializeToString(
+        deterministic=True)
+    assert built.response_body.response.body_mutation.HasField("streamed_response")
 
 
 def test_streamed_response_body_with_metadata() -> None:

@@ -419,6 +419,142 @@ def test_event_is_frozen_and_slotted() -> None:
     assert event == SSEEvent(raw=b"\n", event=None, data=None, id=None, retry=None, comments=())
 
 
+# --------------------------------------------------------------------------- whole-event chunks
+# ``feed`` reads a chunk that starts with whole events of one optional ``event`` line and one
+# ``data`` line (nothing pending, LF line endings: the usual chunk) without its per-line loop,
+# and hands whatever follows to that loop. The oracles: the spec reference, and the decoder fed
+# one byte at a time (which never has a whole event in a chunk).
+
+FAST_BLOCKS = [
+    b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n',
+    b"data:no-space\n\n",
+    b"data:\n\n",
+    b"data: \n\n",
+    b"data:  two spaces\n\n",
+    b"data: [DONE]\n\n",
+    b"data: not json\n\n",
+    b"data: a\x00b\n\n",
+    "data: 日本 🙂\n\n".encode(),
+    b"data: \xff\xfe bad utf-8\n\n",
+    b"event: content_block_delta\ndata: {}\n\n",
+    b"event:no-space\ndata:x\n\n",
+    b"event:\ndata: empty name\n\n",
+    b"event: \xe6\x97\ndata: cut name\n\n",
+]
+OTHER_BLOCKS = [
+    b"\n",
+    b": keep-alive\n\n",
+    b"data: line 1\ndata: line 2\n\n",
+    b"id: 7\ndata: with id\n\n",
+    b"data: then id\nid: 8\n\n",
+    b"data: then event\nevent: late\n\n",
+    b"event: no data\n\n",
+    b"event: e\nevent: f\ndata: two names\n\n",
+    b"retry: 10\ndata: r\n\n",
+    b"data : space before colon\n\n",
+    b"datax: not data\n\n",
+    b"eventdata: not event\n\n",
+    b"data: crlf\r\n\r\n",
+    b"event: e\r\ndata: crlf named\r\n\r\n",
+    b"data: cr\r\r",
+    b"data: lf then cr\n\r",
+]
+TAILS = [b"", b"data: partial", b"data: no blank line\n", b"event: e\n", b"event: e\ndata: d\n",
+         b"data", b"event:", b"\r", BOM[:1]]
+
+
+def per_byte(stream: bytes, *, end_of_stream: bool = True) -> tuple[list[SSEEvent], bytes]:
+    return decode([stream[i:i + 1] for i in range(len(stream))], end_of_stream=end_of_stream)
+
+
+@st.composite
+def whole_event_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """Blocks, mostly of the fast shape, then maybe a partial tail; cut between blocks (so
+    chunks start with whole events) and sometimes inside them."""
+    blocks = draw(st.lists(st.one_of(st.sampled_from(FAST_BLOCKS), st.sampled_from(FAST_BLOCKS),
+                                     st.sampled_from(OTHER_BLOCKS)), max_size=12))
+    blocks.append(draw(st.sampled_from(TAILS)))
+    stream = b"".join(blocks)
+    ends = [sum(len(b) for b in blocks[:i]) for i in range(1, len(blocks))]
+    cuts = draw(st.lists(st.sampled_from(ends), max_size=6)) if ends else []
+    cuts += draw(st.lists(st.integers(0, len(stream)), max_size=2))
+    bounds = [0, *sorted(cuts), len(stream)]
+    return stream, [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(whole_event_chunks())
+def test_property_whole_event_chunks_read_like_the_line_loop(
+        case: tuple[bytes, list[bytes]]) -> None:
+    stream, chunks = case
+    for eos in (True, False):
+        got = decode(chunks, end_of_stream=eos)
+        assert got == per_byte(stream, end_of_stream=eos)
+        assert_preserves_bytes(stream, *got)
+    assert decode(chunks) == reference(stream)
+    whole, single = SSEDecoder(), SSEDecoder()
+    fed = returned = b""
+    for chunk in chunks:
+        fed += chunk
+        returned += b"".join(e.raw for e in whole.feed(chunk))
+        assert returned + whole.pending == fed
+    for i in range(len(stream)):
+        single.feed(stream[i:i + 1])
+    assert whole.last_event_id == single.last_event_id
+
+
+@pytest.mark.parametrize("block", FAST_BLOCKS + OTHER_BLOCKS)
+@pytest.mark.parametrize("count", [1, 3])
+def test_whole_events_split_at_every_position(block: bytes, count: int) -> None:
+    stream = block * count + FAST_BLOCKS[0]
+    expected = per_byte(stream)
+    assert decode([stream]) == expected == reference(stream)
+    for i in range(len(stream) + 1):
+        assert decode([stream[:i], stream[i:]]) == expected, f"split at {i}"
+
+
+def test_whole_event_chunks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The property tests above are only worth something if the fast path runs: whole events of
+    # the usual shape never reach the per-line parser; anything else still does.
+    expected = [(e.event, e.data) for e in per_byte(b"".join(FAST_BLOCKS))[0]]
+    dec = SSEDecoder()
+    dec.feed(b"data: first chunk settles the BOM check\n\n")
+
+    def per_line(*args: object) -> None:
+        raise AssertionError("per-line path")
+
+    monkeypatch.setattr(SSEDecoder, "_line", per_line)
+    monkeypatch.setattr(SSEDecoder, "_dispatch", per_line)
+    events = dec.feed(b"".join(FAST_BLOCKS))
+    assert [e.raw for e in events] == FAST_BLOCKS
+    assert [(e.event, e.data) for e in events] == expected
+    assert all(e.id is None and e.retry is None and e.comments == () for e in events)
+    for other in (b": comment\n\n", b"data: a\ndata: b\n\n", b"data: crlf\r\n\r\n"):
+        with pytest.raises(AssertionError, match="per-line path"):
+            dec.feed(b"data: x\n\n" + other)
+        dec.flush()
+
+
+def test_whole_events_then_a_partial_one() -> None:
+    dec = SSEDecoder()
+    dec.feed(b"data: settle the BOM check\n\n")
+    events = dec.feed(b"data: a\n\nevent: e\ndata: b\n\ndata: c")
+    assert [(e.event, e.data) for e in events] == [(None, "a"), ("e", "b")]
+    assert dec.pending == b"data: c"
+    events = dec.feed(b"\n\ndata: d\n\n")
+    assert [(e.raw, e.data) for e in events] == [(b"data: c\n\n", "c"), (b"data: d\n\n", "d")]
+    assert dec.pending == b""
+
+
+def test_whole_events_keep_the_last_event_id() -> None:
+    dec = SSEDecoder()
+    dec.feed(b"id: 42\ndata: x\n\n")
+    events = dec.feed(b"data: y\n\nevent: e\ndata: z\n\n")
+    assert [e.id for e in events] == [None, None]
+    assert dec.last_event_id == "42"
+
+
 # --------------------------------------------------------------------------- encoder
 
 
