@@ -114,6 +114,7 @@ async def run_sidecar(settings: Settings, wire: list[bytes], sink: Sink, stream_
     try:
         for data in wire:
             await processor.handle(parse(data))
+            await asyncio.sleep(0)  # the next stream's message (--interleave)
         for _ in range(3):  # let a check in flight finish and its release go out
             await asyncio.sleep(0)
     finally:
@@ -128,19 +129,23 @@ async def run_bare(wire: list[bytes], sink: Sink) -> None:
             await sink.write(forward(request.response_body))
         else:
             await sink.write(pb.ProcessingResponse(request_headers=pb.HeadersResponse()))
+        await asyncio.sleep(0)  # the next stream's message (--interleave)
 
 
-async def measure(mode: str, streams: int, wire: list[bytes]) -> tuple[float, int]:
-    """CPU seconds for ``streams`` streams of ``mode``, one after the other, and bytes out."""
+async def measure(mode: str, streams: int, wire: list[bytes],
+                  interleave: int = 1) -> tuple[float, int]:
+    """CPU seconds for ``streams`` streams of ``mode`` and bytes out; ``interleave`` streams at
+    a time take turns message by message (as under load: many streams' state in the caches)."""
     sink = Sink()
     settings = None if mode == "bare" else Settings(
         guardrail=GuardrailRef("benchguardrail", "1"), **MODES[mode])
     started = time.process_time()
-    for i in range(streams):
+    for first in range(0, streams, interleave):
+        batch = range(first, min(streams, first + interleave))
         if settings is None:
-            await run_bare(wire, sink)
+            await asyncio.gather(*(run_bare(wire, sink) for _ in batch))
         else:
-            await run_sidecar(settings, wire, sink, f"s{i}")
+            await asyncio.gather(*(run_sidecar(settings, wire, sink, f"s{i}") for i in batch))
     return time.process_time() - started, sink.bytes
 
 
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200, help="SSE events per stream (200)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     parser.add_argument("--modes", default="bare,body,sync,async")
+    parser.add_argument("--interleave", type=int, default=1,
+                        help="streams that take turns message by message (1: one at a time)")
     parser.add_argument("--profile", metavar="MODE", help="cProfile one mode instead")
     parser.add_argument("--json", metavar="PATH", help="write the figures here too")
     args = parser.parse_args(argv)
@@ -163,19 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        asyncio.run(measure(args.profile, args.streams, wire))
+        asyncio.run(measure(args.profile, args.streams, wire, args.interleave))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         return 0
 
     print(f"command: python {' '.join(sys.argv)}")
     print(f"python {sys.version.split()[0]}; {args.streams} streams x {body_msgs} body messages"
-          f" per round, {args.rounds} rounds (median of rounds)")
+          f" per round, {args.interleave} at a time, {args.rounds} rounds (median of rounds)")
     asyncio.run(measure("body", 20, wire))  # warm-up: imports, caches
     samples: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.rounds):
         for mode in modes:
-            seconds, _ = asyncio.run(measure(mode, args.streams, wire))
+            seconds, _ = asyncio.run(measure(mode, args.streams, wire, args.interleave))
             samples[mode].append(seconds / (args.streams * body_msgs) * 1e6)
     results = {m: statistics.median(v) for m, v in samples.items()}
     print(f"{'mode':<6} {'µs/msg':>7} {'min':>7} {'max':>7}")

@@ -138,6 +138,8 @@ def configurations(args: argparse.Namespace) -> list[Config]:
     budget = ("--budget-rps", "0", "--budget-text-units", "0")
     # pre_call: request headers + buffered request body + response headers
     guard_other = 3 if args.guard_input != "off" else 2
+    max_streams_note = (f", Envoy max_concurrent_streams {args.envoy_max_streams} to the sidecar"
+                        if args.envoy_max_streams else "")
     return [
         Config("envoy", "envoy", describe="Envoy without the ext_proc filter (floor)"),
         Config("bare", "bare", other_msgs=2,
@@ -148,6 +150,14 @@ def configurations(args: argparse.Namespace) -> list[Config]:
         Config("body", "sidecar", ("--input-check", "off", "--shadow", "on", *budget, *extra),
                bedrock_latency=0.0, other_msgs=2,
                describe="sidecar, --input-check off --shadow on, Bedrock 0 ms (body path)"),
+        Config("body-asyncio", "sidecar", ("--input-check", "off", "--shadow", "on",
+                                           "--event-loop", "asyncio", *budget, *extra),
+               bedrock_latency=0.0, other_msgs=2,
+               describe="as body, on asyncio's own event loop instead of uvloop"),
+        Config("body-thread", "sidecar", ("--input-check", "off", "--shadow", "on",
+                                          "--guardrail-calls", "thread", *budget, *extra),
+               bedrock_latency=0.0, other_msgs=2,
+               describe="as body, boto3 calls in a thread pool of the sidecar's process"),
         Config("sync", "sidecar", ("--stream-mode", "sync", "--input-check", args.guard_input,
                                    *budget, *extra),
                bedrock_latency=args.latency, other_msgs=guard_other,
@@ -163,20 +173,18 @@ def configurations(args: argparse.Namespace) -> list[Config]:
                bedrock_latency=args.latency, other_msgs=guard_other,
                describe=f"sidecar, --stream-mode async, --input-check {args.guard_input}, "
                         f"windowed defaults, Bedrock {args.latency:.0f} ms"),
-        # --workers: N processes on one port; Envoy's sidecar cluster capped at
-        # --envoy-max-streams streams per HTTP/2 connection so that it opens several
-        # connections for the kernel to spread (one per Envoy worker otherwise).
+        # --workers: N processes on one port. The shipped Envoy config caps streams per HTTP/2
+        # connection to the sidecar (max_concurrent_streams) so that Envoy opens several
+        # connections for the kernel to spread; --envoy-max-streams overrides the cap.
         Config("body-w2", "sidecar", ("--workers", "2", "--input-check", "off", "--shadow", "on",
                                       *budget, *extra),
                bedrock_latency=0.0, other_msgs=2, envoy_max_streams=args.envoy_max_streams,
-               describe=f"as body, --workers 2, Envoy max_concurrent_streams "
-                        f"{args.envoy_max_streams} to the sidecar"),
+               describe=f"as body, --workers 2{max_streams_note}"),
         Config("sync-w2", "sidecar", ("--workers", "2", "--stream-mode", "sync",
                                       "--input-check", args.guard_input, *budget, *extra),
                bedrock_latency=args.latency, other_msgs=guard_other,
                envoy_max_streams=args.envoy_max_streams,
-               describe=f"as sync, --workers 2, Envoy max_concurrent_streams "
-                        f"{args.envoy_max_streams} to the sidecar"),
+               describe=f"as sync, --workers 2{max_streams_note}"),
     ]
 
 
@@ -470,7 +478,11 @@ def client_settings(args: argparse.Namespace, pacing: Pacing, concurrency: int,
     if pacing.name == "paced":
         rounds = args.rounds.get(concurrency, 1) if quick_rounds is None else quick_rounds
         base["streams_per_worker"] = rounds
-        base["stagger_s"] = min(0.25, pacing.scripted_ms / 4000.0)
+        # spread: worker i starts at i/N of one stream's duration, so that streams start and
+        # end all the time (a steady N in flight, each at its own phase); burst: all within
+        # 0.25 s, so that N streams start together, again every stream duration (waves).
+        base["stagger_s"] = (pacing.scripted_ms / 1000.0 if args.arrivals == "spread"
+                             else min(0.25, pacing.scripted_ms / 4000.0))
     else:
         base["duration_s"] = args.b2b_seconds
         base["stagger_s"] = 0.1
@@ -580,7 +592,10 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
             result.call_ms[source.upper()] = (total - total0) / (count - count0) * 1000.0
     gr = http_json(f"{bedrock.url}/_stats") if config.bedrock_latency is not None else None
 
-    # -- per stream
+    # -- per stream. With spread arrivals, the latency figures come from each worker's middle
+    # streams only: during its first and last, the others are still starting or already done.
+    steady = (pacing.name == "paced" and args.arrivals == "spread"
+              and settings.get("streams_per_worker", 0) >= 3)
     over: list[float] = []
     ttft: list[float] = []
     gaps: list[float] = []
@@ -589,7 +604,7 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
     for client in clients:
         for rec in client["records"]:
             (_, status, _, ttft_ms, total_ms, n_events, done, error_frame, terminated, _,
-             error, gap_ms) = rec
+             error, gap_ms, round_no) = rec
             result.streams += 1
             events += n_events
             if error:
@@ -600,6 +615,8 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
                 errors["error frame"] += 1
             elif not (done and terminated) or n_events < pacing.events:
                 errors["incomplete"] += 1
+            elif steady and not 1 < round_no < settings["streams_per_worker"]:
+                result.ok += 1  # ramp-up or ramp-down: fewer streams in flight than asked for
             else:
                 result.ok += 1
                 over.append(total_ms - pacing.scripted_ms)
@@ -1055,9 +1072,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default="pre_call",
                         help="--input-check of the sync/async sidecars (pre_call, the default)")
     parser.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy workers (2)")
-    parser.add_argument("--envoy-max-streams", type=int, default=16,
+    parser.add_argument("--arrivals", choices=("spread", "burst"), default="spread",
+                        help="paced cells: spread (the default) starts worker i at i/N of one "
+                             "stream's duration, a steady N streams in flight; burst starts "
+                             "them all within 0.25 s, in waves")
+    parser.add_argument("--envoy-max-streams", type=int, default=0,
                         help="the -w2 configurations: max_concurrent_streams per HTTP/2 "
-                             "connection on Envoy's sidecar cluster (16)")
+                             "connection on Envoy's sidecar cluster (0: the shipped config's)")
     parser.add_argument("--streams-per-client", type=int, default=150,
                         help="streams per client process (150): more processes above that")
     parser.add_argument("--client-procs", type=int, default=0,
@@ -1100,7 +1121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.noise_retries is None:
         args.noise_retries = 1 if args.quick else 10
     # paced: streams per worker, by concurrency (enough samples, bounded time)
-    args.rounds = ({1: 1, 20: 1, 100: 1} if args.quick else {1: 3, 20: 2, 100: 2, 300: 1})
+    args.rounds = ({1: 1, 20: 3, 100: 3} if args.quick else {1: 3, 20: 4, 100: 4, 300: 3})
     if args.profile_configs is None:
         args.profile_configs = ["sync"] if args.quick else ["sync", "body", "bare"]
     if args.json is None:
@@ -1255,7 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "quick": args.quick, "concurrency": args.concurrency, "pacings":
                 [vars(p) | {"scripted_ms": p.scripted_ms} for p in pacings],
-                "rounds_per_worker_paced": args.rounds, "b2b_seconds": args.b2b_seconds,
+                "rounds_per_worker_paced": args.rounds, "arrivals": args.arrivals,
+                "b2b_seconds": args.b2b_seconds,
                 "latency_ms": args.latency, "guard_input": args.guard_input,
                 "envoy_concurrency": args.envoy_concurrency,
                 "sidecar_args": args.sidecar_args, "target_concurrency": args.target_concurrency,

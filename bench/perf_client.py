@@ -13,7 +13,8 @@ Per stream it records, from the raw bytes (no JSON parsing, no SSE library): sta
 the response headers, time to first token (the first ``"content":"x`` with non-empty content,
 i.e. the first content-bearing delta), total time to the chunked terminator, the longest silence
 between body bytes after the first token (text held back shows here), events received
-(``\\n\\n`` separators), ``[DONE]`` seen, an error frame seen, bytes.
+(``\\n\\n`` separators), ``[DONE]`` seen, an error frame seen, bytes, and which of its worker's
+streams it was (1, 2, ...).
 
 It also measures itself, so that perf.py can show it was not the bottleneck: CPU time over the
 measurement (``getrusage``) and the event loop's lateness (a 10 ms timer, p50/p99/max): a busy
@@ -255,7 +256,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                     _, conn = await loop.create_connection(Conn, host, port)
                 except OSError as exc:
                     records.append([now - t0, 0, None, None, 0.0, 0, False, False, False, 0,
-                                    f"connect: {exc}", 0.0])
+                                    f"connect: {exc}", 0.0, count])
                     conn = None
                     await asyncio.sleep(0.1)
                     continue
@@ -275,7 +276,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 None if conn.t_headers is None else (conn.t_headers - start) * 1000.0,
                 None if conn.t_first is None else (conn.t_first - start) * 1000.0,
                 (end - start) * 1000.0, conn.events, conn.done, conn.error_frame,
-                conn.terminated, conn.nbytes, error, conn.max_gap * 1000.0,
+                conn.terminated, conn.nbytes, error, conn.max_gap * 1000.0, count,
             ])
             if error or not conn.keep_alive:
                 if conn.transport is not None:
