@@ -130,7 +130,7 @@ def start_process(name: str, cmd: list[str], workdir: Path, ready: str,
     raise SetupError(f"{name} not ready after {timeout}s:\n{tail(log_path)}")
 
 
-def rss_kb(pid: int) -> int | None:
+def _own_rss_kb(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -139,6 +139,34 @@ def rss_kb(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children += [int(c) for c in handle.read().split()]
+        except (OSError, ValueError):
+            continue
+    return children
+
+
+def rss_kb(pid: int) -> int | None:
+    """VmRSS of a process plus its living descendants (the sidecar's guardrail call process)."""
+    own = _own_rss_kb(pid)
+    if own is None:
+        return None
+    todo, total = _children(pid), own
+    while todo:
+        child = todo.pop()
+        total += _own_rss_kb(child) or 0
+        todo += _children(child)
+    return total
 
 
 def sidecar_supports(flag: str) -> bool:

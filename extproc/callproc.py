@@ -25,9 +25,9 @@ The child runs the calls in a thread pool (``--guardrail-threads``), maps AWS er
 ``extproc.errors`` exactly as the in-process client does, ignores SIGINT/SIGTERM (the parent
 decides when to stop, so a Ctrl-C in a terminal does not fail the checks of draining
 streams) and exits on the parent's stop frame or when the socket closes, which also happens
-when the parent dies. When the
-child dies, the calls waiting on it fail as ``server_error`` (the failure policy decides), and
-the next call starts a new child. Timeouts are the parent's: a late answer is dropped.
+when the parent dies. When the child dies, the calls waiting on it fail as ``server_error``
+(the failure policy decides), and the next call starts a new child (at most one a second).
+Timeouts are the parent's: a late answer is dropped.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,6 +67,8 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 #: Seconds the parent waits for the child's hello (imports boto3, builds the client).
 HELLO_TIMEOUT_S = 60.0
+#: At most one new child per this many seconds; calls in between fail as server_error.
+RESPAWN_INTERVAL_S = 1.0
 ERROR_CLASSES: dict[str, type[GuardrailError]] = {
     cls.__name__: cls for cls in (GuardrailTimeout, GuardrailThrottled, GuardrailServerError,
                                   GuardrailRejected, GuardrailInputTooLarge)
@@ -108,6 +111,7 @@ class CallProcess:
         self._conn: socket.socket | None = None  # the writer's socket (a dup of ``_sock``)
         self._reader_task: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[None] | None = None
+        self._next_spawn_at = 0.0  # monotonic time before which no new child is started
         self._closed = False
         self.restarts = 0
         hello = self._spawn()
@@ -153,7 +157,18 @@ class CallProcess:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._proc is not None and self._proc.poll() is not None:
+            # It died while no connection was open (nobody read the end of file).
+            log.error("guardrail call process %s ended (exit code %s)", self._proc.pid,
+                      self._proc.returncode)
+            self._drop_connection(GuardrailServerError("the guardrail call process exited"),
+                                  child_gone=True)
         if self._sock is None:  # the child died: start another one off the loop
+            wait = self._next_spawn_at - time.monotonic()
+            if wait > 0:  # a child that keeps failing is not restarted for every call
+                raise GuardrailServerError(
+                    f"the guardrail call process failed; next start in {wait:.1f}s")
+            self._next_spawn_at = time.monotonic() + RESPAWN_INTERVAL_S
             await loop.run_in_executor(None, self._spawn)
             self.restarts += 1
             log.warning("guardrail call process restarted (pid %s)", self.pid)
@@ -169,15 +184,16 @@ class CallProcess:
         if self._writer is not None and self._loop is not loop:
             self._drop_connection(GuardrailServerError("the event loop changed"))
         if self._writer is None or self._writer.is_closing():
-            if self._starting is None or self._starting.get_loop() is not loop:
-                self._starting = loop.create_task(self._connect())
             starting = self._starting
+            if starting is None or starting.done() or starting.get_loop() is not loop:
+                starting = self._starting = loop.create_task(self._connect())
             try:
                 await asyncio.shield(starting)
             finally:
                 if starting.done() and self._starting is starting:
                     self._starting = None
-        assert self._writer is not None
+        if self._writer is None:  # the connection was lost again meanwhile
+            raise GuardrailServerError("the guardrail call process is not connected")
         return self._writer
 
     async def call(self, guardrail_id: str, version: str, source: str,

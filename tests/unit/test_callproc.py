@@ -237,3 +237,45 @@ def test_close_under_uvloop_stops_the_child_at_once(bedrock: LocalBedrock) -> No
         took = runner.run(use_and_close())
     assert took < 1.0
     assert wait_dead(pid, 2.0)
+
+
+async def test_a_child_that_keeps_dying_is_restarted_at_most_once_a_second(
+        bedrock: LocalBedrock) -> None:
+    client = make_client()
+
+    async def kill_child() -> None:
+        pid = client.call_process_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_dead(pid)
+        await asyncio.sleep(0.1)  # the parent notices the end of file
+
+    try:
+        await kill_child()
+        verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        assert verdict.outcome is Outcome.PASS  # the first restart is at once
+        await kill_child()
+        with pytest.raises(GuardrailServerError, match="next start"):
+            await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        await asyncio.sleep(1.1)
+        verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        assert verdict.outcome is Outcome.PASS
+    finally:
+        client.close()
+
+
+async def test_child_died_before_any_call_the_first_call_starts_a_new_one(
+        bedrock: LocalBedrock) -> None:
+    """Regression: a child that died while no connection was open (nobody read its end of
+    file) failed the first call instead of being replaced."""
+    client = make_client()
+    try:
+        pid = client.call_process_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_dead(pid)
+        verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        assert verdict.outcome is Outcome.PASS
+        assert client.call_process_pid not in (None, pid)
+    finally:
+        client.close()
