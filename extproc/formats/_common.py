@@ -109,6 +109,99 @@ class Notes:
         return UNREAD
 
 
+def stream_chunk(data: str | None) -> dict[str, Any] | None:
+    """The JSON object of an OpenAI-style ``data:`` line (``[DONE]`` and non-objects: None)."""
+    if not data or data == "[DONE]":
+        return None
+    return load_object(data)
+
+
+class ChoicesCodec:
+    """What the Chat Completions and legacy Completions stream codecs share: each chunk holds
+    ``choices``; the codec keeps the stream's head (``HEAD_KEYS``, for soft-block frames) and
+    which choices the client saw finish, and hands each choice's ``(index, finished)`` from
+    ``extract`` to ``rewrite`` as a note, so that an unchanged event is not parsed again.
+
+    A subclass says how to read one choice (``_extract_choice``) and how to replace its text
+    (``_rewrite_choice``); a rewritten choice loses its ``logprobs``, which would repeat the
+    original tokens.
+    """
+
+    HEAD_KEYS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] = {}  # id, created, model, ... of the stream's chunks
+        self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
+        self._notes = Notes()
+
+    def _remember_head(self, chunk: dict[str, Any]) -> None:
+        if self._head:
+            return
+        for name in self.HEAD_KEYS:
+            if name in chunk:
+                self._head[name] = chunk[name]
+
+    def _extract_choice(self, choice: dict[str, Any], found: list[tuple[Hashable, str]],
+                        states: list[tuple[Hashable, bool]]) -> None:
+        """Append the choice's ``(index, finished)`` to ``states`` and its texts to ``found``."""
+        raise NotImplementedError
+
+    def _rewrite_choice(self, choice: dict[str, Any], index: Any,
+                        texts: Mapping[Hashable, str]) -> bool:
+        """Put ``texts`` into the choice; whether anything changed."""
+        raise NotImplementedError
+
+    def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
+        found: list[tuple[Hashable, str]] = []
+        # Each choice's (index, finished): all that ``rewrite`` needs of an unchanged event.
+        states: list[tuple[Hashable, bool]] = []
+        chunk = stream_chunk(event.data)
+        if chunk is not None:
+            if not self._head:
+                self._remember_head(chunk)
+            choices = chunk.get("choices")
+            if isinstance(choices, list):
+                for choice in choices:
+                    if isinstance(choice, dict):
+                        self._extract_choice(choice, found, states)
+        self._notes.put(event, states)
+        return found
+
+    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        states = self._notes.take(event)
+        if texts or states is UNREAD:
+            return self._rewrite(event, texts)
+        seen = self._choices
+        for index, finished in states:
+            if not seen.get(index):
+                seen[index] = finished
+        return event.raw
+
+    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        """``rewrite`` from the event's data: text to replace, or an event not extracted."""
+        chunk = stream_chunk(event.data)
+        if chunk is None:
+            return event.raw
+        self._remember_head(chunk)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return event.raw
+        changed = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            index = key(choice.get("index", 0))
+            self._choices[index] = self._choices.get(index, False) or bool(
+                choice.get("finish_reason"))
+            if texts and self._rewrite_choice(choice, index, texts):
+                changed = True
+                if choice.get("logprobs") is not None:
+                    choice["logprobs"] = None
+        if not changed:
+            return event.raw
+        return encode_event(dumps(chunk), event.event)
+
+
 def key(value: Any) -> Hashable:
     """An index from the wire as part of a channel key: ints and strings as they are, anything
     else (a list, an object, a bool) as its JSON text, so a malformed index still gives a

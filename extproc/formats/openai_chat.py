@@ -31,7 +31,6 @@ from typing import Any
 
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
-from extproc.sse import SSEEvent, encode_event
 
 
 def error_object(kind: str) -> dict[str, Any]:
@@ -159,12 +158,6 @@ class OpenAIChat:
         return ChatCodec()
 
 
-def _chunk(data: str | None) -> dict[str, Any] | None:
-    if not data or data == "[DONE]":
-        return None
-    return c.load_object(data)
-
-
 def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
                     states: list[tuple[Hashable, bool]]) -> None:
     """``ChatCodec.extract`` of one choice (once per event: ``c.key`` and ``c.is_text`` inlined
@@ -199,73 +192,16 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
             found.append((("function", index), arguments))
 
 
-class ChatCodec:
+class ChatCodec(c.ChoicesCodec):
     """One streamed Chat Completions answer."""
 
-    def __init__(self) -> None:
-        self._head: dict[str, Any] = {}  # id, created, model, ... of the stream's chunks
-        self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
-        self._notes = c.Notes()
+    HEAD_KEYS = ("id", "created", "model", "service_tier", "system_fingerprint")
 
-    def _remember_head(self, chunk: dict[str, Any]) -> None:
-        if self._head:
-            return
-        for key in ("id", "created", "model", "service_tier", "system_fingerprint"):
-            if key in chunk:
-                self._head[key] = chunk[key]
+    def _extract_choice(self, choice: dict[str, Any], found: list[tuple[Hashable, str]],
+                        states: list[tuple[Hashable, bool]]) -> None:
+        _extract_choice(choice, found, states)
 
-    def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
-        found: list[tuple[Hashable, str]] = []
-        # Each choice's (index, finished): all that ``rewrite`` needs of an unchanged event.
-        states: list[tuple[Hashable, bool]] = []
-        chunk = _chunk(event.data)
-        if chunk is not None:
-            if not self._head:
-                self._remember_head(chunk)
-            choices = chunk.get("choices")
-            if isinstance(choices, list):
-                for choice in choices:
-                    if isinstance(choice, dict):
-                        _extract_choice(choice, found, states)
-        self._notes.put(event, states)
-        return found
-
-    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        states = self._notes.take(event)
-        if texts or states is c.UNREAD:
-            return self._rewrite(event, texts)
-        seen = self._choices
-        for index, finished in states:
-            if not seen.get(index):
-                seen[index] = finished
-        return event.raw
-
-    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        """``rewrite`` from the event's data: text to replace, or an event not extracted."""
-        chunk = _chunk(event.data)
-        if chunk is None:
-            return event.raw
-        self._remember_head(chunk)
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return event.raw
-        changed = False
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            index = c.key(choice.get("index", 0))
-            self._choices[index] = self._choices.get(index, False) or bool(
-                choice.get("finish_reason"))
-            if texts and self._rewrite_choice(choice, index, texts):
-                changed = True
-                if choice.get("logprobs") is not None:
-                    choice["logprobs"] = None
-        if not changed:
-            return event.raw
-        return encode_event(c.dumps(chunk), event.event)
-
-    @staticmethod
-    def _rewrite_choice(choice: dict[str, Any], index: Any,
+    def _rewrite_choice(self, choice: dict[str, Any], index: Any,
                         texts: Mapping[Hashable, str]) -> bool:
         delta = choice.get("delta")
         if not isinstance(delta, dict):

@@ -24,7 +24,6 @@ from typing import Any
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
 from extproc.formats.openai_chat import error_body, error_frame
-from extproc.sse import SSEEvent, encode_event
 
 
 def _prompt_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:
@@ -48,12 +47,6 @@ def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
         if isinstance(choice, dict):
             slots += c.text_slot(choice, "text", ("text", position))
     return slots
-
-
-def _chunk(data: str | None) -> dict[str, Any] | None:
-    if not data or data == "[DONE]":
-        return None
-    return c.load_object(data)
 
 
 class OpenAICompletions:
@@ -110,75 +103,26 @@ class OpenAICompletions:
         return CompletionsCodec()
 
 
-class CompletionsCodec:
+class CompletionsCodec(c.ChoicesCodec):
     """One streamed Completions answer."""
 
-    def __init__(self) -> None:
-        self._head: dict[str, Any] = {}
-        self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
-        self._notes = c.Notes()
+    HEAD_KEYS = ("id", "created", "model", "system_fingerprint")
 
-    def _remember_head(self, chunk: dict[str, Any]) -> None:
-        if not self._head:
-            for key in ("id", "created", "model", "system_fingerprint"):
-                if key in chunk:
-                    self._head[key] = chunk[key]
+    def _extract_choice(self, choice: dict[str, Any], found: list[tuple[Hashable, str]],
+                        states: list[tuple[Hashable, bool]]) -> None:
+        index = c.key(choice.get("index", 0))
+        states.append((index, bool(choice.get("finish_reason"))))
+        text = choice.get("text")
+        if c.is_text(text):
+            found.append((("text", index), text))
 
-    def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
-        found: list[tuple[Hashable, str]] = []
-        # Each choice's (index, finished): all that ``rewrite`` needs of an unchanged event.
-        states: list[tuple[Hashable, bool]] = []
-        chunk = _chunk(event.data)
-        if chunk is not None:
-            self._remember_head(chunk)
-            choices = chunk.get("choices")
-            if isinstance(choices, list):
-                for choice in choices:
-                    if not isinstance(choice, dict):
-                        continue
-                    index = c.key(choice.get("index", 0))
-                    states.append((index, bool(choice.get("finish_reason"))))
-                    text = choice.get("text")
-                    if c.is_text(text):
-                        found.append((("text", index), text))
-        self._notes.put(event, states)
-        return found
-
-    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        states = self._notes.take(event)
-        if texts or states is c.UNREAD:
-            return self._rewrite(event, texts)
-        seen = self._choices
-        for index, finished in states:
-            if not seen.get(index):
-                seen[index] = finished
-        return event.raw
-
-    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        """``rewrite`` from the event's data: text to replace, or an event not extracted."""
-        chunk = _chunk(event.data)
-        if chunk is None:
-            return event.raw
-        self._remember_head(chunk)
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return event.raw
-        changed = False
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            index = c.key(choice.get("index", 0))
-            self._choices[index] = self._choices.get(index, False) or bool(
-                choice.get("finish_reason"))
-            key = ("text", index)
-            if key in texts and isinstance(choice.get("text"), str):
-                choice["text"] = texts[key]
-                if choice.get("logprobs") is not None:
-                    choice["logprobs"] = None
-                changed = True
-        if not changed:
-            return event.raw
-        return encode_event(c.dumps(chunk), event.event)
+    def _rewrite_choice(self, choice: dict[str, Any], index: Any,
+                        texts: Mapping[Hashable, str]) -> bool:
+        key = ("text", index)
+        if key in texts and isinstance(choice.get("text"), str):
+            choice["text"] = texts[key]
+            return True
+        return False
 
     def terminal_frame(self, kind: str) -> bytes:
         return error_frame(kind)
