@@ -1049,7 +1049,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Envoy alone vs a bare grpc.aio processor vs the sidecar (guardrail off, "
                     "body path, sync, async): latency, TTFT, CPU per message, memory.")
     parser.add_argument("--quick", action="store_true",
-                        help="concurrency 1,20,100, fewer rounds, no h2load cross-check (~3 min)")
+                        help="concurrency 1,20,100, fewer rounds, no h2load cross-check (~9 min)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="JSON results (default bench/results/perf[-quick].json)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
