@@ -77,6 +77,8 @@ from extproc.demo.stack import (  # noqa: E402
 )
 from stream_modes import (  # noqa: E402  (the sibling benchmark: same process handling)
     Cleanup,
+    _raise_interrupt,
+    _stopping_already,
     fmt,
     guardrail_round_trip_ms,
     machine_facts,
@@ -1127,14 +1129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.json is None:
         args.json = REPO / "bench" / "results" / ("perf-quick.json" if args.quick else "perf.json")
     return args
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _stopping_already(signum: int, frame: Any) -> None:
-    print("still stopping processes (each is killed after 10 s at most)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from extproc.errors import (
 from extproc.guardrail import BedrockGuardrailClient, Source
 from extproc.localbedrock import LocalBedrock, default_policy
 from extproc.verdict import Outcome
-from tests.support import settings
+from tests.support import isolate_aws_env, settings
 
 GUARDRAIL = settings().guardrail
 REPO = Path(__file__).resolve().parents[2]
@@ -35,16 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_BEARER_TOKEN_BEDROCK", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    isolate_aws_env(monkeypatch)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the deadline, oversize input split and merged, the breaker."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -26,7 +25,7 @@ from extproc.resilience import (
     resilient_bedrock_client,
 )
 from extproc.verdict import Outcome
-from tests.support import settings
+from tests.support import isolate_aws_env, settings
 
 BLOCKED_OUTPUT = "Sorry, the answer was withheld by the output guardrail."
 
@@ -38,15 +37,7 @@ FAST = ResilienceConfig(deadline_s=3.0, attempt_timeout_s=1.0, backoff_base_s=0.
 @pytest.fixture
 def bedrock(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBedrock]:
     """A local endpoint, and an AWS environment that points boto3 at it and nowhere else."""
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_BEARER_TOKEN_BEDROCK", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    isolate_aws_env(monkeypatch)
     with LocalBedrock(default_policy(), port=0) as lb:
         monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", lb.url)
         yield lb
