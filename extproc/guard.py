@@ -9,8 +9,9 @@ whole SSE events, in order, so a terminal frame always lands on an event boundar
 Modes:
 
 * ``sync``: an event is released only once every character of its text was covered by a
-  passing check with ``overlap`` characters of context after it (or the stream ended). Text is
-  held until then. The first window of a stream is released in full so the first token costs
+  passing check with ``overlap`` characters of context after it (or the text ended: the end of
+  the body, or an earlier event that says so, such as a ``finish_reason``). Text is held until
+  then. The first window of a stream is released in full so the first token costs
   one round trip. An ``ANONYMIZED`` verdict rewrites the held events with the guardrail's masked
   text before release (``extproc.masking``).
 * ``async``: events are released as they complete; checks run beside the stream; a block ends
@@ -304,15 +305,20 @@ class OutputGuard:
 
     # -- release ----------------------------------------------------------------------------
 
+    def _text_done(self) -> bool:
+        """No more model text is expected: the body ended, or its events said the text did
+        (``StreamCodec.text_ended``; a later text delta, a misbehaving upstream, clears it)."""
+        return self._upstream_done or self._codec.text_ended
+
     def _advance(self) -> None:
-        if self._upstream_done and self._in_flight is None and self._mode is StreamMode.SYNC:
+        if self._in_flight is None and self._mode is StreamMode.SYNC and self._text_done():
             self._finish_tails()
         self._release()
         self._maybe_check()
         self._arm_keepalive()
 
     def _finish_tails(self) -> None:
-        """At the end of the stream, a held tail whose last check already saw everything after
+        """At the end of the text, a held tail whose last check already saw everything after
         it is released on that check's verdict, without another call."""
         for channel in self._channels:
             if channel.limit < channel.length == channel.checked and channel.last is not None:
@@ -401,7 +407,7 @@ class OutputGuard:
             return
         pending = self._pending_chars()
         if not should_check(pending_chars=pending, first_check_done=self._first_check_done,
-                            upstream_done=self._upstream_done, policy=self._policy):
+                            upstream_done=self._text_done(), policy=self._policy):
             return
         blocks = self._plan()
         if not blocks:
@@ -520,7 +526,7 @@ class OutputGuard:
         fast = first and self._policy.fast_first_window
         for index, block in enumerate(blocks):
             channel = self._channels[block.channel_index]
-            final = self._upstream_done and block.end == channel.length
+            final = block.end == channel.length and self._text_done()
             channel.checked = max(channel.checked, block.end)
             limit = block.end if (final or fast) else max(channel.limit, block.end - overlap)
             masked_text = masked[index] if masked is not None else texts[index]

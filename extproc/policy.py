@@ -10,7 +10,8 @@ policies that need full context. A per-stream TU cap sends it back to windows on
 
 The first check of a stream goes out as soon as any text exists, so the first token waits for
 one round trip only. Later checks wait until ``min_chars`` new characters exist, or until the
-stream ends. No I/O here; positions are character offsets in one channel's text.
+text ends (the end of the body, or the event saying the answer is complete). No I/O here;
+positions are character offsets in one channel's text.
 """
 
 from __future__ import annotations

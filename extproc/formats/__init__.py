@@ -80,6 +80,11 @@ class PromptScope:
 class StreamCodec(Protocol):
     """The events of one streamed answer. May keep state; one instance per stream."""
 
+    #: Set by ``extract``: the events so far say the model's text is complete (every choice
+    #: has a ``finish_reason``, the message a ``stop_reason``, the response is completed), so
+    #: the guard checks the tail now rather than at the end of the body. Later text clears it.
+    text_ended: bool
+
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         """The model text in one SSE event as (channel, text) pairs in stream order, each text
         non-empty.

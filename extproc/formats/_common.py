@@ -133,6 +133,9 @@ class ChoicesCodec:
         self._head: dict[str, Any] = {}  # id, created, model, ... of the stream's chunks
         self._choices: dict[Any, bool] = {}  # choice index the client saw -> finished
         self._notes = Notes()
+        self.text_ended = False
+        self._streaming: set[Hashable] = set()  # choices extract saw without a finish_reason
+        self._finished: set[Hashable] = set()  # ... and with one
 
     def _remember_head(self, chunk: dict[str, Any]) -> None:
         if self._head:
@@ -165,6 +168,17 @@ class ChoicesCodec:
                     if isinstance(choice, dict):
                         self._extract_choice(choice, found, states)
         self._notes.put(event, states)
+        finish = False
+        for index, finished in states:
+            if finished:
+                self._finished.add(index)
+                finish = True
+            else:
+                self._streaming.add(index)
+        if finish:
+            self.text_ended = self._streaming <= self._finished  # every choice seen finished
+        elif found:
+            self.text_ended = False
         return found
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:

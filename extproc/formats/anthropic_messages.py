@@ -226,6 +226,7 @@ class AnthropicCodec:
         self._blocks = 0  # content blocks the client received a start for
         self._open: set[int] = set()
         self._notes = c.Notes()
+        self.text_ended = False
 
     def _seen(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
@@ -248,11 +249,20 @@ class AnthropicCodec:
             return []
         if kind in ("message_start", "message_delta"):
             self._seen(payload)
+            if kind == "message_delta":
+                delta = payload.get("delta")
+                if isinstance(delta, dict) and delta.get("stop_reason"):
+                    self.text_ended = True
             return []
         if kind != "content_block_delta":
+            if kind == "message_stop":
+                self.text_ended = True
             return []
         found = _delta_text(payload)
-        return [] if found is None else [(found[0], found[1])]
+        if found is None:
+            return []
+        self.text_ended = False
+        return [(found[0], found[1])]
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         payload = self._notes.take(event)

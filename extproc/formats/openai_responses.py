@@ -275,6 +275,7 @@ class ResponsesCodec:
         self._sent: dict[Hashable, list[str]] = {}  # channel -> text pieces the client received
         self._masked: set[Hashable] = set()  # channels whose sent text differs from upstream
         self._notes = c.Notes()
+        self.text_ended = False
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -296,6 +297,8 @@ class ResponsesCodec:
         spec = _DELTAS.get(kind) if isinstance(kind, str) else None
         if payload is None or spec is None:
             self._notes.put(event, payload)
+            if kind in _FINAL:
+                self.text_ended = True
             return []
         delta = payload.get("delta")
         if not isinstance(delta, str):
@@ -304,7 +307,10 @@ class ResponsesCodec:
         # A text delta's note is its channel and text, not the payload: deltas are many.
         channel = _channel(payload, *spec)
         self._notes.put(event, (channel, delta))
-        return [(channel, delta)] if delta else []
+        if not delta:
+            return []
+        self.text_ended = False
+        return [(channel, delta)]
 
     # -- releasing ----------------------------------------------------------------------------
 

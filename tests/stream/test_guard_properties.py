@@ -182,7 +182,7 @@ PROMPTS = st.sampled_from(["off", "wait", "nowait"])
 class Run:
     """One stream through a ``StreamProcessor``; records every answer and, for each body answer
     written, how many bytes the client had by then, how many output checks had started and
-    whether Envoy's end_of_stream had come."""
+    whether the text was over (Envoy's end_of_stream, or the finish event, had come)."""
 
     def __init__(self, guardrail: FakeGuardrail, *, streamed: bool, mode: StreamMode,
                  policy: WindowPolicy, prompt: str) -> None:
@@ -191,15 +191,15 @@ class Run:
         self.policy = policy
         self.prompt = prompt
         self.sent: list[Any] = []
-        self.snapshots: list[tuple[int, int, bool]] = []  # (client bytes, calls, eos fed)
-        self.eos_fed = False
+        self.snapshots: list[tuple[int, int, bool]] = []  # (client bytes, calls, text over)
+        self.text_over = False
         self._client = 0
 
         async def write(message: Any) -> None:
             self.sent.append(message)
             if message.WhichOneof("response") == "response_body":
                 self._client += len(self._answer(message)[0])
-                self.snapshots.append((self._client, len(self.output_calls()), self.eos_fed))
+                self.snapshots.append((self._client, len(self.output_calls()), self.text_over))
 
         self.processor = StreamProcessor(
             make_settings(
@@ -248,9 +248,14 @@ class Run:
         assert [m.WhichOneof("response") for m in self.sent][-1] == "response_headers"
         fed = 0
         last = len(stream.chunks) - 1
+        # The finish event ends the text (``StreamCodec.text_ended``): from the chunk that
+        # completes it on, the last check may release everything, as at the end of the body.
+        text_end = (stream.raw.index(FINISH) + len(FINISH)) if FINISH in stream.events else -1
+        fed_bytes = 0
         for index, chunk in enumerate(stream.chunks):
             eos = stream.eos_with_last and index == last
-            self.eos_fed = eos
+            fed_bytes += len(chunk)
+            self.text_over = eos or 0 <= text_end <= fed_bytes
             await self.handle(response_body(chunk, end_of_stream=eos))
             fed += 1
             if self.streamed:
@@ -258,7 +263,7 @@ class Run:
             for _ in range(stream.settles[index]):
                 await asyncio.sleep(0)
         if not stream.eos_with_last:
-            self.eos_fed = True
+            self.text_over = True
             await self.handle(response_body(b"", end_of_stream=True))
             fed += 1
             if self.streamed:
@@ -391,7 +396,7 @@ def check_sync_release_history(run: Run, stream: Stream, *, masked: bool = False
     spans = windows(run.output_calls(), text, run.policy.overlap_chars) if (
         run.policy.strategy is Strategy.WINDOWED) else None
     client_bytes = run.client_bytes()
-    for size, calls, eos_fed in run.snapshots:
+    for size, calls, text_over in run.snapshots:
         events = split_events(strip_frame(client_bytes[:size]))
         assert len(events) <= len(stream.events)
         if not masked:
@@ -399,7 +404,7 @@ def check_sync_release_history(run: Run, stream: Stream, *, masked: bool = False
         released = stream.boundaries()[max(0, min(len(events) - 1, len(stream.deltas)))]
         if spans is not None:
             limit = released_limit(spans[:calls], run.policy,
-                                   final=len(text) if eos_fed else None)
+                                   final=len(text) if text_over else None)
             assert released <= limit, (released, calls, limit)
 
 

@@ -404,6 +404,10 @@ class Unnoted:
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         return self.codec.extract(dataclasses.replace(event))
 
+    @property
+    def text_ended(self) -> bool:
+        return self.codec.text_ended
+
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         return self.codec.rewrite(event, texts)
 
@@ -550,3 +554,54 @@ def test_load_object_reads_text_like_json_loads(data: str) -> None:
 
     # repr: equal structure and values, NaN included (NaN != NaN)
     assert repr(load_object(data)) == repr(_loads_object(data))
+
+
+# --------------------------------------------------------------------------- end of the text
+# ``text_ended``: the events seen say the model's text is complete, so the guard checks the
+# tail at once instead of waiting for the end of the body.
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_text_ended_after_the_last_text_of_each_recording(fmt: StreamFormat) -> None:
+    for name in FIXTURES_OF[fmt.name]:
+        events = decode(fixture(name))
+        codec = fmt.stream_codec()
+        found = [codec.extract(event) for event in events]
+        ended = []
+        codec = fmt.stream_codec()
+        for event in events:
+            codec.extract(event)
+            ended.append(codec.text_ended)
+        last_text = max(i for i, texts in enumerate(found) if texts)
+        assert not any(ended[:last_text]), name  # never while text is still to come
+        assert ended[-1], name  # and known before the body ends
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_text_ended_is_withdrawn_by_later_text(fmt: StreamFormat) -> None:
+    name = FIXTURES_OF[fmt.name][0]
+    events = decode(fixture(name))
+    codec = fmt.stream_codec()
+    texts = [(event, codec.extract(event)) for event in events]
+    assert codec.text_ended
+    # The same text event again, after the end: a misbehaving upstream.
+    late = next(event for event, found in texts if found)
+    assert codec.extract(dataclasses.replace(late))
+    assert not codec.text_ended
+
+
+def test_text_ended_waits_for_every_choice() -> None:
+    codec = OpenAIChat().stream_codec()
+
+    def chunk(index: int, content: str | None, finish: str | None) -> SSEEvent:
+        delta = {} if content is None else {"content": content}
+        data = json.dumps({"choices": [{"index": index, "delta": delta,
+                                        "finish_reason": finish}]})
+        return SSEEvent(raw=f"data: {data}\n\n".encode(), data=data)
+
+    codec.extract(chunk(0, "a", None))
+    codec.extract(chunk(1, "b", None))
+    codec.extract(chunk(0, None, "stop"))
+    assert not codec.text_ended  # choice 1 is still streaming
+    codec.extract(chunk(1, None, "length"))
+    assert codec.text_ended
