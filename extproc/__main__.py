@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from extproc import heap
 from extproc.config import EventLoop, Settings, load_settings, render_settings
 from extproc.errors import ConfigError
 from extproc.guardrail import BedrockGuardrailClient
@@ -71,6 +72,7 @@ async def serve(settings: Settings) -> None:
             # Before the listening line: whoever waits for that line can read this one.
             log.info("metrics on http://%s:%d/metrics",
                      f"[{host}]" if ":" in host else host, metrics.port)
+        heap.settle(settings.gc_full_every)  # the start-up heap is done growing
         # Before the listening line: from then on a SIGTERM must drain, not kill.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -387,6 +387,9 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         return 2
     sock.sendall(frame({"hello": {"endpoint_url": str(client.meta.endpoint_url),
                                   "region": str(client.meta.region_name)}}))
+    from extproc import heap
+
+    heap.settle()  # botocore's models: never walked by a collection again
     send_lock = threading.Lock()
     executor = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="apply-guardrail")
 

@@ -110,6 +110,7 @@ class Settings:
     guardrail_threads: int = 32
     guardrail_calls: GuardrailCalls = GuardrailCalls.PROCESS
     event_loop: EventLoop = EventLoop.AUTO
+    gc_full_every: int = 100
     input_wait_s: float = 0.5
     drain_delay_s: float = 0.0
     grace_period_s: float = 30.0
@@ -386,6 +387,9 @@ OPTIONS: tuple[_Option, ...] = (
             _enum_parser(GuardrailCalls)),
     _Option("--event-loop", "asyncio event loop: auto (uvloop when installed), uvloop or "
             "asyncio", "auto", _enum_parser(EventLoop)),
+    _Option("--gc-full-every", "Python runs a full garbage collection (a pause that grows with "
+            "the text streams hold) once per this many younger ones; Python's own default is "
+            "10", "100", _number_parser(int, 1, 1_000_000)),
     _Option("--input-wait", "seconds the response-headers answer may wait for a pending prompt "
             "verdict; keep it below Envoy's message_timeout", "0.5",
             _number_parser(float, 0, 60)),

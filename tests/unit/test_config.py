@@ -46,6 +46,7 @@ ENV_NAMES = {
     "--guardrail-threads": "EXTPROC_GUARDRAIL_THREADS",
     "--guardrail-calls": "EXTPROC_GUARDRAIL_CALLS",
     "--event-loop": "EXTPROC_EVENT_LOOP",
+    "--gc-full-every": "EXTPROC_GC_FULL_EVERY",
     "--input-wait": "EXTPROC_INPUT_WAIT",
     "--drain-delay": "EXTPROC_DRAIN_DELAY",
     "--grace-period": "EXTPROC_GRACE_PERIOD",
@@ -123,6 +124,7 @@ def test_defaults() -> None:
     assert s.guardrail_timeout_s == 5.0
     assert s.guardrail_max_attempts == 3
     assert s.guardrail_threads == 32
+    assert s.gc_full_every == 100
     assert s.input_wait_s == 0.5
     assert s.drain_delay_s == 0.0
     assert s.grace_period_s == 30.0
@@ -217,6 +219,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--guardrail-calls", "process", "guardrail_calls", GuardrailCalls.PROCESS),
     ("--event-loop", "asyncio", "event_loop", EventLoop.ASYNCIO),
     ("--event-loop", "uvloop", "event_loop", EventLoop.UVLOOP),
+    ("--gc-full-every", "10", "gc_full_every", 10),
     ("--input-wait", "1.25", "input_wait_s", 1.25),
     ("--input-wait", "0", "input_wait_s", 0.0),
     ("--drain-delay", "3", "drain_delay_s", 3.0),
@@ -503,6 +506,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--log-level", "CRITICAL", ("DEBUG", "INFO", "WARNING", "ERROR")),
     ("--guardrail-calls", "fork", ("is not one of", "process", "thread")),
     ("--event-loop", "trio", ("is not one of", "auto", "uvloop", "asyncio")),
+    ("--gc-full-every", "0", ("outside", "1..1000000")),
 ]
 
 
