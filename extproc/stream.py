@@ -281,9 +281,13 @@ class StreamProcessor:
         for task in (self._input_task, self._json_task):
             if task is not None and not task.done():
                 task.cancel()
-        if self._guard is not None:
-            self._guard.close()
-            self._recorder.untrack_held(self._guard)
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.close()
+            self._recorder.untrack_held(guard)
+            # The guard holds this processor's bound methods: without the cycle, reference
+            # counting frees the finished stream (its RPC, task and text) at once, rather than a
+            # full garbage collection, which ``--gc-full-every`` makes rare.
         if self._counted:
             self._counted = False
             outcome = stream_outcome(self.stats, guarded=self._fmt is not None,

@@ -236,6 +236,31 @@ async def test_non_llm_request_skips_the_response_phase(
 # -- Envoy cancelling the side stream ---------------------------------------------------------
 
 
+async def test_finished_stream_leaves_no_reference_cycle(
+    stub: pb_grpc.ExternalProcessorStub, server: RunningServer
+) -> None:
+    # Regression (session 3): the stream's processor and its output guard referred to each
+    # other, so every finished stream (grpc context, task, held text) waited for a full garbage
+    # collection, which --gc-full-every makes rare: RSS crept up under load.
+    await run_stream(stub, CLEAN, chunk_size=17)  # warm-up: one-time objects
+    await eventually(lambda: server.processor.active_streams == 0, what="stream end")
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            await run_stream(stub, CLEAN, chunk_size=17)
+        await eventually(lambda: server.processor.active_streams == 0, what="stream end")
+        await asyncio.sleep(0.05)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__qualname__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert "StreamProcessor" not in left and "OutputGuard" not in left, left
+
+
 async def test_client_cancel_mid_body_is_a_clean_end(
     stub: pb_grpc.ExternalProcessorStub, server: RunningServer, guardrail: FakeGuardrail,
     caplog: pytest.LogCaptureFixture,
