@@ -35,6 +35,7 @@ _NONE = ProcessingMode.NONE
 _BUFFERED = ProcessingMode.BUFFERED
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 STREAMED = ProcessingMode.STREAMED
+FULL_DUPLEX = _FULL_DUPLEX
 
 # Mode overrides; each must be listed in the filter's ``allowed_override_modes``.
 # Not an LLM call: no response messages at all.

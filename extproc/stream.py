@@ -157,6 +157,25 @@ class StreamedSink:
         self._pending.clear()
 
 
+_warned_full_duplex = False
+
+
+def _warn_configured_full_duplex(request_body_mode: int) -> None:
+    """Once per process: what a response body mode configured as FULL_DUPLEX_STREAMED costs."""
+    global _warned_full_duplex
+    if _warned_full_duplex:
+        return
+    _warned_full_duplex = True
+    prompt = ("prompts are checked (request_body_mode BUFFERED)"
+              if request_body_mode == envoy.ProcessingMode.BUFFERED else
+              "prompts are NOT checked: set request_body_mode BUFFERED, or use envoy/envoy.yaml")
+    log.warning("Envoy's response_body_mode is configured as FULL_DUPLEX_STREAMED, so it ignores "
+                "mode overrides: every response body streams through the sidecar (answers it "
+                "does not guard are passed back chunk by chunk; a blocked JSON answer keeps its "
+                "200 status and gets the error body); %s. envoy/envoy.yaml's processing_mode "
+                "(NONE, switched per request) avoids both", prompt)
+
+
 def decode_body(body: bytes, encoding: str, limit: int) -> bytes | None:
     """The request body without its content-encoding (gzip, deflate), at most ``limit`` bytes
     (0: no limit) once inflated; None when it cannot be read (unknown encoding, corrupt data,
@@ -238,6 +257,10 @@ class StreamProcessor:
         self._sink: FullDuplexSink | StreamedSink | None = None
         self._configured_response_body = envoy.ProcessingMode.NONE
         self._streamed = False
+        # The response body mode is *configured* FULL_DUPLEX_STREAMED: Envoy ignores mode
+        # overrides, so every body streams through here and each answer is a streamed one.
+        self._full_duplex = False
+        self._body_started = False
         self._request_done = False
         self._request_decoded = False
         self._content_encoding = "identity"
@@ -255,11 +278,16 @@ class StreamProcessor:
         """One message from Envoy; answers go to the outbox, which is flushed before return."""
         kind = request.WhichOneof("request")
         if kind == "response_body":
+            self._body_started = True
             self._on_response_body(request.response_body)
         elif kind == "request_headers":
             if request.HasField("protocol_config"):
-                self._configured_response_body = request.protocol_config.response_body_mode
+                config = request.protocol_config
+                self._configured_response_body = config.response_body_mode
                 self._streamed = self._configured_response_body == envoy.STREAMED
+                self._full_duplex = self._configured_response_body == envoy.FULL_DUPLEX
+                if self._full_duplex:
+                    _warn_configured_full_duplex(config.request_body_mode)
             self._on_request_headers(request.request_headers)
         elif kind == "request_body":
             self._on_request_body(request.request_body)
@@ -468,12 +496,19 @@ class StreamProcessor:
         self._outbox.put(envoy.continue_request_body())
 
     def _reply_error(self, kind: str, outcome: str) -> None:
-        """A local error reply (only while the response headers have not gone out)."""
+        """A local error reply (only while the response headers have not gone out; with the
+        body mode configured FULL_DUPLEX they have once the body streams: the error body then
+        replaces the answer's, behind the status already sent)."""
         fmt = self._fmt
         assert fmt is not None, "BUG: an error reply without a format"
         status, body = fmt.error_body(kind)
         self.stats["outcome"] = outcome
         self.stats.setdefault("chars_released", 0)
+        if self._full_duplex and self._body_started:
+            self._outbox.put(envoy.streamed_response_body(
+                body, True, metadata_namespace=self._settings.metadata_namespace,
+                metadata=self.stats))
+            return
         self._outbox.put(envoy.immediate_response(
             status, body, details=f"{kind}_input" if outcome != "block" else kind,
             metadata_namespace=self._settings.metadata_namespace, metadata=self.stats))
@@ -590,7 +625,7 @@ class StreamProcessor:
             await self._outbox.flush()
             return
         pairs = fmt.response_texts(body) if route.output_check else []
-        reply = envoy.continue_response_body(metadata_namespace=ns, metadata=self.stats)
+        reply = self._whole_body_reply(body, None)
         if pairs:
             try:
                 verdict = await self._apply_output([text for _, text in pairs])
@@ -621,9 +656,7 @@ class StreamProcessor:
                     self._intervened(Source.OUTPUT, "soft_block", verdict)
                     self.stats["outcome"] = "soft_block"
                     message = verdict.outputs[0] if verdict.outputs else ""
-                    reply = envoy.replace_response_body(
-                        fmt.soft_block_response(body, message), metadata_namespace=ns,
-                        metadata=self.stats)
+                    reply = self._whole_body_reply(body, fmt.soft_block_response(body, message))
                 elif verdict.outcome is Outcome.BLOCK:
                     self._intervened(Source.OUTPUT, "block", verdict)
                     log.info("answer blocked by the guardrail")
@@ -646,19 +679,33 @@ class StreamProcessor:
                         return
                     self._intervened(Source.OUTPUT, "mask", verdict)
                     self.stats["masked"] = 1
-                    reply = envoy.replace_response_body(
-                        rewritten, metadata_namespace=ns, metadata=self.stats)
+                    reply = self._whole_body_reply(body, rewritten)
         self.stats.setdefault("outcome", "pass")
         self._outbox.put(reply)
         await self._outbox.flush()
+
+    def _whole_body_reply(self, original: bytes, replacement: bytes | None) -> Any:
+        """The answer to a whole non-streamed answer: unchanged (``replacement`` None) or
+        replaced. With the body mode configured FULL_DUPLEX it came in chunks (our BUFFERED
+        override is ignored) and goes back as one streamed answer."""
+        ns = self._settings.metadata_namespace
+        if self._full_duplex:
+            return envoy.streamed_response_body(
+                original if replacement is None else replacement, True,
+                metadata_namespace=ns, metadata=self.stats)
+        if replacement is None:
+            return envoy.continue_response_body(metadata_namespace=ns, metadata=self.stats)
+        return envoy.replace_response_body(replacement, metadata_namespace=ns,
+                                           metadata=self.stats)
 
     def _on_response_body(self, body: Any) -> None:
         if self._json_answer:
             self._response_body += body.body
             if body.end_of_stream and self._json_task is None:
-                # The answer waits for checks: keep Envoy's message timer from firing first.
-                self._outbox.put(envoy.override_message_timeout(
-                    2 * self._settings.guardrail_timeout_s + 1))
+                if not self._full_duplex:  # (FULL_DUPLEX has no timer)
+                    # The answer waits for checks: keep Envoy's message timer from firing first.
+                    self._outbox.put(envoy.override_message_timeout(
+                        2 * self._settings.guardrail_timeout_s + 1))
                 self._json_task = asyncio.get_running_loop().create_task(
                     self._answer_json(bytes(self._response_body)))
             return
@@ -667,6 +714,9 @@ class StreamProcessor:
             if self._streamed:
                 # A STREAMED route whose answer we do not guard: one unchanged answer per chunk.
                 self._outbox.put(envoy.streamed_mode_body(None, pass_through=True))
+            elif self._full_duplex:
+                # Configured FULL_DUPLEX: an answer we do not guard goes back as it came.
+                self._outbox.put(envoy.streamed_response_body(body.body, body.end_of_stream))
             else:
                 log.warning("response body without a guard; ignored")
             return
