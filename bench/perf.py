@@ -192,6 +192,10 @@ def configurations(args: argparse.Namespace) -> list[Config]:
                                       *budget, *extra),
                bedrock_latency=0.0, other_msgs=2, envoy_max_streams=args.envoy_max_streams,
                describe=f"as body, --workers 2{max_streams_note}"),
+        Config("off-fd-w2", "sidecar", ("--workers", "2", "--input-check", "off",
+                                        "--output-check", "off", *extra),
+               other_msgs=3, envoy_full_duplex=True, envoy_max_streams=args.envoy_max_streams,
+               describe=f"as off-fd, --workers 2{max_streams_note}"),
         Config("sync-w2", "sidecar", ("--workers", "2", "--stream-mode", "sync",
                                       "--input-check", args.guard_input, *budget, *extra),
                bedrock_latency=args.latency, other_msgs=guard_other,
@@ -1031,7 +1035,7 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
     scale_conc = 300
     envoy300 = by_key.get(("paced", scale_conc, "envoy"))
     bare300 = by_key.get(("paced", scale_conc, "bare"))
-    for name in ("body-w2", "sync-w2"):
+    for name in ("off-fd-w2", "body-w2", "sync-w2"):
         c = by_key.get(("paced", scale_conc, name))
         if c is None or envoy300 is None or bare300 is None:
             continue
@@ -1074,8 +1078,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=None, help="comma list (default 1,20,100,300; quick 1,20,100)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=None,
                         help="comma list of configurations to run (default all: envoy,bare,off,"
-                             "off-fd,body,body-asyncio,body-thread,sync,sync-par,async,body-w2,"
-                             "sync-w2); envoy is always included")
+                             "off-fd,body,body-asyncio,body-thread,sync,sync-par,async,"
+                             "off-fd-w2,body-w2,sync-w2); envoy is always included")
     parser.add_argument("--pacings", type=lambda s: s.split(","), default=["paced", "b2b"],
                         help="paced and/or b2b (default both)")
     parser.add_argument("--events", type=int, default=200, help="events per stream (200)")
