@@ -261,6 +261,7 @@ class StreamProcessor:
         # overrides, so every body streams through here and each answer is a streamed one.
         self._full_duplex = False
         self._body_started = False
+        self._body_done = False  # we ended the body (configured FULL_DUPLEX); ignore the rest
         self._request_done = False
         self._request_decoded = False
         self._content_encoding = "identity"
@@ -699,8 +700,15 @@ class StreamProcessor:
                                            metadata=self.stats)
 
     def _on_response_body(self, body: Any) -> None:
+        if self._body_done:
+            return  # (configured FULL_DUPLEX: after our end of the body, Envoy sends no more)
         if self._json_answer:
             self._response_body += body.body
+            limit = self._settings.max_held_bytes
+            if self._full_duplex and limit and len(self._response_body) > limit:
+                # Envoy keeps a BUFFERED body within its own limit; these chunks come to us.
+                self._json_overflow(body.end_of_stream)
+                return
             if body.end_of_stream and self._json_task is None:
                 if not self._full_duplex:  # (FULL_DUPLEX has no timer)
                     # The answer waits for checks: keep Envoy's message timer from firing first.
@@ -722,6 +730,24 @@ class StreamProcessor:
             return
         guard.on_chunk(body.body, body.end_of_stream)
         sink.chunk_done(body.end_of_stream)
+
+    def _json_overflow(self, end_of_stream: bool) -> None:
+        """Configured FULL_DUPLEX: a non-streamed answer over ``--max-held-bytes``; the
+        ``overload`` failure class decides between the error body and passing it unchecked."""
+        error = GuardrailOverload(f"a non-streamed answer of more than "
+                                  f"{self._settings.max_held_bytes} bytes")
+        self.stats["error_class"] = error.error_class
+        self._json_answer = False
+        held, self._response_body = bytes(self._response_body), bytearray()
+        if self._route.failure_mode.fails_open(error) or self._route.shadow:
+            log.warning("%s; failure mode open: passed unchecked", error)
+            self.stats["failed_open"] = True
+            self.stats.setdefault("outcome", "pass")
+            self._outbox.put(envoy.streamed_response_body(held, end_of_stream))
+        else:
+            log.warning("%s; failure mode closed: the error body", error)
+            self._reply_error(ErrorKind.UNAVAILABLE, "unavailable")
+            self._body_done = True
 
     def _apply_output(self, texts: list[str]) -> Coroutine[Any, Any, GuardrailVerdict]:
         return self._apply(Source.OUTPUT, texts)

@@ -100,3 +100,27 @@ async def test_a_blocked_json_answer_becomes_the_format_error_body() -> None:
     assert error["error"]["type"] == "guardrail_violation"
     assert b"forbidden" not in answers[0][0]
     assert not any(m.WhichOneof("response") == "immediate_response" for m in h.sent)
+
+
+async def test_a_json_answer_over_max_held_bytes_fails_closed_with_the_error_body() -> None:
+    # Envoy buffers a BUFFERED body within its own limit; here the chunks come to the sidecar,
+    # so --max-held-bytes bounds what it collects (the overload failure class decides).
+    guard = FakeGuardrail()
+    h = Harness(guard, max_held_bytes=100)
+    answers = await run_json(h, json_answer("x" * 300))
+    assert len(answers) == 1 and answers[0][1] is True
+    assert json.loads(answers[0][0])["error"]["type"] == "guardrail_unavailable"
+    assert not [c for c in guard.calls if c.texts != ["hi"]]  # the answer was never checked
+    assert h.processor.stats["error_class"] == "overload"
+
+
+async def test_a_json_answer_over_max_held_bytes_passes_unchecked_when_failing_open() -> None:
+    from extproc.failure import FailureMode, FailurePolicy
+
+    h = Harness(FakeGuardrail(), max_held_bytes=100,
+                failure_mode=FailurePolicy.uniform(FailureMode.OPEN))
+    answer = json_answer("x" * 300)
+    answers = await run_json(h, answer)
+    assert b"".join(body for body, _ in answers) == answer
+    assert [eos for _, eos in answers][-1] is True and sum(eos for _, eos in answers) == 1
+    assert h.processor.stats["failed_open"] is True
