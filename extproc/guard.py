@@ -35,7 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from extproc.failure import FailurePolicy
@@ -76,7 +76,9 @@ class _Delta:
     channel: int
     start: int
     text: str
-    mapped: list[str] = field(default_factory=list)
+    # The text to release for it, piece by piece (masking may change it); None until mapped: a
+    # list per held event would be one more object for every garbage collection to walk.
+    mapped: list[str] | None = None
     mapped_to: int = -1  # original position up to which ``mapped`` is filled; -1: not mapped
 
 
@@ -345,7 +347,7 @@ class OutputGuard:
             return item.raw
         changed: dict[Hashable, str] = {}
         for delta in item.deltas:
-            text = "".join(delta.mapped)
+            text = "".join(delta.mapped) if delta.mapped is not None else ""
             if text != delta.text:
                 changed[self._channels[delta.channel].key] = text
         return self._codec.rewrite(item.event, changed)
@@ -563,7 +565,11 @@ class OutputGuard:
                             deltas[cursor].start + len(deltas[cursor].text) <= position):
                         cursor += 1
                     if cursor < len(deltas) and deltas[cursor].start <= position:
-                        deltas[cursor].mapped.append(piece)
+                        delta = deltas[cursor]
+                        if delta.mapped is None:
+                            delta.mapped = [piece]
+                        else:
+                            delta.mapped.append(piece)
             if base + carry > channel.mask_from:
                 channel.mask_from = base + carry
                 if base + carry > limit:

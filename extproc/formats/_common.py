@@ -93,19 +93,24 @@ class Notes:
     delta whose text is replaced (masking, rare) is parsed again.
     """
 
-    __slots__ = ("_queue",)
+    __slots__ = ("_events", "_notes")
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[SSEEvent, Any]] = deque()
+        # Two queues, not one of (event, note) pairs: a pair per held event would be one more
+        # object for every garbage collection to walk.
+        self._events: deque[SSEEvent] = deque()
+        self._notes: deque[Any] = deque()
 
     def put(self, event: SSEEvent, note: Any) -> None:
-        self._queue.append((event, note))
+        self._events.append(event)
+        self._notes.append(note)
 
     def take(self, event: SSEEvent) -> Any:
         """The note of ``event`` (``UNREAD`` when ``extract`` did not see it)."""
-        queue = self._queue
-        if queue and queue[0][0] is event:
-            return queue.popleft()[1]
+        events = self._events
+        if events and events[0] is event:
+            events.popleft()
+            return self._notes.popleft()
         return UNREAD
 
 
@@ -167,7 +172,7 @@ class ChoicesCodec:
                 for choice in choices:
                     if isinstance(choice, dict):
                         self._extract_choice(choice, found, states)
-        self._notes.put(event, states)
+        self._notes.put(event, tuple(states))  # (a tuple of atoms: the collector drops it)
         finish = False
         for index, finished in states:
             if finished:
