@@ -376,7 +376,19 @@ class OutputGuard:
             self._bytes_out += size
             self._released_chars += chars
         else:
-            while held and self._releasable(held[0]):
+            count = 0
+            for item in held:
+                if not self._releasable(item):
+                    break
+                count += 1
+            if count == len(held) and not self._upstream_done and self._codec.text_ended:
+                # The text ended before the body: the events after it (finish, usage, [DONE])
+                # wait for the end of the body, as in async mode. A client that stops reading
+                # at [DONE] would otherwise hang up before the body's last message, and the
+                # stream's metadata with it, reached Envoy.
+                while count and not held[count - 1].chars:
+                    count -= 1
+            for _ in range(count):
                 item = held.popleft()
                 out.append(self._render(item))
                 self._bytes_out += len(item.raw)

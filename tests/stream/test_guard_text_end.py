@@ -41,15 +41,20 @@ async def test_sync_checks_and_releases_the_tail_on_the_finish_event() -> None:
     finish = chunk_event(finish_reason="stop")
     await h.feed(response_body(finish))
     await h.settle()
-    # No end of body yet: the finish event alone started the last check and released the rest.
+    # No end of body yet: the finish event alone started the last check and released the text.
     assert len(guard.calls) == 2
     assert guard.calls[1].texts[0].endswith(pieces[-1])
-    assert h.client_bytes() == text_events + finish
-    await h.feed(response_body(DONE), response_body(b"", end_of_stream=True))
+    assert h.client_bytes() == text_events
+    await h.feed(response_body(DONE))
+    await h.settle()
+    # The events after the text wait for the end of the body: a client that stops at [DONE]
+    # must not hang up before the body's last message (with the stream's metadata) goes out.
+    assert h.client_bytes() == text_events
+    await h.feed(response_body(b"", end_of_stream=True))
     await h.settle()
     assert len(guard.calls) == 2  # nothing left to check at the end
     assert h.client_bytes() == text_events + finish + DONE
-    assert h.body_answers()[-1][1] is True  # end of stream sent
+    assert h.body_answers()[-1] == (finish + DONE, True)  # with the end of stream
 
 
 async def test_sync_finish_event_with_a_blocked_tail_ends_the_stream_before_done() -> None:
