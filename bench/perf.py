@@ -395,9 +395,11 @@ class Stack:
             raise RuntimeError(f"{self.config.name}: processor exited\n"
                                f"{tail(self.processor.log_path, 60)}")
 
-    def guardrail_call_time(self) -> dict[str, tuple[float, float]]:
-        """source -> (sum of seconds, count) of the sidecar's
-        ``guardrail_call_duration_seconds`` histogram (sidecars with ``--metrics-listen``)."""
+    def histograms(self) -> dict[str, tuple[float, float]]:
+        """(sum of seconds, count) of the sidecar's ``guardrail_call_duration_seconds`` per
+        source (``INPUT``, ``OUTPUT``) and ``gc_pause_seconds`` per generation (``gc0`` ..
+        ``gc2``), from its metrics endpoint (sidecars with ``--metrics-listen``; with workers,
+        the first worker's)."""
         if not self.metrics_url:
             return {}
         try:
@@ -406,10 +408,12 @@ class Stack:
         except OSError:
             return {}
         found: dict[str, list[float]] = {}
-        for match in re.finditer(r'guardrail_call_duration_seconds_(sum|count)\{source="(\w+)"\} '
-                                 r'(\S+)', text):
-            pair = found.setdefault(match.group(2), [0.0, 0.0])
-            pair[0 if match.group(1) == "sum" else 1] = float(match.group(3))
+        for match in re.finditer(r'(guardrail_call_duration|gc_pause)_seconds_(sum|count)'
+                                 r'\{(?:source|generation)="(\w+)"\} (\S+)', text):
+            key = match.group(3) if match.group(1) == "guardrail_call_duration" \
+                else f"gc{match.group(3)}"
+            pair = found.setdefault(key, [0.0, 0.0])
+            pair[0 if match.group(2) == "sum" else 1] = float(match.group(4))
         return {k: (v[0], v[1]) for k, v in found.items()}
 
     def ext_proc_stats(self) -> dict[str, int]:
@@ -487,6 +491,8 @@ class CellResult:
     retried: bool = False
     # mean ApplyGuardrail call time as the stream waited for it, per source (sidecar metrics)
     call_ms: dict[str, float] = field(default_factory=dict)
+    # gc0..gc2 -> (collections, total pause ms) in the sidecar during the cell (its metrics)
+    gc_pauses: dict[str, tuple[int, float]] = field(default_factory=dict)
     upstream: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
 
@@ -577,7 +583,7 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
         result.rss_idle_mb = proc_rss_mb(processor_pid)
     up_before = http_json(f"{upstream.url}/_stats")
     xp_before = stack.ext_proc_stats()
-    calls_before = stack.guardrail_call_time()
+    calls_before = stack.histograms()
     start_at = time.time() + 0.4  # the client processes import and connect meanwhile
     sampler = Sampler(processor_pid)
 
@@ -605,10 +611,12 @@ def run_cell(args: argparse.Namespace, stack: Stack, pacing: Pacing, concurrency
     sampler.join()
     up_after = http_json(f"{upstream.url}/_stats")
     xp_after = stack.ext_proc_stats()
-    calls_after = stack.guardrail_call_time()
+    calls_after = stack.histograms()
     for source, (total, count) in calls_after.items():
         total0, count0 = calls_before.get(source, (0.0, 0.0))
-        if count > count0:
+        if source.startswith("gc"):
+            result.gc_pauses[source] = (int(count - count0), (total - total0) * 1000.0)
+        elif count > count0:
             result.call_ms[source.upper()] = (total - total0) / (count - count0) * 1000.0
     gr = http_json(f"{bedrock.url}/_stats") if config.bedrock_latency is not None else None
 
@@ -896,7 +904,9 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                "RSS = (peak during the cell - idle before) per 1,000 concurrent streams;\n   "
                "calls, TU = ApplyGuardrail calls and text units per stream (LocalBedrock); "
                "call ms = mean call time as the\n   sidecar saw it, INPUT/OUTPUT (its metrics, "
-               "when it has --metrics-listen); CPU % of one core for every\n   process (child %: the "
+               "when it has --metrics-listen); full gc = full garbage collections in the sidecar "
+               "during the\n   cell / their pauses in ms (its metrics); CPU % of one core for "
+               "every\n   process (child %: the "
                "part of proc % spent in the sidecar's guardrail call process); busy = "
                "the whole machine (% of all CPUs); other = CPU used by anything else meanwhile "
                "(% of one\n   core): noise from outside.")
@@ -922,6 +932,7 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                     c.guardrail.get("calls_per_stream"), c.guardrail.get("text_units_per_stream"),
                     "/".join(f"{c.call_ms[k]:.0f}" for k in ("INPUT", "OUTPUT") if k in c.call_ms)
                     or None,
+                    "{}/{:.0f}".format(*c.gc_pauses["gc2"]) if "gc2" in c.gc_pauses else None,
                     100.0 * c.cpu_s.get("processor", 0.0) / wall if "processor" in c.cpu_s
                     else None,
                     100.0 * c.processor_children_cpu_s / wall
@@ -933,7 +944,8 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                     c.machine_busy_pct,
                     fmt(c.other_cpu_pct) + ("!" if noisy(args, c) else "")])
     out.append(table(["pacing", "conc", "config", "body msgs/str", "µs/msg", "x bare",
-                      "ms/stream", "x bare", "RSS MB/1k", "calls", "TU", "call ms", "proc %",
+                      "ms/stream", "x bare", "RSS MB/1k", "calls", "TU", "call ms", "full gc",
+                      "proc %",
                       "child %", "envoy %", "upstr %", "bedrk %", "client %", "lag p99", "busy %",
                       "other %"], rows))
 

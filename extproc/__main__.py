@@ -50,6 +50,7 @@ async def serve(settings: Settings) -> None:
         settings, max_attempts=1, attempt_timeout_s=settings.guardrail_attempt_timeout_s)
     guardrail = ResilientGuardrail(bedrock, resilience_config(settings))
     metrics: MetricsServer | None = None
+    prometheus: PrometheusRecorder | None = None
     try:
         address = settings.metrics_address
         prometheus = PrometheusRecorder(standard_collectors=True) if address is not None else None
@@ -72,7 +73,8 @@ async def serve(settings: Settings) -> None:
             # Before the listening line: whoever waits for that line can read this one.
             log.info("metrics on http://%s:%d/metrics",
                      f"[{host}]" if ":" in host else host, metrics.port)
-        heap.settle(settings.gc_full_every)  # the start-up heap is done growing
+        if settings.gc_full_every:
+            heap.settle(settings.gc_full_every)  # the start-up heap is done growing
         # Before the listening line: from then on a SIGTERM must drain, not kill.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -99,6 +101,8 @@ async def serve(settings: Settings) -> None:
     finally:
         if metrics is not None:
             metrics.close()
+        if prometheus is not None:
+            prometheus.close()
         guardrail.close()
 
 

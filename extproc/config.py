@@ -389,7 +389,8 @@ OPTIONS: tuple[_Option, ...] = (
             "asyncio", "auto", _enum_parser(EventLoop)),
     _Option("--gc-full-every", "Python runs a full garbage collection (a pause that grows with "
             "the text streams hold) once per this many younger ones; Python's own default is "
-            "10", "100", _number_parser(int, 1, 1_000_000)),
+            "10; 0 leaves the collector as Python has it (and the start-up heap unfrozen)", "100",
+            _number_parser(int, 0, 1_000_000)),
     _Option("--input-wait", "seconds the response-headers answer may wait for a pending prompt "
             "verdict; keep it below Envoy's message_timeout", "0.5",
             _number_parser(float, 0, 60)),

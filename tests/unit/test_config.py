@@ -506,7 +506,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--log-level", "CRITICAL", ("DEBUG", "INFO", "WARNING", "ERROR")),
     ("--guardrail-calls", "fork", ("is not one of", "process", "thread")),
     ("--event-loop", "trio", ("is not one of", "auto", "uvloop", "asyncio")),
-    ("--gc-full-every", "0", ("outside", "1..1000000")),
+    ("--gc-full-every", "-1", ("outside", "0..1000000")),
 ]
 
 

@@ -53,6 +53,7 @@ def test_gc_full_every_setting() -> None:
     base = ["--guardrail-id", "g1"]
     assert load_settings(base + ["--gc-full-every", "10"], {}).gc_full_every == 10
     assert load_settings(base, {"EXTPROC_GC_FULL_EVERY": "1000"}).gc_full_every == 1000
+    assert load_settings(base + ["--gc-full-every", "0"], {}).gc_full_every == 0  # hands off
     with pytest.raises(ConfigError, match="--gc-full-every"):
-        load_settings(base + ["--gc-full-every", "0"], {})
+        load_settings(base + ["--gc-full-every", "-1"], {})
 

@@ -5,6 +5,7 @@ streams, their bounded labels, the scrape-time gauges and collectors, the HTTP e
 from __future__ import annotations
 
 import asyncio
+import gc
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -345,6 +346,30 @@ def test_metrics_endpoint_serves_the_registry_on_port_0() -> None:
     assert P + "streams_started" in families
     assert "process_cpu_seconds" in families or "python_info" in families
     assert 'route="default"' in text
+    r.close()
+
+
+def test_gc_pauses_are_timed_per_generation_until_closed() -> None:
+    r = PrometheusRecorder(standard_collectors=True)
+    try:
+        before = r.registry.get_sample_value(P + "gc_pause_seconds_count",
+                                             {"generation": "2"}) or 0
+        gc.collect()
+        gc.collect(0)
+        count = r.registry.get_sample_value(P + "gc_pause_seconds_count", {"generation": "2"})
+        assert count is not None and count >= before + 1
+        assert (r.registry.get_sample_value(P + "gc_pause_seconds_count",
+                                            {"generation": "0"}) or 0) >= 1
+        assert (r.registry.get_sample_value(P + "gc_pause_seconds_sum",
+                                            {"generation": "2"}) or 0) > 0
+    finally:
+        r.close()
+    assert not any(getattr(cb, "__self__", None) is not None
+                   and type(cb.__self__).__name__ == "GCPauses" for cb in gc.callbacks)
+    after = r.registry.get_sample_value(P + "gc_pause_seconds_count", {"generation": "2"})
+    gc.collect()
+    assert r.registry.get_sample_value(P + "gc_pause_seconds_count",
+                                       {"generation": "2"}) == after
 
 
 def test_null_recorder_is_a_recorder() -> None:
