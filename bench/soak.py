@@ -495,10 +495,18 @@ async def one_stream(clients: dict[str, httpx.AsyncClient], url: str, plan: Plan
     error: str | None = None
     hung = False
     started = time.monotonic()
+    client = clients[version]
+    own: httpx.AsyncClient | None = None
+    if version == "http2" and plan.abort_after:
+        # httpcore does not reset an HTTP/2 stream closed before its end (encode/httpcore#943,
+        # #1098): the data still arriving for it is never credited back, so the shared
+        # connection's flow-control window shrinks with every abort until all its streams
+        # stall (a 10-minute soak hung after ~7 minutes). An aborting client gets its own.
+        client = own = httpx.AsyncClient(http1=False, http2=True, timeout=client.timeout)
     try:
         async with asyncio.timeout(timeout):
-            async with clients[version].stream("POST", f"{url}/v1/chat/completions",
-                                               content=body, headers=headers) as response:
+            async with client.stream("POST", f"{url}/v1/chat/completions",
+                                     content=body, headers=headers) as response:
                 status = response.status_code
                 async for raw in response.aiter_raw():
                     received += raw
@@ -510,6 +518,9 @@ async def one_stream(clients: dict[str, httpx.AsyncClient], url: str, plan: Plan
         error = f"{type(exc).__name__}: {exc}"[:200]
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        if own is not None:
+            await own.aclose()
     return status, bytes(received), error, hung, time.monotonic() - started
 
 
