@@ -9,6 +9,7 @@ configures logging, builds the Bedrock client, starts the Prometheus endpoint
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -73,8 +74,11 @@ async def serve(settings: Settings) -> None:
             # Before the listening line: whoever waits for that line can read this one.
             log.info("metrics on http://%s:%d/metrics",
                      f"[{host}]" if ":" in host else host, metrics.port)
-        if settings.gc_full_every:
-            heap.settle(settings.gc_full_every)  # the start-up heap is done growing
+        if settings.gc_full_every or settings.gc_young_threshold:
+            # The start-up heap is done growing.
+            heap.settle(settings.gc_full_every or None, young=settings.gc_young_threshold or None)
+        log.info("garbage collector: thresholds %s, %d start-up objects frozen",
+                 gc.get_threshold(), gc.get_freeze_count())
         # Before the listening line: from then on a SIGTERM must drain, not kill.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -111,6 +111,7 @@ class Settings:
     guardrail_calls: GuardrailCalls = GuardrailCalls.PROCESS
     event_loop: EventLoop = EventLoop.AUTO
     gc_full_every: int = 100
+    gc_young_threshold: int = 10_000
     input_wait_s: float = 0.5
     drain_delay_s: float = 0.0
     grace_period_s: float = 30.0
@@ -388,9 +389,15 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--event-loop", "asyncio event loop: auto (uvloop when installed), uvloop or "
             "asyncio", "auto", _enum_parser(EventLoop)),
     _Option("--gc-full-every", "Python runs a full garbage collection (a pause that grows with "
-            "the text streams hold) once per this many younger ones; Python's own default is "
-            "10; 0 leaves the collector as Python has it (and the start-up heap unfrozen)", "100",
+            "the text streams hold) once per this many generation-1 ones; Python's own default "
+            "is 10; 0 leaves it as Python has it (with --gc-young-threshold 0 as well, the "
+            "collector is untouched and the start-up heap unfrozen)", "100",
             _number_parser(int, 0, 1_000_000)),
+    _Option("--gc-young-threshold", "Python runs a young garbage collection once this many more "
+            "container objects were created than freed (Python's default: 700; held events are "
+            "several each, so a low threshold walks them again and again); generation 1 is then "
+            "collected every third young collection; 0 leaves both as Python has them",
+            "10000", _number_parser(int, 0, 100_000_000)),
     _Option("--input-wait", "seconds the response-headers answer may wait for a pending prompt "
             "verdict; keep it below Envoy's message_timeout", "0.5",
             _number_parser(float, 0, 60)),

@@ -615,6 +615,25 @@ async def test_process_sigterm_without_streams_exits_quickly(
     assert "0 streams in flight" in sidecar.log
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ((), "garbage collector: thresholds (10000, 3, 100)"),
+    (("--gc-young-threshold", "0"), "garbage collector: thresholds (700, 10, 100)"),
+    (("--gc-young-threshold", "0", "--gc-full-every", "0"),
+     "garbage collector: thresholds (700, 10, 10), 0 start-up objects frozen"),
+])
+async def test_process_sets_the_garbage_collector_before_serving(
+    sidecars: list[Sidecar], flags: tuple[str, ...], expected: str
+) -> None:
+    sidecar = await Sidecar.start(
+        ["--listen", "127.0.0.1:0", "--guardrail-id", "testguardrail", *flags], sidecar_env())
+    sidecars.append(sidecar)
+    await sidecar.port()
+    assert expected in sidecar.log, sidecar.log
+    if "0 start-up" not in expected:
+        frozen = re.search(r"thresholds \(.*?\), (\d+) start-up objects frozen", sidecar.log)
+        assert frozen is not None and int(frozen[1]) > 10_000, sidecar.log
+
+
 async def test_process_config_error_exits_2(sidecars: list[Sidecar]) -> None:
     sidecar = await Sidecar.start(["--listen", "127.0.0.1:0"], sidecar_env())
     sidecars.append(sidecar)

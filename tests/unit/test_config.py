@@ -47,6 +47,7 @@ ENV_NAMES = {
     "--guardrail-calls": "EXTPROC_GUARDRAIL_CALLS",
     "--event-loop": "EXTPROC_EVENT_LOOP",
     "--gc-full-every": "EXTPROC_GC_FULL_EVERY",
+    "--gc-young-threshold": "EXTPROC_GC_YOUNG_THRESHOLD",
     "--input-wait": "EXTPROC_INPUT_WAIT",
     "--drain-delay": "EXTPROC_DRAIN_DELAY",
     "--grace-period": "EXTPROC_GRACE_PERIOD",
@@ -125,6 +126,7 @@ def test_defaults() -> None:
     assert s.guardrail_max_attempts == 3
     assert s.guardrail_threads == 32
     assert s.gc_full_every == 100
+    assert s.gc_young_threshold == 10_000
     assert s.input_wait_s == 0.5
     assert s.drain_delay_s == 0.0
     assert s.grace_period_s == 30.0
@@ -220,6 +222,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--event-loop", "asyncio", "event_loop", EventLoop.ASYNCIO),
     ("--event-loop", "uvloop", "event_loop", EventLoop.UVLOOP),
     ("--gc-full-every", "10", "gc_full_every", 10),
+    ("--gc-young-threshold", "700", "gc_young_threshold", 700),
     ("--input-wait", "1.25", "input_wait_s", 1.25),
     ("--input-wait", "0", "input_wait_s", 0.0),
     ("--drain-delay", "3", "drain_delay_s", 3.0),
@@ -507,6 +510,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--guardrail-calls", "fork", ("is not one of", "process", "thread")),
     ("--event-loop", "trio", ("is not one of", "auto", "uvloop", "asyncio")),
     ("--gc-full-every", "-1", ("outside", "0..1000000")),
+    ("--gc-young-threshold", "-1", ("outside", "0..100000000")),
 ]
 
 
