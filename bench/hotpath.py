@@ -45,12 +45,13 @@ from sse_upstream import script  # noqa: E402
 
 from extproc._pb.envoy.config.core.v3 import base_pb2  # noqa: E402
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
-from extproc.config import GuardrailRef, InputCheck, Settings  # noqa: E402
+from extproc.domain.values import GuardrailRef, InputCheck
+from extproc.settings.values import RoutePolicy, Settings  # noqa: E402
 from extproc.formats import all_formats  # noqa: E402
-from extproc.guardrail import Source  # noqa: E402
-from extproc.policy import StreamMode  # noqa: E402
+from extproc.domain.values import Source  # noqa: E402
+from extproc.domain.values import StreamMode  # noqa: E402
 from extproc.stream import Outbox, StreamProcessor  # noqa: E402
-from extproc.verdict import GuardrailVerdict, classify  # noqa: E402
+from extproc.domain.verdict import GuardrailVerdict, classify  # noqa: E402
 
 PASS = {"action": "NONE", "outputs": [], "assessments": [],
         "usage": {"topicPolicyUnits": 1, "contentPolicyUnits": 1, "wordPolicyUnits": 1,
@@ -137,8 +138,8 @@ async def measure(mode: str, streams: int, wire: list[bytes],
     """CPU seconds for ``streams`` streams of ``mode`` and bytes out; ``interleave`` streams at
     a time take turns message by message (as under load: many streams' state in the caches)."""
     sink = Sink()
-    settings = None if mode == "bare" else Settings(
-        guardrail=GuardrailRef("benchguardrail", "1"), **MODES[mode])
+    settings = None if mode == "bare" else Settings(default_route=RoutePolicy(
+        guardrail=GuardrailRef("benchguardrail", "1"), **MODES[mode]))
     started = time.process_time()
     for first in range(0, streams, interleave):
         batch = range(first, min(streams, first + interleave))

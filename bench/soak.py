@@ -170,7 +170,7 @@ def rss_kb(pid: int) -> int | None:
 
 
 def sidecar_supports(flag: str) -> bool:
-    from extproc.config import OPTIONS
+    from extproc.settings.options import OPTIONS
 
     return any(option.flag == flag for option in OPTIONS)
 

@@ -38,20 +38,14 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from extproc.failure import FailurePolicy
-from extproc.errors import GuardrailError, GuardrailOverload, GuardrailServerError
+from extproc.domain.failure import FailurePolicy
+from extproc.domain.errors import GuardrailError, GuardrailOverload, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat
 from extproc.masking import map_region
-from extproc.policy import (
-    Block,
-    StreamMode,
-    Strategy,
-    WindowPolicy,
-    estimated_units,
-    should_check,
-)
+from extproc.domain.values import StreamMode
+from extproc.domain.windows import Block, Strategy, WindowPolicy, estimated_units, should_check
 from extproc.sse import SSEDecoder, SSEEvent, encode_comment
-from extproc.verdict import GuardrailVerdict, Outcome
+from extproc.domain.verdict import GuardrailVerdict, Outcome
 
 log = logging.getLogger(__name__)
 

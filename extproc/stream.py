@@ -39,14 +39,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
 from typing import Any
 
 from extproc import envoy
-from extproc.audit import AuditLog, finding_key, reported
-from extproc.config import InputCheck, RoutePolicy, Settings
-from extproc.errors import GuardrailError, GuardrailOverload, GuardrailServerError
+from extproc.observe.audit import AuditLog, finding_key, reported
+from extproc.domain.values import InputCheck
+from extproc.settings.values import RoutePolicy, Settings
+from extproc.domain.errors import GuardrailError, GuardrailOverload, GuardrailServerError
 from extproc.formats import ErrorKind, StreamFormat, find_format
-from extproc.guardrail import GuardrailClient, Source
+from extproc.domain.client import GuardrailClient
+from extproc.domain.values import Source
 from extproc.guard import OutputGuard
-from extproc.metrics import DEFAULT_ROUTE, NO_FORMAT, NULL_RECORDER, Recorder, stream_outcome
-from extproc.verdict import GuardrailVerdict, Outcome
+from extproc.observe.metrics import DEFAULT_ROUTE, NO_FORMAT, NULL_RECORDER, Recorder, stream_outcome
+from extproc.domain.verdict import GuardrailVerdict, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +371,7 @@ class StreamProcessor:
         check_prompt = route.input_check is not InputCheck.OFF and not message.end_of_stream
         self._content_encoding = headers.get(HEADER_CONTENT_ENCODING, "identity").strip().lower()
         length = headers.get(HEADER_CONTENT_LENGTH, "")
-        limit = self._settings.max_request_bytes
+        limit = self._settings.streams.max_request_bytes
         if check_prompt and limit and length.isdigit() and int(length) > limit:
             # Answer before Envoy buffers it: a body over Envoy's buffer limit would otherwise
             # stall the request (read-disabled) instead of failing.
@@ -399,7 +401,7 @@ class StreamProcessor:
         self._request_done = True
         body = bytes(self._request_body)
         self._request_body = bytearray()
-        limit = self._settings.max_request_bytes
+        limit = self._settings.streams.max_request_bytes
         if limit and len(body) > limit:
             # No content-length to answer from at the headers (a chunked request).
             log.info("prompt of %d bytes is over --max-request-bytes (%d): 413", len(body), limit)
@@ -421,7 +423,7 @@ class StreamProcessor:
         self._input_gate = Gate.PENDING
         if pre_call:
             # The answer waits for the verdict: keep Envoy's message timer from firing first.
-            self._outbox.put(envoy.override_message_timeout(self._settings.guardrail_timeout_s + 1))
+            self._outbox.put(envoy.override_message_timeout(self._settings.client.timeout_s + 1))
         else:
             self._outbox.put(envoy.continue_request_body())
         self._input_task = asyncio.get_running_loop().create_task(
@@ -507,12 +509,12 @@ class StreamProcessor:
         self.stats.setdefault("chars_released", 0)
         if self._full_duplex and self._body_started:
             self._outbox.put(envoy.streamed_response_body(
-                body, True, metadata_namespace=self._settings.metadata_namespace,
+                body, True, metadata_namespace=self._settings.streams.metadata_namespace,
                 metadata=self.stats))
             return
         self._outbox.put(envoy.immediate_response(
             status, body, details=f"{kind}_input" if outcome != "block" else kind,
-            metadata_namespace=self._settings.metadata_namespace, metadata=self.stats))
+            metadata_namespace=self._settings.streams.metadata_namespace, metadata=self.stats))
 
     # -- response ---------------------------------------------------------------------------
 
@@ -522,13 +524,13 @@ class StreamProcessor:
             self._outbox.put(envoy.headers_response(response_phase=True))
             return
         task = self._input_task
-        if task is not None and not task.done() and self._settings.input_wait_s > 0:
+        if task is not None and not task.done() and self._settings.streams.input_wait_s > 0:
             # Envoy holds the response headers for this answer (message_timeout applies), so
             # wait only briefly for a prompt verdict that can still become a proper 4xx.
-            await asyncio.wait((task,), timeout=self._settings.input_wait_s)
+            await asyncio.wait((task,), timeout=self._settings.streams.input_wait_s)
         gate = self._input_gate
         settings = self._settings
-        ns = settings.metadata_namespace
+        ns = settings.streams.metadata_namespace
         if gate is Gate.BLOCKED or gate is Gate.FAILED:
             kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
             self._reply_error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
@@ -570,7 +572,7 @@ class StreamProcessor:
         if has_body and (check_output or gate is Gate.PENDING):
             sink: FullDuplexSink | StreamedSink
             if self._streamed:
-                sink = StreamedSink(self._outbox, ns, settings.streamed_message_timeout_s)
+                sink = StreamedSink(self._outbox, ns, settings.streams.streamed_message_timeout_s)
                 self._recorder.body_mode("streamed")
             else:
                 sink = FullDuplexSink(self._outbox, ns)
@@ -589,11 +591,11 @@ class StreamProcessor:
                 flush=self._outbox.flush,
                 failure_mode=route.failure_mode,
                 stats=self.stats,
-                keepalive_s=settings.keepalive_s if not self._streamed else 0.0,
+                keepalive_s=settings.streams.keepalive_s if not self._streamed else 0.0,
                 shadow=route.shadow,
                 soft_block=route.soft_block,
                 on_intervention=self._output_intervened,
-                max_held_bytes=settings.max_held_bytes,
+                max_held_bytes=settings.streams.max_held_bytes,
             )
             self._recorder.track_held(self._guard)
             mode = None if self._streamed else envoy.MODE_FULL_DUPLEX_RESPONSE
@@ -616,7 +618,7 @@ class StreamProcessor:
         """A whole non-streamed answer (BUFFERED): prompt verdict, then the answer's check."""
         fmt, route = self._fmt, self._route
         assert fmt is not None, "BUG: a JSON answer without a format"
-        ns = self._settings.metadata_namespace
+        ns = self._settings.streams.metadata_namespace
         if self._input_task is not None:
             await asyncio.wait((self._input_task,))
         gate = self._input_gate
@@ -689,7 +691,7 @@ class StreamProcessor:
         """The answer to a whole non-streamed answer: unchanged (``replacement`` None) or
         replaced. With the body mode configured FULL_DUPLEX it came in chunks (our BUFFERED
         override is ignored) and goes back as one streamed answer."""
-        ns = self._settings.metadata_namespace
+        ns = self._settings.streams.metadata_namespace
         if self._full_duplex:
             return envoy.streamed_response_body(
                 original if replacement is None else replacement, True,
@@ -704,7 +706,7 @@ class StreamProcessor:
             return  # (configured FULL_DUPLEX: after our end of the body, Envoy sends no more)
         if self._json_answer:
             self._response_body += body.body
-            limit = self._settings.max_held_bytes
+            limit = self._settings.streams.max_held_bytes
             if self._full_duplex and limit and len(self._response_body) > limit:
                 # Envoy keeps a BUFFERED body within its own limit; these chunks come to us.
                 self._json_overflow(body.end_of_stream)
@@ -713,7 +715,7 @@ class StreamProcessor:
                 if not self._full_duplex:  # (FULL_DUPLEX has no timer)
                     # The answer waits for checks: keep Envoy's message timer from firing first.
                     self._outbox.put(envoy.override_message_timeout(
-                        2 * self._settings.guardrail_timeout_s + 1))
+                        2 * self._settings.client.timeout_s + 1))
                 self._json_task = asyncio.get_running_loop().create_task(
                     self._answer_json(bytes(self._response_body)))
             return
@@ -735,7 +737,7 @@ class StreamProcessor:
         """Configured FULL_DUPLEX: a non-streamed answer over ``--max-held-bytes``; the
         ``overload`` failure class decides between the error body and passing it unchecked."""
         error = GuardrailOverload(f"a non-streamed answer of more than "
-                                  f"{self._settings.max_held_bytes} bytes")
+                                  f"{self._settings.streams.max_held_bytes} bytes")
         self.stats["error_class"] = error.error_class
         self._json_answer = False
         held, self._response_body = bytes(self._response_body), bytearray()

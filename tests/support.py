@@ -12,10 +12,18 @@ from typing import Any
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.config import GuardrailRef, Settings
-from extproc.errors import GuardrailError
-from extproc.guardrail import Source
-from extproc.verdict import GuardrailVerdict, classify
+from extproc.domain.values import GuardrailRef
+from extproc.settings.values import (
+    ClientSettings,
+    RoutePolicy,
+    RuntimeSettings,
+    ServerSettings,
+    Settings,
+    StreamSettings,
+)
+from extproc.domain.errors import GuardrailError
+from extproc.domain.values import Source
+from extproc.domain.verdict import GuardrailVerdict, classify
 
 ProcessingMode = processing_mode_pb2.ProcessingMode
 
@@ -44,10 +52,65 @@ def isolate_aws_env(monkeypatch: Any) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
 
 
+#: ``settings()`` keyword -> (section of ``Settings``, field): the tests name each knob by its
+#: option (``max_held_bytes``, ``guardrail_timeout_s``), wherever it lives.
+_SECTION_OF: dict[str, tuple[str, str]] = {
+    **{name: ("server", name) for name in (
+        "listen_host", "listen_port", "tls_cert", "tls_key", "tls_client_ca", "drain_delay_s",
+        "grace_period_s", "workers", "reuse_port", "metrics_listen")},
+    **{name: ("client", name.removeprefix("guardrail_")) for name in (
+        "guardrail_timeout_s", "guardrail_max_attempts", "guardrail_attempt_timeout_s",
+        "guardrail_max_chars_per_call", "guardrail_threads", "guardrail_calls")},
+    **{name: ("client", name) for name in (
+        "breaker_failures", "breaker_cooldown_s", "budget_rps", "budget_text_units",
+        "budget_max_wait_s", "aws_region")},
+    **{name: ("runtime", name) for name in (
+        "event_loop", "gc_full_every", "gc_young_threshold", "log_level", "log_format",
+        "audit_include_matches")},
+    **{name: ("streams", name) for name in (
+        "input_wait_s", "metadata_namespace", "keepalive_s", "streamed_message_timeout_s",
+        "max_held_bytes", "max_request_bytes", "max_streams")},
+    **{name: ("default_route", name) for name in (
+        "guardrail", "input_check", "prompt_scope", "output_check", "shadow", "soft_block",
+        "failure_mode", "stream_mode", "window")},
+}
+
+
+def setting(settings: Settings, name: str) -> Any:
+    """A setting by option name (``listen_port``, ``guardrail_timeout_s``), or a dotted path
+    below one (``window.min_chars``, ``guardrail.id``), wherever it lives in ``Settings``."""
+    head, _, rest = name.partition(".")
+    value: Any = settings
+    if head in _SECTION_OF:
+        section, field_name = _SECTION_OF[head]
+        value = getattr(getattr(settings, section), field_name)
+    elif head in ("listen", "metrics_address"):
+        value = getattr(settings.server, head)
+    else:
+        value = getattr(settings, head)
+    for part in rest.split(".") if rest else ():
+        value = getattr(value, part)
+    return value
+
+
 def settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"guardrail": GuardrailRef("testguardrail", "1")}  # type: ignore[arg-type]
-    values.update(overrides)
-    return Settings(**values)
+    """Settings for tests: the guardrail ``testguardrail`` version 1, and ``overrides`` by
+    option name (see ``_SECTION_OF``); ``routes`` as is."""
+    sections: dict[str, dict[str, Any]] = {
+        "default_route": {"guardrail": GuardrailRef("testguardrail", "1")}}  # type: ignore[arg-type]
+    for name, value in overrides.items():
+        if name == "routes":
+            continue
+        section, field_name = _SECTION_OF[name]
+        sections.setdefault(section, {})[field_name] = value
+    return Settings(
+        default_route=RoutePolicy(**sections["default_route"]),
+        server=ServerSettings(**sections.get("server", {})),
+        client=ClientSettings(**sections.get("client", {})),
+        runtime=RuntimeSettings(**sections.get("runtime", {})),
+        streams=StreamSettings(**sections.get("streams", {})),
+        routes=overrides.get("routes", {}),
+    )
 
 
 def _header_map(headers: Sequence[tuple[str, str]]) -> base_pb2.HeaderMap:

@@ -2,12 +2,13 @@
 tests: every ``GUARDRAIL_MONITOR_INTERVAL`` seconds (default 0.5) one JSON line goes to
 ``GUARDRAIL_MONITOR_FILE`` with the event loop's task count, threads, RSS and the server's
 ``active_streams``. Nothing in the product changes: this wraps two module globals of
-``extproc.__main__`` before calling ``main``. Run as ``python -m extproc.demo.monitored ARGS``.
+``extproc.app`` before calling ``extproc.__main__.main``. Run as ``python -m extproc.demo.monitored ARGS``.
 """
 # ruff: noqa
 
 import asyncio, json, os, sys, threading, time
-import extproc.__main__ as _m
+import extproc.app as _m
+import extproc.__main__ as _main
 _holder = []
 _orig_start = _m.start_server
 async def _start(*args, **kwargs):
@@ -41,4 +42,4 @@ async def _serve(settings):
         task.cancel()
 _m.serve = _serve
 if __name__ == "__main__":
-    sys.exit(_m.main(sys.argv[1:]))
+    sys.exit(_main.main(sys.argv[1:]))

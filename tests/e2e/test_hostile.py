@@ -55,7 +55,7 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.config import OPTIONS
+from extproc.settings.options import OPTIONS
 from extproc.demo.stack import (
     EnvoyProcess,
     SidecarProcess,

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from extproc.server import RunningServer, start_server
+from extproc.transport.server import RunningServer, start_server
 from tests.support import FakeGuardrail, settings
 
 

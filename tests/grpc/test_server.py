@@ -29,7 +29,7 @@ import extproc
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.envoy import ProcessingMode
 from extproc.localbedrock import LocalBedrock
-from extproc.server import SERVICE_NAME, RunningServer
+from extproc.transport.server import SERVICE_NAME, RunningServer
 from tests.support import (
     BLOCK_FRAME,
     FakeGuardrail,

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.config import load_settings
-from extproc.errors import ConfigError
-from extproc.server import start_server
+from extproc.settings.options import load_settings
+from extproc.domain.errors import ConfigError
+from extproc.transport.server import start_server
 from tests.support import FakeGuardrail, settings
 
 

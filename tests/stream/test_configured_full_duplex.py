@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from extproc._pb.envoy.service.ext_proc.v3.external_processor_pb2 import ProtocolConfiguration
-from extproc.config import InputCheck
+from extproc.domain.values import InputCheck
 from extproc.envoy import ProcessingMode
 from tests.stream.test_stream_processor import Harness
 from tests.support import (
@@ -115,7 +115,7 @@ async def test_a_json_answer_over_max_held_bytes_fails_closed_with_the_error_bod
 
 
 async def test_a_json_answer_over_max_held_bytes_passes_unchecked_when_failing_open() -> None:
-    from extproc.failure import FailureMode, FailurePolicy
+    from extproc.domain.failure import FailureMode, FailurePolicy
 
     h = Harness(FakeGuardrail(), max_held_bytes=100,
                 failure_mode=FailurePolicy.uniform(FailureMode.OPEN))

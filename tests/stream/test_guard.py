@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.config import GuardrailRef, InputCheck
+from extproc.domain.values import GuardrailRef, InputCheck
 from extproc.envoy import STREAMED
-from extproc.guardrail import Source
-from extproc.policy import StreamMode, Strategy, WindowPolicy
-from extproc.verdict import GuardrailVerdict, classify
+from extproc.domain.values import Source
+from extproc.domain.values import StreamMode
+from extproc.domain.windows import Strategy, WindowPolicy
+from extproc.domain.verdict import GuardrailVerdict, classify
 from tests.stream.test_stream_processor import Harness
 from tests.support import (
     BLOCK_FRAME,

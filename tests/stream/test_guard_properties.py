@@ -30,14 +30,15 @@ from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from extproc._pb.envoy.service.ext_proc.v3.external_processor_pb2 import ProtocolConfiguration
-from extproc.config import GuardrailRef, InputCheck
+from extproc.domain.values import GuardrailRef, InputCheck
 from extproc.envoy import STREAMED
 from extproc.formats import all_formats
-from extproc.guardrail import Source
+from extproc.domain.values import Source
 from extproc.masking import map_region
-from extproc.policy import StreamMode, Strategy, WindowPolicy
+from extproc.domain.values import StreamMode
+from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.stream import Outbox, StreamProcessor
-from extproc.verdict import GuardrailVerdict, Outcome, classify
+from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from tests.support import (
     BLOCK_FRAME,
     FakeGuardrail,

@@ -5,8 +5,8 @@ says so (a choice's ``finish_reason``, Anthropic's ``stop_reason``, Responses'
 
 from __future__ import annotations
 
-from extproc.config import InputCheck
-from extproc.policy import StreamMode
+from extproc.domain.values import InputCheck
+from extproc.domain.values import StreamMode
 from tests.stream.test_guard import content_of, words
 from tests.stream.test_stream_processor import Harness
 from tests.support import (

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from extproc.config import InputCheck
-from extproc.failure import FailureMode, FailurePolicy
+from extproc.domain.values import InputCheck
+from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.envoy import ProcessingMode
-from extproc.policy import WindowPolicy
-from extproc.errors import GuardrailThrottled, GuardrailTimeout
+from extproc.domain.windows import WindowPolicy
+from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.formats import all_formats
-from extproc.guardrail import Source
+from extproc.domain.values import Source
 from extproc.stream import Outbox, StreamProcessor
 from tests.support import (
     BLOCK_FRAME,

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import GuardrailCalls
-from extproc.errors import (
+from extproc.settings.values import GuardrailCalls
+from extproc.domain.errors import (
     ConfigError,
     GuardrailRejected,
     GuardrailServerError,
     GuardrailThrottled,
     GuardrailTimeout,
 )
-from extproc.guardrail import BedrockGuardrailClient, Source
+from extproc.domain.values import Source
+from extproc.guardrail.bedrock import BedrockGuardrailClient
 from extproc.localbedrock import LocalBedrock, default_policy
-from extproc.verdict import Outcome
+from extproc.domain.verdict import Outcome
 from tests.support import isolate_aws_env, settings
 
 GUARDRAIL = settings().guardrail
@@ -180,7 +181,7 @@ def test_the_client_survives_a_new_event_loop(bedrock: LocalBedrock) -> None:
 def test_child_exits_when_its_parent_dies(bedrock: LocalBedrock) -> None:
     script = textwrap.dedent("""
         import os, sys
-        from extproc.guardrail import BedrockGuardrailClient
+        from extproc.guardrail.bedrock import BedrockGuardrailClient
         from tests.support import settings
         client = BedrockGuardrailClient(settings(aws_region="us-east-1"), max_attempts=1)
         print(client.call_process_pid, flush=True)

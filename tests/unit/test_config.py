@@ -12,22 +12,19 @@ from typing import Any
 
 import pytest
 
-from extproc.policy import StreamMode, Strategy
-from extproc.config import PromptScope
-from extproc.failure import FailurePolicy
-from extproc.config import (
-    OPTIONS,
-    FailureMode,
-    EventLoop,
-    GuardrailCalls,
-    GuardrailRef,
-    InputCheck,
-    Settings,
-    build_parser,
-    load_settings,
-)
-from extproc.errors import ConfigError, ExtprocError
-from extproc.logs import LogFormat
+from extproc.domain.values import StreamMode
+
+from extproc.domain.windows import Strategy
+from extproc.domain.values import PromptScope
+from extproc.domain.failure import FailurePolicy
+from extproc.domain.failure import FailureMode
+from extproc.domain.values import GuardrailRef, InputCheck
+from extproc.settings.options import OPTIONS, build_parser, load_settings
+from extproc.settings.values import EventLoop, GuardrailCalls, Settings
+from tests.support import setting
+from tests.support import settings as make_settings
+from extproc.domain.errors import ConfigError, ExtprocError
+from extproc.observe.logs import LogFormat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GID = "gr0abc123xyz"
@@ -91,10 +88,7 @@ def settings_from(argv: list[str] | None = None, env: dict[str, str] | None = No
 
 
 def attr(settings: Settings, path: str) -> Any:
-    value: Any = settings
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
+    return setting(settings, path)
 
 
 def config_error(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -113,44 +107,44 @@ def test_option_table_matches_the_documented_names() -> None:
 
 def test_defaults() -> None:
     s = settings_from(BASE_ARGV)
-    assert s == Settings(guardrail=GuardrailRef(GID, "DRAFT"))  # type: ignore[arg-type]
-    assert s.listen_host == "127.0.0.1"
-    assert s.listen_port == 50051
-    assert s.listen == "127.0.0.1:50051"
+    assert s == make_settings(guardrail=GuardrailRef(GID, "DRAFT"))  # type: ignore[arg-type]
+    assert attr(s, "listen_host") == "127.0.0.1"
+    assert attr(s, "listen_port") == 50051
+    assert attr(s, "listen") == "127.0.0.1:50051"
     assert s.guardrail.id == GID
     assert s.guardrail.version == "DRAFT"
-    assert s.input_check is InputCheck.PRE_CALL
-    assert s.output_check is True
-    assert s.failure_mode == FailurePolicy()
-    assert s.guardrail_timeout_s == 5.0
-    assert s.guardrail_max_attempts == 3
-    assert s.guardrail_threads == 32
-    assert s.gc_full_every == 100
-    assert s.gc_young_threshold == 10_000
-    assert s.input_wait_s == 0.5
-    assert s.drain_delay_s == 0.0
-    assert s.grace_period_s == 30.0
-    assert s.metadata_namespace == "guardrail"
-    assert s.log_level == "INFO"
-    assert s.aws_region is None
-    assert s.metrics_listen == "127.0.0.1:9464"
-    assert s.metrics_address == ("127.0.0.1", 9464)
-    assert s.log_format is LogFormat.JSON
-    assert s.audit_include_matches is False
+    assert attr(s, "input_check") is InputCheck.PRE_CALL
+    assert attr(s, "output_check") is True
+    assert attr(s, "failure_mode") == FailurePolicy()
+    assert attr(s, "guardrail_timeout_s") == 5.0
+    assert attr(s, "guardrail_max_attempts") == 3
+    assert attr(s, "guardrail_threads") == 32
+    assert attr(s, "gc_full_every") == 100
+    assert attr(s, "gc_young_threshold") == 10_000
+    assert attr(s, "input_wait_s") == 0.5
+    assert attr(s, "drain_delay_s") == 0.0
+    assert attr(s, "grace_period_s") == 30.0
+    assert attr(s, "metadata_namespace") == "guardrail"
+    assert attr(s, "log_level") == "INFO"
+    assert attr(s, "aws_region") is None
+    assert attr(s, "metrics_listen") == "127.0.0.1:9464"
+    assert attr(s, "metrics_address") == ("127.0.0.1", 9464)
+    assert attr(s, "log_format") is LogFormat.JSON
+    assert attr(s, "audit_include_matches") is False
 
 
 def test_numeric_defaults_have_the_right_types() -> None:
     s = settings_from(BASE_ARGV)
     for name in ("guardrail_timeout_s", "input_wait_s", "drain_delay_s", "grace_period_s"):
-        assert type(getattr(s, name)) is float, name
+        assert type(attr(s, name)) is float, name
     for name in ("listen_port", "guardrail_max_attempts", "guardrail_threads"):
-        assert type(getattr(s, name)) is int, name
+        assert type(attr(s, name)) is int, name
 
 
 def test_settings_are_frozen() -> None:
     s = settings_from(BASE_ARGV)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        s.listen_port = 1  # type: ignore[misc]
+        s.server.listen_port = 1  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.guardrail.id = "other"  # type: ignore[misc]
 
@@ -274,7 +268,8 @@ def test_env_sets_field(flag: str, value: str, field: str, expected: Any) -> Non
 def test_only_the_given_option_changes() -> None:
     default = settings_from(BASE_ARGV)
     changed = settings_from([*BASE_ARGV, "--guardrail-threads", "4"])
-    assert dataclasses.replace(default, guardrail_threads=4) == changed
+    assert dataclasses.replace(
+        default, client=dataclasses.replace(default.client, threads=4)) == changed
 
 
 def test_all_flags_together() -> None:
@@ -285,7 +280,7 @@ def test_all_flags_together() -> None:
         "--input-wait", "0.25", "--drain-delay", "4", "--grace-period", "5",
         "--metadata-namespace", "gr", "--log-level", "error",
     ], {"AWS_REGION": "eu-west-1"})
-    assert s == Settings(
+    assert s == make_settings(
         guardrail=GuardrailRef("abc", "12"),  # type: ignore[arg-type]
         listen_host="10.0.0.5", listen_port=6000, input_check=InputCheck.OFF,
         output_check=False, failure_mode=FailurePolicy.uniform(FailureMode.OPEN),
@@ -316,16 +311,16 @@ def test_flag_beats_env(flag: str, flag_value: str, env_value: str, field: str,
 
 def test_a_valid_flag_hides_an_invalid_env_value() -> None:
     env = {"EXTPROC_GUARDRAIL_ID": GID, "EXTPROC_GUARDRAIL_THREADS": "lots"}
-    assert settings_from(["--guardrail-threads", "2"], env).guardrail_threads == 2
+    assert attr(settings_from(["--guardrail-threads", "2"], env), "guardrail_threads") == 2
 
 
 def test_env_beats_default_and_other_env_vars_are_ignored() -> None:
     env = {"EXTPROC_GUARDRAIL_ID": GID, "EXTPROC_LISTEN": "0.0.0.0:1234",
            "EXTPROC_UNKNOWN": "x", "GUARDRAIL_ID": "nope", "extproc_log_level": "DEBUG"}
     s = settings_from([], env)
-    assert s.listen == "0.0.0.0:1234"
+    assert attr(s, "listen") == "0.0.0.0:1234"
     assert s.guardrail.id == GID
-    assert s.log_level == "INFO"
+    assert attr(s, "log_level") == "INFO"
 
 
 def test_only_the_given_environ_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,8 +330,8 @@ def test_only_the_given_environ_is_read(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ConfigError):
         load_settings([], {})
     s = load_settings(BASE_ARGV, {})
-    assert s.listen_port == 50051
-    assert s.aws_region is None
+    assert attr(s, "listen_port") == 50051
+    assert attr(s, "aws_region") is None
 
 
 # --------------------------------------------------------------------------- guardrail id / version
@@ -568,7 +563,7 @@ def test_first_bad_option_in_table_order_is_reported() -> None:
     ids=["set", "empty", "unset", "default-region-left-to-boto3", "no-extproc-variant"],
 )
 def test_aws_region(env: dict[str, str], expected: str | None) -> None:
-    assert settings_from(BASE_ARGV, env).aws_region == expected
+    assert settings_from(BASE_ARGV, env).client.aws_region == expected
 
 
 def test_aws_region_is_not_a_flag() -> None:
@@ -679,16 +674,16 @@ def test_window_min_chars_cannot_exceed_window_chars() -> None:
 
 
 def test_workers_auto_is_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    import extproc.config as config
+    import extproc.settings.values as settings_values
 
-    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: None)
-    assert settings_from(BASE_ARGV + ["--workers", "auto"]).workers == 4
-    assert settings_from(BASE_ARGV).workers == 4  # the default
-    assert settings_from(BASE_ARGV + ["--workers", "3"]).workers == 3
-    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: 1.5)  # a pod's limit: 1500m
-    assert config.available_cpus() == 2
-    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: 0.25)
-    assert config.available_cpus() == 1
-    monkeypatch.setattr(config, "_cgroup_cpu_quota", lambda: 16.0)  # above the affinity
-    assert config.available_cpus() == 4
+    monkeypatch.setattr(settings_values.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(settings_values, "_cgroup_cpu_quota", lambda: None)
+    assert settings_from(BASE_ARGV + ["--workers", "auto"]).server.workers == 4
+    assert settings_from(BASE_ARGV).server.workers == 4  # the default
+    assert settings_from(BASE_ARGV + ["--workers", "3"]).server.workers == 3
+    monkeypatch.setattr(settings_values, "_cgroup_cpu_quota", lambda: 1.5)  # a pod's limit: 1500m
+    assert settings_values.available_cpus() == 2
+    monkeypatch.setattr(settings_values, "_cgroup_cpu_quota", lambda: 0.25)
+    assert settings_values.available_cpus() == 1
+    monkeypatch.setattr(settings_values, "_cgroup_cpu_quota", lambda: 16.0)  # above the affinity
+    assert settings_values.available_cpus() == 4

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import (
-    InputCheck,
-    load_settings,
-    render_settings,
-)
-from extproc.errors import ConfigError
-from extproc.policy import StreamMode
-from extproc.routes import RouteResolver
+from extproc.domain.values import InputCheck
+
+from extproc.settings.options import load_settings, render_settings
+from extproc.domain.errors import ConfigError
+from extproc.domain.values import StreamMode
+from extproc.settings.routes import RouteResolver
 
 GOOD = """\
 guardrail_id: abc123
@@ -48,10 +46,10 @@ def error(tmp_path: Path, text: str, argv: list[str] | None = None) -> str:
 def test_file_values_apply(tmp_path: Path) -> None:
     settings = load_settings(["--config", write(tmp_path, GOOD)], {})
     assert settings.guardrail.id == "abc123"
-    assert settings.stream_mode is StreamMode.ASYNC
-    assert settings.window.window_chars == 600
-    assert settings.failure_mode.fails_open("throttled")
-    assert not settings.failure_mode.fails_open("timeout")
+    assert settings.default_route.stream_mode is StreamMode.ASYNC
+    assert settings.default_route.window.window_chars == 600
+    assert settings.default_route.failure_mode.fails_open("throttled")
+    assert not settings.default_route.failure_mode.fails_open("timeout")
 
 
 def test_routes_start_from_the_process_defaults(tmp_path: Path) -> None:
@@ -67,8 +65,8 @@ def test_flags_and_environment_win_over_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     settings = load_settings(["--config", path, "--stream-mode", "sync"],
                              {"EXTPROC_WINDOW_CHARS": "700"})
-    assert settings.stream_mode is StreamMode.SYNC
-    assert settings.window.window_chars == 700
+    assert settings.default_route.stream_mode is StreamMode.SYNC
+    assert settings.default_route.window.window_chars == 700
     by_env = load_settings([], {"EXTPROC_CONFIG": path})
     assert by_env.guardrail.id == "abc123"
 

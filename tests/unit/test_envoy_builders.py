@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from extproc import envoy
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.config import Settings
+from extproc.settings.values import StreamSettings
 from extproc.envoy import (
     MODE_BUFFER_REQUEST,
     MODE_BUFFER_RESPONSE,
@@ -212,7 +212,7 @@ def test_base_processing_mode_buffers_prompts_and_nothing_else() -> None:
 def test_metadata_namespace_default_is_the_one_envoy_receives() -> None:
     config = _ext_proc_config()
     namespaces = config["metadata_options"]["receiving_namespaces"]["untyped"]
-    default = Settings.__dataclass_fields__["metadata_namespace"].default
+    default = StreamSettings.__dataclass_fields__["metadata_namespace"].default
     assert default in namespaces
 
 

@@ -9,22 +9,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc.errors import (
+from extproc.domain.errors import (
     GuardrailCircuitOpen,
     GuardrailRejected,
     GuardrailServerError,
     GuardrailThrottled,
     GuardrailTimeout,
 )
-from extproc.guardrail import BedrockGuardrailClient, Source
+from extproc.domain.values import Source
+from extproc.guardrail.bedrock import BedrockGuardrailClient
 from extproc.localbedrock import LocalBedrock, default_policy, error_marker, text_units
-from extproc.resilience import (
-    OPEN,
-    ResilienceConfig,
-    ResilientGuardrail,
-    resilient_bedrock_client,
-)
-from extproc.verdict import Outcome
+from extproc.guardrail import build_client
+from extproc.guardrail.breaker import OPEN
+from extproc.guardrail.config import ResilienceConfig
+from extproc.guardrail.resilient import ResilientGuardrail
+from extproc.domain.verdict import Outcome
 from tests.support import isolate_aws_env, settings
 
 BLOCKED_OUTPUT = "Sorry, the answer was withheld by the output guardrail."
@@ -44,7 +43,7 @@ def bedrock(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBedrock]:
 
 
 def make_client(config: ResilienceConfig = FAST) -> ResilientGuardrail:
-    return resilient_bedrock_client(settings(aws_region="us-east-1"), config)
+    return build_client(settings(aws_region="us-east-1"), config)
 
 
 @pytest.fixture

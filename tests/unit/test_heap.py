@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc import heap
-from extproc.config import load_settings
-from extproc.errors import ConfigError
+from extproc.observe import heap
+from extproc.settings.options import load_settings
+from extproc.domain.errors import ConfigError
 
 
 @pytest.fixture
@@ -77,18 +77,18 @@ def test_cycles_made_after_settle_are_still_collected(restore_gc: None) -> None:
 
 def test_gc_full_every_setting() -> None:
     base = ["--guardrail-id", "g1"]
-    assert load_settings(base + ["--gc-full-every", "10"], {}).gc_full_every == 10
-    assert load_settings(base, {"EXTPROC_GC_FULL_EVERY": "1000"}).gc_full_every == 1000
-    assert load_settings(base + ["--gc-full-every", "0"], {}).gc_full_every == 0  # hands off
+    assert load_settings(base + ["--gc-full-every", "10"], {}).runtime.gc_full_every == 10
+    assert load_settings(base, {"EXTPROC_GC_FULL_EVERY": "1000"}).runtime.gc_full_every == 1000
+    assert load_settings(base + ["--gc-full-every", "0"], {}).runtime.gc_full_every == 0  # hands off
     with pytest.raises(ConfigError, match="--gc-full-every"):
         load_settings(base + ["--gc-full-every", "-1"], {})
 
 
 def test_gc_young_threshold_setting() -> None:
     base = ["--guardrail-id", "g1"]
-    assert load_settings(base, {}).gc_young_threshold == 10_000
-    assert load_settings(base + ["--gc-young-threshold", "700"], {}).gc_young_threshold == 700
-    assert load_settings(base, {"EXTPROC_GC_YOUNG_THRESHOLD": "0"}).gc_young_threshold == 0
+    assert load_settings(base, {}).runtime.gc_young_threshold == 10_000
+    assert load_settings(base + ["--gc-young-threshold", "700"], {}).runtime.gc_young_threshold == 700
+    assert load_settings(base, {"EXTPROC_GC_YOUNG_THRESHOLD": "0"}).runtime.gc_young_threshold == 0
     with pytest.raises(ConfigError, match="--gc-young-threshold"):
         load_settings(base + ["--gc-young-threshold", "-5"], {})
 

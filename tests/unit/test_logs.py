@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from extproc.audit import AuditLog
-from extproc.config import InputCheck
-from extproc.logs import (
+from extproc.observe.audit import AuditLog
+from extproc.domain.values import InputCheck
+from extproc.observe.logs import (
     AUDIT_LOGGER,
     QUIET_LOGGERS,
     LogFormat,
@@ -23,7 +23,7 @@ from extproc.logs import (
     make_handler,
     unbind_stream,
 )
-from extproc.policy import StreamMode
+from extproc.domain.values import StreamMode
 from tests.support import FakeGuardrail
 from tests.unit.test_metrics import run_stream
 

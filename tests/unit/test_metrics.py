@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.audit import AuditLog
-from extproc.config import InputCheck
-from extproc.errors import GuardrailThrottled, GuardrailTimeout
-from extproc.failure import FailurePolicy
+from extproc.observe.audit import AuditLog
+from extproc.domain.values import InputCheck
+from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
+from extproc.domain.failure import FailurePolicy
 from extproc.formats import all_formats
-from extproc.guardrail import Source
-from extproc.metrics import (
+from extproc.domain.values import Source
+from extproc.observe.metrics import (
     NULL_RECORDER,
     STREAM_OUTCOMES,
     PrometheusRecorder,
@@ -31,9 +31,10 @@ from extproc.metrics import (
     usage_policy,
     verdict_action,
 )
-from extproc.resilience import ResilienceConfig, ResilientGuardrail
+from extproc.guardrail.config import ResilienceConfig
+from extproc.guardrail.resilient import ResilientGuardrail
 from extproc.stream import Outbox, StreamProcessor
-from extproc.verdict import GuardrailVerdict, classify
+from extproc.domain.verdict import GuardrailVerdict, classify
 from tests.support import (
     FakeGuardrail,
     chat_request,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from extproc.config import OPTIONS
+from extproc.settings.options import OPTIONS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from extproc.config import FailureMode, GuardrailRef
-from extproc.errors import (
+from extproc.domain.failure import FailureMode
+
+from extproc.domain.values import GuardrailRef
+from extproc.domain.errors import (
     ERROR_CLASSES,
     GuardrailBudgetExhausted,
     GuardrailCircuitOpen,
@@ -29,20 +31,15 @@ from extproc.errors import (
     GuardrailTimeout,
     GuardrailUnavailable,
 )
-from extproc.guardrail import Source
-from extproc.resilience import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    FailurePolicy,
-    ResilienceConfig,
-    ResilientGuardrail,
-    TokenBucket,
-    cut_text,
-    parse_failure_policy,
-    text_units,
-)
-from extproc.verdict import GuardrailVerdict, Outcome, classify
+from extproc.domain.values import Source
+from extproc.domain.failure import FailurePolicy, parse_failure_policy
+from extproc.domain.windows import text_units
+from extproc.guardrail.breaker import CLOSED, HALF_OPEN, OPEN
+from extproc.guardrail.budget import TokenBucket
+from extproc.guardrail.config import ResilienceConfig
+from extproc.guardrail.resilient import ResilientGuardrail
+from extproc.guardrail.splitting import cut_text
+from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from tests.support import FakeGuardrail, bedrock_response
 
 G = GuardrailRef("g", "1")  # type: ignore[arg-type]
@@ -136,7 +133,7 @@ class PolicyInner:
         texts = list(texts)
         self.calls.append(texts)
         await asyncio.sleep(0)
-        if self.max_units is not None and sum(text_units(t) for t in texts) > self.max_units:
+        if self.max_units is not None and sum(text_units(len(t)) for t in texts) > self.max_units:
             raise GuardrailInputTooLarge("Input text size exceeds the maximum allowed")
         joined = "".join(texts)  # (the "@" test keeps the regex off long runs of letters)
         if "FAIL" in joined:
@@ -295,7 +292,7 @@ async def test_every_error_raised_has_a_known_class(exc: Exception) -> None:
 
 
 def test_error_classes_are_documented() -> None:
-    import extproc.errors as errors
+    import extproc.domain.errors as errors
 
     doc = errors.__doc__ or ""
     for name in ERROR_CLASSES:
@@ -414,7 +411,7 @@ async def test_many_small_blocks_are_packed_by_text_units() -> None:
     texts = ["a" * 10] * 7 + ["b" * 1500]
     await client.apply(G, Source.INPUT, texts)
     assert [len(call) for call in inner.calls] == [3, 3, 2]  # the last: 1 TU + 2 TU
-    assert all(sum(text_units(t) for t in call) <= 3 for call in inner.calls)
+    assert all(sum(text_units(len(t)) for t in call) <= 3 for call in inner.calls)
 
 
 async def test_split_block_in_one_part_mask_in_another_blocks() -> None:
@@ -461,7 +458,7 @@ async def test_too_large_answer_is_split_in_half_never_resent_and_remembered() -
     assert result.outcome is Outcome.PASS
     sent = [tuple(call) for call in inner.calls]
     assert len(sent) == len(set(sent))  # nothing was sent twice
-    units = [sum(text_units(t) for t in call) for call in inner.calls]
+    units = [sum(text_units(len(t)) for t in call) for call in inner.calls]
     assert units[0] == 7 and len(units) == 4 and all(u <= 3 for u in units[1:])
     assert "".join(t for call in inner.calls[1:] for t in call) == text
     stats = client.stats
@@ -470,7 +467,7 @@ async def test_too_large_answer_is_split_in_half_never_resent_and_remembered() -
     inner.calls.clear()
     await client.apply(G, Source.INPUT, [text])  # pre-split at the learned size
     assert len(inner.calls) == 3
-    assert all(sum(text_units(t) for t in call) <= 3 for call in inner.calls)
+    assert all(sum(text_units(len(t)) for t in call) <= 3 for call in inner.calls)
     assert client.stats["too_large"] == 1
     inner.calls.clear()
     await client.apply(G, Source.OUTPUT, [text])  # the other source learns on its own
@@ -495,7 +492,7 @@ async def test_repeated_too_large_halves_down_to_one_text_unit() -> None:
     text = words(7_000)
     result = await client.apply(G, Source.INPUT, [text])
     assert result.outcome is Outcome.PASS
-    passed = [call for call in inner.calls if sum(text_units(t) for t in call) <= 1]
+    passed = [call for call in inner.calls if sum(text_units(len(t)) for t in call) <= 1]
     assert sum(len(t) for call in passed for t in call) == 7_000
     sent = [tuple(call) for call in inner.calls]
     assert len(sent) == len(set(sent))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from extproc.verdict import Finding, GuardrailVerdict, Outcome, classify, iter_findings
+from extproc.domain.verdict import Finding, GuardrailVerdict, Outcome, classify, iter_findings
 
 BLOCKED_MESSAGE = "Sorry, the model cannot answer this question."
 

@@ -17,18 +17,10 @@ positions are character offsets in one channel's text.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 TEXT_UNIT_CHARS = 1000
-
-
-class StreamMode(enum.Enum):
-    """Bedrock's own names (``streamProcessingMode``)."""
-
-    SYNC = "sync"  # no text reaches the client before a passing check covered it
-    ASYNC = "async"  # events go out as they arrive; a block ends the stream at the next event
 
 
 class Strategy(enum.Enum):
@@ -61,8 +53,9 @@ class Block:
 
 
 def text_units(length: int) -> int:
-    """Text units one content block of ``length`` characters costs per policy."""
-    return max(1, math.ceil(length / TEXT_UNIT_CHARS)) if length > 0 else 0
+    """Text units one content block of ``length`` characters costs per policy: one per started
+    1,000 characters (``shared/docs/bedrock.md`` A.6). The one copy of the rule."""
+    return -(-length // TEXT_UNIT_CHARS) if length > 0 else 0
 
 
 def should_check(
@@ -80,35 +73,6 @@ def should_check(
     if not first_check_done and policy.fast_first_window:
         return True
     return pending_chars >= policy.min_chars
-
-
-def plan_windows(
-    checked: Sequence[int],
-    lengths: Sequence[int],
-    policy: WindowPolicy,
-    *,
-    upstream_done: bool,
-) -> list[Block]:
-    """Blocks covering every channel's unchecked text: each at most ``window_chars`` new
-    characters, preceded by up to ``overlap_chars`` already-checked ones. Without the end of the
-    stream, a last block shorter than ``min_chars`` is left for later, unless it is the only one
-    (the first window). At most ``max_blocks_per_call`` blocks."""
-    blocks: list[Block] = []
-    for index, (done, length) in enumerate(zip(checked, lengths, strict=True)):
-        position = done
-        while position < length and len(blocks) < policy.max_blocks_per_call:
-            end = min(length, position + policy.window_chars)
-            short = end - position < policy.min_chars
-            if short and not upstream_done and blocks:
-                break
-            blocks.append(Block(index, max(0, position - policy.overlap_chars), position, end))
-            position = end
-    return blocks
-
-
-def plan_cumulative(lengths: Sequence[int]) -> list[Block]:
-    """One block per channel with the whole text so far."""
-    return [Block(index, 0, 0, length) for index, length in enumerate(lengths) if length > 0]
 
 
 def estimated_units(blocks: Sequence[Block]) -> int:

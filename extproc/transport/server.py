@@ -19,13 +19,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from extproc.audit import AuditLog
-from extproc.config import Settings
+from extproc.observe.audit import AuditLog
+from extproc.settings.values import Settings
 from extproc.formats import StreamFormat, all_formats
-from extproc.guardrail import GuardrailClient
-from extproc.logs import bind_stream, unbind_stream
-from extproc.metrics import NULL_RECORDER, Recorder, route_label
-from extproc.routes import RouteResolver
+from extproc.domain.client import GuardrailClient
+from extproc.observe.logs import bind_stream, unbind_stream
+from extproc.observe.metrics import NULL_RECORDER, Recorder, route_label
+from extproc.settings.routes import RouteResolver
 from extproc.stream import Admission, Outbox, StreamProcessor
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._guardrail = guardrail
         self._formats = formats if formats is not None else all_formats()
         self._recorder = recorder
-        self._audit = audit if audit is not None else AuditLog(settings.audit_include_matches)
+        self._audit = audit if audit is not None else AuditLog(settings.runtime.audit_include_matches)
         self._ids = itertools.count(1)
         self.routes = RouteResolver(settings)
-        self.admission = Admission(settings.max_streams)
+        self.admission = Admission(settings.streams.max_streams)
         self.active_streams = 0
 
     async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
@@ -142,12 +142,12 @@ def server_options(reuse_port: bool = False) -> Sequence[tuple[str, Any]]:
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     """TLS for the listener; with ``tls_client_ca``, client certificates are required (mTLS)."""
-    assert settings.tls_cert and settings.tls_key, "BUG: TLS credentials without files"
-    with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
+    assert settings.server.tls_cert and settings.server.tls_key, "BUG: TLS credentials without files"
+    with open(settings.server.tls_cert, "rb") as cert, open(settings.server.tls_key, "rb") as key:
         pair = (key.read(), cert.read())
     root = None
-    if settings.tls_client_ca:
-        with open(settings.tls_client_ca, "rb") as ca:
+    if settings.server.tls_client_ca:
+        with open(settings.server.tls_client_ca, "rb") as ca:
             root = ca.read()
     return grpc.ssl_server_credentials([pair], root_certificates=root,
                                        require_client_auth=root is not None)
@@ -156,16 +156,16 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
 async def start_server(settings: Settings, guardrail: GuardrailClient, *,
                        recorder: Recorder = NULL_RECORDER) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
-    server = grpc.aio.server(options=server_options(settings.reuse_port))
+    server = grpc.aio.server(options=server_options(settings.server.reuse_port))
     processor = ExternalProcessor(settings, guardrail, recorder=recorder)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # add_*_port raise RuntimeError when they cannot bind.
-    if settings.tls_cert and settings.tls_key:
-        port = server.add_secure_port(settings.listen, server_credentials(settings))
+    if settings.server.tls_cert and settings.server.tls_key:
+        port = server.add_secure_port(settings.server.listen, server_credentials(settings))
     else:
-        port = server.add_insecure_port(settings.listen)
+        port = server.add_insecure_port(settings.server.listen)
     await server.start()
     running = RunningServer(server=server, port=port, health=health_servicer, processor=processor)
     await running.set_serving(True)

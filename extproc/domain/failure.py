@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from extproc.errors import ERROR_CLASSES, GuardrailError
+from extproc.domain.errors import ERROR_CLASSES, GuardrailError
 
 
 class FailureMode(enum.Enum):

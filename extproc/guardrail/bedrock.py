@@ -1,32 +1,32 @@
-"""The guardrail seam: a ``GuardrailClient`` Protocol and the Bedrock ApplyGuardrail client.
+"""The Bedrock ApplyGuardrail client: the only module of the sidecar that imports boto3.
 
 Owns the boto3 ``bedrock-runtime`` client (endpoint from ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``,
 region and credentials from the standard AWS chain), the thread pool its blocking calls run
-in, the per-attempt timeout, and the mapping of AWS errors onto ``extproc.errors``. It returns
-typed verdicts (``extproc.verdict``) and never decides what a verdict means for a stream.
+in (or the child process, ``extproc.guardrail.parent``), the per-attempt timeout, and **the**
+mapping of AWS errors onto ``extproc.domain.errors`` (``map_boto_error``, also used by the
+child process). It returns typed verdicts (``extproc.domain.verdict``) and never decides what a
+verdict means for a stream.
 
 Retries, the per-call deadline, splitting of oversize input, the circuit breaker and the
-client-side quota budget live in ``extproc.resilience.ResilientGuardrail``, which wraps this
-client; wrapped, it is built with ``max_attempts=1`` so that botocore does not retry as well.
+client-side quota budget live in ``extproc.guardrail.resilient.ResilientGuardrail``, which
+wraps this client; wrapped, it is built with ``max_attempts=1`` so that botocore does not retry
+as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from extproc.callproc import CallProcess
-from extproc.config import GuardrailCalls, GuardrailRef, Settings
-from extproc.errors import (
+from extproc.domain.errors import (
     ConfigError,
     GuardrailError,
     GuardrailInputTooLarge,
@@ -35,33 +35,12 @@ from extproc.errors import (
     GuardrailThrottled,
     GuardrailTimeout,
 )
-from extproc.verdict import GuardrailVerdict, classify
+from extproc.domain.values import GuardrailRef, Source
+from extproc.domain.verdict import GuardrailVerdict, classify
+from extproc.guardrail.parent import CallProcess
+from extproc.settings.values import GuardrailCalls, Settings
 
 log = logging.getLogger(__name__)
-
-
-class Source(enum.Enum):
-    INPUT = "INPUT"
-    OUTPUT = "OUTPUT"
-
-
-class GuardrailClient(Protocol):
-    """Anything that can apply a guardrail to texts (Bedrock, the tests' fakes).
-
-    An implementation may also accept a keyword-only ``timeout`` (seconds, or None for its
-    own default) bounding this one call; ``ResilientGuardrail`` passes the time left of its
-    deadline when it does, and enforces the bound from outside either way.
-    """
-
-    async def apply(
-        self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]
-    ) -> GuardrailVerdict:
-        """Check ``texts`` (one content block each); raise ``GuardrailError`` on failure."""
-        ...
-
-    def close(self) -> None:
-        """Release threads and connections."""
-        ...
 
 
 _THROTTLE_CODES = frozenset({"ThrottlingException", "TooManyRequestsException"})
@@ -95,6 +74,27 @@ def map_client_error(exc: botocore.exceptions.ClientError) -> GuardrailError:
     return GuardrailRejected(f"{code} ({status}): {message}")
 
 
+def map_boto_error(exc: Exception) -> GuardrailError | None:
+    """The error of our hierarchy for an exception a boto3 call raised, or None when it is not
+    botocore's (a bug of ours, for the caller to handle). The one mapping: the in-process
+    client and the child process both use it."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return map_client_error(exc)
+    if isinstance(exc, (botocore.exceptions.ReadTimeoutError,
+                        botocore.exceptions.ConnectTimeoutError)):
+        return GuardrailTimeout(type(exc).__name__)
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return GuardrailServerError(f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def apply_request(guardrail_id: str, version: str, source: str,
+                  texts: Sequence[str]) -> dict[str, Any]:
+    """The keyword arguments of one ``apply_guardrail`` call."""
+    return {"guardrailIdentifier": guardrail_id, "guardrailVersion": version, "source": source,
+            "content": [{"text": {"text": text}} for text in texts]}
+
+
 def boto3_client(region: str | None, *, threads: int, timeout_s: float,
                  max_attempts: int) -> Any:
     """The boto3 ``bedrock-runtime`` client: region and credentials from the standard AWS chain
@@ -124,10 +124,10 @@ def boto3_client(region: str | None, *, threads: int, timeout_s: float,
 class BedrockGuardrailClient:
     """ApplyGuardrail through boto3, run in a thread pool so the event loop never blocks.
 
-    ``max_attempts`` (default ``settings.guardrail_max_attempts``) is botocore's
+    ``max_attempts`` (default ``settings.client.max_attempts``) is botocore's
     ``total_max_attempts``; give 1 when ``ResilientGuardrail`` wraps the client (it retries
     itself, inside its deadline). ``attempt_timeout_s`` (default
-    ``settings.guardrail_timeout_s``) bounds one call and is botocore's read timeout; ``apply``
+    ``settings.client.timeout_s``) bounds one call and is botocore's read timeout; ``apply``
     may lower it per call with ``timeout``.
     """
 
@@ -137,12 +137,13 @@ class BedrockGuardrailClient:
         *,
         max_attempts: int | None = None,
         attempt_timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        attempts = settings.guardrail_max_attempts if max_attempts is None else max_attempts
+        attempts = settings.client.max_attempts if max_attempts is None else max_attempts
         if attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {attempts}")
         self._timeout = (
-            settings.guardrail_timeout_s if attempt_timeout_s is None else attempt_timeout_s
+            settings.client.timeout_s if attempt_timeout_s is None else attempt_timeout_s
         )
         if not self._timeout > 0:
             raise ValueError(f"attempt_timeout_s must be positive, got {self._timeout}")
@@ -150,19 +151,19 @@ class BedrockGuardrailClient:
         self._client: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._process: CallProcess | None = None
-        if settings.guardrail_calls is GuardrailCalls.PROCESS:
+        if settings.client.calls is GuardrailCalls.PROCESS:
             self._process = CallProcess(
-                region=settings.aws_region, threads=settings.guardrail_threads,
-                timeout_s=self._timeout, max_attempts=attempts, log_level=settings.log_level,
-                log_format=settings.log_format.value)
+                region=settings.client.aws_region, threads=settings.client.threads,
+                timeout_s=self._timeout, max_attempts=attempts, log_level=settings.runtime.log_level,
+                log_format=settings.runtime.log_format.value, clock=clock)
             self._endpoint_url, self._region = self._process.endpoint_url, self._process.region
         else:
-            self._client = boto3_client(settings.aws_region, threads=settings.guardrail_threads,
+            self._client = boto3_client(settings.client.aws_region, threads=settings.client.threads,
                                         timeout_s=self._timeout, max_attempts=attempts)
             self._endpoint_url = str(self._client.meta.endpoint_url)
             self._region = str(self._client.meta.region_name)
             self._executor = ThreadPoolExecutor(
-                max_workers=settings.guardrail_threads, thread_name_prefix="apply-guardrail"
+                max_workers=settings.client.threads, thread_name_prefix="apply-guardrail"
             )
 
     @property
@@ -180,11 +181,7 @@ class BedrockGuardrailClient:
 
     def _call(self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]) -> Any:
         return self._client.apply_guardrail(
-            guardrailIdentifier=guardrail.id,
-            guardrailVersion=guardrail.version,
-            source=source.value,
-            content=[{"text": {"text": text}} for text in texts],
-        )
+            **apply_request(guardrail.id, guardrail.version, source.value, texts))
 
     @property
     def timeout(self) -> float:
@@ -215,13 +212,13 @@ class BedrockGuardrailClient:
             response = await asyncio.wait_for(future, limit)
         except TimeoutError:
             raise GuardrailTimeout(f"no ApplyGuardrail answer within {limit:.2f}s") from None
-        except botocore.exceptions.ClientError as exc:
-            raise map_client_error(exc) from exc
-        except (botocore.exceptions.ReadTimeoutError,
-                botocore.exceptions.ConnectTimeoutError) as exc:
-            raise GuardrailTimeout(type(exc).__name__) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise GuardrailServerError(f"{type(exc).__name__}: {exc}") from exc
+        except GuardrailError:
+            raise
+        except Exception as exc:
+            error = map_boto_error(exc)
+            if error is None:
+                raise
+            raise error from exc
         if not isinstance(response, dict) or "action" not in response:
             raise GuardrailServerError("ApplyGuardrail answer without an action")
         verdict = classify(response)

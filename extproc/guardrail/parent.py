@@ -1,4 +1,4 @@
-"""ApplyGuardrail calls in a child process, so that boto3 never competes with the event loop.
+"""ApplyGuardrail calls in a child process, so that boto3 never competes with the event loop: the parent's side.
 
 Why: one boto3 ``apply_guardrail`` call costs about 1 ms of Python CPU (request building,
 SigV4 signing, parsing; ``bench/README.md``). Run in a thread pool of the sidecar's own
@@ -8,21 +8,13 @@ request headers took up to 400 ms (Envoy's ``rh`` latency) although the process 
 spare. In a child process the calls have their own interpreter and GIL, and their CPU lands on
 another core; the loop pays only for a small JSON frame each way.
 
-The parent (``CallProcess``) starts ``python -m extproc.callproc`` with one end of a
+The parent (``CallProcess``) starts ``python -m extproc.guardrail.child`` with one end of a
 socketpair, and reads its hello (endpoint and region, or a fatal start-up error) before
-serving, so a broken AWS setup still fails at start-up. Frames in both directions are a
-4-byte big-endian length and a JSON object:
-
-* hello (child, once): ``{"hello": {"endpoint_url": ..., "region": ...}}`` or
-  ``{"fatal": "message"}``;
-* request: ``{"id": n, "guardrail": id, "version": v, "source": "INPUT"|"OUTPUT",
-  "texts": [...]}``;
-* answer: ``{"id": n, "ok": <the ApplyGuardrail response without ResponseMetadata>}`` or
-  ``{"id": n, "error": <GuardrailError class name>, "message": ...}``;
-* stop (parent, on close): ``{"stop": true}``.
+serving, so a broken AWS setup still fails at start-up. The frames are
+``extproc.guardrail.wire``'s.
 
 The child runs the calls in a thread pool (``--guardrail-threads``), maps AWS errors onto
-``extproc.errors`` exactly as the in-process client does, ignores SIGINT/SIGTERM (the parent
+``extproc.domain.errors`` exactly as the in-process client does, ignores SIGINT/SIGTERM (the parent
 decides when to stop, so a Ctrl-C in a terminal does not fail the checks of draining
 streams) and exits on the parent's stop frame or when the socket closes, which also happens
 when the parent dies. When the child dies, the calls waiting on it fail as ``server_error``
@@ -32,60 +24,27 @@ Timeouts are the parent's: a late answer is dropped.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import json
 import logging
-import os
-import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from extproc.errors import (
-    ConfigError,
-    GuardrailError,
-    GuardrailInputTooLarge,
-    GuardrailRejected,
-    GuardrailServerError,
-    GuardrailThrottled,
-    GuardrailTimeout,
-)
+from extproc.domain.errors import ConfigError, GuardrailError, GuardrailServerError
+from extproc.guardrail.wire import HEADER, MAX_FRAME, error_from, frame, read_frame_blocking
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">I")
-#: Largest frame either side accepts (an ApplyGuardrail request is at most a few MB of text).
-MAX_FRAME = 64 * 1024 * 1024
 #: Seconds the parent waits for the child's hello (imports boto3, builds the client).
 HELLO_TIMEOUT_S = 60.0
 #: At most one new child per this many seconds; calls in between fail as server_error.
 RESPAWN_INTERVAL_S = 1.0
-ERROR_CLASSES: dict[str, type[GuardrailError]] = {
-    cls.__name__: cls for cls in (GuardrailTimeout, GuardrailThrottled, GuardrailServerError,
-                                  GuardrailRejected, GuardrailInputTooLarge)
-}
-
-
-def frame(message: dict[str, Any]) -> bytes:
-    data = json.dumps(message, separators=(",", ":"), default=str).encode()
-    return HEADER.pack(len(data)) + data
-
-
-def error_from(name: str, message: str) -> GuardrailError:
-    """The parent's exception for a child's ``error`` answer (unknown names: server_error)."""
-    return ERROR_CLASSES.get(name, GuardrailServerError)(message)
-
-
-# ---------------------------------------------------------------------------------- the parent
 
 
 class CallProcess:
@@ -96,12 +55,14 @@ class CallProcess:
     """
 
     def __init__(self, *, region: str | None, threads: int, timeout_s: float,
-                 max_attempts: int, log_level: str = "INFO", log_format: str = "json") -> None:
+                 max_attempts: int, log_level: str = "INFO", log_format: str = "json",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._argv = ["--threads", str(threads), "--timeout", repr(timeout_s),
                       "--max-attempts", str(max_attempts), "--log-level", log_level,
                       "--log-format", log_format]
         if region:
             self._argv += ["--region", region]
+        self._clock = clock  # the restart interval's (injected by tests)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._sock: socket.socket | None = None
@@ -128,7 +89,7 @@ class CallProcess:
         parent, child = socket.socketpair()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "extproc.callproc", "--fd", str(child.fileno()),
+                [sys.executable, "-m", "extproc.guardrail.child", "--fd", str(child.fileno()),
                  *self._argv],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
             )
@@ -139,7 +100,7 @@ class CallProcess:
             child.close()
         try:
             parent.settimeout(HELLO_TIMEOUT_S)
-            hello = _read_frame_blocking(parent)
+            hello = read_frame_blocking(parent)
         except (OSError, ValueError) as exc:
             parent.close()
             _reap(proc)
@@ -164,11 +125,11 @@ class CallProcess:
             self._drop_connection(GuardrailServerError("the guardrail call process exited"),
                                   child_gone=True)
         if self._sock is None:  # the child died: start another one off the loop
-            wait = self._next_spawn_at - time.monotonic()
+            wait = self._next_spawn_at - self._clock()
             if wait > 0:  # a child that keeps failing is not restarted for every call
                 raise GuardrailServerError(
                     f"the guardrail call process failed; next start in {wait:.1f}s")
-            self._next_spawn_at = time.monotonic() + RESPAWN_INTERVAL_S
+            self._next_spawn_at = self._clock() + RESPAWN_INTERVAL_S
             await loop.run_in_executor(None, self._spawn)
             self.restarts += 1
             log.warning("guardrail call process restarted (pid %s)", self.pid)
@@ -308,107 +269,3 @@ def _reap(proc: subprocess.Popen[bytes], wait_s: float = 2.0) -> None:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5.0)
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        data = sock.recv(size - len(chunks))
-        if not data:
-            raise ConnectionError("end of file")
-        chunks += data
-    return bytes(chunks)
-
-
-def _read_frame_blocking(sock: socket.socket) -> dict[str, Any]:
-    (size,) = HEADER.unpack(_read_exactly(sock, HEADER.size))
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes")
-    message = json.loads(_read_exactly(sock, size))
-    if not isinstance(message, dict):
-        raise ValueError("frame is not an object")
-    return message
-
-
-# ----------------------------------------------------------------------------------- the child
-
-
-def _answer(client: Any, request: dict[str, Any]) -> dict[str, Any]:
-    # Imported here: the parent never needs botocore's exception classes for this module.
-    import botocore.exceptions
-
-    from extproc.guardrail import map_client_error
-
-    call_id = request.get("id")
-    try:
-        response = client.apply_guardrail(
-            guardrailIdentifier=request["guardrail"], guardrailVersion=request["version"],
-            source=request["source"],
-            content=[{"text": {"text": text}} for text in request["texts"]])
-    except botocore.exceptions.ClientError as exc:
-        error: GuardrailError = map_client_error(exc)
-    except (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as exc:
-        error = GuardrailTimeout(type(exc).__name__)
-    except botocore.exceptions.BotoCoreError as exc:
-        error = GuardrailServerError(f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - whatever it is, the parent must get an answer
-        log.exception("unexpected error in an ApplyGuardrail call")
-        error = GuardrailServerError(f"{type(exc).__name__}: {exc}")
-    else:
-        response.pop("ResponseMetadata", None)
-        return {"id": call_id, "ok": response}
-    return {"id": call_id, "error": type(error).__name__, "message": str(error)}
-
-
-def child_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extproc.callproc")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--region")
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--timeout", type=float, default=2.0)
-    parser.add_argument("--max-attempts", type=int, default=1)
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", default="json")
-    args = parser.parse_args(argv)
-    # The parent decides when the calls stop (it closes the socket); see the module docstring.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.fd)
-    from extproc.logs import LogFormat, configure_logging
-
-    configure_logging(args.log_level, LogFormat(args.log_format))
-    try:
-        from extproc.guardrail import boto3_client
-
-        client = boto3_client(args.region, threads=args.threads, timeout_s=args.timeout,
-                              max_attempts=args.max_attempts)
-    except ConfigError as exc:
-        sock.sendall(frame({"fatal": str(exc)}))
-        return 2
-    sock.sendall(frame({"hello": {"endpoint_url": str(client.meta.endpoint_url),
-                                  "region": str(client.meta.region_name)}}))
-    from extproc import heap
-
-    heap.settle()  # botocore's models: never walked by a collection again
-    send_lock = threading.Lock()
-    executor = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="apply-guardrail")
-
-    def run(request: dict[str, Any]) -> None:
-        data = frame(_answer(client, request))
-        with send_lock, contextlib.suppress(OSError):
-            sock.sendall(data)
-
-    try:
-        while True:
-            request = _read_frame_blocking(sock)
-            if request.get("stop"):
-                break
-            executor.submit(run, request)
-    except (ConnectionError, OSError, ValueError):
-        pass  # the parent closed the socket (or died): stop
-    executor.shutdown(wait=False, cancel_futures=True)
-    os._exit(0)  # do not wait for calls in flight: nobody is left to read their answers
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())

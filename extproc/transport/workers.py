@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from extproc.config import Settings
+from extproc.settings.values import Settings
 
 log = logging.getLogger("extproc.workers")
 
@@ -35,10 +35,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def worker_argv(argv: Sequence[str], settings: Settings, port: int, index: int) -> list[str]:
-    host = f"[{settings.listen_host}]" if ":" in settings.listen_host else settings.listen_host
+    host = f"[{settings.server.listen_host}]" if ":" in settings.server.listen_host else settings.server.listen_host
     args = [sys.executable, "-m", "extproc", *argv, "--workers", "1", "--reuse-port", "on",
             "--listen", f"{host}:{port}"]
-    address = settings.metrics_address
+    address = settings.server.metrics_address
     if address is not None and address[1] != 0:
         metrics_host = f"[{address[0]}]" if ":" in address[0] else address[0]
         args += ["--metrics-listen", f"{metrics_host}:{address[1] + index}"]
@@ -46,11 +46,11 @@ def worker_argv(argv: Sequence[str], settings: Settings, port: int, index: int) 
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
-    """Run ``settings.workers`` workers until a signal; 0 when every worker stopped cleanly."""
+    """Run ``settings.server.workers`` workers until a signal; 0 when every worker stopped cleanly."""
     try:
-        reserved = reserve_port(settings.listen_host, settings.listen_port)
+        reserved = reserve_port(settings.server.listen_host, settings.server.listen_port)
     except OSError as exc:
-        print(f"guardrail-extproc: configuration error: --listen {settings.listen}: cannot "
+        print(f"guardrail-extproc: configuration error: --listen {settings.server.listen}: cannot "
               f"bind ({exc.strerror})", file=sys.stderr)
         return 2
     port = reserved.getsockname()[1]
@@ -65,9 +65,9 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     workers: list[subprocess.Popen[bytes]] = [
-        subprocess.Popen(worker_argv(argv, settings, port, i)) for i in range(settings.workers)
+        subprocess.Popen(worker_argv(argv, settings, port, i)) for i in range(settings.server.workers)
     ]
-    log.info("guardrail-extproc supervisor: %d workers on port %d", settings.workers, port)
+    log.info("guardrail-extproc supervisor: %d workers on port %d", settings.server.workers, port)
     restarts: dict[int, float] = {}
     forwarded = 0
     try:

@@ -1,7 +1,7 @@
 """A guardrail client that is more reliable than the calls it guards.
 
 ``ResilientGuardrail`` wraps any ``GuardrailClient`` (in production ``BedrockGuardrailClient``
-built with ``max_attempts=1``, see ``resilient_bedrock_client``) and adds, per ``apply()``:
+built with ``max_attempts=1``, see ``extproc.guardrail.build_client``) and adds, per ``apply()``:
 
 1. **A deadline.** The whole call, retries, budget waits and split calls included, never takes
    longer than ``deadline_s`` (or the caller's smaller ``timeout``; a backstop timeout 10 ms
@@ -53,9 +53,12 @@ built with ``max_attempts=1``, see ``resilient_bedrock_client``) and adds, per `
 A retry that the breaker or the budget refuses, or that the deadline leaves no room for, raises
 the error of the attempt before it: the class says why the call really failed.
 
-Every error ``apply()`` raises carries one of ``extproc.errors.ERROR_CLASSES``; an inner
-exception outside the hierarchy becomes ``GuardrailServerError``. ``FailurePolicy`` maps each
-class to fail closed or open; ``parse_failure_policy`` reads it from a setting.
+Every error ``apply()`` raises carries one of ``extproc.domain.errors.ERROR_CLASSES``; an inner
+exception outside the hierarchy becomes ``GuardrailServerError``. What a stream does with each
+class (fail closed or open) is decided in ``extproc.domain.decision``.
+
+The mechanics live beside this module: ``breaker`` (the circuit breaker), ``budget`` (the token
+buckets), ``splitting`` (cutting and merging), ``config`` (the knobs).
 
 Single event loop: the buckets, breakers and counters are plain attributes, safe because they
 are only touched from the loop's thread and never across an ``await``.
@@ -66,17 +69,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import random
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from extproc.config import GuardrailRef, Settings
-from extproc.failure import FailureMode, FailurePolicy, parse_failure_policy  # noqa: F401
-from extproc.errors import (
+from extproc.domain.client import GuardrailClient
+from extproc.domain.errors import (
     ERROR_CLASSES,
     RETRYABLE_CLASSES,
     GuardrailBudgetExhausted,
@@ -86,399 +86,20 @@ from extproc.errors import (
     GuardrailServerError,
     GuardrailTimeout,
 )
-from extproc.guardrail import BedrockGuardrailClient, GuardrailClient, Source
-from extproc.verdict import GuardrailVerdict, Outcome
-
-__all__ = [
-    "CLOSED",
-    "HALF_OPEN",
-    "OPEN",
-    "CircuitBreaker",
-    "FailurePolicy",
-    "ResilienceConfig",
-    "ResilientGuardrail",
-    "TokenBucket",
-    "cut_text",
-    "merge_verdicts",
-    "parse_failure_policy",
-    "plan_calls",
-    "resilient_bedrock_client",
-    "text_units",
-]
+from extproc.domain.values import GuardrailRef, Source
+from extproc.domain.verdict import GuardrailVerdict, Outcome
+from extproc.domain.windows import text_units
+from extproc.guardrail.breaker import CLOSED, OPEN, CircuitBreaker
+from extproc.guardrail.budget import TokenBucket
+from extproc.guardrail.config import MIN_ATTEMPT_S, ResilienceConfig
+from extproc.guardrail.splitting import Part, Piece, merge_verdicts, plan_calls, units_of
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-CHARS_PER_TEXT_UNIT: Final = 1000
-#: A retry is only worth making with at least this much time left before the deadline.
-MIN_ATTEMPT_S: Final = 0.02
-
 _BACKSTOP_SLACK_S: Final = 0.01
-
-CLOSED: Final = "closed"
-OPEN: Final = "open"
-HALF_OPEN: Final = "half_open"
-
-
-def text_units(text: str) -> int:
-    """Text units of one content block: one per started 1,000 characters (bedrock.md A.6)."""
-    return -(-len(text) // CHARS_PER_TEXT_UNIT)
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True, slots=True)
-class ResilienceConfig:
-    """Knobs of ``ResilientGuardrail``; the defaults suit one sidecar in us-east-1."""
-
-    #: Whole apply(), retries included (the sidecar's --guardrail-timeout).
-    deadline_s: float = 5.0
-    #: One attempt; below the deadline so that a hung connection still leaves time to retry.
-    #: Bedrock answers in ~0.1-0.6 s (bedrock.md A.5).
-    attempt_timeout_s: float = 2.0
-    #: Attempts per call (and per split part), the first one included.
-    max_attempts: int = 3
-    #: Backoff base after timeouts and server errors: retries come quickly, jittered.
-    backoff_base_s: float = 0.05
-    #: Backoff base after a throttle: spreads the retries over the quota's one-second window.
-    throttle_backoff_base_s: float = 0.25
-    #: Upper bound of any one backoff sleep.
-    backoff_max_s: float = 1.0
-    #: Characters per call (counted as text units, 1,000 chars each): 25 TU, the per-policy
-    #: quota outside us-east-1/us-west-2 and the size at which Bedrock was seen to answer 429.
-    max_chars_per_call: int = 25_000
-    #: Split parts in flight at once for one apply().
-    split_concurrency: int = 4
-    #: How long a smaller per-call limit learned from a too-large answer is kept.
-    learned_limit_ttl_s: float = 600.0
-    #: Consecutive retryable failures that open the breaker (0: this trigger off).
-    breaker_failures: int = 5
-    #: Share of retryable failures in the window that opens the breaker (0: this trigger off).
-    breaker_failure_ratio: float = 0.8
-    #: Sliding window of the ratio trigger, seconds.
-    breaker_window_s: float = 30.0
-    #: Attempts the window must hold before the ratio counts.
-    breaker_min_calls: int = 20
-    #: Seconds an open breaker fails calls fast before a probe is let through.
-    breaker_cooldown_s: float = 10.0
-    #: ApplyGuardrail requests per second for this process (0: unlimited). us-east-1 quota: 50.
-    budget_rps: float = 50.0
-    #: Text units per second for this process (0: unlimited); the smallest per-policy quota of
-    #: the policies enabled (content/PII/words: 200 in us-east-1, denied topics 50).
-    budget_text_units_per_s: float = 200.0
-    #: Longest wait for budget tokens before giving up with GuardrailBudgetExhausted.
-    budget_max_wait_s: float = 0.25
-
-    def __post_init__(self) -> None:
-        def check(name: str, ok: bool, what: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        def number(name: str) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-            return float(value)
-
-        def integer(name: str) -> int:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            return value
-
-        for name in ("deadline_s", "attempt_timeout_s", "breaker_cooldown_s",
-                     "breaker_window_s", "learned_limit_ttl_s"):
-            check(name, number(name) > 0, "positive")
-        for name in ("backoff_base_s", "throttle_backoff_base_s", "backoff_max_s",
-                     "budget_rps", "budget_text_units_per_s", "budget_max_wait_s"):
-            check(name, number(name) >= 0, "zero or positive")
-        check("breaker_failure_ratio", 0 <= number("breaker_failure_ratio") <= 1,
-              "between 0 and 1")
-        check("max_attempts", integer("max_attempts") >= 1, "at least 1")
-        check("split_concurrency", integer("split_concurrency") >= 1, "at least 1")
-        check("max_chars_per_call", integer("max_chars_per_call") >= CHARS_PER_TEXT_UNIT,
-              f"at least {CHARS_PER_TEXT_UNIT} (one text unit)")
-        check("breaker_failures", integer("breaker_failures") >= 0, "zero or positive")
-        check("breaker_min_calls", integer("breaker_min_calls") >= 1, "at least 1")
-
-    @property
-    def max_units_per_call(self) -> int:
-        """``max_chars_per_call`` in whole text units."""
-        return self.max_chars_per_call // CHARS_PER_TEXT_UNIT
-
-    def backoff_cap(self, error_class: str, retry: int) -> float:
-        """The upper bound of the sleep before retry number ``retry`` (1 = the first retry)."""
-        base = self.throttle_backoff_base_s if error_class == "throttled" else self.backoff_base_s
-        return float(min(self.backoff_max_s, base * 2 ** (retry - 1)))
-
-
-# --------------------------------------------------------------------------- failure policy
-
-
-# --------------------------------------------------------------------------- token buckets
-
-
-class TokenBucket:
-    """``rate`` tokens per second, holding at most ``capacity`` (default: one second's worth).
-
-    ``reserve`` takes the tokens at once, letting the level go negative, and says how long the
-    caller must wait for them: reservations are served in the order they were made.
-    """
-
-    def __init__(self, rate: float, capacity: float | None = None, *,
-                 clock: Clock = time.monotonic) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be positive, got {rate!r}")
-        self.rate = float(rate)
-        self.capacity = float(rate if capacity is None else capacity)
-        if not self.capacity > 0:
-            raise ValueError(f"capacity must be positive, got {capacity!r}")
-        self._clock = clock
-        self._tokens = self.capacity
-        self._stamp = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        if now > self._stamp:
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-
-    @property
-    def tokens(self) -> float:
-        self._refill()
-        return self._tokens
-
-    def wait_for(self, amount: float) -> float:
-        """Seconds until ``amount`` tokens would be available (no reservation)."""
-        self._refill()
-        return max(0.0, (amount - self._tokens) / self.rate)
-
-    def reserve(self, amount: float) -> float:
-        """Take ``amount`` tokens now; returns the seconds to wait before using them."""
-        self._refill()
-        self._tokens -= amount
-        return max(0.0, -self._tokens / self.rate)
-
-    def refund(self, amount: float) -> None:
-        """Give back a reservation that will not be used."""
-        self._refill()
-        self._tokens = min(self.capacity, self._tokens + amount)
-
-
-# --------------------------------------------------------------------------- circuit breaker
-
-
-class CircuitBreaker:
-    """closed -> open -> half-open -> closed | open; see the module docstring."""
-
-    def __init__(self, name: str, config: ResilienceConfig, *, clock: Clock,
-                 on_transition: Callable[[str, str, str, str], None] | None = None) -> None:
-        self.name = name
-        self._config = config
-        self._clock = clock
-        self._on_transition = on_transition
-        self.state = CLOSED
-        self._consecutive = 0
-        self._window: deque[tuple[float, bool]] = deque()
-        self._window_failures = 0
-        self._opened_at = 0.0
-        self._probe_in_flight = False
-
-    # -- what the caller does
-
-    def acquire(self) -> bool:
-        """Before an attempt: raises ``GuardrailCircuitOpen`` when calls must fail fast;
-        returns True when this attempt is the half-open probe."""
-        if self.state == OPEN:
-            left = self._opened_at + self._config.breaker_cooldown_s - self._clock()
-            if left > 0:
-                raise GuardrailCircuitOpen(
-                    f"circuit open for guardrail {self.name}: failing fast for {left:.1f}s more"
-                )
-            self._transition(HALF_OPEN, "cooldown over")
-        if self.state == HALF_OPEN:
-            if self._probe_in_flight:
-                raise GuardrailCircuitOpen(
-                    f"circuit half-open for guardrail {self.name}: a probe call is in flight"
-                )
-            self._probe_in_flight = True
-            return True
-        return False
-
-    def success(self, probe: bool) -> None:
-        if probe:
-            self._probe_in_flight = False
-            if self.state == HALF_OPEN:
-                self._transition(CLOSED, "probe succeeded")
-            return
-        if self.state == CLOSED:
-            self._consecutive = 0
-            self._record(False)
-
-    def failure(self, probe: bool, error_class: str) -> None:
-        """A retryable failure."""
-        if probe:
-            self._probe_in_flight = False
-            if self.state == HALF_OPEN:
-                self._transition(OPEN, f"probe failed ({error_class})")
-            return
-        if self.state != CLOSED:
-            return  # a late answer to a call started before the breaker opened
-        self._consecutive += 1
-        self._record(True)
-        limit = self._config.breaker_failures
-        if limit and self._consecutive >= limit:
-            self._transition(OPEN, f"{self._consecutive} consecutive failures, last {error_class}")
-            return
-        ratio = self._config.breaker_failure_ratio
-        total = len(self._window)
-        if ratio and total >= self._config.breaker_min_calls \
-                and self._window_failures >= ratio * total:
-            self._transition(
-                OPEN, f"{self._window_failures} of {total} attempts failed in "
-                f"{self._config.breaker_window_s:g}s, last {error_class}")
-
-    def neutral(self, probe: bool) -> None:
-        """An outcome that says nothing about the service's health (rejected, too large,
-        budget, cancelled): frees the probe slot."""
-        if probe:
-            self._probe_in_flight = False
-
-    # -- internals
-
-    def _record(self, failed: bool) -> None:
-        now = self._clock()
-        self._window.append((now, failed))
-        self._window_failures += failed
-        horizon = now - self._config.breaker_window_s
-        while self._window and (self._window[0][0] < horizon or len(self._window) > 100_000):
-            _, old = self._window.popleft()
-            self._window_failures -= old
-
-    def _transition(self, new: str, why: str) -> None:
-        old, self.state = self.state, new
-        if new == OPEN:
-            self._opened_at = self._clock()
-            self._probe_in_flight = False
-        if new in (OPEN, CLOSED):
-            self._consecutive = 0
-            self._window.clear()
-            self._window_failures = 0
-        if self._on_transition is not None:
-            self._on_transition(self.name, old, new, why)
-
-
-# --------------------------------------------------------------------------- splitting
-
-
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    block: int  # index of the original content block
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Part:
-    pieces: tuple[_Piece, ...]
-    verdict: GuardrailVerdict
-
-
-def _units(pieces: Iterable[_Piece]) -> int:
-    return sum(text_units(p.text) for p in pieces)
-
-
-def _cut_point(text: str, start: int, end: int) -> int:
-    """Where to end the piece ``text[start:end]`` (``end`` being the hard limit): after the last
-    line break, else the last whitespace, within the last tenth of the piece."""
-    floor = max(start + 1, end - max(1, (end - start) // 10))
-    newline = text.rfind("\n", floor - 1, end)
-    if newline != -1:
-        return newline + 1
-    for index in range(end - 1, floor - 2, -1):
-        if text[index].isspace():
-            return index + 1
-    return end
-
-
-def cut_text(text: str, max_chars: int) -> list[str]:
-    """``text`` in pieces of at most ``max_chars`` whose concatenation is ``text``."""
-    pieces: list[str] = []
-    start = 0
-    while len(text) - start > max_chars:
-        cut = _cut_point(text, start, start + max_chars)
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def plan_calls(pieces: Sequence[_Piece], max_units: int) -> list[list[_Piece]]:
-    """Cut pieces longer than ``max_units`` text units and pack them, in order, into calls of
-    at most ``max_units`` text units each."""
-    max_chars = max_units * CHARS_PER_TEXT_UNIT
-    cut: list[_Piece] = []
-    for piece in pieces:
-        if len(piece.text) <= max_chars:
-            cut.append(piece)
-        else:
-            cut.extend(_Piece(piece.block, t) for t in cut_text(piece.text, max_chars))
-    calls: list[list[_Piece]] = []
-    current: list[_Piece] = []
-    used = 0
-    for piece in cut:
-        units = text_units(piece.text)
-        if current and used + units > max_units:
-            calls.append(current)
-            current, used = [], 0
-        current.append(piece)
-        used += units
-    if current:
-        calls.append(current)
-    return calls
-
-
-def merge_verdicts(block_count: int, parts: Sequence[_Part]) -> GuardrailVerdict:
-    """One verdict for the original blocks from the verdicts of their parts (in order)."""
-    findings = tuple(f for part in parts for f in part.verdict.findings)
-    usage: dict[str, int] = {}
-    for part in parts:
-        for key, value in part.verdict.usage.items():
-            usage[key] = usage.get(key, 0) + value
-    units = sum(part.verdict.text_units for part in parts)
-    for part in parts:
-        if part.verdict.outcome is Outcome.BLOCK:
-            return GuardrailVerdict(
-                outcome=Outcome.BLOCK, action=part.verdict.action, findings=findings,
-                outputs=part.verdict.outputs, text_units=units, usage=usage,
-            )
-    if not any(part.verdict.outcome is Outcome.MASK for part in parts):
-        return GuardrailVerdict(
-            outcome=Outcome.PASS, action="NONE", findings=findings, outputs=(),
-            text_units=units, usage=usage,
-        )
-    rebuilt: list[list[str]] = [[] for _ in range(block_count)]
-    for part in parts:
-        verdict = part.verdict
-        if verdict.outcome is Outcome.MASK:
-            if len(verdict.outputs) != len(part.pieces):
-                raise GuardrailServerError(
-                    f"masked answer with {len(verdict.outputs)} outputs for "
-                    f"{len(part.pieces)} blocks"
-                )
-            texts: Sequence[str] = verdict.outputs
-        else:
-            texts = [piece.text for piece in part.pieces]
-        for piece, text in zip(part.pieces, texts, strict=True):
-            rebuilt[piece.block].append(text)
-    return GuardrailVerdict(
-        outcome=Outcome.MASK, action="GUARDRAIL_INTERVENED", findings=findings,
-        outputs=tuple("".join(chunks) for chunks in rebuilt), text_units=units, usage=usage,
-    )
 
 
 @dataclass(slots=True)
@@ -488,9 +109,6 @@ class _SplitRun:
     deadline: float
     semaphore: asyncio.Semaphore
     stop: bool = False
-
-
-# --------------------------------------------------------------------------- the wrapper
 
 
 def _accepts_timeout(function: Callable[..., Any]) -> bool:
@@ -621,7 +239,7 @@ class ResilientGuardrail:
     async def _apply(self, guardrail: GuardrailRef, source: Source, texts: list[str],
                      deadline: float) -> GuardrailVerdict:
         limit = self._max_units(guardrail, source)
-        units = sum(text_units(t) for t in texts)
+        units = sum(text_units(len(t)) for t in texts)
         if units <= limit:
             try:
                 return await self._attempts(guardrail, source, texts, deadline)
@@ -634,19 +252,19 @@ class ResilientGuardrail:
         self._counters["splits"] += 1
         run = _SplitRun(guardrail, source, deadline,
                         asyncio.Semaphore(self._config.split_concurrency))
-        pieces = [_Piece(index, text) for index, text in enumerate(texts)]
+        pieces = [Piece(index, text) for index, text in enumerate(texts)]
         parts = await self._check_pieces(run, pieces, limit)
         return merge_verdicts(len(texts), parts)
 
-    async def _check_pieces(self, run: _SplitRun, pieces: Sequence[_Piece],
-                            limit: int) -> list[_Part]:
+    async def _check_pieces(self, run: _SplitRun, pieces: Sequence[Piece],
+                            limit: int) -> list[Part]:
         calls = plan_calls(pieces, limit)
         self._counters["split_calls"] += len(calls)
         tasks = [asyncio.ensure_future(self._check_call(run, call, limit)) for call in calls]
-        results: dict[int, list[_Part]] = {}
+        results: dict[int, list[Part]] = {}
         error: GuardrailError | None = None
         try:
-            pending: set[asyncio.Future[list[_Part]]] = set(tasks)
+            pending: set[asyncio.Future[list[Part]]] = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -672,7 +290,7 @@ class ResilientGuardrail:
             raise error
         return [p for i in sorted(results) for p in results[i]]
 
-    async def _check_call(self, run: _SplitRun, call: list[_Piece], limit: int) -> list[_Part]:
+    async def _check_call(self, run: _SplitRun, call: list[Piece], limit: int) -> list[Part]:
         async with run.semaphore:
             if run.stop:
                 return []
@@ -681,7 +299,7 @@ class ResilientGuardrail:
                     run.guardrail, run.source, [p.text for p in call], run.deadline,
                     patient=True)
             except GuardrailInputTooLarge:
-                units = _units(call)
+                units = units_of(call)
                 if units <= 1:
                     run.stop = True
                     raise
@@ -691,7 +309,7 @@ class ResilientGuardrail:
             else:
                 if verdict.outcome is Outcome.BLOCK:
                     run.stop = True
-                return [_Part(tuple(call), verdict)]
+                return [Part(tuple(call), verdict)]
         self._counters["too_large"] += 1
         smaller = max(1, min(limit, units) // 2)
         self._learn(run.guardrail, run.source, smaller)
@@ -706,7 +324,7 @@ class ResilientGuardrail:
         budget holds, and must not fail for that alone)."""
         cfg = self._config
         breaker = self._breaker(guardrail)
-        units = sum(text_units(t) for t in texts)
+        units = sum(text_units(len(t)) for t in texts)
         last: GuardrailError | None = None
         attempt = 0
         while True:
@@ -869,12 +487,3 @@ class ResilientGuardrail:
                      self._config.learned_limit_ttl_s)
         self._learned[key] = (min(units, current),
                               self._clock() + self._config.learned_limit_ttl_s)
-
-
-def resilient_bedrock_client(settings: Settings,
-                             config: ResilienceConfig | None = None) -> ResilientGuardrail:
-    """The production client: Bedrock with a single botocore attempt, wrapped."""
-    config = config or ResilienceConfig()
-    inner = BedrockGuardrailClient(settings, max_attempts=1,
-                                   attempt_timeout_s=config.attempt_timeout_s)
-    return ResilientGuardrail(inner, config)

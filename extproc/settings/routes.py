@@ -31,8 +31,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from extproc.config import ROUTE_FIELDS, RoutePolicy, Settings, apply_route_values
-from extproc.errors import ConfigError
+from extproc.settings.options import ROUTE_FIELDS, apply_route_values
+
+from extproc.settings.values import RoutePolicy, Settings
+from extproc.domain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

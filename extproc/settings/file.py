@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from extproc.errors import ConfigError
+from extproc.domain.errors import ConfigError
 
 ROUTES_KEY = "routes"
 

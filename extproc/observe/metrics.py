@@ -44,8 +44,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from extproc.errors import ERROR_CLASSES
-from extproc.verdict import GuardrailVerdict, Outcome
+from extproc.domain.errors import ERROR_CLASSES
+from extproc.domain.verdict import GuardrailVerdict, Outcome
 
 PREFIX: Final = "guardrail_extproc_"
 DEFAULT_ROUTE: Final = "default"

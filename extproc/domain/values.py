@@ -1,0 +1,60 @@
+"""Plain values shared by every layer: which guardrail, which source, when and how to check.
+
+Pure: enums, frozen dataclasses and ``NewType`` aliases; no I/O, no imports of the package.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NewType
+
+GuardrailId = NewType("GuardrailId", str)
+GuardrailVersion = NewType("GuardrailVersion", str)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailRef:
+    """Which guardrail to apply."""
+
+    id: GuardrailId
+    version: GuardrailVersion
+
+
+class Source(enum.Enum):
+    """ApplyGuardrail's ``source``: a prompt (INPUT) or an answer (OUTPUT)."""
+
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+
+
+class InputCheck(enum.Enum):
+    """When the prompt is checked with source INPUT."""
+
+    OFF = "off"
+    PRE_CALL = "pre_call"  # checked before the request goes upstream (a block never reaches it)
+    PARALLEL = "parallel"  # checked while the upstream call runs; the answer is held until it passes
+
+
+class PromptScope(enum.Enum):
+    """Which prompt text is checked."""
+
+    LAST_USER = "last_user"
+    ALL = "all"
+    ALL_WITH_SYSTEM = "all_with_system"
+
+
+class StreamMode(enum.Enum):
+    """Bedrock's own names (``streamProcessingMode``)."""
+
+    SYNC = "sync"  # no text reaches the client before a passing check covered it
+    ASYNC = "async"  # events go out as they arrive; a block ends the stream at the next event
+
+
+class Gate(enum.Enum):
+    """The prompt verdict as the output side sees it."""
+
+    OPEN = "open"  # passed, or not checked
+    PENDING = "pending"
+    BLOCKED = "blocked"
+    FAILED = "failed"  # no verdict, failure mode closed

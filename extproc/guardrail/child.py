@@ -1,0 +1,96 @@
+"""The guardrail call process (``python -m extproc.guardrail.child``): runs the boto3 calls
+that ``extproc.guardrail.parent.CallProcess`` sends it, in a thread pool.
+
+It says hello (endpoint and region, or a fatal start-up error such as missing credentials),
+maps AWS errors with ``extproc.guardrail.bedrock.map_boto_error`` (the same mapping as
+in-process calls), ignores SIGINT/SIGTERM (the parent decides when the calls stop) and exits on
+the parent's stop frame or when the socket closes. Frames: ``extproc.guardrail.wire``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from extproc.domain.errors import ConfigError, GuardrailError, GuardrailServerError
+from extproc.guardrail.bedrock import apply_request, boto3_client, map_boto_error
+from extproc.guardrail.wire import error_answer, frame, read_frame_blocking
+
+log = logging.getLogger(__name__)
+
+
+def answer(client: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """The answer frame for one request frame: the response, or the mapped error."""
+    call_id = request.get("id")
+    try:
+        response = client.apply_guardrail(**apply_request(
+            request["guardrail"], request["version"], request["source"], request["texts"]))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the parent must get an answer
+        error: GuardrailError | None = map_boto_error(exc)
+        if error is None:
+            log.exception("unexpected error in an ApplyGuardrail call")
+            error = GuardrailServerError(f"{type(exc).__name__}: {exc}")
+        return error_answer(call_id, error)
+    response.pop("ResponseMetadata", None)
+    return {"id": call_id, "ok": response}
+
+
+def child_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extproc.guardrail.child")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--region")
+    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--max-attempts", type=int, default=1)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="json")
+    args = parser.parse_args(argv)
+    # The parent decides when the calls stop (it closes the socket); see the module docstring.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    from extproc.observe.logs import LogFormat, configure_logging
+
+    configure_logging(args.log_level, LogFormat(args.log_format))
+    try:
+        client = boto3_client(args.region, threads=args.threads, timeout_s=args.timeout,
+                              max_attempts=args.max_attempts)
+    except ConfigError as exc:
+        sock.sendall(frame({"fatal": str(exc)}))
+        return 2
+    sock.sendall(frame({"hello": {"endpoint_url": str(client.meta.endpoint_url),
+                                  "region": str(client.meta.region_name)}}))
+    from extproc.observe import heap
+
+    heap.settle()  # botocore's models: never walked by a collection again
+    send_lock = threading.Lock()
+    executor = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="apply-guardrail")
+
+    def run(request: dict[str, Any]) -> None:
+        data = frame(answer(client, request))
+        with send_lock, contextlib.suppress(OSError):
+            sock.sendall(data)
+
+    try:
+        while True:
+            request = read_frame_blocking(sock)
+            if request.get("stop"):
+                break
+            executor.submit(run, request)
+    except (ConnectionError, OSError, ValueError):
+        pass  # the parent closed the socket (or died): stop
+    executor.shutdown(wait=False, cancel_futures=True)
+    os._exit(0)  # do not wait for calls in flight: nobody is left to read their answers
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

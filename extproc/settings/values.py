@@ -1,0 +1,184 @@
+"""The validated configuration of one sidecar process, as nested frozen values.
+
+``Settings`` groups what each part of the sidecar reads: ``server`` (the gRPC listener, TLS,
+draining, metrics, workers), ``client`` (the ApplyGuardrail client: timeouts, retries, breaker,
+budget, where the calls run), ``runtime`` (event loop, garbage collector, logs, audit),
+``streams`` (per-stream limits and the Envoy facts the state machine needs), ``default_route``
+(the ``RoutePolicy`` of a stream whose route says nothing else) and ``routes`` (named policies
+from the configuration file).
+
+Values only: parsing, the option table and the configuration file live in
+``extproc.settings.options`` and ``extproc.settings.file``. Nothing here reads the environment
+or runs at import time.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from extproc.domain.failure import FailurePolicy
+from extproc.domain.values import GuardrailRef, InputCheck, PromptScope, StreamMode
+from extproc.domain.windows import WindowPolicy
+from extproc.observe.logs import LogFormat
+
+#: ``--metrics-listen off``.
+METRICS_OFF = "off"
+
+
+class GuardrailCalls(enum.Enum):
+    """Where the blocking boto3 calls run (``extproc.guardrail.parent`` says why)."""
+
+    PROCESS = "process"  # a child process: boto3 never holds the event loop's GIL
+    THREAD = "thread"  # a thread pool of this process
+
+
+class EventLoop(enum.Enum):
+    """The asyncio event loop implementation (``bench/README.md`` has the measurements)."""
+
+    AUTO = "auto"  # uvloop when it is installed, else asyncio's own
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """What the sidecar does for the requests of one route (defaults: the process settings;
+    overridden per route from Envoy, see ``extproc.settings.routes``)."""
+
+    guardrail: GuardrailRef
+    enabled: bool = True
+    input_check: InputCheck = InputCheck.PRE_CALL
+    prompt_scope: PromptScope = PromptScope.LAST_USER
+    output_check: bool = True
+    stream_mode: StreamMode = StreamMode.SYNC
+    shadow: bool = False
+    soft_block: bool = False
+    failure_mode: FailurePolicy = FailurePolicy()
+    window: WindowPolicy = WindowPolicy()
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's CPU
+    limit; rounded up), at least 1. ``os.cpu_count()`` would give the node's cores."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``), or None."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as handle:
+            quota, period = handle.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, \
+                open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
+            value, period_us = int(q.read()), int(p.read())
+        return value / period_us if value > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The gRPC listener and the process around it."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 50051
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    drain_delay_s: float = 0.0
+    grace_period_s: float = 30.0
+    workers: int = field(default_factory=available_cpus)
+    reuse_port: bool = False
+    metrics_listen: str = "127.0.0.1:9464"  # HOST:PORT (validated) or METRICS_OFF
+
+    @property
+    def listen(self) -> str:
+        return host_port(self.listen_host, self.listen_port)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the Prometheus endpoint, or None when ``--metrics-listen off``."""
+        if self.metrics_listen == METRICS_OFF:
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """The ApplyGuardrail client (``extproc.guardrail``)."""
+
+    timeout_s: float = 5.0  # one call, retries included
+    attempt_timeout_s: float = 2.0
+    max_attempts: int = 3
+    max_chars_per_call: int = 25_000
+    breaker_failures: int = 0
+    breaker_cooldown_s: float = 10.0
+    budget_rps: float = 0.0
+    budget_text_units: float = 0.0
+    budget_max_wait_s: float = 0.25
+    threads: int = 32
+    calls: GuardrailCalls = GuardrailCalls.PROCESS
+    aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    """How the process runs: event loop, garbage collector, logs and the audit trail."""
+
+    event_loop: EventLoop = EventLoop.AUTO
+    gc_full_every: int = 100
+    gc_young_threshold: int = 10_000
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.JSON
+    audit_include_matches: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """Per-stream limits, and the Envoy facts the per-stream state machine needs."""
+
+    input_wait_s: float = 0.5
+    metadata_namespace: str = "guardrail"
+    keepalive_s: float = 5.0
+    streamed_message_timeout_s: float = 10.0
+    max_held_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = 1024 * 1024
+    max_streams: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated configuration of one sidecar process."""
+
+    default_route: RoutePolicy
+    server: ServerSettings = field(default_factory=ServerSettings)
+    client: ClientSettings = ClientSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    streams: StreamSettings = StreamSettings()
+    routes: Mapping[str, RoutePolicy] = field(default_factory=dict)
+
+    @property
+    def guardrail(self) -> GuardrailRef:
+        """The default route's guardrail."""
+        return self.default_route.guardrail
