@@ -50,7 +50,8 @@ from extproc.settings.values import RoutePolicy, Settings  # noqa: E402
 from extproc.formats import all_formats  # noqa: E402
 from extproc.domain.values import Source  # noqa: E402
 from extproc.domain.values import StreamMode  # noqa: E402
-from extproc.stream import Outbox, StreamProcessor  # noqa: E402
+from extproc.stream.processor import StreamProcessor  # noqa: E402
+from extproc.stream.sinks import Outbox  # noqa: E402
 from extproc.domain.verdict import GuardrailVerdict, classify  # noqa: E402
 
 PASS = {"action": "NONE", "outputs": [], "assessments": [],

@@ -2,7 +2,7 @@
 
 ``FailureMode`` is the choice (closed: the stream ends with ``guardrail_unavailable`` or the
 request gets a 503; open: the text goes on unchecked, logged and counted). ``FailurePolicy``
-holds one choice per error class of ``extproc.errors``; ``parse_failure_policy`` reads the
+holds one choice per error class of ``extproc.domain.errors``; ``parse_failure_policy`` reads the
 setting (``closed``, ``open``, or ``closed,throttled=open,timeout=open``). Pure values.
 """
 

@@ -1,5 +1,5 @@
 """The audit trail: one structured record per guardrail intervention, on the ``extproc.audit``
-logger (kept at INFO by ``extproc.logs.configure_logging`` whatever ``--log-level`` says).
+logger (kept at INFO by ``extproc.observe.logs.configure_logging`` whatever ``--log-level`` says).
 
 An intervention is a block, a mask, or in shadow mode a would-be block or mask, of a prompt
 (source ``input``) or an answer (``output``). The stream code calls ``AuditLog.record`` once

@@ -1,7 +1,7 @@
 """Logging: JSON lines (or text) on stderr, with the stream id as a field of its own.
 
 Owns the handler, the two formats and the per-stream binding: ``bind_stream`` sets a context
-variable once when a stream starts (``extproc.server``); every record logged in that context,
+variable once when a stream starts (``extproc.transport.server``); every record logged in that context,
 including from the stream's background tasks and timers (asyncio copies the context when it
 creates them), carries ``stream``. Must not log anything itself, and must not add prompts,
 answers or matched text to a record: callers never pass them, and boto3/botocore, which would
@@ -9,11 +9,11 @@ log request bodies at DEBUG, are capped at INFO.
 
 A JSON line::
 
-    {"timestamp": "2025-06-01T12:00:00.123Z", "level": "INFO", "logger": "extproc.guard",
+    {"timestamp": "2025-06-01T12:00:00.123Z", "level": "INFO", "logger": "extproc.stream.guard",
      "message": "answer ended by the guardrail (block) after 76 released characters",
      "stream": "s12"}
 
-Audit records (``extproc.audit``) carry their fields under ``audit``; in the text format the
+Audit records (``extproc.observe.audit``, logger ``extproc.audit``) carry their fields under ``audit``; in the text format the
 record's JSON is the message.
 """
 

@@ -15,7 +15,7 @@ usage. The bytes held back from clients are summed at scrape time from the live 
 scrape time, so neither costs the hot path anything. With the standard collectors, each
 garbage collection's pause is timed (``gc.callbacks``: two clock reads per collection): a pause
 stops the event loop, and full collections were the p99 latency at 100 held streams
-(``extproc.heap``).
+(``extproc.observe.heap``).
 
 Must not log, decide, or see prompts, answers or matched text.
 """
@@ -56,7 +56,7 @@ ROUTE_KEY: Final = "x-guardrail-route"
 #: ``Source.value`` -> label.
 SOURCES: Final[Mapping[str, str]] = {"INPUT": "input", "OUTPUT": "output"}
 
-#: What became of a stream, as ``stream_outcome`` names it.
+#: What became of a stream, as ``extproc.stream.record.StreamRecord.outcome_label`` names it.
 STREAM_OUTCOMES: Final = (
     "pass", "block", "soft_block", "input_block", "mask", "unavailable", "failed_open",
     "shadow_would_block", "shadow_would_mask", "skipped", "cancelled",
@@ -70,7 +70,6 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 _FINDING_ACTIONS: Final[Mapping[str, str]] = {
     "BLOCKED": "blocked", "ANONYMIZED": "anonymized", "NONE": "detected",
 }
-_TERMINAL: Final = frozenset({"block", "soft_block", "input_block", "unavailable"})
 _NAME_CHARS: Final = 64
 _CACHE_LIMIT: Final = 4096
 
@@ -158,28 +157,6 @@ def route_label(metadata: Iterable[tuple[str, Any]], routes: Mapping[str, Any]) 
         if key == ROUTE_KEY and isinstance(value, str) and value in routes:
             return value
     return DEFAULT_ROUTE
-
-
-def stream_outcome(stats: Mapping[str, Any], *, guarded: bool, unfinished: bool) -> str:
-    """What became of a stream, from its metadata: the terminal outcome if there is one, else
-    a shadow would-be verdict, a mask, a fail-open, a pass. ``guarded``: it was an LLM call;
-    ``unfinished``: the RPC ended while its answer was still being guarded."""
-    if not guarded:
-        return "skipped"
-    outcome = stats.get("outcome")
-    if outcome in _TERMINAL:
-        return str(outcome)
-    if stats.get("would_block") or stats.get("would_block_input"):
-        return "shadow_would_block"
-    if stats.get("would_mask"):
-        return "shadow_would_mask"
-    if outcome is None and unfinished:
-        return "cancelled"
-    if stats.get("masked") or stats.get("input_masked"):
-        return "mask"
-    if stats.get("failed_open"):
-        return "failed_open"
-    return "pass"
 
 
 def verdict_action(verdict: GuardrailVerdict) -> str:

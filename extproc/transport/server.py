@@ -26,7 +26,8 @@ from extproc.domain.client import GuardrailClient
 from extproc.observe.logs import bind_stream, unbind_stream
 from extproc.observe.metrics import NULL_RECORDER, Recorder, route_label
 from extproc.settings.routes import RouteResolver
-from extproc.stream import Admission, Outbox, StreamProcessor
+from extproc.stream.processor import Admission, StreamProcessor
+from extproc.stream.sinks import Outbox
 
 log = logging.getLogger(__name__)
 

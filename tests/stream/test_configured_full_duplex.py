@@ -111,7 +111,7 @@ async def test_a_json_answer_over_max_held_bytes_fails_closed_with_the_error_bod
     assert len(answers) == 1 and answers[0][1] is True
     assert json.loads(answers[0][0])["error"]["type"] == "guardrail_unavailable"
     assert not [c for c in guard.calls if c.texts != ["hi"]]  # the answer was never checked
-    assert h.processor.stats["error_class"] == "overload"
+    assert h.processor.record.to_metadata()["error_class"] == "overload"
 
 
 async def test_a_json_answer_over_max_held_bytes_passes_unchecked_when_failing_open() -> None:
@@ -123,4 +123,4 @@ async def test_a_json_answer_over_max_held_bytes_passes_unchecked_when_failing_o
     answers = await run_json(h, answer)
     assert b"".join(body for body, _ in answers) == answer
     assert [eos for _, eos in answers][-1] is True and sum(eos for _, eos in answers) == 1
-    assert h.processor.stats["failed_open"] is True
+    assert h.processor.record.to_metadata()["failed_open"] is True

@@ -113,7 +113,7 @@ async def test_sync_masks_an_email_split_across_events() -> None:
         if block.startswith(b"data: {"):
             chunk = json.loads(block[6:])
             assert set(chunk) == {"id", "object", "created", "model", "choices"}
-    assert h.processor.stats["masked"] >= 1
+    assert h.processor.record.to_metadata()["masked"] >= 1
 
 
 async def test_async_releases_at_once_and_counts_unapplied_masks() -> None:
@@ -129,7 +129,7 @@ async def test_async_releases_at_once_and_counts_unapplied_masks() -> None:
     for _ in range(5):
         await h.settle()
     assert h.client_bytes() == chunk_event("the secret ") + b"data: [DONE]\n\n"
-    assert h.processor.stats["mask_unapplied"] == 1
+    assert h.processor.record.to_metadata()["mask_unapplied"] == 1
 
 
 async def test_async_block_ends_at_the_next_event_boundary() -> None:
@@ -153,8 +153,8 @@ async def test_cumulative_strategy_checks_the_whole_answer_until_its_cap() -> No
     text = "".join(pieces)
     assert guard.calls[1].texts == [text[:len(guard.calls[1].texts[0])]]
     assert len(guard.calls[2].texts[0]) > len(guard.calls[1].texts[0])
-    assert h.processor.stats["cumulative_cap_reached"] is True
-    assert h.processor.stats["strategy"] == "windowed"
+    assert h.processor.record.to_metadata()["cumulative_cap_reached"] is True
+    assert h.processor.record.to_metadata()["strategy"] == "windowed"
     assert h.client_bytes() == b"".join(chunk_event(p) for p in pieces)
 
 
@@ -169,7 +169,7 @@ async def test_keepalive_comment_while_text_is_held() -> None:
     for _ in range(5):
         await h.settle()
     assert h.client_bytes().endswith(chunk_event("a"))
-    assert h.processor.stats["keepalives"] >= 1
+    assert h.processor.record.to_metadata()["keepalives"] >= 1
 
 
 def streamed_headers() -> pb.ProcessingRequest:

@@ -18,12 +18,18 @@ import pytest
 
 from extproc.domain.failure import FailurePolicy
 from extproc.formats import StreamCodec, StreamFormat, all_formats
-from extproc.guard import OutputGuard
+from extproc.observe.audit import AuditLog
+from extproc.observe.metrics import NULL_RECORDER
+from extproc.stream.context import StreamContext
+from extproc.stream.guard import OutputGuard
+from extproc.stream.record import StreamRecord
+from extproc.stream.sinks import Outbox
 from extproc.domain.values import StreamMode
 from extproc.domain.windows import WindowPolicy
 from extproc.sse import SSEDecoder
 from extproc.domain.verdict import GuardrailVerdict, classify
-from tests.support import bedrock_response
+from extproc.settings.values import StreamSettings
+from tests.support import bedrock_response, settings
 from tests.unit.test_formats_common import FIXTURES_OF, Unnoted, fixture
 
 # Small windows: the recordings' answers are 60 to 180 characters long.
@@ -50,6 +56,25 @@ class Sink:
 
     def finish(self, data: bytes, metadata: Mapping[str, Any]) -> None:
         self.out.append(("finish", data))
+
+    def chunk_done(self, end_of_stream: bool) -> None:
+        pass
+
+
+class ScriptedGuardrail:
+    """Answers each call with ``VERDICTS[verdict]`` (call number, texts), a loop turn later."""
+
+    def __init__(self, verdict: str) -> None:
+        self._verdict = verdict
+        self.calls = 0
+
+    async def apply(self, guardrail: Any, source: Any, texts: Sequence[str]) -> GuardrailVerdict:
+        self.calls += 1
+        await asyncio.sleep(0)
+        return VERDICTS[self._verdict](self.calls, texts)
+
+    def close(self) -> None:
+        pass
 
 
 def _mask(texts: Sequence[str]) -> GuardrailVerdict:
@@ -78,22 +103,15 @@ def chunkings(raw: bytes) -> dict[str, list[bytes]]:
 
 async def guarded(fmt: Any, chunks: list[bytes], mode: StreamMode, verdict: str,
                   soft: bool) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
-    calls = 0
-
-    async def apply(texts: list[str]) -> GuardrailVerdict:
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0)
-        return VERDICTS[verdict](calls, texts)
-
-    async def flush() -> None:
+    async def write(message: Any) -> None:
         pass
 
     sink = Sink()
-    stats: dict[str, Any] = {}
-    guard = OutputGuard(fmt, parse_sse=True, check_output=True, mode=mode, policy=POLICY,
-                        apply=apply, gate=lambda: "open", sink=sink, flush=flush,
-                        failure_mode=FailurePolicy(), stats=stats, soft_block=soft)
+    route = settings(stream_mode=mode, window=POLICY, soft_block=soft).default_route
+    record = StreamRecord("testguardrail", "1")
+    ctx = StreamContext(route, StreamSettings(max_held_bytes=0), 5.0, record, Outbox(write),
+                        ScriptedGuardrail(verdict), NULL_RECORDER, AuditLog())
+    guard = OutputGuard(ctx, fmt, sink, parse_sse=True, check_output=True)
     for number, chunk in enumerate(chunks):
         guard.on_chunk(chunk, False)
         for _ in range(number % 4):  # verdicts land at varying points
@@ -103,7 +121,7 @@ async def guarded(fmt: Any, chunks: list[bytes], mode: StreamMode, verdict: str,
         await asyncio.sleep(0)
     guard.close()
     assert guard.finished
-    return sink.out, stats
+    return sink.out, record.to_metadata()
 
 
 CASES = [(fmt, name) for fmt in all_formats() for name in FIXTURES_OF[fmt.name]]

@@ -34,10 +34,11 @@ from extproc.domain.values import GuardrailRef, InputCheck
 from extproc.envoy import STREAMED
 from extproc.formats import all_formats
 from extproc.domain.values import Source
-from extproc.masking import map_region
+from extproc.stream.masking import map_region
 from extproc.domain.values import StreamMode
 from extproc.domain.windows import Strategy, WindowPolicy
-from extproc.stream import Outbox, StreamProcessor
+from extproc.stream.processor import StreamProcessor
+from extproc.stream.sinks import Outbox
 from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from tests.support import (
     BLOCK_FRAME,
@@ -333,7 +334,7 @@ def run_stream(guardrail: FakeGuardrail, stream: Stream, *, streamed: bool, mode
     note(f"calls={run.output_calls()!r}")
     note(f"client={run.client_bytes()!r}")
     calls, length = len(run.output_calls()), len(stream.text)
-    event(f"outcome: {run.processor.stats.get('outcome')}")
+    event(f"outcome: {run.processor.record.to_metadata().get('outcome')}")
     event(f"output calls: {calls if calls < 2 else '2-5' if calls <= 5 else '6+'}")
     event(f"text: {'<50' if length < 50 else '<150' if length < 150 else '150+'}")
     return run
@@ -440,7 +441,7 @@ def test_clean_stream_is_byte_identical_full_duplex(stream: Stream, policy: Wind
     run = run_stream(FakeGuardrail(), stream, streamed=False, mode=mode, policy=policy,
                      prompt=prompt)
     assert run.client_bytes() == stream.raw
-    assert run.processor.stats["outcome"] == "pass"
+    assert run.processor.record.to_metadata()["outcome"] == "pass"
     if mode is StreamMode.SYNC:
         check_sync_release_history(run, stream)
 
@@ -455,7 +456,7 @@ def test_clean_stream_is_byte_identical_streamed(stream: Stream, policy: WindowP
     run = run_stream(FakeGuardrail(), stream, streamed=True, mode=mode, policy=policy,
                      prompt=prompt)
     assert run.client_bytes() == stream.raw
-    assert run.processor.stats["outcome"] == "pass"
+    assert run.processor.record.to_metadata()["outcome"] == "pass"
     if mode is StreamMode.SYNC:
         check_sync_release_history(run, stream)
 
@@ -492,13 +493,13 @@ def check_sync_violation(run: Run, stream: Stream) -> None:
     calls = run.output_calls()
     spans = windows(calls, text, policy.overlap_chars)
     check_sync_release_history(run, stream)
-    if run.processor.stats["outcome"] == "pass":
+    if run.processor.record.to_metadata()["outcome"] == "pass":
         assert policy.overlap_chars < len(WORD) - 1
         assert run.client_bytes() == stream.raw
         assert not any(WORD in blocks[0] for blocks in calls)
         assert any(position < end < position + len(WORD) for _, end in spans)
         return
-    assert run.processor.stats["outcome"] == "block"
+    assert run.processor.record.to_metadata()["outcome"] == "block"
     client = run.client_bytes()
     assert client.endswith(BLOCK_FRAME) and client.count(BLOCK_FRAME) == 1
     assert client.count(b"data: [DONE]") == 1
@@ -511,7 +512,7 @@ def check_sync_violation(run: Run, stream: Stream) -> None:
     assert WORD in calls[-1][0] and not any(WORD in blocks[0] for blocks in calls[:-1])
     tripped = len(spans) - 1
     start, end = spans[tripped]
-    assert run.processor.stats["tripped_window"] == f"{CHANNEL}:{start}-{end}"
+    assert run.processor.record.to_metadata()["tripped_window"] == f"{CHANNEL}:{start}-{end}"
     new_from = spans[tripped - 1][1] if tripped else 0
     limit = released_limit(spans[:tripped], policy, final=None)
     r = content_of(prefix)
@@ -528,7 +529,7 @@ def check_sync_violation(run: Run, stream: Stream) -> None:
             assert len(r) <= spans[0][1] < position + len(WORD)
     else:
         assert len(r) <= start <= position
-    assert run.processor.stats["chars_released"] == len(r)
+    assert run.processor.record.to_metadata()["chars_released"] == len(r)
 
 
 @PROPERTY
@@ -565,11 +566,11 @@ def check_async_violation(run: Run, stream: Stream) -> None:
     text = stream.text
     calls = run.output_calls()
     client = run.client_bytes()
-    if run.processor.stats["outcome"] == "pass":
+    if run.processor.record.to_metadata()["outcome"] == "pass":
         assert client == stream.raw
         assert not any(WORD in blocks[0] for blocks in calls[:-1])
         return
-    assert run.processor.stats["outcome"] == "block"
+    assert run.processor.record.to_metadata()["outcome"] == "block"
     assert client.endswith(BLOCK_FRAME) and client.count(BLOCK_FRAME) == 1
     if not run.streamed:
         assert run.body_answers()[-1] == (BLOCK_FRAME, True)
@@ -665,7 +666,7 @@ def test_cumulative_calls_cover_everything_so_far(stream: Stream, policy: Window
         assert start + len(block) > end and stream.text[start:start + len(block)] == block
         assert len(block) <= policy.window_chars + policy.overlap_chars
         end = start + len(block)
-    assert run.processor.stats.get("cumulative_cap_reached", False) == (len(calls) > cap)
+    assert run.processor.record.to_metadata().get("cumulative_cap_reached", False) == (len(calls) > cap)
     assert len(calls) <= call_bound(len(stream.text), policy)
     if mode is StreamMode.SYNC:
         assert end == len(stream.text)
@@ -766,7 +767,7 @@ def check_masking(run: Run, stream: Stream) -> None:
         assert content == EMAIL.sub(MASK, text)
         assert b"@" not in client
     if EMAIL.search(text):
-        assert run.processor.stats.get("masked", 0) >= 1
+        assert run.processor.record.to_metadata().get("masked", 0) >= 1
     check_sync_release_history(run, stream, masked=True)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from extproc.domain.values import InputCheck
 from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.formats import all_formats
-from extproc.stream import Admission, Outbox, StreamProcessor
+from extproc.stream.processor import Admission, StreamProcessor
+from extproc.stream.sinks import Outbox
 from tests.stream.test_stream_processor import Harness
 from tests.support import (
     UNAVAILABLE_FRAME,
@@ -32,7 +33,7 @@ async def test_a_stream_holding_too_much_fails_closed() -> None:
         await h.feed(response_body(chunk_event("x" * 40)))
     assert h.client_bytes() == UNAVAILABLE_FRAME
     assert h.body_answers()[-1][1] is True
-    assert h.processor.stats["error_class"] == "overload"
+    assert h.processor.record.to_metadata()["error_class"] == "overload"
     hold.set()
 
 
@@ -47,7 +48,7 @@ async def test_a_stream_holding_too_much_passes_through_when_open() -> None:
     await h.feed(response_body(b"data: [DONE]\n\n", end_of_stream=True))
     assert h.client_bytes() == b"".join(sent) + b"data: [DONE]\n\n"
     assert h.body_answers()[-1][1] is True
-    assert h.processor.stats["failed_open"] is True
+    assert h.processor.record.to_metadata()["failed_open"] is True
     hold.set()
 
 

@@ -14,7 +14,8 @@ from extproc.domain.windows import WindowPolicy
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.formats import all_formats
 from extproc.domain.values import Source
-from extproc.stream import Outbox, StreamProcessor
+from extproc.stream.processor import StreamProcessor
+from extproc.stream.sinks import Outbox
 from tests.support import (
     BLOCK_FRAME,
     UNAVAILABLE_FRAME,
@@ -130,7 +131,7 @@ async def test_clean_stream_is_byte_identical(size: int) -> None:
     answers = h.body_answers()
     assert h.client_bytes() == original
     assert answers[-1][1] is True and all(not eos for _, eos in answers[:-1])
-    assert h.processor.stats["outcome"] == "pass"
+    assert h.processor.record.to_metadata()["outcome"] == "pass"
 
 
 async def test_block_mid_stream_ends_with_the_error_frame_and_no_blocked_text() -> None:
@@ -146,8 +147,8 @@ async def test_block_mid_stream_ends_with_the_error_frame_and_no_blocked_text() 
     assert h.client_bytes() == chunk_event("Safe start. ") + BLOCK_FRAME
     assert answers[-1] == (BLOCK_FRAME, True)
     assert b"forbidden" not in h.client_bytes()
-    assert h.processor.stats["outcome"] == "block"
-    assert h.processor.stats["chars_released"] == len("Safe start. ")
+    assert h.processor.record.to_metadata()["outcome"] == "block"
+    assert h.processor.record.to_metadata()["chars_released"] == len("Safe start. ")
 
 
 async def test_nothing_is_sent_after_the_block() -> None:
@@ -254,7 +255,7 @@ async def test_guardrail_failure_fails_closed_by_default() -> None:
     await h.settle()
     assert h.client_bytes() == UNAVAILABLE_FRAME
     assert h.body_answers()[-1][1] is True
-    assert h.processor.stats["error_class"] == "throttled"
+    assert h.processor.record.to_metadata()["error_class"] == "throttled"
 
 
 async def test_guardrail_failure_fail_open_releases_the_text() -> None:
@@ -265,7 +266,7 @@ async def test_guardrail_failure_fail_open_releases_the_text() -> None:
     await h.feed(response_body(original, end_of_stream=True))
     await h.settle()
     assert h.client_bytes() == original
-    assert h.processor.stats["failed_open"] is True
+    assert h.processor.record.to_metadata()["failed_open"] is True
 
 
 async def test_input_block_before_response_headers_is_a_400_json_error() -> None:

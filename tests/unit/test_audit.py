@@ -16,7 +16,8 @@ from extproc.domain.values import InputCheck
 from extproc.formats import all_formats
 from extproc.observe.logs import LogFormat, bind_stream, make_handler, unbind_stream
 from extproc.domain.values import StreamMode
-from extproc.stream import Outbox, StreamProcessor
+from extproc.stream.processor import StreamProcessor
+from extproc.stream.sinks import Outbox
 from extproc.domain.verdict import Finding
 from tests.support import (
     FakeGuardrail,
@@ -147,7 +148,7 @@ async def test_a_blocked_stream_writes_one_record_and_the_metadata(audit_log: Re
     run = await run_stream(FakeGuardrail(), ["Safe start. ", "now forbidden", "tail"],
                            route_name="canary")
     (out,) = audit_log.audits
-    stats = run.processor.stats
+    stats = run.processor.record.to_metadata()
     assert out["outcome"] == "block" and out["source"] == "output"
     assert out["chars_released"] == len("Safe start. ") == stats["chars_released"]
     assert out["tripped_window"] == stats["tripped_window"]
@@ -171,11 +172,11 @@ async def test_a_masked_stream_writes_one_record_per_mask(audit_log: Records) ->
     run = await run_stream(FakeGuardrail(masked=("secret",), detected=("phone",)),
                            ["a phone ", "the secret ", "is out"], input_check=InputCheck.OFF)
     masks = [a for a in audit_log.audits if a["outcome"] == "mask"]
-    assert len(masks) == run.processor.stats["masked"] >= 1
+    assert len(masks) == run.processor.record.to_metadata()["masked"] >= 1
     assert len(audit_log.audits) == len(masks)  # a detect-only verdict is not an intervention
     assert masks[0]["findings"] == [{"policy": "pii", "name": "EMAIL", "action": "ANONYMIZED"}]
     assert "a@b.c" not in json.dumps(audit_log.audits)
-    assert set(run.processor.stats["findings"].split(",")) == {
+    assert set(run.processor.record.to_metadata()["findings"].split(",")) == {
         "pii:PHONE:DETECTED", "pii:EMAIL:ANONYMIZED"}
 
 
@@ -190,15 +191,15 @@ async def test_shadow_would_block_is_recorded_and_the_stream_passes(audit_log: R
                            prompt="forbidden prompt")
     outcomes = sorted((a["source"], a["outcome"]) for a in audit_log.audits)
     assert outcomes == [("input", "shadow_would_block"), ("output", "shadow_would_block")]
-    assert run.processor.stats["outcome"] == "pass"
+    assert run.processor.record.to_metadata()["outcome"] == "pass"
 
 
 async def test_a_blocked_prompt_is_recorded_as_an_input_block(audit_log: Records) -> None:
     run = await run_stream(FakeGuardrail(), ["never sent"], prompt="a forbidden prompt")
     (out,) = audit_log.audits
     assert (out["source"], out["outcome"], out["chars_released"]) == ("input", "block", 0)
-    assert run.processor.stats["outcome"] == "input_block"
-    assert run.processor.stats["chars_released"] == 0
+    assert run.processor.record.to_metadata()["outcome"] == "input_block"
+    assert run.processor.record.to_metadata()["chars_released"] == 0
 
 
 def chat_json(content: str) -> bytes:

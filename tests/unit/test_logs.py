@@ -182,7 +182,7 @@ async def test_blocked_and_masked_streams_log_no_text(restore_logging: None,
                                    answer, prompt=PROMPT, audit=AuditLog(), **overrides)
         finally:
             unbind_stream(token)
-        outcomes.append(run.processor.stats.get("outcome"))
+        outcomes.append(run.processor.record.to_metadata().get("outcome"))
     text = buffer.getvalue()
     records = lines(buffer)
     audits = [r["audit"]["outcome"] for r in records if r["logger"] == "extproc.audit"]
@@ -201,6 +201,6 @@ async def test_a_long_clean_stream_logs_nothing_at_info(restore_logging: None) -
     configure_logging("INFO", LogFormat.JSON, buffer)
     pieces = [f"word{i} " for i in range(400)]
     run = await run_stream(FakeGuardrail(), pieces)
-    assert run.processor.stats["outcome"] == "pass"
-    assert run.processor.stats["checks"] > 1
+    assert run.processor.record.to_metadata()["outcome"] == "pass"
+    assert run.processor.record.to_metadata()["checks"] > 1
     assert [r for r in lines(buffer) if r["logger"].startswith("extproc")] == []

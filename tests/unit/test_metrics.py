@@ -27,13 +27,14 @@ from extproc.observe.metrics import (
     Recorder,
     route_label,
     start_metrics_server,
-    stream_outcome,
     usage_policy,
     verdict_action,
 )
 from extproc.guardrail.config import ResilienceConfig
 from extproc.guardrail.resilient import ResilientGuardrail
-from extproc.stream import Outbox, StreamProcessor
+from extproc.stream.processor import StreamProcessor
+from extproc.stream.record import StreamRecord
+from extproc.stream.sinks import Outbox
 from extproc.domain.verdict import GuardrailVerdict, classify
 from tests.support import (
     FakeGuardrail,
@@ -281,7 +282,8 @@ def test_held_bytes_is_summed_at_scrape_time() -> None:
 ])
 def test_stream_outcome(stats: dict[str, Any], guarded: bool, unfinished: bool,
                         expected: str) -> None:
-    assert stream_outcome(stats, guarded=guarded, unfinished=unfinished) == expected
+    record = StreamRecord("g", "1", **stats)
+    assert record.outcome_label(guarded=guarded, unfinished=unfinished) == expected
     assert expected in STREAM_OUTCOMES
 
 
@@ -435,7 +437,7 @@ async def test_a_stream_reports_its_outcome_once() -> None:
     assert value(r, "streams_in_flight") == 0
     assert value(r, "chars_released_before_block_count") == 1
     assert value(r, "chars_released_before_block_sum") == len("Safe start. ")
-    assert blocked.processor.stats["chars_released"] == len("Safe start. ")
+    assert blocked.processor.record.to_metadata()["chars_released"] == len("Safe start. ")
     assert value(r, "response_body_mode_total", mode="full_duplex_streamed") == 3
     assert value(r, "verdicts_total", source="input", action="pass") == 3
     assert value(r, "verdicts_total", source="output", action="mask") >= 1

@@ -5,7 +5,8 @@ the text reached us as many SSE deltas, and an entity may straddle several of th
 of the region being released. ``map_region`` aligns the original and the masked block, cuts the
 masked text where the original was cut, gives a replaced span whole to the piece where it
 starts, and reports when a replaced span runs past the end of the region, so that the next
-region starts after it. Pure: strings in, strings out.
+region starts after it. Pure: strings in, strings out. ``map_channel`` applies it to the held
+deltas of one channel of the output guard (``extproc.stream.channels``).
 
 Alignment: masked text is the original with some spans replaced by ``{NAME}`` placeholders, so
 the literal runs between placeholders must appear in the original in order, each placeholder
@@ -20,6 +21,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from difflib import SequenceMatcher
+
+from extproc.domain.windows import Block
+from extproc.stream.channels import Channel, Delta, Held
 
 _PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_\-]+\}")
 
@@ -100,3 +104,45 @@ def map_region(
         elif i1 < start < i2 and i2 > end:
             carry = max(carry, i2)
     return pieces, carry
+
+
+def map_channel(channel: Channel, index: int, held: Sequence[Held], block: Block, original: str,
+                masked: str, limit: int) -> bool:
+    """Give each held delta of ``channel`` (number ``index``) in [its limit, ``limit``) its
+    text to release, from ``masked``, the checked text of ``block`` (``original``). Returns
+    True when a replaced span runs past ``limit`` (the rest of it is dropped)."""
+    start = max(channel.limit, channel.mask_from)
+    deltas: list[Delta] = [d for item in held for d in item.deltas
+                           if d.channel == index
+                           and d.start + len(d.text) > channel.limit and d.start < limit]
+    base = block.start
+    cuts = sorted({d.start - base for d in deltas if start < d.start < limit}
+                  | {d.start + len(d.text) - base for d in deltas
+                     if start < d.start + len(d.text) < limit})
+    region_start, region_end = start - base, max(limit, start) - base
+    carried = False
+    if region_end > region_start or masked != original:
+        pieces, carry = map_region(original, masked, region_start,
+                                   cuts if region_end > region_start else [], region_end)
+        if region_end > region_start:
+            bounds = [region_start, *cuts]
+            # Pieces and deltas are both in text order: one pass over each.
+            cursor = 0
+            for piece, low in zip(pieces, bounds, strict=True):
+                position = base + low
+                while cursor < len(deltas) and (
+                        deltas[cursor].start + len(deltas[cursor].text) <= position):
+                    cursor += 1
+                if cursor < len(deltas) and deltas[cursor].start <= position:
+                    delta = deltas[cursor]
+                    if delta.mapped is None:
+                        delta.mapped = [piece]
+                    else:
+                        delta.mapped.append(piece)
+        if base + carry > channel.mask_from:
+            channel.mask_from = base + carry
+            # An entity runs past what is released now: the rest of it is dropped.
+            carried = base + carry > limit
+    for delta in deltas:
+        delta.mapped_to = max(delta.mapped_to, min(limit, delta.start + len(delta.text)))
+    return carried

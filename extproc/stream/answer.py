@@ -1,0 +1,111 @@
+"""A non-streamed answer: collected whole (Envoy's BUFFERED body, or the chunks of a body mode
+configured FULL_DUPLEX), checked once, answered once.
+
+Envoy holds the response headers until this answer, so a block is still a proper 4xx in the
+API's error shape, and a mask rewrites the body. The prompt verdict is waited for first. The
+decision is ``extproc.domain.decision``'s; builds Envoy messages only through
+``extproc.stream.sinks.Replies``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Hashable
+
+from extproc.domain.decision import Action, decide_verdict
+from extproc.domain.errors import GuardrailError, GuardrailServerError
+from extproc.domain.values import Gate, Source
+from extproc.formats import ErrorKind, StreamFormat
+from extproc.stream.context import StreamContext
+from extproc.stream.sinks import Replies
+
+log = logging.getLogger(__name__)
+
+
+class WholeAnswer:
+    """One non-streamed answer; see the module docstring."""
+
+    __slots__ = ("_ctx", "_fmt", "_replies", "body", "task")
+
+    def __init__(self, ctx: StreamContext, fmt: StreamFormat, replies: Replies) -> None:
+        self._ctx = ctx
+        self._fmt = fmt
+        self._replies = replies
+        self.body = bytearray()
+        self.task: asyncio.Task[None] | None = None
+
+    async def answer(self, body: bytes, prompt: asyncio.Task[None] | None) -> None:
+        """Check ``body`` once the prompt's check (``prompt``) is done, and answer. Envoy waits
+        for this answer: whatever goes wrong, it gets one."""
+        try:
+            await self._check(body, prompt)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not leave Envoy waiting
+            log.exception("BUG while checking a non-streamed answer; failing closed")
+            self._replies.error(ErrorKind.UNAVAILABLE, "unavailable")
+        await self._ctx.outbox.flush()
+
+    async def _check(self, body: bytes, prompt: asyncio.Task[None] | None) -> None:
+        ctx, record, replies = self._ctx, self._ctx.record, self._replies
+        if prompt is not None:
+            await asyncio.wait((prompt,))
+        gate = ctx.gate
+        if gate is Gate.BLOCKED or gate is Gate.FAILED:
+            kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
+            replies.error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
+            return
+        pairs = self._fmt.response_texts(body) if ctx.route.output_check else []
+        replacement: bytes | None = None
+        if pairs:
+            try:
+                verdict = await ctx.check(Source.OUTPUT, [text for _, text in pairs])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: answer anyway
+                error = exc if isinstance(exc, GuardrailError) else None
+                if error is None:
+                    log.exception("BUG in the answer check")
+                    error = GuardrailServerError(f"internal: {type(exc).__name__}")
+                if ctx.no_verdict(error) is Action.UNAVAILABLE:
+                    log.warning("answer check failed (%s); failure mode closed",
+                                error.error_class)
+                    replies.error(ErrorKind.UNAVAILABLE, "unavailable")
+                    return
+                log.warning("answer check failed (%s); failure mode open", error.error_class)
+            else:
+                record.count("checks")
+                record.count("text_units", verdict.text_units)
+                decision = decide_verdict(verdict.outcome, ctx.route, can_mask=True,
+                                          can_soft_block=True)
+                action = decision.action
+                if action is Action.MASK:
+                    masked: dict[Hashable, str] = {channel: text for (channel, _), text in zip(
+                        pairs, verdict.outputs, strict=False)}
+                    try:
+                        if len(verdict.outputs) != len(pairs):
+                            raise ValueError("masked outputs do not match the answer's texts")
+                        replacement = self._fmt.rewrite_response(body, masked)
+                    except ValueError as exc:
+                        # Masked text that cannot be put back must not go out as the original.
+                        log.warning("masked answer cannot be rewritten (%s); blocking", exc)
+                        ctx.intervened(Source.OUTPUT, "block", verdict)
+                        replies.error(ErrorKind.VIOLATION, "block")
+                        return
+                    record.masked = 1
+                if decision.audit is not None:
+                    ctx.intervened(Source.OUTPUT, decision.audit, verdict)
+                if decision.would is not None:
+                    record.count(f"would_{decision.would}")
+                elif action is Action.SOFT_BLOCK:
+                    record.outcome = "soft_block"
+                    message = verdict.outputs[0] if verdict.outputs else ""
+                    replacement = self._fmt.soft_block_response(body, message)
+                elif action is Action.BLOCK:
+                    log.info("answer blocked by the guardrail")
+                    replies.error(ErrorKind.VIOLATION, "block")
+                    return
+        if record.outcome is None:
+            record.outcome = "pass"
+        ctx.outbox.put(replies.whole_body(body, replacement))

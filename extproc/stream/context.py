@@ -1,0 +1,82 @@
+"""``StreamContext``: what the parts of one stream share (the prompt side, the answer check,
+the output guard): its route policy and limits, its record, the prompt gate, its outbox, and
+the three things each part may do beyond its own state: call the guardrail (``check``), report
+an intervention (``intervened``), and take a decision when there is no verdict
+(``no_verdict``).
+
+``check`` is the only way the stream code calls the guardrail: it times the call and reports the
+verdict or the error to the metrics ``Recorder`` and adds the findings to the record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from extproc.domain.client import GuardrailClient
+from extproc.domain.decision import Action, decide_error
+from extproc.domain.errors import GuardrailError
+from extproc.domain.values import Gate, Source
+from extproc.domain.verdict import GuardrailVerdict
+from extproc.observe.audit import AuditLog
+from extproc.observe.metrics import Recorder
+from extproc.settings.values import RoutePolicy, StreamSettings
+from extproc.stream.record import StreamRecord
+from extproc.stream.sinks import Outbox
+
+
+class StreamContext:
+    """The shared state and services of one stream; see the module docstring."""
+
+    __slots__ = ("route", "limits", "call_timeout_s", "record", "outbox", "gate", "_guardrail",
+                 "_recorder", "_audit")
+
+    def __init__(self, route: RoutePolicy, limits: StreamSettings, call_timeout_s: float,
+                 record: StreamRecord, outbox: Outbox, guardrail: GuardrailClient,
+                 recorder: Recorder, audit: AuditLog) -> None:
+        self.route = route
+        self.limits = limits
+        self.call_timeout_s = call_timeout_s  # one guardrail call, retries included
+        self.record = record
+        self.outbox = outbox
+        self.gate = Gate.OPEN  # the prompt verdict as the output side sees it
+        self._guardrail = guardrail
+        self._recorder = recorder
+        self._audit = audit
+
+    async def check(self, source: Source, texts: Sequence[str]) -> GuardrailVerdict:
+        """One guardrail call, timed and reported to the recorder; its findings go into the
+        record."""
+        started = time.monotonic()
+        try:
+            verdict = await self._guardrail.apply(self.route.guardrail, source, texts)
+        except Exception as exc:
+            # The stream treats anything but a GuardrailError as a server error (a bug).
+            error_class = exc.error_class if isinstance(exc, GuardrailError) else "server_error"
+            action = decide_error(error_class, self.route)
+            self._recorder.guardrail_error(
+                source.value, error_class,
+                "open" if action is Action.RELEASE_UNCHECKED else "closed",
+                time.monotonic() - started)
+            raise
+        self._recorder.verdict(source.value, verdict, time.monotonic() - started)
+        if verdict.findings:
+            self.record.add_findings(verdict.findings)
+        return verdict
+
+    def no_verdict(self, error: GuardrailError) -> Action:
+        """There is no verdict (``error``): record its class, and whether the text goes on
+        unchecked (``RELEASE_UNCHECKED``, recorded as a fail-open) or the stream gets
+        ``guardrail_unavailable`` (``UNAVAILABLE``)."""
+        self.record.error_class = error.error_class
+        action = decide_error(error, self.route)
+        if action is Action.RELEASE_UNCHECKED:
+            self.record.failed_open = True
+        return action
+
+    def intervened(self, source: Source, outcome: str, verdict: GuardrailVerdict,
+                   chars_released: int = 0, window: str | None = None) -> None:
+        """One audit record for a block or mask acted on (or, shadow, one that would be)."""
+        self._audit.record(
+            outcome=outcome, source=source.value.lower(), verdict=verdict,
+            chars_released=chars_released, tripped_window=window, **self.record.identity())

@@ -1,0 +1,122 @@
+"""The request side of a guarded stream: read the prompt, check it, answer the held request.
+
+``decode_body`` undoes the request's content-encoding within a size limit. ``PromptCheck`` is
+one prompt's check with source INPUT: it runs beside the upstream call (``parallel``) or while
+Envoy holds the request (``pre_call``), and turns the verdict into the prompt gate
+(``Gate``), which the answer side waits on. The decision is ``extproc.domain.decision``'s.
+Builds Envoy messages only through ``extproc.envoy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from typing import Any
+
+from extproc import envoy
+from extproc.domain.decision import Action, decide_verdict
+from extproc.domain.errors import GuardrailError, GuardrailServerError
+from extproc.domain.values import Gate, Source
+from extproc.domain.verdict import GuardrailVerdict, Outcome
+from extproc.formats import StreamFormat
+from extproc.stream.context import StreamContext
+
+log = logging.getLogger(__name__)
+
+HEADER_CONTENT_ENCODING = "content-encoding"
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes | None:
+    """The request body without its content-encoding (gzip, deflate), at most ``limit`` bytes
+    (0: no limit) once inflated; None when it cannot be read (unknown encoding, corrupt data,
+    a decompression bomb)."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header, detected
+    try:
+        out = inflater.decompress(body, limit or 0)
+    except zlib.error:
+        if encoding != "deflate":
+            return None
+        try:  # "deflate" is sometimes sent raw, without the zlib header
+            inflater = zlib.decompressobj(wbits=-15)
+            out = inflater.decompress(body, limit or 0)
+        except zlib.error:
+            return None
+    if inflater.unconsumed_tail or not inflater.eof:
+        return None
+    return out
+
+
+class PromptCheck:
+    """One prompt's check. ``held``: the request body Envoy holds until the verdict
+    (``pre_call``), or None when the request already went upstream (``parallel``);
+    ``decoded``: ``held`` was inflated, so a rewritten body goes out without its
+    content-encoding."""
+
+    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict")
+
+    def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
+                 held: bytes | None, decoded: bool) -> None:
+        self._ctx = ctx
+        self._fmt = fmt
+        self._texts = texts
+        self.held = held
+        self._decoded = decoded
+        self.verdict: GuardrailVerdict | None = None
+        ctx.gate = Gate.PENDING
+
+    async def run(self) -> None:
+        """Call the guardrail and set the gate; never raises but for cancellation."""
+        ctx, record = self._ctx, self._ctx.record
+        try:
+            verdict = await ctx.check(Source.INPUT, self._texts)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
+            error = exc if isinstance(exc, GuardrailError) else None
+            if error is None:
+                log.exception("BUG in the prompt check")
+                error = GuardrailServerError(f"internal: {type(exc).__name__}")
+            record.input = f"error:{error.error_class}"
+            if ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
+                log.warning("prompt check failed (%s); failure mode open", error.error_class)
+                ctx.gate = Gate.OPEN
+            else:
+                log.warning("prompt check failed (%s); failure mode closed", error.error_class)
+                ctx.gate = Gate.FAILED
+            return
+        self.verdict = verdict
+        record.input = verdict.outcome.value
+        record.count("text_units", verdict.text_units)
+        decision = decide_verdict(verdict.outcome, ctx.route, can_mask=self.held is not None,
+                                  can_soft_block=False)
+        if decision.audit is not None:
+            ctx.intervened(Source.INPUT, decision.audit, verdict)
+        if decision.would == "block":
+            record.would_block_input = True
+            log.info("shadow: the prompt would have been blocked")
+        elif decision.action is Action.BLOCK:
+            log.info("prompt blocked by the guardrail")
+            ctx.gate = Gate.BLOCKED
+            return
+        ctx.gate = Gate.OPEN
+
+    def held_answer(self, scope: str) -> Any:
+        """``pre_call``, the prompt passed: the answer that lets the held request go upstream,
+        with the masked prompt in place of the original when the guardrail masked it."""
+        assert self.held is not None, "BUG: no request body is held"
+        verdict = self.verdict
+        if verdict is not None and verdict.outcome is Outcome.MASK \
+                and len(verdict.outputs) == len(self._texts):
+            rewritten = self._fmt.rewrite_prompt(self.held, scope, list(verdict.outputs))
+            if rewritten is not None:
+                self._ctx.record.input_masked = True
+                return envoy.replace_request_body(
+                    rewritten,
+                    remove_headers=(HEADER_CONTENT_ENCODING,) if self._decoded else ())
+            log.warning("masked prompt could not be rewritten; sent unchanged")
+        return envoy.continue_request_body()
