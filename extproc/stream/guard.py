@@ -123,8 +123,8 @@ class OutputGuard:
                     # line-based readers act on its data lines: check it like an event and pass
                     # its bytes on unchanged.
                     closing = SSEDecoder().feed(leftover + b"\n\n", end_of_stream=True)
-                    event = dataclasses.replace(closing[0], raw=leftover) if closing else None
-                    self._hold(leftover, event)
+                    last = dataclasses.replace(closing[0], raw=leftover) if closing else None
+                    self._hold(leftover, last)
         if self._max_held_bytes and self._over_limit():
             return
         self._advance()

@@ -30,7 +30,7 @@ _PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_\-]+\}")
 Opcode = tuple[str, int, int, int, int]
 
 
-def align(original: str, masked: str) -> list[Opcode]:
+def align(original: str, masked: str) -> Sequence[Opcode]:
     """Opcodes (``difflib`` style) turning ``original`` into ``masked``."""
     if original == masked:
         return [("equal", 0, len(original), 0, len(masked))]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from extproc import envoy
@@ -137,7 +137,8 @@ class KeepAlive:
     __slots__ = ("_interval_s", "_sink", "_flush", "_holding", "_sent", "_clock", "_timer",
                  "_tasks", "_last_emit")
 
-    def __init__(self, interval_s: float, sink: BodySink, flush: Callable[[], Awaitable[None]],
+    def __init__(self, interval_s: float, sink: BodySink,
+                 flush: Callable[[], Coroutine[Any, Any, None]],
                  holding: Callable[[], bool], sent: Callable[[], None], *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._interval_s = interval_s

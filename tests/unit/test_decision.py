@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import extproc
-
 from extproc.domain.decision import Action, Decision, decide_error, decide_verdict, fails_open
 from extproc.domain.errors import ERROR_CLASSES, GuardrailOverload, GuardrailThrottled
 from extproc.domain.failure import FailureMode, FailurePolicy
