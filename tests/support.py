@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -26,6 +27,7 @@ from extproc.domain.values import Source
 from extproc.domain.verdict import GuardrailVerdict, classify
 
 ProcessingMode = processing_mode_pb2.ProcessingMode
+T = TypeVar("T")
 
 BLOCK_FRAME = (
     b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
@@ -35,6 +37,39 @@ UNAVAILABLE_FRAME = (
     b'data: {"error": {"message": "Guardrail unavailable", "code": 503, '
     b'"type": "guardrail_unavailable"}}\n\ndata: [DONE]\n\n'
 )
+
+
+#: How long a test waits for something that should happen at once on an idle machine: generous,
+#: so that a busy machine only makes a test slower, never makes it fail.
+WAIT_S = 30.0
+
+
+def wait_until(predicate: Callable[[], T | None | bool], timeout: float = WAIT_S,
+               what: str = "condition", interval: float = 0.01) -> T:
+    """Poll ``predicate`` (blocking) until it returns something truthy, and return that; an
+    ``AssertionError`` naming ``what`` after ``timeout`` seconds. A wait, never a measurement:
+    no assertion may depend on how long it took."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+async def eventually(predicate: Callable[[], T | None | bool], timeout: float = WAIT_S,
+                     what: str = "condition", interval: float = 0.005) -> T:
+    """``wait_until`` for the event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def isolate_aws_env(monkeypatch: Any) -> None:

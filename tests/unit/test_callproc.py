@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from extproc.domain.values import Source
 from extproc.guardrail.bedrock import BedrockGuardrailClient
 from extproc.localbedrock import LocalBedrock, default_policy
 from extproc.domain.verdict import Outcome
-from tests.support import isolate_aws_env, settings
+from tests.support import eventually, isolate_aws_env, settings
 
 GUARDRAIL = settings().guardrail
 REPO = Path(__file__).resolve().parents[2]
@@ -46,10 +46,10 @@ def bedrock(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBed
         yield lb
 
 
-def make_client(calls: GuardrailCalls = GuardrailCalls.PROCESS,
-                timeout_s: float = 2.0) -> BedrockGuardrailClient:
+def make_client(calls: GuardrailCalls = GuardrailCalls.PROCESS, timeout_s: float = 2.0,
+                clock: Callable[[], float] = time.monotonic) -> BedrockGuardrailClient:
     return BedrockGuardrailClient(settings(aws_region="us-east-1", guardrail_calls=calls),
-                                  max_attempts=1, attempt_timeout_s=timeout_s)
+                                  max_attempts=1, attempt_timeout_s=timeout_s, clock=clock)
 
 
 def alive(pid: int) -> bool:
@@ -233,23 +233,32 @@ def test_close_under_uvloop_stops_the_child_at_once(bedrock: LocalBedrock) -> No
 
 async def test_a_child_that_keeps_dying_is_restarted_at_most_once_a_second(
         bedrock: LocalBedrock) -> None:
-    client = make_client()
+    # Regression: this test slept 1.1 s of wall clock between restarts and failed on a busy
+    # machine (a restart that took over a second made the next one due already). The restart
+    # interval now reads an injected clock, which only moves when the test says so.
+    now = [0.0]
+    client = make_client(clock=lambda: now[0])
 
     async def kill_child() -> None:
         pid = client.call_process_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         assert wait_dead(pid)
-        await asyncio.sleep(0.1)  # the parent notices the end of file
+        await eventually(lambda: client.call_process_pid is None,
+                         what="the parent to see the end of file")
 
     try:
+        # A call first: the parent then reads from the child and sees it die.
+        verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
+        assert verdict.outcome is Outcome.PASS
         await kill_child()
         verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
         assert verdict.outcome is Outcome.PASS  # the first restart is at once
         await kill_child()
+        now[0] += 0.9  # still within the second after that restart
         with pytest.raises(GuardrailServerError, match="next start"):
             await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
-        await asyncio.sleep(1.1)
+        now[0] += 0.2  # the second is over
         verdict = await client.apply(GUARDRAIL, Source.INPUT, ["hello"])
         assert verdict.outcome is Outcome.PASS
     finally:
