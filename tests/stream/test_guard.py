@@ -21,6 +21,7 @@ from tests.support import (
     BLOCK_FRAME,
     FakeGuardrail,
     bedrock_response,
+    eventually,
     chunk_event,
     request_headers,
     response_body,
@@ -162,8 +163,8 @@ async def test_keepalive_comment_while_text_is_held() -> None:
     hold = asyncio.Event()
     h = Harness(FakeGuardrail(hold=hold), input_check=InputCheck.OFF, keepalive_s=0.05)
     await h.feed(request_headers(), response_headers(), response_body(chunk_event("a")))
-    await asyncio.sleep(0.12)
-    assert h.client_bytes().startswith(b": keep-alive\n\n")
+    await eventually(lambda: h.client_bytes().startswith(b": keep-alive\n\n"),
+                     what="a keep-alive comment")
     hold.set()
     await h.feed(response_body(b"", end_of_stream=True))
     for _ in range(5):

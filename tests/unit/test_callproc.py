@@ -124,7 +124,7 @@ async def test_child_killed_mid_call_fails_the_call_and_the_next_call_starts_a_n
         assert first is not None
         bedrock.inject_error("hang")
         call = asyncio.ensure_future(client.apply(GUARDRAIL, Source.INPUT, ["hello"]))
-        await asyncio.sleep(0.3)  # the call is in the child now
+        await eventually(lambda: bedrock.stats.calls >= 1, what="the call in the child")
         os.kill(first, signal.SIGKILL)
         with pytest.raises(GuardrailServerError, match="exited"):
             await asyncio.wait_for(call, 5)
