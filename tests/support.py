@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.domain.values import GuardrailRef
+from extproc.domain.errors import GuardrailError
+from extproc.domain.values import GuardrailRef, Source
+from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.settings.values import (
     ClientSettings,
     RoutePolicy,
@@ -22,13 +24,17 @@ from extproc.settings.values import (
     Settings,
     StreamSettings,
 )
-from extproc.domain.errors import GuardrailError
-from extproc.domain.values import Source
-from extproc.domain.verdict import GuardrailVerdict, classify
 
 ProcessingMode = processing_mode_pb2.ProcessingMode
 T = TypeVar("T")
 
+#: The messages every API's error carries (``extproc.formats``' client-facing errors).
+VIOLATION_MESSAGE = "Violated guardrail policy"
+UNAVAILABLE_MESSAGE = "Guardrail unavailable"
+#: The OpenAI-style JSON error body of a blocked request or non-streamed answer.
+CHAT_VIOLATION_BODY = (b'{"error": {"message": "Violated guardrail policy", "code": 400, '
+                       b'"type": "guardrail_violation"}}')
+#: The OpenAI-style terminal frames of a streamed answer, byte for byte (the one copy).
 BLOCK_FRAME = (
     b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
     b'"type": "guardrail_violation"}}\n\ndata: [DONE]\n\n'

@@ -36,10 +36,10 @@ import pytest
 
 from extproc.demo.upstream import Script, sse_data
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
-from tests.support import BLOCK_FRAME
+from tests.support import BLOCK_FRAME, VIOLATION_MESSAGE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-VIOLATION = "Violated guardrail policy"
+VIOLATION = VIOLATION_MESSAGE
 TIMEOUT = 20.0
 SSE_TYPE = "text/event-stream; charset=utf-8"
 JSON_TYPE = "application/json"

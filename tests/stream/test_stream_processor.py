@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from extproc.domain.values import InputCheck
-from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.envoy import ProcessingMode
-from extproc.domain.windows import WindowPolicy
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
+from extproc.domain.failure import FailureMode, FailurePolicy
+from extproc.domain.values import InputCheck, Source
+from extproc.domain.windows import WindowPolicy
+from extproc.envoy import ProcessingMode
 from extproc.formats import all_formats
-from extproc.domain.values import Source
 from extproc.stream.processor import StreamProcessor
 from extproc.stream.sinks import Outbox
 from tests.support import (
     BLOCK_FRAME,
+    CHAT_VIOLATION_BODY,
     UNAVAILABLE_FRAME,
     FakeGuardrail,
     body_of,
@@ -277,9 +277,7 @@ async def test_input_block_before_response_headers_is_a_400_json_error() -> None
     answer = h.sent[-1]
     assert answer.WhichOneof("response") == "immediate_response"
     assert answer.immediate_response.status.code == 400
-    assert answer.immediate_response.body == (
-        b'{"error": {"message": "Violated guardrail policy", "code": 400, '
-        b'"type": "guardrail_violation"}}')
+    assert answer.immediate_response.body == CHAT_VIOLATION_BODY
     assert h.guardrail.calls[0].source is Source.INPUT
     assert h.guardrail.calls[0].texts == ["say forbidden"]
 

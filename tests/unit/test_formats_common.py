@@ -39,8 +39,8 @@ from extproc.sse import SSEDecoder, SSEEvent
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-VIOLATION_MESSAGE = "Violated guardrail policy"
-UNAVAILABLE_MESSAGE = "Guardrail unavailable"
+from tests.support import UNAVAILABLE_MESSAGE, VIOLATION_MESSAGE
+
 SOFT_MESSAGE = "Sorry, the guardrail blocked this answer. 申し訳ありません 🙏"
 
 

@@ -20,17 +20,11 @@ from extproc.formats.openai_chat import OpenAIChat, error_object
 from extproc.formats.openai_completions import OpenAICompletions
 from extproc.formats.openai_responses import OpenAIResponses
 from extproc.sse import SSEDecoder, SSEEvent
+from tests.support import BLOCK_FRAME as VIOLATION_FRAME
+from tests.support import UNAVAILABLE_FRAME, UNAVAILABLE_MESSAGE, VIOLATION_MESSAGE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-VIOLATION_FRAME = (
-    b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
-    b'"type": "guardrail_violation"}}\n\ndata: [DONE]\n\n'
-)
-UNAVAILABLE_FRAME = (
-    b'data: {"error": {"message": "Guardrail unavailable", "code": 503, '
-    b'"type": "guardrail_unavailable"}}\n\ndata: [DONE]\n\n'
-)
 
 FMT = OpenAIChat()
 
@@ -537,10 +531,6 @@ def test_error_kinds() -> None:
 def test_violation_terminal_frame_is_byte_exact() -> None:
     frame = terminal_frame("guardrail_violation")
     assert isinstance(frame, bytes)
-    assert frame == (
-        b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
-        b'"type": "guardrail_violation"}}\n\ndata: [DONE]\n\n'
-    )
     assert frame == VIOLATION_FRAME
 
 
@@ -555,8 +545,8 @@ def test_unavailable_terminal_frame_is_byte_exact() -> None:
 @pytest.mark.parametrize(
     ("kind", "code", "message"),
     [
-        (ErrorKind.VIOLATION, 400, "Violated guardrail policy"),
-        (ErrorKind.UNAVAILABLE, 503, "Guardrail unavailable"),
+        (ErrorKind.VIOLATION, 400, VIOLATION_MESSAGE),
+        (ErrorKind.UNAVAILABLE, 503, UNAVAILABLE_MESSAGE),
     ],
 )
 def test_terminal_frame_decodes_into_exactly_two_events(kind: str, code: int,
@@ -589,8 +579,8 @@ def test_terminal_frame_decodes_the_same_byte_by_byte() -> None:
 @pytest.mark.parametrize(
     ("kind", "status", "message"),
     [
-        (ErrorKind.VIOLATION, 400, "Violated guardrail policy"),
-        (ErrorKind.UNAVAILABLE, 503, "Guardrail unavailable"),
+        (ErrorKind.VIOLATION, 400, VIOLATION_MESSAGE),
+        (ErrorKind.UNAVAILABLE, 503, UNAVAILABLE_MESSAGE),
     ],
 )
 def test_error_body(kind: str, status: int, message: str) -> None:
@@ -604,12 +594,12 @@ def test_error_body(kind: str, status: int, message: str) -> None:
 
 def test_error_object_shape() -> None:
     assert error_object(ErrorKind.VIOLATION) == {
-        "error": {"message": "Violated guardrail policy", "code": 400,
+        "error": {"message": VIOLATION_MESSAGE, "code": 400,
                   "type": "guardrail_violation"}}
     # A fresh dict each time: callers may not corrupt later answers.
     first = error_object(ErrorKind.UNAVAILABLE)
     first["error"]["message"] = "changed"
-    assert error_object(ErrorKind.UNAVAILABLE)["error"]["message"] == "Guardrail unavailable"
+    assert error_object(ErrorKind.UNAVAILABLE)["error"]["message"] == UNAVAILABLE_MESSAGE
 
 
 @pytest.mark.parametrize("kind", ["guardrail_exploded", "", "VIOLATION"])
