@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc.demo.upstream import Script
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.e2e.test_chat_stream import events, post_stream
-from tests.support import BLOCK_FRAME
+from tests.support import BLOCK_FRAME, wait_until
 
 P = "guardrail_extproc_"
 FORMAT = "openai.chat_completions"
@@ -64,16 +63,6 @@ def finished_total(samples: Samples) -> float:
     return sum(v for (name, _), v in samples.items() if name == P + "streams_finished_total")
 
 
-def eventually(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def one_stream(stack: Stack, chunks: tuple[bytes, ...]) -> tuple[Samples, Samples, bytes, str]:
     """Run one stream; returns the scrapes before and after its end was counted, the body
     the client got and the request id Envoy gave it."""
@@ -83,7 +72,7 @@ def one_stream(stack: Stack, chunks: tuple[bytes, ...]) -> tuple[Samples, Sample
     request_id = stack.llm.record_for_script(script_id, timeout=10).header("x-request-id")
     assert request_id
     # The ext_proc stream ends (and is counted) once Envoy is done with the request.
-    after = eventually(lambda: (s := scrape(stack)) and finished_total(s) > finished_total(
+    after = wait_until(lambda: (s := scrape(stack)) and finished_total(s) > finished_total(
         before) and get(s, "streams_in_flight") == 0 and s, what="the stream's end")
     time.sleep(0.2)  # nothing is counted for it later
     assert finished_total(scrape(stack)) == finished_total(before) + 1
@@ -113,7 +102,7 @@ def access_log_metadata(stack: Stack, request_id: str) -> dict[str, Any]:
                     return guardrail
         return None
 
-    found: dict[str, Any] = eventually(find, what="the access log line")
+    found: dict[str, Any] = wait_until(find, what="the access log line")
     return found
 
 

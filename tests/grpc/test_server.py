@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -32,17 +32,17 @@ from extproc.localbedrock import LocalBedrock
 from extproc.transport.server import SERVICE_NAME, RunningServer
 from tests.support import (
     BLOCK_FRAME,
+    WAIT_S,
     FakeGuardrail,
     body_of,
     chat_request,
     chunk_event,
+    eventually,
     request_body,
     request_headers,
     response_body,
     response_headers,
 )
-
-WAIT_S = 5.0  # upper bound of any single wait in this module
 
 CLEAN = [
     b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
@@ -55,17 +55,6 @@ CLEAN = [
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def eventually(
-    condition: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition"
-) -> None:
-    """A short settle loop: poll ``condition`` until true, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def kind(answer: Any) -> str:
