@@ -1,4 +1,4 @@
-"""Writes tests/e2e/corpus/*.sse: ``python tests/e2e/corpus/make_corpus.py`` (deterministic).
+"""Writes tests/corpus/*.sse: ``python tests/corpus/make_corpus.py`` (deterministic).
 
 The files are committed; rerun only to change them. Every text-bearing file carries the word
 ``harbour`` whole in one delta per channel: ``test_hostile.py`` replaces it with a blocked phrase
