@@ -69,7 +69,7 @@ for _p in (str(REPO), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from extproc.demo.stack import (  # noqa: E402
+from testkit.stack import (  # noqa: E402
     EnvoyProcess,
     ext_proc_filter,
     find_envoy,

@@ -7,9 +7,9 @@
 
 Starts, on 127.0.0.1 with port 0 only, each as its own process: the local ApplyGuardrail
 endpoint (``python -m extproc.localbedrock``, the demo policy), the fake LLM
-(``python -m extproc.demo.upstream``, scripts registered over its ``/_scripts`` endpoint), the
+(``python -m testkit.upstream``, scripts registered over its ``/_scripts`` endpoint), the
 sidecar (the real entry point ``extproc.__main__.main`` under a small monitor that reports the
-event loop's task count, see ``extproc.demo.monitored``) and Envoy with the shipped ``envoy/envoy.yaml``.
+event loop's task count, see ``testkit.monitored``) and Envoy with the shipped ``envoy/envoy.yaml``.
 
 While the streams run, LocalBedrock gets latency with jitter and, in turn, throttling, 5xx and
 hangs at a rate (``--fault-rate``, per kind, on average), and some upstream answers die
@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 
-from extproc.demo.stack import (  # noqa: E402
+from testkit.stack import (  # noqa: E402
     EnvoyProcess,
     find_envoy,
     load_envoy_config,
@@ -55,7 +55,7 @@ from extproc.demo.stack import (  # noqa: E402
     sidecar_env,
     tail,
 )
-from extproc.demo.upstream import CANNED_ANSWERS, chat_chunk, sse_data  # noqa: E402
+from testkit.upstream import CANNED_ANSWERS, chat_chunk, sse_data  # noqa: E402
 from extproc.localbedrock import error_marker  # noqa: E402
 
 GUARDRAIL_ID = "demoguardrail"
@@ -227,7 +227,7 @@ def start_stack(workdir: Path, args: argparse.Namespace) -> Stack:
     started: list[Any] = [bedrock]
     try:
         llm, match = start_process(
-            "fakellm", [python, "-m", "extproc.demo.upstream", "--listen", "127.0.0.1:0"],
+            "fakellm", [python, "-m", "testkit.upstream", "--listen", "127.0.0.1:0"],
             workdir, r"fake-llm listening on (http://\S+)", env)
         started.append(llm)
         llm_port = int(match.group(1).rsplit(":", 1)[1])
@@ -244,7 +244,7 @@ def start_stack(workdir: Path, args: argparse.Namespace) -> Stack:
         sidecar_environ = {**sidecar_env(bedrock_url, env),
                            "GUARDRAIL_MONITOR_FILE": str(monitor_path)}
         sidecar, match = start_process(
-            "sidecar", [python, "-m", "extproc.demo.monitored", *sidecar_args], workdir,
+            "sidecar", [python, "-m", "testkit.monitored", *sidecar_args], workdir,
             r"guardrail-extproc listening on [^ ]*:(\d+) ", sidecar_environ)
         started.append(sidecar)
         sidecar_port = int(match.group(1))

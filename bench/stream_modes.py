@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 
-from extproc.demo.stack import (  # noqa: E402
+from testkit.stack import (  # noqa: E402
     EnvoyProcess,
     SidecarProcess,
     find_envoy,
@@ -60,7 +60,7 @@ from extproc.demo.stack import (  # noqa: E402
     sidecar_env,
     tail,
 )
-from extproc.demo.upstream import CANNED_ANSWERS, FakeLLM, Script, chat_chunk, sse_data  # noqa: E402
+from testkit.upstream import CANNED_ANSWERS, FakeLLM, Script, chat_chunk, sse_data  # noqa: E402
 from extproc.localbedrock import LocalBedrock, default_policy  # noqa: E402
 
 GUARDRAIL_ID = "demoguardrail"

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 
 
