@@ -36,13 +36,8 @@ import asyncio
 import json
 import signal
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from testkit.upstream import CANNED_ANSWERS  # noqa: E402  (clean text, no policy finding)
+from testkit.upstream import CANNED_ANSWERS  # clean text, no policy finding
 
 CHARS_PER_EVENT = 4
 STREAM_ID = "chatcmpl-bench-0001"  # content events are ~180 bytes
