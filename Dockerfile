@@ -1,9 +1,10 @@
-# The guardrail sidecar: small, non-root. Also carries the demo's fake LLM and local Bedrock
-# endpoint (same package), used by docker-compose.yml.
+# The guardrail sidecar: small, non-root. Also carries the demo's fake LLM (testkit, same wheel)
+# and the local Bedrock endpoint (extproc.localbedrock), used by docker-compose.yml.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
+COPY testkit ./testkit
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

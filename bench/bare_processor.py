@@ -4,7 +4,8 @@
     python bench/bare_processor.py [--listen 127.0.0.1:0]
 
 ``grpc.aio`` on the default asyncio event loop, one process, the project's generated protos
-(``extproc._pb``). Prints ``bare-processor listening on HOST:PORT`` once serving; runs until
+(``extproc._pb`` of the measured code: this checkout, or the one ``PYTHONPATH`` names, as
+``perf.py`` starts it). Prints ``bare-processor listening on HOST:PORT`` once serving; runs until
 SIGTERM/SIGINT.
 
 What it answers, and nothing else (no SSE parsing, no guardrail, no metadata):
@@ -28,22 +29,15 @@ import argparse
 import asyncio
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
-import importlib.util  # noqa: E402
+import grpc
 
-REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("extproc") is None:  # PYTHONPATH may name a snapshot of the code
-    sys.path.insert(0, str(REPO))
-
-import grpc  # noqa: E402
-
-from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import (  # noqa: E402
+from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import (
     processing_mode_pb2 as mode_pb,
 )
-from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
-from extproc._pb.envoy.service.ext_proc.v3 import (  # noqa: E402
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc._pb.envoy.service.ext_proc.v3 import (
     external_processor_pb2_grpc as pb_grpc,
 )
 

@@ -34,12 +34,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
-for _p in (str(REPO), str(BENCH)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
 from bare_processor import BareProcessor, forward  # noqa: E402
 from sse_upstream import script  # noqa: E402
 

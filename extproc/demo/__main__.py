@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.demo.stack import (
+from extproc.localbedrock import LocalBedrock, default_policy, load_policy
+from testkit.stack import (
     DEFAULT_ENVOY_CONFIG,
     EnvoyProcess,
     SidecarProcess,
@@ -24,8 +25,7 @@ from extproc.demo.stack import (
     sidecar_env,
     temp_workdir,
 )
-from extproc.demo.upstream import FakeLLM
-from extproc.localbedrock import LocalBedrock, default_policy, load_policy
+from testkit.upstream import FakeLLM
 
 TRY = """
 Demo is up. Envoy listens on http://127.0.0.1:{port}  (Ctrl-C stops everything)

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from extproc.demo.stack import (
+from extproc.localbedrock import LocalBedrock, default_policy
+from testkit.stack import (
     EnvoyProcess,
     SidecarProcess,
     find_envoy,
@@ -28,8 +29,7 @@ from extproc.demo.stack import (
     sidecar_env,
     tail,
 )
-from extproc.demo.upstream import FakeLLM
-from extproc.localbedrock import LocalBedrock, default_policy
+from testkit.upstream import FakeLLM
 
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
 SMALL_WINDOWS = ("--window-chars", "120", "--window-overlap", "40", "--window-min-chars", "60")
@@ -233,7 +233,7 @@ __all__ = ["Stack", "StackFactory", "tail", "GUARDRAIL_ID"]
 
 def use_config(path: str) -> Callable[[dict[str, Any]], None]:
     """A tweak that swaps the shipped envoy.yaml for another shipped config, same ports."""
-    from extproc.demo.stack import REPO_ROOT
+    from testkit.stack import REPO_ROOT
 
     def tweak(config: dict[str, Any]) -> None:
         other = render_envoy_config(

@@ -34,7 +34,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.demo.upstream import Script, sse_data
+from testkit.upstream import Script, sse_data
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.support import BLOCK_FRAME, VIOLATION_MESSAGE
 

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from extproc.demo.upstream import CANNED_ANSWERS, Script, chat_chunk, sse_data
 from extproc.localbedrock import error_marker
+from testkit.upstream import CANNED_ANSWERS, Script, chat_chunk, sse_data
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.support import (
     BLOCK_FRAME,

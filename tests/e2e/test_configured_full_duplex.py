@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from extproc.demo.upstream import Script
+from testkit.upstream import Script
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.e2e.test_chat_stream import HTTP_VERSIONS, events
 from tests.e2e.test_hostile import fetch
@@ -21,7 +21,7 @@ JSON = (("content-type", "application/json"),)
 
 
 def full_duplex_configured(config: dict[str, Any]) -> None:
-    from extproc.demo.stack import ext_proc_filter
+    from testkit.stack import ext_proc_filter
 
     ext_proc_filter(config)["processing_mode"] = {
         "request_body_mode": "BUFFERED",

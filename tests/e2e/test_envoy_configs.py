@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.demo.stack import find_envoy
+from testkit.stack import find_envoy
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAPS = sorted(

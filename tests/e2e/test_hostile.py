@@ -55,7 +55,9 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.demo.stack import (
+from extproc.settings.options import OPTIONS
+from extproc.sse import SSEDecoder
+from testkit.stack import (
     EnvoyProcess,
     SidecarProcess,
     load_envoy_config,
@@ -63,9 +65,7 @@ from extproc.demo.stack import (
     sidecar_env,
     tail,
 )
-from extproc.demo.upstream import Script, chat_chunk, sse_data
-from extproc.settings.options import OPTIONS
-from extproc.sse import SSEDecoder
+from testkit.upstream import Script, chat_chunk, sse_data
 from tests.corpus import BLOCKED, CORPUS, INJECT_AT, chunkings, corpus_files
 from tests.e2e.conftest import (
     GUARDRAIL_ID,
@@ -85,7 +85,7 @@ LOG_PROBLEMS = ("Traceback", "Task exception was never retrieved", "BUG")
 # --------------------------------------------------------------------------- the sidecar monitor
 
 class MonitoredSidecar(SidecarProcess):
-    """The sidecar started through ``extproc.demo.monitored``; same arguments, same log."""
+    """The sidecar started through ``testkit.monitored``; same arguments, same log."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str], workdir: Path) -> None:
         self.monitor_path = workdir / "monitor.jsonl"
@@ -94,7 +94,7 @@ class MonitoredSidecar(SidecarProcess):
 
     def start(self, timeout: float = 30.0) -> MonitoredSidecar:
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "extproc.demo.monitored", *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "testkit.monitored", *self.args],
                                      stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         marker = "guardrail-extproc listening on "
@@ -140,7 +140,7 @@ class MonitoredSidecar(SidecarProcess):
 
 
 def monitored_stack(stacks: StackFactory, args: Sequence[str]) -> Stack:
-    """A stack like ``stacks(args)`` whose sidecar runs under ``extproc.demo.monitored``."""
+    """A stack like ``stacks(args)`` whose sidecar runs under ``testkit.monitored``."""
     workdir = stacks.tmp / f"hostile{len(stacks.stacks)}"
     workdir.mkdir()
     base = ["--listen", "127.0.0.1:0", "--guardrail-id", GUARDRAIL_ID, "--guardrail-version", "1",

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.demo.stack import find_envoy
+from testkit.stack import find_envoy
 
 ISTIO = Path(__file__).resolve().parents[2] / "envoy" / "istio"
 

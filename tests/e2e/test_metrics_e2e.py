@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.demo.upstream import Script
+from testkit.upstream import Script
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.e2e.test_chat_stream import events, post_stream
 from tests.support import BLOCK_FRAME, wait_until

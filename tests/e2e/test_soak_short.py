@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.demo.stack import find_envoy
+from testkit.stack import find_envoy
 
 ROOT = Path(__file__).resolve().parents[2]
 

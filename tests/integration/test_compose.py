@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,14 @@ def test_compose_entrypoints_are_installed_console_scripts() -> None:
     assert 'ENTRYPOINT ["guardrail-extproc"]' in dockerfile
     assert "guardrail-extproc" in scripts
     assert "USER 10001" in dockerfile
+
+
+def test_compose_upstream_runs_a_module_the_image_carries() -> None:
+    compose = load("docker-compose.yml")
+    python, flag, module = compose["services"]["upstream"]["entrypoint"][:3]
+    assert (python, flag) == ("python", "-m")
+    assert importlib.util.find_spec(module) is not None
+    package = module.split(".", 1)[0]
+    assert f"COPY {package} ./{package}" in (ROOT / "Dockerfile").read_text()
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert f"{package}*" in found["packages"]["find"]["include"]

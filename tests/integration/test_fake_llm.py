@@ -1,4 +1,4 @@
-"""Tests for the fake LLM upstream (extproc.demo.upstream).
+"""Tests for the fake LLM upstream (testkit.upstream).
 
 A raw socket client parses the chunked framing itself, so the tests can assert
 HTTP chunk boundaries exactly; the official ``openai`` SDK checks that the
@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.demo.upstream import (
+from testkit.upstream import (
     CANNED_ANSWERS,
     HEADER_DELAY_MS,
     HEADER_SCRIPT,
@@ -667,7 +667,7 @@ def test_start_twice_and_records_type() -> None:
 
 def test_cli_serves_and_exits_zero_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc.demo.upstream", "--listen", "127.0.0.1:0", "--token-delay-ms", "1"],
+        [sys.executable, "-m", "testkit.upstream", "--listen", "127.0.0.1:0", "--token-delay-ms", "1"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 
 
@@ -191,11 +191,14 @@ class EnvoyProcess:
 
 
 class SidecarProcess:
-    """``python -m extproc`` as a real process; the bound port is read from its log line."""
+    """``python -m extproc`` as a real process; the bound port is read from its log line.
+    ``cwd`` (default: this process's) is where ``-m`` looks first for ``extproc``."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], workdir: Path) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], workdir: Path,
+                 cwd: Path | None = None) -> None:
         self.args = list(args)
         self.env = dict(env)
+        self.cwd = cwd
         self.log_path = workdir / "sidecar.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -204,7 +207,7 @@ class SidecarProcess:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "extproc", *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
         )
         log.close()
         marker = "guardrail-extproc listening on "

@@ -27,7 +27,7 @@ records with ``FakeLLM.wait_for_record`` and other processes read them from
 
 Nothing is created at import time: servers exist only inside ``FakeLLM``
 instances (``start()`` runs one in a daemon thread with its own event loop)
-or under the CLI (``python -m extproc.demo.upstream --listen HOST:PORT``).
+or under the CLI (``python -m testkit.upstream --listen HOST:PORT``).
 """
 
 from __future__ import annotations
@@ -1428,7 +1428,7 @@ async def _cli_serve(fake: FakeLLM) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m extproc.demo.upstream",
+        prog="python -m testkit.upstream",
         description="Fake OpenAI-compatible LLM upstream for demos and tests.",
     )
     parser.add_argument(
