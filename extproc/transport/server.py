@@ -81,9 +81,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.active_streams += 1
         try:
             request = await context.read()
+            if request is grpc.aio.EOF:
+                return
             # The first message carries the request attributes (ext_proc.md section 6).
-            facts = (envoy.route_facts(request)
-                     if request is not grpc.aio.EOF and self.routes.reads_facts else None)
+            facts = envoy.route_facts(request) if self.routes.reads_facts else None
             route = self.routes.select(metadata, facts)
             processor = StreamProcessor(
                 self._settings, self._guardrail, self._formats, outbox, stream_id,

@@ -97,3 +97,15 @@ async def test_request_attributes_choose_the_guardrail(
         await prompt_through(running.port, route_name)
         assert guardrail.used == [expected], route_name
     assert running.processor.routes.unknown == {"unmapped": 1, "missing": 1}
+
+
+async def test_an_rpc_without_messages_is_not_an_unknown_route(
+        routed: tuple[RunningServer, RecordingGuardrail]) -> None:
+    running, _ = routed
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        await asyncio.wait_for(call.done_writing(), WAIT_S)
+        assert await asyncio.wait_for(call.read(), WAIT_S) is grpc.aio.EOF
+        assert await asyncio.wait_for(call.code(), WAIT_S) == grpc.StatusCode.OK
+    assert running.processor.routes.unknown == {"unmapped": 0, "missing": 0}
+    assert running.processor.active_streams == 0
