@@ -49,6 +49,8 @@ async def serve(settings: Settings) -> None:
             running = await start_server(settings, guardrail, recorder=recorder)
         except RuntimeError as exc:
             raise ConfigError(f"--listen {server.listen}: cannot bind ({exc})") from None
+        if prometheus is not None:
+            prometheus.watch_routes(running.processor.routes.stats)
         if prometheus is not None and address is not None:
             host, port = address
             try:

@@ -1,7 +1,9 @@
 """The only builder and reader of Envoy ext_proc messages.
 
 Everything else in the package speaks plain Python (dicts of headers, bytes, booleans); this
-module turns that into ``ProcessingResponse`` messages and reads ``ProcessingRequest`` headers.
+module turns that into ``ProcessingResponse`` messages and reads ``ProcessingRequest`` headers
+and what Envoy says about a stream's route (``route_facts``: ext_proc attributes, forwarded
+metadata, route metadata).
 Rules from ``shared/docs/ext_proc.md`` and the house style that live here:
 
 * header values are read from ``raw_value`` first (Envoy sends ``raw_value``), and written only
@@ -15,10 +17,13 @@ Rules from ``shared/docs/ext_proc.md`` and the house style that live here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2, text_format
 
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -237,3 +242,121 @@ def immediate_response(
     if meta is not None:
         response.dynamic_metadata.CopyFrom(meta)
     return response
+
+
+# -- what Envoy says about a stream's route ---------------------------------------------------
+
+#: Where Envoy files the values of ``request_attributes`` in ``ProcessingRequest.attributes``:
+#: under the filter's type name, whatever the filter instance is called (ext_proc.cc,
+#: ``Filter::addAttributes``; Envoy Gateway names its instances
+#: ``envoy.filters.http.ext_proc/<policy>``, the key stays this).
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+#: The attribute that carries the route's metadata (as protobuf text, not a Struct).
+ROUTE_METADATA_ATTRIBUTE = "xds.route_metadata"
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFacts:
+    """What the first message of a stream says about its route, as plain values (read-only).
+
+    ``attributes``: the ``request_attributes`` Envoy evaluated, by name (strings, floats,
+    booleans; a CEL value of another type arrives as its printed text). ``metadata``: dynamic
+    metadata forwarded by ``metadata_options.forwarding_namespaces``, by namespace.
+    ``headers``: the request headers (empty unless the message is ``request_headers``)."""
+
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def route_metadata(self) -> Mapping[str, Any] | None:
+        """The route's ``filter_metadata`` by namespace, from the ``xds.route_metadata``
+        attribute; empty if Envoy did not send it, None if it could not be read."""
+        text = self.attributes.get(ROUTE_METADATA_ATTRIBUTE)
+        if not isinstance(text, str) or not text.strip():
+            return {}
+        return parse_route_metadata(text)
+
+
+def _struct_values(struct: struct_pb2.Struct) -> dict[str, Any]:
+    values: dict[str, Any] = json_format.MessageToDict(struct)
+    return values
+
+
+def route_facts(request: pb.ProcessingRequest) -> RouteFacts:
+    """The route facts of a stream's first message (the one that carries the attributes)."""
+    attributes = request.attributes.get(ATTRIBUTES_KEY) if request.attributes else None
+    metadata = {namespace: _struct_values(values)
+                for namespace, values in request.metadata_context.filter_metadata.items()}
+    headers = (header_map(request.request_headers.headers)
+               if request.WhichOneof("request") == "request_headers" else {})
+    return RouteFacts(_struct_values(attributes) if attributes is not None else {}, metadata,
+                      headers)
+
+
+def _top_level_fields(text: str) -> Iterator[tuple[str, str]]:
+    """``(name, "{...}")`` for each top-level message field of protobuf text: braces are
+    balanced outside quoted strings (which may hold braces and escaped quotes)."""
+    index, size = 0, len(text)
+    while index < size:
+        while index < size and text[index].isspace():
+            index += 1
+        match = _FIELD_NAME.match(text, index)
+        if match is None:
+            if index < size:
+                raise ValueError(f"unexpected {text[index]!r} at {index}")
+            return
+        index = match.end()
+        while index < size and text[index] in " \t\n:":
+            index += 1
+        if index >= size or text[index] != "{":
+            raise ValueError(f"expected '{{' after {match[0]}")
+        start, depth, quote = index, 0, ""
+        while index < size:
+            char = text[index]
+            if quote:
+                if char == "\\":
+                    index += 1
+                elif char == quote:
+                    quote = ""
+            elif char in "\"'":
+                quote = char
+            elif char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if depth == 0:
+                    index += 1
+                    break
+            index += 1
+        if depth:
+            raise ValueError("unbalanced braces")
+        yield match[0], text[start:index]
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_route_metadata(text: str) -> Mapping[str, Any] | None:
+    metadata = base_pb2.Metadata()
+    try:
+        text_format.Parse(text, metadata)
+    except text_format.ParseError:
+        # typed_filter_metadata holds Any messages of types we do not know (text format
+        # expands them); route selection reads only filter_metadata, so drop the rest.
+        try:
+            untyped = " ".join(f"{name} {block}" for name, block in _top_level_fields(text)
+                               if name == "filter_metadata")
+            metadata = base_pb2.Metadata()
+            text_format.Parse(untyped, metadata)
+        except (ValueError, text_format.ParseError):
+            return None
+    return {namespace: _struct_values(values)
+            for namespace, values in metadata.filter_metadata.items()}
+
+
+def parse_route_metadata(text: str) -> Mapping[str, Any] | None:
+    """The ``filter_metadata`` of a ``config.core.v3.Metadata`` that Envoy printed as protobuf
+    text (how ext_proc sends the ``xds.route_metadata`` attribute, ext_proc.md section 6), by
+    namespace; None if the text cannot be read. Cached: a route's metadata text repeats on
+    every request of the route."""
+    return _parse_route_metadata(text)

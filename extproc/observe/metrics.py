@@ -2,7 +2,7 @@
 implementation behind it (served on its own HTTP port) and a no-op one.
 
 Owns metric names, labels and their bounds. Label values are bounded by construction: route
-names come from the configuration (``route_label``: anything else is ``default``), formats from
+names come from the configuration (``extproc.settings.routes``: anything else is ``default``), formats from
 the code, sources, actions, outcomes and error classes from fixed sets; finding names (topic
 names, filter and PII types, regex names) and usage members come from the guardrail, so each
 kind keeps at most ``max_names`` distinct values and counts the rest as ``other``. Request ids
@@ -26,7 +26,7 @@ import gc
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -51,7 +51,6 @@ PREFIX: Final = "guardrail_extproc_"
 DEFAULT_ROUTE: Final = "default"
 NO_FORMAT: Final = "none"
 OTHER: Final = "other"
-ROUTE_KEY: Final = "x-guardrail-route"
 
 #: ``Source.value`` -> label.
 SOURCES: Final[Mapping[str, str]] = {"INPUT": "input", "OUTPUT": "output"}
@@ -150,13 +149,6 @@ NULL_RECORDER: Final = NullRecorder()
 # --------------------------------------------------------------------------- pure helpers
 
 
-def route_label(metadata: Iterable[tuple[str, Any]], routes: Mapping[str, Any]) -> str:
-    """The route label of a stream: its ``x-guardrail-route`` when that names a configured
-    route, else ``default`` (unknown names must not create series)."""
-    for key, value in metadata:
-        if key == ROUTE_KEY and isinstance(value, str) and value in routes:
-            return value
-    return DEFAULT_ROUTE
 
 
 def verdict_action(verdict: GuardrailVerdict) -> str:
@@ -366,6 +358,10 @@ class PrometheusRecorder:
         """Export a ``ResilientGuardrail``'s counters (``stats``: its ``stats`` property)."""
         self.registry.register(ResilienceCollector(stats))
 
+    def watch_routes(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Export a ``RouteResolver``'s counters (``stats``: its ``stats`` method)."""
+        self.registry.register(RouteCollector(stats))
+
     def close(self) -> None:
         """Stop timing garbage collections (the recorder is done)."""
         if self._gc_pauses is not None:
@@ -463,6 +459,28 @@ class ResilienceCollector(Collector):
             for name in BREAKER_STATES:
                 state.add_metric((guardrail, name), 1.0 if current == name else 0.0)
         yield state
+
+
+class RouteCollector(Collector):
+    """Streams that fell back to the default policy, and ignored per-route settings, read
+    from the ``RouteResolver`` at scrape time."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        unknown = CounterMetricFamily(
+            PREFIX + "unknown_route_streams", "streams given the default policy because "
+            "Envoy named a route the configuration does not map (unmapped) or sent none of "
+            "the values the route selectors read (missing)", labels=("reason",))
+        for reason, value in sorted(dict(stats.get("unknown", {})).items()):
+            unknown.add_metric((reason,), float(value))
+        yield unknown
+        yield CounterMetricFamily(
+            PREFIX + "route_settings_invalid", "per-route settings from Envoy that were "
+            "ignored (unknown key, unknown route, value that does not parse)",
+            value=float(stats.get("invalid", 0)))
 
 
 # --------------------------------------------------------------------------- the HTTP server

@@ -2,8 +2,8 @@
 configuration file once, at start-up, into ``extproc.settings.values.Settings``.
 
 Owns the table (flag, where the value goes in ``Settings``, help, default, parser), the
-per-route keys (``ROUTE_FIELDS``), ``load_settings`` and ``render_settings``
-(``--print-config``). Nothing else in the package reads the environment (boto3 reads its own
+per-route keys (``ROUTE_FIELDS``), the checks of the route selectors, ``load_settings`` and
+``render_settings`` (``--print-config``). Nothing else in the package reads the environment (boto3 reads its own
 standard AWS variables); nothing here runs at import time.
 
 Precedence: command-line flag, then environment variable, then the configuration file, then
@@ -18,7 +18,7 @@ import enum
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc.domain.errors import ConfigError
 from extproc.domain.failure import FailurePolicy, parse_failure_policy
@@ -33,18 +33,24 @@ from extproc.domain.values import (
 from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.observe.logs import LogFormat
 from extproc.settings.values import (
+    DEFAULT_ROUTE_NAME,
     METRICS_OFF,
     ClientSettings,
     EventLoop,
     GuardrailCalls,
     RoutePolicy,
+    RouteSelector,
     RuntimeSettings,
+    SelectorSource,
     ServerSettings,
     Settings,
     StreamSettings,
     available_cpus,
     host_port,
 )
+
+if TYPE_CHECKING:
+    from extproc.settings.file import RawSelector
 
 ENV_PREFIX = "EXTPROC_"
 
@@ -318,9 +324,10 @@ def build_parser(prog: str = "guardrail-extproc") -> argparse.ArgumentParser:
         "(AWS_REGION, AWS_ENDPOINT_URL_BEDROCK_RUNTIME, the credential chain).",
     )
     parser.add_argument("--config", dest="config", default=None, metavar="FILE",
-                        help=f"YAML configuration file: options by name with underscores, and "
-                        f"per-route policies under 'routes' (flags and environment variables "
-                        f"win over it) [env {CONFIG_ENV}]")
+                        help=f"YAML configuration file: options by name with underscores, "
+                        f"per-route policies under 'routes' and how Envoy's attributes, "
+                        f"metadata or a header pick them under 'route_selectors' (flags and "
+                        f"environment variables win over it) [env {CONFIG_ENV}]")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as YAML and exit")
     for option in OPTIONS:
@@ -393,6 +400,65 @@ def apply_route_values(base: RoutePolicy, values: Mapping[str, tuple[str, str]],
     return policy
 
 
+# RFC 9110 field names as Envoy hands them over (lower case); no pseudo-headers: a selector
+# header must be one that Envoy itself sets, not the client's request line.
+_HEADER_NAME_RE = re.compile(r"[a-z0-9!#$%&'*+\-.^_`|~]+")
+#: The attribute carrying route metadata: Envoy sends it as protobuf text, read by path.
+ROUTE_METADATA_ATTRIBUTE = "xds.route_metadata"
+
+
+def metadata_path(key: str) -> tuple[str, ...]:
+    """``namespace:key:key`` (Envoy's ``%DYNAMIC_METADATA(...)%`` spelling) as its parts."""
+    return tuple(key.split(":"))
+
+
+def _check_selector_key(source: SelectorSource, key: str, where: str) -> str:
+    if source is SelectorSource.HEADER:
+        key = key.lower()
+        if not _HEADER_NAME_RE.fullmatch(key):
+            raise ConfigError(f"{where}: {key!r} is not a header name (pseudo-headers such as "
+                              ":path come from the client; use a header Envoy sets)")
+    elif source is SelectorSource.ATTRIBUTE:
+        if key == ROUTE_METADATA_ATTRIBUTE:
+            raise ConfigError(f"{where}: Envoy sends {key} as protobuf text; read a value in it "
+                              f"with route_metadata: NAMESPACE:KEY instead")
+    else:
+        parts = metadata_path(key)
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"{where}: {key!r} is not a metadata path NAMESPACE:KEY[:KEY...] "
+                              f"(e.g. guardrail:route)")
+    return key
+
+
+def build_selectors(raw: Sequence[RawSelector], routes: Mapping[str, RoutePolicy],
+                    ) -> tuple[RouteSelector, ...]:
+    """The file's ``route_selectors`` checked against its routes; raises ``ConfigError``
+    naming the entry and key."""
+    known = sorted({*routes, DEFAULT_ROUTE_NAME})
+    selectors: list[RouteSelector] = []
+    for entry in raw:
+        source = SelectorSource(entry.source)
+        key = _check_selector_key(source, entry.key.value, entry.key.where)
+        table: list[tuple[str, str]] = []
+        for value, route in entry.routes:
+            if route.value not in routes and route.value != DEFAULT_ROUTE_NAME:
+                raise ConfigError(f"{route.where}: unknown route {route.value!r} (known: "
+                                  f"{', '.join(known)})")
+            table.append((value.value, route.value))
+        if not table and not routes:
+            raise ConfigError(f"{entry.where}: without a 'routes' table the value must name a "
+                              f"route, but the file configures no routes")
+        selectors.append(RouteSelector(source, key, tuple(table)))
+    return tuple(selectors)
+
+
+def _selector_dict(selector: RouteSelector) -> dict[str, Any]:
+    out: dict[str, Any] = {selector.source.value: selector.key}
+    if selector.routes:
+        out["routes"] = dict(selector.routes)
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
@@ -418,6 +484,7 @@ def render_settings(settings: Settings) -> str:
         if value is not None:
             out[option.dest] = _plain(value)
     out["routes"] = {name: _route_dict(route) for name, route in settings.routes.items()}
+    out["route_selectors"] = [_selector_dict(selector) for selector in settings.selectors]
     return str(yaml.safe_dump(out, sort_keys=False))
 
 
@@ -485,11 +552,12 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     default_route = RoutePolicy(window=built.pop("default_route.window"),
                                 guardrail=built.pop("default_route.guardrail"), **route)
     settings = Settings(default_route=default_route, **built)
-    if file_config is None or not file_config.routes:
+    if file_config is None or not (file_config.routes or file_config.selectors):
         return settings
     routes = {
         name: apply_route_values(settings.default_route,
                                  {k: (raw.value, raw.where) for k, raw in entries.items()})
         for name, entries in file_config.routes.items()
     }
-    return dataclasses.replace(settings, routes=routes)
+    return dataclasses.replace(settings, routes=routes,
+                               selectors=build_selectors(file_config.selectors, routes))

@@ -4,8 +4,9 @@
 draining, metrics, workers), ``client`` (the ApplyGuardrail client: timeouts, retries, breaker,
 budget, where the calls run), ``runtime`` (event loop, garbage collector, logs, audit),
 ``streams`` (per-stream limits and the Envoy facts the state machine needs), ``default_route``
-(the ``RoutePolicy`` of a stream whose route says nothing else) and ``routes`` (named policies
-from the configuration file).
+(the ``RoutePolicy`` of a stream whose route says nothing else), ``routes`` (named policies
+from the configuration file) and ``selectors`` (how a stream's route picks one of them from what
+Envoy sends: ext_proc attributes, route metadata, forwarded metadata, a header).
 
 Values only: parsing, the option table and the configuration file live in
 ``extproc.settings.options`` and ``extproc.settings.file``. Nothing here reads the environment
@@ -59,6 +60,33 @@ class RoutePolicy:
     soft_block: bool = False
     failure_mode: FailurePolicy = FailurePolicy()
     window: WindowPolicy = WindowPolicy()
+
+
+class SelectorSource(enum.Enum):
+    """Where a ``RouteSelector`` reads its value (``extproc.settings.routes`` says how)."""
+
+    ATTRIBUTE = "attribute"  # an ext_proc request attribute (``request_attributes``)
+    ROUTE_METADATA = "route_metadata"  # a path into the ``xds.route_metadata`` attribute
+    METADATA = "metadata"  # a path into metadata forwarded by ``metadata_options``
+    HEADER = "header"  # a request header that Envoy sets (and strips from clients)
+
+
+#: The route name a selector may map a value to for the process-level policy.
+DEFAULT_ROUTE_NAME = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSelector:
+    """One way of naming a stream's route policy from what Envoy sends.
+
+    ``key``: the attribute name (``xds.route_name``), the header name, or a metadata path
+    ``namespace:key:key`` (Envoy's access-log spelling). ``routes``: value or shell-style
+    pattern -> configured route name, exact values first, then patterns in file order; empty,
+    the value itself must be a configured route name."""
+
+    source: SelectorSource
+    key: str
+    routes: tuple[tuple[str, str], ...] = ()
 
 
 def available_cpus() -> int:
@@ -177,6 +205,7 @@ class Settings:
     runtime: RuntimeSettings = RuntimeSettings()
     streams: StreamSettings = StreamSettings()
     routes: Mapping[str, RoutePolicy] = field(default_factory=dict)
+    selectors: tuple[RouteSelector, ...] = ()
 
     @property
     def guardrail(self) -> GuardrailRef:

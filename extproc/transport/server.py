@@ -1,9 +1,11 @@
 """The gRPC transport: ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` on ``grpc.aio``,
 plus the standard gRPC health service on the same port.
 
-Thin on purpose: one ``StreamProcessor`` per RPC, a read loop that hands it each message,
-answers written in order through its ``Outbox``. Envoy ending the RPC (half-close or
-cancellation) is the normal end of a stream. Nothing here decides anything about guardrails.
+Thin on purpose: one ``StreamProcessor`` per RPC, built once the first message is in (its route
+policy comes from the RPC's initial metadata and, with route selectors configured, from that
+message: ``extproc.settings.routes``), a read loop that hands it each message, answers written in
+order through its ``Outbox``. Envoy ending the RPC (half-close or cancellation) is the normal end
+of a stream. Nothing here decides anything about guardrails.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc import envoy
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.observe.audit import AuditLog
 from extproc.settings.values import Settings
 from extproc.formats import StreamFormat, all_formats
 from extproc.domain.client import GuardrailClient
 from extproc.observe.logs import bind_stream, unbind_stream
-from extproc.observe.metrics import NULL_RECORDER, Recorder, route_label
+from extproc.observe.metrics import NULL_RECORDER, Recorder
 from extproc.settings.routes import RouteResolver
 from extproc.stream.processor import Admission, StreamProcessor
 from extproc.stream.sinks import Outbox
@@ -75,19 +78,23 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         # Read everything needed from the context now: after a cancellation some context
         # calls crash grpcio (performance-notes.md).
         metadata = tuple(context.invocation_metadata() or ())
-        route = self.routes.resolve(metadata)
-        processor = StreamProcessor(
-            self._settings, self._guardrail, self._formats, outbox, stream_id, route,
-            route_name=route_label(metadata, self._settings.routes), recorder=self._recorder,
-            audit=self._audit, admission=self.admission,
-        )
+        processor: StreamProcessor | None = None
         self.active_streams += 1
         try:
-            while True:
-                request = await context.read()
-                if request is grpc.aio.EOF:
-                    break
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            # The first message carries the request attributes (ext_proc.md section 6).
+            facts = envoy.route_facts(request) if self.routes.reads_facts else None
+            route = self.routes.select(metadata, facts)
+            processor = StreamProcessor(
+                self._settings, self._guardrail, self._formats, outbox, stream_id,
+                route.policy, route_name=route.name, recorder=self._recorder,
+                audit=self._audit, admission=self.admission,
+            )
+            while request is not grpc.aio.EOF:
                 await processor.handle(request)
+                request = await context.read()
         except asyncio.CancelledError:
             # Envoy cancels the side stream once it needs nothing more (ext_proc.md 1).
             raise
@@ -95,7 +102,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             log.exception("unexpected error; ending the RPC")
             raise
         finally:
-            processor.close()
+            if processor is not None:
+                processor.close()
             self.active_streams -= 1
             unbind_stream(stream_token)
 

@@ -1,9 +1,11 @@
 """Every Envoy filter configuration embedded in envoy/istio/ is accepted by the real Envoy
 binary: the EnvoyFilter patches are assembled into a bootstrap the way istiod would apply them
-(the HTTP filter before the router, the route patches merged into named routes)."""
+(the HTTP filter before the router, the route patches merged into named routes); and the filter
+reaches the sidecar that deploy/kustomize/overlays/istio deploys."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ import yaml
 
 from testkit.stack import find_envoy
 
-ISTIO = Path(__file__).resolve().parents[2] / "envoy" / "istio"
+ROOT = Path(__file__).resolve().parents[2]
+ISTIO = ROOT / "envoy" / "istio"
+OVERLAY = ROOT / "deploy" / "kustomize" / "overlays" / "istio"
 
 
 def documents() -> list[dict[str, Any]]:
@@ -75,14 +79,32 @@ def bootstrap(http_filter: dict[str, Any]) -> dict[str, Any]:
 
 def test_istio_manifests_have_the_expected_pieces() -> None:
     kinds = {d["kind"] for d in documents()}
-    assert {"EnvoyFilter", "Deployment", "Service"} <= kinds
-    service = next(d for d in documents() if d["kind"] == "Service")
-    port = service["spec"]["ports"][0]
-    assert port["name"].startswith("grpc-") and port["appProtocol"] == "grpc"
-    deployment = next(d for d in documents() if d["kind"] == "Deployment")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["grpc"]["port"] == port["targetPort"]
+    assert {"EnvoyFilter", "Kustomization"} <= kinds
     assert len(patches("HTTP_ROUTE")) >= 2
+
+
+def test_envoy_filter_reaches_the_sidecar_of_the_istio_overlay() -> None:
+    """The sidecar's Deployment and Service come from deploy/kustomize/overlays/istio; the
+    filter's cluster is the one Istio generates for that Service's gRPC port."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl (kubectl kustomize renders the manifests; CI machines have it)")
+    result = subprocess.run([kubectl, "kustomize", str(OVERLAY)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    service = next(d for d in rendered if d["kind"] == "Service")
+    port = next(p for p in service["spec"]["ports"] if p["appProtocol"] == "grpc")
+    assert port["name"].startswith("grpc-")
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == port["targetPort"])
+    assert container["readinessProbe"]["grpc"]["port"] == grpc_port
+    meta = service["metadata"]
+    expected = f"outbound|{port['port']}||{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    for patch in patches("HTTP_FILTER"):
+        service_config = patch["patch"]["value"]["typed_config"]["grpc_service"]
+        assert service_config["envoy_grpc"]["cluster_name"] == expected
 
 
 @pytest.mark.parametrize("index", range(len(patches("HTTP_FILTER"))))

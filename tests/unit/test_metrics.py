@@ -25,7 +25,6 @@ from extproc.observe.metrics import (
     STREAM_OUTCOMES,
     PrometheusRecorder,
     Recorder,
-    route_label,
     start_metrics_server,
     usage_policy,
     verdict_action,
@@ -285,14 +284,6 @@ def test_stream_outcome(stats: dict[str, Any], guarded: bool, unfinished: bool,
     record = StreamRecord("g", "1", **stats)
     assert record.outcome_label(guarded=guarded, unfinished=unfinished) == expected
     assert expected in STREAM_OUTCOMES
-
-
-def test_route_label_only_names_configured_routes() -> None:
-    routes = {"canary": object()}
-    assert route_label([("x-guardrail-route", "canary")], routes) == "canary"
-    assert route_label([("x-guardrail-route", "typo")], routes) == "default"
-    assert route_label([("x-guardrail-shadow", "on")], routes) == "default"
-    assert route_label([], routes) == "default"
 
 
 # --------------------------------------------------------------------------- resilience
