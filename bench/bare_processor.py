@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import signal
 import sys
 from pathlib import Path
 from typing import Any
-
-import importlib.util  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("extproc") is None:  # PYTHONPATH may name a snapshot of the code

@@ -40,18 +40,21 @@ for _p in (str(REPO), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bare_processor import BareProcessor, forward  # noqa: E402
+from bare_processor import forward  # noqa: E402
 from sse_upstream import script  # noqa: E402
 
 from extproc._pb.envoy.config.core.v3 import base_pb2  # noqa: E402
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
-from extproc.domain.values import GuardrailRef, InputCheck
-from extproc.settings.values import RoutePolicy, Settings  # noqa: E402
-from extproc.formats import all_formats  # noqa: E402
-from extproc.domain.values import Source  # noqa: E402
-from extproc.domain.values import StreamMode  # noqa: E402
-from extproc.stream import Outbox, StreamProcessor  # noqa: E402
+from extproc.domain.values import (  # noqa: E402
+    GuardrailRef,
+    InputCheck,
+    Source,
+    StreamMode,
+)
 from extproc.domain.verdict import GuardrailVerdict, classify  # noqa: E402
+from extproc.formats import all_formats  # noqa: E402
+from extproc.settings.values import RoutePolicy, Settings  # noqa: E402
+from extproc.stream import Outbox, StreamProcessor  # noqa: E402
 
 PASS = {"action": "NONE", "outputs": [], "assessments": [],
         "usage": {"topicPolicyUnits": 1, "contentPolicyUnits": 1, "wordPolicyUnits": 1,

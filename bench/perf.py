@@ -69,15 +69,6 @@ for _p in (str(REPO), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from extproc.demo.stack import (  # noqa: E402
-    EnvoyProcess,
-    ext_proc_filter,
-    find_envoy,
-    load_envoy_config,
-    render_envoy_config,
-    sidecar_env,
-    tail,
-)
 from stream_modes import (  # noqa: E402  (the sibling benchmark: same process handling)
     Cleanup,
     _raise_interrupt,
@@ -87,6 +78,16 @@ from stream_modes import (  # noqa: E402  (the sibling benchmark: same process h
     machine_facts,
     table,
     without_ext_proc,
+)
+
+from extproc.demo.stack import (  # noqa: E402
+    EnvoyProcess,
+    ext_proc_filter,
+    find_envoy,
+    load_envoy_config,
+    render_envoy_config,
+    sidecar_env,
+    tail,
 )
 
 GUARDRAIL_ID = "demoguardrail"

@@ -12,7 +12,9 @@ from typing import Any
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.domain.values import GuardrailRef
+from extproc.domain.errors import GuardrailError
+from extproc.domain.values import GuardrailRef, Source
+from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.settings.values import (
     ClientSettings,
     RoutePolicy,
@@ -21,9 +23,6 @@ from extproc.settings.values import (
     Settings,
     StreamSettings,
 )
-from extproc.domain.errors import GuardrailError
-from extproc.domain.values import Source
-from extproc.domain.verdict import GuardrailVerdict, classify
 
 ProcessingMode = processing_mode_pb2.ProcessingMode
 

@@ -55,7 +55,6 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.settings.options import OPTIONS
 from extproc.demo.stack import (
     EnvoyProcess,
     SidecarProcess,
@@ -65,6 +64,7 @@ from extproc.demo.stack import (
     tail,
 )
 from extproc.demo.upstream import Script, chat_chunk, sse_data
+from extproc.settings.options import OPTIONS
 from extproc.sse import SSEDecoder
 from tests.e2e.conftest import (
     GUARDRAIL_ID,

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from extproc.domain.failure import FailurePolicy
+from extproc.domain.values import StreamMode
+from extproc.domain.verdict import GuardrailVerdict, classify
+from extproc.domain.windows import WindowPolicy
 from extproc.formats import StreamCodec, StreamFormat, all_formats
 from extproc.guard import OutputGuard
-from extproc.domain.values import StreamMode
-from extproc.domain.windows import WindowPolicy
 from extproc.sse import SSEDecoder
-from extproc.domain.verdict import GuardrailVerdict, classify
 from tests.support import bedrock_response
 from tests.unit.test_formats_common import FIXTURES_OF, Unnoted, fixture
 

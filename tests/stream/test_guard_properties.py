@@ -25,20 +25,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from extproc._pb.envoy.service.ext_proc.v3.external_processor_pb2 import ProtocolConfiguration
-from extproc.domain.values import GuardrailRef, InputCheck
+from extproc.domain.values import GuardrailRef, InputCheck, Source, StreamMode
+from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
+from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.envoy import STREAMED
 from extproc.formats import all_formats
-from extproc.domain.values import Source
 from extproc.masking import map_region
-from extproc.domain.values import StreamMode
-from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.stream import Outbox, StreamProcessor
-from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from tests.support import (
     BLOCK_FRAME,
     FakeGuardrail,

@@ -7,13 +7,12 @@ from typing import Any
 
 import pytest
 
-from extproc.domain.values import InputCheck
-from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.envoy import ProcessingMode
-from extproc.domain.windows import WindowPolicy
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
+from extproc.domain.failure import FailureMode, FailurePolicy
+from extproc.domain.values import InputCheck, Source
+from extproc.domain.windows import WindowPolicy
+from extproc.envoy import ProcessingMode
 from extproc.formats import all_formats
-from extproc.domain.values import Source
 from extproc.stream import Outbox, StreamProcessor
 from tests.support import (
     BLOCK_FRAME,

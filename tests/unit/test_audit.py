@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 
-from extproc.observe.audit import EVENT, LOGGER_NAME, AuditLog, finding_key, redact
-from extproc.domain.values import InputCheck
-from extproc.formats import all_formats
-from extproc.observe.logs import LogFormat, bind_stream, make_handler, unbind_stream
-from extproc.domain.values import StreamMode
-from extproc.stream import Outbox, StreamProcessor
+from extproc.domain.values import InputCheck, StreamMode
 from extproc.domain.verdict import Finding
+from extproc.formats import all_formats
+from extproc.observe.audit import EVENT, LOGGER_NAME, AuditLog, finding_key, redact
+from extproc.observe.logs import LogFormat, bind_stream, make_handler, unbind_stream
+from extproc.stream import Outbox, StreamProcessor
 from tests.support import (
     FakeGuardrail,
     chat_request,
