@@ -17,7 +17,7 @@ from extproc.domain.errors import ERROR_CLASSES, GuardrailError
 class FailureMode(enum.Enum):
     """What a stream gets when the guardrail cannot give a verdict."""
 
-    CLOSED = "closed"  # the stream ends with a guardrail_unavailable frame (or a 503 before headers)
+    CLOSED = "closed"  # the stream ends with a guardrail_unavailable frame (a 503 before headers)
     OPEN = "open"  # the text is released unchecked; logged and counted
 
 

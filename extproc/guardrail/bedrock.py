@@ -154,7 +154,8 @@ class BedrockGuardrailClient:
         if settings.client.calls is GuardrailCalls.PROCESS:
             self._process = CallProcess(
                 region=settings.client.aws_region, threads=settings.client.threads,
-                timeout_s=self._timeout, max_attempts=attempts, log_level=settings.runtime.log_level,
+                timeout_s=self._timeout, max_attempts=attempts,
+                log_level=settings.runtime.log_level,
                 log_format=settings.runtime.log_format.value, clock=clock)
             self._endpoint_url, self._region = self._process.endpoint_url, self._process.region
         else:

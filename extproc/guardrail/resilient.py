@@ -335,14 +335,14 @@ class ResilientGuardrail:
             except GuardrailCircuitOpen:
                 self._counters["breaker_fast_fails"] += 1
                 if last is not None:
-                    raise last  # keeps its own cause
+                    raise last  # noqa: B904 - the last attempt's error, with its own cause
                 raise
             try:
                 await self._take_budget(units, deadline, patient=patient)
             except GuardrailBudgetExhausted:
                 breaker.neutral(probe)
                 if last is not None:
-                    raise last  # keeps its own cause
+                    raise last  # noqa: B904 - the last attempt's error, with its own cause
                 raise
             except BaseException:
                 breaker.neutral(probe)
@@ -396,7 +396,7 @@ class ResilientGuardrail:
                 return await self._inner.apply(guardrail, source, texts)
         except TimeoutError:
             raise GuardrailTimeout(f"no ApplyGuardrail answer within {allowed:.3f}s") from None
-        except Exception as exc:  # noqa: BLE001 - every failure gets a class
+        except Exception as exc:  # every failure gets a class
             error = _normalize(exc)
             if error is exc:
                 raise

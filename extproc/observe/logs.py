@@ -24,7 +24,7 @@ import enum
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
 #: The id of the ext_proc stream the current task works for (None outside a stream).
@@ -55,7 +55,7 @@ def unbind_stream(token: contextvars.Token[str | None]) -> None:
 
 def iso_timestamp(seconds: float) -> str:
     """``seconds`` since the epoch as ISO 8601 UTC with milliseconds, e.g. ``…T12:00:00.123Z``."""
-    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

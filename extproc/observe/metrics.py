@@ -404,7 +404,8 @@ class GCPauses:
         histogram = Histogram(
             PREFIX + "gc_pause_seconds", "garbage collection pauses of the serving process (the "
             "event loop stops meanwhile), by generation (0: young, see --gc-young-threshold; "
-            "2: full collections, see --gc-full-every)", ("generation",), buckets=GC_PAUSE_BUCKETS, registry=registry)
+            "2: full collections, see --gc-full-every)", ("generation",),
+            buckets=GC_PAUSE_BUCKETS, registry=registry)
         self._children = [histogram.labels(str(generation)) for generation in range(3)]
         self._started = 0.0
         gc.callbacks.append(self._on_gc)

@@ -5,7 +5,7 @@ Envoy sends per-route settings as gRPC initial metadata on the side stream
 
 =========================  ===================================================================
 ``x-guardrail-route``      a route named in the configuration file (its whole policy)
-(any route setting)        ``x-guardrail-`` + the setting with dashes, e.g. ``x-guardrail-stream-mode``
+(any route setting)        ``x-guardrail-`` + its name with dashes, e.g. ``x-guardrail-stream-mode``
 ``x-guardrail-id``         guardrail id or ARN
 ``x-guardrail-version``    guardrail version
 ``x-guardrail-enabled``    ``off``: the sidecar lets this route's traffic through untouched
@@ -31,10 +31,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from extproc.settings.options import ROUTE_FIELDS, apply_route_values
-
-from extproc.settings.values import RoutePolicy, Settings
 from extproc.domain.errors import ConfigError
+from extproc.settings.options import ROUTE_FIELDS, apply_route_values
+from extproc.settings.values import RoutePolicy, Settings
 
 log = logging.getLogger(__name__)
 
