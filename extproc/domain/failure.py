@@ -50,6 +50,7 @@ class FailurePolicy:
     @classmethod
     def uniform(cls, mode: FailureMode | str) -> FailurePolicy:
         """The same mode for every class."""
+        # The fields take the strings too (__post_init__ parses them); their types say the result.
         return cls(**{name: mode for name in ERROR_CLASSES})  # type: ignore[arg-type]
 
     def mode_for(self, error: GuardrailError | str) -> FailureMode:

@@ -264,7 +264,7 @@ class ResilientGuardrail:
         results: dict[int, list[Part]] = {}
         error: GuardrailError | None = None
         try:
-            pending: set[asyncio.Future[list[Part]]] = set(tasks)
+            pending: set[asyncio.Task[list[Part]]] = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -391,6 +391,7 @@ class ResilientGuardrail:
         try:
             async with asyncio.timeout(allowed):
                 if self._passes_timeout:
+                    # the seam's optional keyword (see GuardrailClient), checked at __init__
                     return await self._inner.apply(  # type: ignore[call-arg]
                         guardrail, source, texts, timeout=allowed)
                 return await self._inner.apply(guardrail, source, texts)

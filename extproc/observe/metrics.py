@@ -281,11 +281,11 @@ class PrometheusRecorder:
         }
         self._latency_children = {value: self._latency.labels(label)
                                   for value, label in SOURCES.items()}
-        self._started_children: dict[tuple[str, str], Any] = {}
-        self._finished_children: dict[tuple[str, str, str], Any] = {}
-        self._finding_children: dict[tuple[str, str, str], Any] = {}
-        self._unit_children: dict[tuple[str, str], Any] = {}
-        self._error_children: dict[tuple[str, str, str], Any] = {}
+        self._started_children: dict[tuple[str, str], Counter] = {}
+        self._finished_children: dict[tuple[str, str, str], Counter] = {}
+        self._finding_children: dict[tuple[str, str, str], Counter] = {}
+        self._unit_children: dict[tuple[str, str], Counter] = {}
+        self._error_children: dict[tuple[str, str, str], Counter] = {}
 
     # -- streams
 
@@ -347,7 +347,7 @@ class PrometheusRecorder:
             self._error_children[key] = child
         child.inc()
 
-    def _finding_child(self, policy: str, name: str, action: str) -> Any:
+    def _finding_child(self, policy: str, name: str, action: str) -> Counter:
         key = (policy, name, action)
         child = self._finding_children.get(key)
         if child is not None:
@@ -361,7 +361,7 @@ class PrometheusRecorder:
             self._finding_children[key] = child
         return child
 
-    def _unit_child(self, source: str, key: str) -> Any:
+    def _unit_child(self, source: str, key: str) -> Counter:
         cache_key = (source, key)
         child = self._unit_children.get(cache_key)
         if child is None:

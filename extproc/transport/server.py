@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.domain.client import GuardrailClient
 from extproc.formats import StreamFormat, all_formats
@@ -55,12 +56,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.admission = Admission(settings.streams.max_streams)
         self.active_streams = 0
 
-    async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
+    async def Process(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> None:
         stream_id = f"s{next(self._ids)}"
         # Every record this stream logs (its tasks and timers too) carries the id as a field.
         stream_token = bind_stream(stream_id)
 
-        async def write(message: Any) -> None:
+        async def write(message: pb.ProcessingResponse) -> None:
             # A write fails only once the RPC is over (Envoy cancelled it, the connection
             # dropped, the stop's grace ran out): the normal end of a stream, with nobody left
             # to answer. Guardrail tasks write too, so the error must not escape into them.
@@ -85,7 +90,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         try:
             while True:
                 request = await context.read()
-                if request is grpc.aio.EOF:
+                # read() gives EOF once Envoy half-closes; the stub types it as the request only
+                if request is grpc.aio.EOF:  # type: ignore[comparison-overlap]
                     break
                 await processor.handle(request)
         except asyncio.CancelledError:
