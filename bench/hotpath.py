@@ -34,19 +34,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bare_processor import BareProcessor, forward  # noqa: E402
-from sse_upstream import script  # noqa: E402
+from bare_processor import forward
+from sse_upstream import script
 
-from extproc._pb.envoy.config.core.v3 import base_pb2  # noqa: E402
-from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
-from extproc.domain.values import GuardrailRef, InputCheck
-from extproc.settings.values import RoutePolicy, Settings  # noqa: E402
-from extproc.formats import all_formats  # noqa: E402
-from extproc.domain.values import Source  # noqa: E402
-from extproc.domain.values import StreamMode  # noqa: E402
-from extproc.stream.processor import StreamProcessor  # noqa: E402
-from extproc.stream.sinks import Outbox  # noqa: E402
-from extproc.domain.verdict import GuardrailVerdict, classify  # noqa: E402
+from extproc._pb.envoy.config.core.v3 import base_pb2
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.domain.values import (
+    GuardrailRef,
+    InputCheck,
+    Source,
+    StreamMode,
+)
+from extproc.domain.verdict import GuardrailVerdict, classify
+from extproc.formats import all_formats
+from extproc.settings.values import RoutePolicy, Settings
+from extproc.stream.processor import StreamProcessor
+from extproc.stream.sinks import Outbox
 
 PASS = {"action": "NONE", "outputs": [], "assessments": [],
         "usage": {"topicPolicyUnits": 1, "contentPolicyUnits": 1, "wordPolicyUnits": 1,

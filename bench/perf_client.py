@@ -263,7 +263,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             fut = conn.request(raw)
             try:
                 await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 error = "timeout"
             except StreamFailed as exc:
                 error = str(exc)

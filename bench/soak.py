@@ -544,8 +544,8 @@ async def recover(stack: Stack, plans: dict[str, list[Plan]], args: argparse.Nam
     try:
         while time.monotonic() - started < timeout:
             plan = plans["clean"][0]
-            status, body, error, hung, _ = await one_stream(clients, stack.url, plan, "http1",
-                                                            args.stream_timeout)
+            status, body, error, _hung, _ = await one_stream(clients, stack.url, plan, "http1",
+                                                             args.stream_timeout)
             if status == 200 and error is None and body.replace(KEEPALIVE, b"") == plan.data:
                 break
             await asyncio.sleep(0.5)

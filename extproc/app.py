@@ -110,4 +110,4 @@ def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | N
         if kind is EventLoop.UVLOOP:
             raise ConfigError("--event-loop uvloop: the uvloop package is not installed") from None
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop

@@ -56,7 +56,7 @@ MODE_FULL_DUPLEX_RESPONSE = ProcessingMode(
 )
 
 
-def header_map(headers: Any) -> dict[str, str]:
+def header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
     """Envoy's ``HeaderMap`` as a dict (lower-case names; later duplicates win)."""
     result: dict[str, str] = {}
     for header in headers.headers:
@@ -99,7 +99,7 @@ def headers_response(
     *,
     response_phase: bool,
     remove_headers: Iterable[str] = (),
-    mode: Any = None,
+    mode: ProcessingMode | None = None,
     metadata_namespace: str = "",
     metadata: Mapping[str, Any] | None = None,
 ) -> pb.ProcessingResponse:
@@ -204,7 +204,9 @@ def override_message_timeout(seconds: float) -> pb.ProcessingResponse:
     return response
 
 
-def mode_with_request_buffering(configured_response_body_mode: int) -> Any:
+def mode_with_request_buffering(
+    configured_response_body_mode: ProcessingMode.BodySendMode,
+) -> ProcessingMode:
     """Buffer the request body, keeping the configured response body mode (an omitted body
     mode in an override means NONE)."""
     if configured_response_body_mode == _NONE:
@@ -232,6 +234,7 @@ def immediate_response(
 ) -> pb.ProcessingResponse:
     """A local reply; only valid while the response headers have not gone out."""
     reply = pb.ImmediateResponse(
+        # protobuf takes any int for an enum field; the generated stub names only the enum type
         status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
         headers=_header_mutation(set_headers={"content-type": content_type}),
         body=body,

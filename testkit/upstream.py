@@ -278,7 +278,7 @@ def parse_inline_script(value: str) -> Script:
     if isinstance(delay, list):
         delays = tuple(float(d) for d in delay)
     else:
-        delays = float(delay)
+        delays = float(delay or 0.0)
     kwargs: dict[str, Any] = {
         "chunks": chunks,
         "delays_ms": delays,
@@ -1114,7 +1114,8 @@ class FakeLLM:
                 200,
                 {
                     "object": "list",
-                    "data": [{"id": "demo", "object": "model", "created": 0, "owned_by": "fake-llm"}],
+                    "data": [{"id": "demo", "object": "model", "created": 0,
+                              "owned_by": "fake-llm"}],
                 },
             )
         if not path.endswith("/chat/completions"):
@@ -1204,7 +1205,7 @@ class FakeLLM:
         include_usage = isinstance(stream_options, Mapping) and bool(
             stream_options.get("include_usage")
         )
-        common = {"id": completion_id, "model": model, "created": created}
+        common: dict[str, Any] = {"id": completion_id, "model": model, "created": created}
 
         def event(**kwargs: Any) -> dict[str, Any]:
             obj = chat_chunk(**kwargs, **common)
@@ -1230,7 +1231,8 @@ class FakeLLM:
             events.append(first)
             for i in range(0, len(arguments), 8):
                 events.append(
-                    event(tool_calls=[{"index": 0, "function": {"arguments": arguments[i : i + 8]}}])
+                    event(tool_calls=[
+                        {"index": 0, "function": {"arguments": arguments[i : i + 8]}}])
                 )
             events.append(event(finish_reason="tool_calls"))
         else:
@@ -1267,7 +1269,8 @@ class FakeLLM:
     async def _send_untracked(self, conn: _Conn, plan: _Plan, keep_alive: bool) -> bool:
         body = b"".join(plan.writes)
         conn.writer.write(
-            _response_head(plan.status, plan.headers, content_length=len(body), keep_alive=keep_alive)
+            _response_head(plan.status, plan.headers, content_length=len(body),
+                           keep_alive=keep_alive)
             + body
         )
         await conn.writer.drain()

@@ -50,7 +50,7 @@ UNAVAILABLE_FRAME = (
 WAIT_S = 30.0
 
 
-def wait_until(predicate: Callable[[], T | None | bool], timeout: float = WAIT_S,
+def wait_until(predicate: Callable[[], T | bool | None], timeout: float = WAIT_S,
                what: str = "condition", interval: float = 0.01) -> T:
     """Poll ``predicate`` (blocking) until it returns something truthy, and return that; an
     ``AssertionError`` naming ``what`` after ``timeout`` seconds. A wait, never a measurement:
@@ -65,7 +65,7 @@ def wait_until(predicate: Callable[[], T | None | bool], timeout: float = WAIT_S
         time.sleep(interval)
 
 
-async def eventually(predicate: Callable[[], T | None | bool], timeout: float = WAIT_S,
+async def eventually(predicate: Callable[[], T | bool | None], timeout: float = WAIT_S,
                      what: str = "condition", interval: float = 0.005) -> T:
     """``wait_until`` for the event loop: polls without blocking it."""
     deadline = time.monotonic() + timeout

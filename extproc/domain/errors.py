@@ -31,10 +31,11 @@
                                        by one stream, streams guarded at once); no request
 
 ``error_class`` is the label used in logs, metadata and the per-class failure policy
-(``extproc.domain.failure.FailurePolicy``, applied by ``extproc.domain.decision``). Every error that reaches the stream code carries one of
-``ERROR_CLASSES``; ``GuardrailError`` and ``GuardrailUnavailable`` themselves are abstract
-("error", "unavailable") and ``extproc.guardrail.resilient.ResilientGuardrail`` turns any such instance
-(or any unexpected exception of an inner client) into a ``GuardrailServerError``.
+(``extproc.domain.failure.FailurePolicy``, applied by ``extproc.domain.decision``). Every error
+that reaches the stream code carries one of ``ERROR_CLASSES``; ``GuardrailError`` and
+``GuardrailUnavailable`` themselves are abstract ("error", "unavailable") and
+``extproc.guardrail.resilient.ResilientGuardrail`` turns any such instance (or any unexpected
+exception of an inner client) into a ``GuardrailServerError``.
 
 None of these is ever shown to an HTTP client: the client only ever sees the fixed error
 objects built in ``extproc.formats``.

@@ -17,7 +17,7 @@ from extproc.domain.errors import ERROR_CLASSES, GuardrailError
 class FailureMode(enum.Enum):
     """What a stream gets when the guardrail cannot give a verdict."""
 
-    CLOSED = "closed"  # the stream ends with a guardrail_unavailable frame (or a 503 before headers)
+    CLOSED = "closed"  # the stream ends with a guardrail_unavailable frame (a 503 before headers)
     OPEN = "open"  # the text is released unchecked; logged and counted
 
 
@@ -50,6 +50,7 @@ class FailurePolicy:
     @classmethod
     def uniform(cls, mode: FailureMode | str) -> FailurePolicy:
         """The same mode for every class."""
+        # The fields take the strings too (__post_init__ parses them); their types say the result.
         return cls(**{name: mode for name in ERROR_CLASSES})  # type: ignore[arg-type]
 
     def mode_for(self, error: GuardrailError | str) -> FailureMode:

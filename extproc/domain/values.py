@@ -33,7 +33,7 @@ class InputCheck(enum.Enum):
 
     OFF = "off"
     PRE_CALL = "pre_call"  # checked before the request goes upstream (a block never reaches it)
-    PARALLEL = "parallel"  # checked while the upstream call runs; the answer is held until it passes
+    PARALLEL = "parallel"  # checked while the upstream call runs; the answer waits until it passes
 
 
 class PromptScope(enum.Enum):

@@ -64,7 +64,7 @@ class ErrorKind:
 
 
 class PromptScope:
-    """Which prompt text ``prompt_texts`` returns (the values of ``extproc.domain.values.PromptScope``).
+    """Which prompt text ``prompt_texts`` returns (``extproc.domain.values.PromptScope``'s values).
 
     * ``last_user``: the text of the last user turn (the default).
     * ``all``: the text of every conversation turn, tool results included; no instructions.

@@ -63,7 +63,7 @@ def load_object(data: bytes | str | None) -> dict[str, Any] | None:
         except (ValueError, RecursionError):
             return None  # json.loads raises the same error for it
         if end == len(data):
-            return value  # type: ignore[no-any-return]
+            return value  # type: ignore[no-any-return]  # text opening with "{": a dict
     value = load_json(data)
     return value if isinstance(value, dict) else None
 

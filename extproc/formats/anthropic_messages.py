@@ -206,7 +206,7 @@ def _delta_text(payload: dict[str, Any]) -> tuple[Hashable, str, dict[str, Any],
     delta = payload.get("delta")
     if not isinstance(delta, dict):
         return None
-    spec = _DELTA_FIELDS.get(delta.get("type"))  # type: ignore[arg-type]
+    spec = _DELTA_FIELDS.get(delta.get("type"))  # type: ignore[arg-type]  # None finds nothing
     if spec is None:
         return None
     field, kind = spec

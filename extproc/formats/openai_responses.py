@@ -140,7 +140,7 @@ def _item_slots(item: Any, index: int) -> list[c.Slot]:
         for number, part in enumerate(content):
             if not isinstance(part, dict):
                 continue
-            spec = _PARTS.get(part.get("type"))  # type: ignore[arg-type]
+            spec = _PARTS.get(part.get("type"))  # type: ignore[arg-type]  # None finds nothing
             if spec is not None:
                 slots += c.text_slot(part, spec[1], (spec[0], index, number))
     return slots
@@ -391,6 +391,7 @@ class ResponsesCodec:
             if summary:
                 slots = c.text_slot(part, "text", ("summary", index, number))
             else:
+                # a None type finds nothing
                 spec = _PARTS.get(part.get("type"))  # type: ignore[arg-type]
                 slots = [] if spec is None else c.text_slot(part, spec[1],
                                                             (spec[0], index, number))

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.config
@@ -39,6 +39,10 @@ from extproc.domain.values import GuardrailRef, Source
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.guardrail.parent import CallProcess
 from extproc.settings.values import GuardrailCalls, Settings
+
+if TYPE_CHECKING:  # boto3-stubs, a test dependency
+    from mypy_boto3_bedrock_runtime.client import BedrockRuntimeClient
+    from mypy_boto3_bedrock_runtime.type_defs import ApplyGuardrailResponseTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ def apply_request(guardrail_id: str, version: str, source: str,
 
 
 def boto3_client(region: str | None, *, threads: int, timeout_s: float,
-                 max_attempts: int) -> Any:
+                 max_attempts: int) -> BedrockRuntimeClient:
     """The boto3 ``bedrock-runtime`` client: region and credentials from the standard AWS chain
     (``ConfigError`` when either is missing), the endpoint from
     ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME`` when set; ``timeout_s`` is the read timeout."""
@@ -148,20 +152,22 @@ class BedrockGuardrailClient:
         if not self._timeout > 0:
             raise ValueError(f"attempt_timeout_s must be positive, got {self._timeout}")
         self.max_attempts = attempts
-        self._client: Any = None
+        self._client: BedrockRuntimeClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._process: CallProcess | None = None
         if settings.client.calls is GuardrailCalls.PROCESS:
             self._process = CallProcess(
                 region=settings.client.aws_region, threads=settings.client.threads,
-                timeout_s=self._timeout, max_attempts=attempts, log_level=settings.runtime.log_level,
+                timeout_s=self._timeout, max_attempts=attempts,
+                log_level=settings.runtime.log_level,
                 log_format=settings.runtime.log_format.value, clock=clock)
             self._endpoint_url, self._region = self._process.endpoint_url, self._process.region
         else:
-            self._client = boto3_client(settings.client.aws_region, threads=settings.client.threads,
-                                        timeout_s=self._timeout, max_attempts=attempts)
-            self._endpoint_url = str(self._client.meta.endpoint_url)
-            self._region = str(self._client.meta.region_name)
+            client = boto3_client(settings.client.aws_region, threads=settings.client.threads,
+                                  timeout_s=self._timeout, max_attempts=attempts)
+            self._client = client
+            self._endpoint_url = str(client.meta.endpoint_url)
+            self._region = str(client.meta.region_name)
             self._executor = ThreadPoolExecutor(
                 max_workers=settings.client.threads, thread_name_prefix="apply-guardrail"
             )
@@ -179,7 +185,9 @@ class BedrockGuardrailClient:
     def region(self) -> str:
         return self._region
 
-    def _call(self, guardrail: GuardrailRef, source: Source, texts: Sequence[str]) -> Any:
+    def _call(self, guardrail: GuardrailRef, source: Source,
+              texts: Sequence[str]) -> ApplyGuardrailResponseTypeDef:
+        assert self._client is not None, "BUG: an in-process call without the boto3 client"
         return self._client.apply_guardrail(
             **apply_request(guardrail.id, guardrail.version, source.value, texts))
 
@@ -203,7 +211,7 @@ class BedrockGuardrailClient:
             raise GuardrailTimeout("no time left for an ApplyGuardrail call")
         started = time.monotonic()
         if self._process is not None:
-            future: Awaitable[Any] = self._process.call(
+            future: Awaitable[Mapping[str, Any]] = self._process.call(
                 guardrail.id, guardrail.version, source.value, texts)
         else:
             future = asyncio.get_running_loop().run_in_executor(

@@ -19,29 +19,33 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc.domain.errors import ConfigError, GuardrailError, GuardrailServerError
 from extproc.guardrail.bedrock import apply_request, boto3_client, map_boto_error
 from extproc.guardrail.wire import error_answer, frame, read_frame_blocking
 
+if TYPE_CHECKING:  # boto3-stubs, a test dependency
+    from mypy_boto3_bedrock_runtime.client import BedrockRuntimeClient
+
 log = logging.getLogger(__name__)
 
 
-def answer(client: Any, request: dict[str, Any]) -> dict[str, Any]:
+def answer(client: BedrockRuntimeClient, request: dict[str, Any]) -> dict[str, Any]:
     """The answer frame for one request frame: the response, or the mapped error."""
     call_id = request.get("id")
     try:
         response = client.apply_guardrail(**apply_request(
             request["guardrail"], request["version"], request["source"], request["texts"]))
-    except Exception as exc:  # noqa: BLE001 - whatever it is, the parent must get an answer
+    except Exception as exc:  # whatever it is, the parent must get an answer
         error: GuardrailError | None = map_boto_error(exc)
         if error is None:
             log.exception("unexpected error in an ApplyGuardrail call")
             error = GuardrailServerError(f"{type(exc).__name__}: {exc}")
         return error_answer(call_id, error)
-    response.pop("ResponseMetadata", None)
-    return {"id": call_id, "ok": response}
+    ok: dict[str, Any] = dict(response)
+    ok.pop("ResponseMetadata", None)
+    return {"id": call_id, "ok": ok}
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:

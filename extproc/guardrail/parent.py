@@ -1,4 +1,5 @@
-"""ApplyGuardrail calls in a child process, so that boto3 never competes with the event loop: the parent's side.
+"""ApplyGuardrail calls in a child process, so that boto3 never competes with the event loop:
+the parent's side.
 
 Why: one boto3 ``apply_guardrail`` call costs about 1 ms of Python CPU (request building,
 SigV4 signing, parsing; ``bench/README.md``). Run in a thread pool of the sidecar's own

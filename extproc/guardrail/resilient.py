@@ -264,7 +264,7 @@ class ResilientGuardrail:
         results: dict[int, list[Part]] = {}
         error: GuardrailError | None = None
         try:
-            pending: set[asyncio.Future[list[Part]]] = set(tasks)
+            pending: set[asyncio.Task[list[Part]]] = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -335,14 +335,14 @@ class ResilientGuardrail:
             except GuardrailCircuitOpen:
                 self._counters["breaker_fast_fails"] += 1
                 if last is not None:
-                    raise last  # keeps its own cause
+                    raise last  # noqa: B904 - the last attempt's error, with its own cause
                 raise
             try:
                 await self._take_budget(units, deadline, patient=patient)
             except GuardrailBudgetExhausted:
                 breaker.neutral(probe)
                 if last is not None:
-                    raise last  # keeps its own cause
+                    raise last  # noqa: B904 - the last attempt's error, with its own cause
                 raise
             except BaseException:
                 breaker.neutral(probe)
@@ -391,12 +391,13 @@ class ResilientGuardrail:
         try:
             async with asyncio.timeout(allowed):
                 if self._passes_timeout:
+                    # the seam's optional keyword (see GuardrailClient), checked at __init__
                     return await self._inner.apply(  # type: ignore[call-arg]
                         guardrail, source, texts, timeout=allowed)
                 return await self._inner.apply(guardrail, source, texts)
         except TimeoutError:
             raise GuardrailTimeout(f"no ApplyGuardrail answer within {allowed:.3f}s") from None
-        except Exception as exc:  # noqa: BLE001 - every failure gets a class
+        except Exception as exc:  # every failure gets a class
             error = _normalize(exc)
             if error is exc:
                 raise

@@ -34,20 +34,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Local AWS Bedrock ApplyGuardrail-compatible endpoint (for demos and tests).",
     )
     parser.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8765),
-                        help="HOST:PORT to listen on (port 0 picks a free port; default 127.0.0.1:8765)")
-    parser.add_argument("--policy", metavar="FILE", help="guardrail policy YAML (default: the packaged demo policy)")
+                        help="HOST:PORT to listen on (port 0 picks a free port; "
+                        "default 127.0.0.1:8765)")
+    parser.add_argument("--policy", metavar="FILE",
+                        help="guardrail policy YAML (default: the packaged demo policy)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every call")
-    parser.add_argument("--latency-jitter-ms", type=float, default=0.0, help="extra random delay 0..N ms")
-    parser.add_argument("--max-text-units-per-call", type=int, default=DEFAULT_MAX_TEXT_UNITS_PER_CALL,
-                        help="calls above this size get the 429 'Input text size' error (0 disables)")
+    parser.add_argument("--latency-jitter-ms", type=float, default=0.0,
+                        help="extra random delay 0..N ms")
+    parser.add_argument("--max-text-units-per-call", type=int,
+                        default=DEFAULT_MAX_TEXT_UNITS_PER_CALL,
+                        help="calls above this size get the 429 'Input text size' error "
+                        "(0 disables)")
     parser.add_argument("--error", choices=list(ERROR_KINDS), help="inject this error kind")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--error-count", type=int, help="... for the next N calls only")
     group.add_argument("--error-rate", type=float, help="... for this fraction of calls (0..1)")
     parser.add_argument("--no-error-markers", action="store_true",
                         help="ignore __GUARDRAIL_ERROR_<KIND>__ markers in the text")
-    parser.add_argument("--log-requests", action="store_true", help="log each HTTP request to stderr")
-    parser.add_argument("--print-default-policy", action="store_true", help="print the packaged demo policy and exit")
+    parser.add_argument("--log-requests", action="store_true",
+                        help="log each HTTP request to stderr")
+    parser.add_argument("--print-default-policy", action="store_true",
+                        help="print the packaged demo policy and exit")
     return parser
 
 

@@ -95,7 +95,9 @@ PII_ENTITY_TYPES = (
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 #: Built-in detectors for the PII types that need no ``pattern`` in the policy file.
 BUILTIN_PII_PATTERNS: Mapping[str, str] = MappingProxyType({
-    "EMAIL": r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])",
+    "EMAIL": (
+        r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])"
+    ),
     "PHONE": (
         r"(?<![\w+])(?:\+?1[ .-]?)?(?:\([0-9]{3}\)|[0-9]{3})[ .-]?[0-9]{3}[ .-]?[0-9]{4}(?!\w)"
         r"|(?<![\w+])\+[2-9][0-9]{0,2}(?:[ .-]?[0-9]{2,4}){2,4}(?!\w)"
@@ -123,7 +125,8 @@ def _luhn_ok(candidate: str) -> bool:
     return total % 10 == 0
 
 
-_BUILTIN_VALIDATORS: Mapping[str, Callable[[str], bool]] = MappingProxyType({"CREDIT_DEBIT_CARD_NUMBER": _luhn_ok})
+_BUILTIN_VALIDATORS: Mapping[str, Callable[[str], bool]] = MappingProxyType(
+    {"CREDIT_DEBIT_CARD_NUMBER": _luhn_ok})
 
 
 class PolicyError(ValueError):
@@ -400,7 +403,8 @@ class Policy:
         versions_ok = "*" in self.guardrail_versions or version in self.guardrail_versions
         return ids_ok and versions_ok
 
-    def evaluate(self, source: str, texts: Sequence[str], *, full_scope: bool = False) -> Evaluation:
+    def evaluate(self, source: str, texts: Sequence[str], *,
+                 full_scope: bool = False) -> Evaluation:
         """Apply the ``source`` rules to all content blocks and return the verdict.
 
         Semantics (docs/bedrock.md A.3): any BLOCKED finding -> GUARDRAIL_INTERVENED,
@@ -423,7 +427,8 @@ class Policy:
             for topic in rules.topics:
                 if topic.name not in topics and topic.detected(text):
                     topics[topic.name] = {
-                        "name": topic.name, "type": "DENY", "action": topic.action, "detected": True,
+                        "name": topic.name, "type": "DENY", "action": topic.action,
+                        "detected": True,
                     }
             for cf in rules.content_filters:
                 if cf.type not in filters and cf.detected(text):
@@ -437,7 +442,8 @@ class Policy:
             spans: list[tuple[int, int, str]] = []
             for rule in rules.pii:
                 for m in rule.find(text):
-                    pii.append({"match": m.group(0), "type": rule.type, "action": rule.action, "detected": True})
+                    pii.append({"match": m.group(0), "type": rule.type, "action": rule.action,
+                                "detected": True})
                     if rule.action == "ANONYMIZED":
                         spans.append((m.start(), m.end(), rule.type))
             for rx in rules.regexes:
@@ -456,7 +462,8 @@ class Policy:
 
         if full_scope:
             for topic in rules.topics:
-                topics.setdefault(topic.name, {"name": topic.name, "type": "DENY", "action": "NONE", "detected": False})
+                topics.setdefault(topic.name, {"name": topic.name, "type": "DENY", "action": "NONE",
+                                               "detected": False})
             for cf in rules.content_filters:
                 filters.setdefault(cf.type, {
                     "type": cf.type, "confidence": "NONE", "filterStrength": cf.strength,
@@ -506,8 +513,9 @@ class Policy:
 
 _RULE_KEYS = ("words", "topics", "content_filters", "pii", "regexes")
 _TOP_KEYS = frozenset({
-    "name", "guardrail_ids", "guardrail_versions", "blocked_input_message", "blocked_output_message",
-    "omit_mask_findings_on_block", "report_applied_guardrail_details", "input", "output", "both",
+    "name", "guardrail_ids", "guardrail_versions", "blocked_input_message",
+    "blocked_output_message", "omit_mask_findings_on_block", "report_applied_guardrail_details",
+    "input", "output", "both",
 })
 
 
@@ -575,9 +583,11 @@ def _parse_rules(raw: Any, where: str) -> dict[str, dict[str, Any]]:
                 _action(entry, "BLOCKED"),
             )
             out["topics"][topic.key] = topic
-        for i, item in enumerate(_as_list(section.get("content_filters"), f"{where}.content_filters")):
+        filters = _as_list(section.get("content_filters"), f"{where}.content_filters")
+        for i, item in enumerate(filters):
             entry = _as_mapping(item, f"{where}.content_filters[{i}]")
-            _check_keys(entry, ("type", "phrases", "action", "strength"), f"{where}.content_filters[{i}]")
+            _check_keys(entry, ("type", "phrases", "action", "strength"),
+                        f"{where}.content_filters[{i}]")
             cf = ContentFilterRule(
                 str(entry.get("type", "")).upper(),
                 _str_tuple(entry.get("phrases"), f"{where}.content_filters[{i}].phrases"),
@@ -598,7 +608,8 @@ def _parse_rules(raw: Any, where: str) -> dict[str, dict[str, Any]]:
             _check_keys(entry, ("name", "pattern", "action"), f"{where}.regexes[{i}]")
             if not isinstance(entry.get("pattern"), str):
                 raise PolicyError(f"{where}.regexes[{i}] needs `pattern`")
-            rx = RegexRule(str(entry.get("name", "")), entry["pattern"], _action(entry, "ANONYMIZED"))
+            rx = RegexRule(str(entry.get("name", "")), entry["pattern"],
+                           _action(entry, "ANONYMIZED"))
             out["regexes"][rx.key] = rx
     except PolicyError as exc:
         if str(exc).startswith(where):
@@ -607,7 +618,8 @@ def _parse_rules(raw: Any, where: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _merge(both: Mapping[str, Mapping[str, Any]], specific: Mapping[str, Mapping[str, Any]]) -> SourcePolicy:
+def _merge(both: Mapping[str, Mapping[str, Any]],
+           specific: Mapping[str, Mapping[str, Any]]) -> SourcePolicy:
     merged = {kind: tuple({**both[kind], **specific[kind]}.values()) for kind in _RULE_KEYS}
     return SourcePolicy(**merged)
 
@@ -619,9 +631,11 @@ def parse_policy(data: Mapping[str, Any] | None) -> Policy:
     both = _parse_rules(data.get("both"), "both")
     inp = _merge(both, _parse_rules(data.get("input"), "input"))
     out = _merge(both, _parse_rules(data.get("output"), "output"))
-    ids = _str_tuple(data["guardrail_ids"], "guardrail_ids") if data.get("guardrail_ids") is not None else ("*",)
+    ids = (_str_tuple(data["guardrail_ids"], "guardrail_ids")
+           if data.get("guardrail_ids") is not None else ("*",))
     versions_raw = data.get("guardrail_versions")
-    versions = tuple(str(v) for v in _as_list(versions_raw, "guardrail_versions")) if versions_raw is not None else ("*",)
+    versions = (tuple(str(v) for v in _as_list(versions_raw, "guardrail_versions"))
+                if versions_raw is not None else ("*",))
     kwargs: dict[str, Any] = {}
     for key in ("blocked_input_message", "blocked_output_message", "name"):
         if key in data:

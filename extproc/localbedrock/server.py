@@ -96,6 +96,7 @@ _APPLY_PATH_RE: Final = re.compile(r"^/guardrail/(?P<id>[^/]*)/version/(?P<versi
 _SOURCES: Final = ("INPUT", "OUTPUT")
 _QUALIFIERS: Final = ("grounding_source", "query", "guard_content")
 _OUTPUT_SCOPES: Final = ("INTERVENTIONS", "FULL")
+_UNSATISFIED: Final = "failed to satisfy constraint: Member must"  # Bedrock's validation wording
 
 
 def error_marker(kind: str, prefix: str = DEFAULT_ERROR_MARKER_PREFIX) -> str:
@@ -121,10 +122,13 @@ class ErrorInjection:
             raise ValueError(f"unknown error kind {self.kind!r}; known: {', '.join(ERROR_KINDS)}")
         if self.count is not None and self.rate is not None:
             raise ValueError("give either count or rate, not both")
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0):
+        if self.count is not None and (
+            isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0
+        ):
             raise ValueError("count must be a non-negative integer")
         if self.rate is not None and (
-            isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0.0 <= self.rate <= 1.0
+            isinstance(self.rate, bool) or not isinstance(self.rate, (int, float))
+            or not 0.0 <= self.rate <= 1.0
         ):
             raise ValueError("rate must be a number between 0 and 1")
 
@@ -139,7 +143,8 @@ class ErrorInjection:
         unknown = set(data) - {"kind", "count", "rate", "seed"}
         if unknown:
             raise ValueError(f"error: unknown key(s) {', '.join(sorted(unknown))}")
-        return cls(kind=data.get("kind", ""), count=data.get("count"), rate=data.get("rate"), seed=data.get("seed"))
+        return cls(kind=data.get("kind", ""), count=data.get("count"), rate=data.get("rate"),
+                   seed=data.get("seed"))
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,8 @@ class Stats:
 
     calls: int = 0  # every apply request received, valid or not
     by_source: Mapping[str, int] = field(default_factory=dict)
-    by_outcome: Mapping[str, int] = field(default_factory=dict)  # NONE / GUARDRAIL_INTERVENED / error:<kind>
+    # NONE / GUARDRAIL_INTERVENED / error:<kind>
+    by_outcome: Mapping[str, int] = field(default_factory=dict)
     errors: int = 0
     text_units: int = 0  # sum over evaluated calls of sum(ceil(len/1000)) per block
     billed_text_units: Mapping[str, int] = field(default_factory=dict)  # per usage member
@@ -297,7 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ValidationError("Request body too large")
         return self.rfile.read(length) if length > 0 else b""
 
-    def _send_json(self, status: int, body: Any, *, error_code: str | None = None, request_id: str | None = None) -> None:
+    def _send_json(self, status: int, body: Any, *, error_code: str | None = None,
+                   request_id: str | None = None) -> None:
         payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -311,11 +318,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _not_found(self) -> None:
-        self._send_json(404, {"message": f"No route for {self.command} {self.path}"}, error_code="UnknownOperationException")
+        self._send_json(404, {"message": f"No route for {self.command} {self.path}"},
+                        error_code="UnknownOperationException")
 
     # -- routes
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         path = urlsplit(self.path).path
         app = self.server.app
         if path == "/_stats":
@@ -327,7 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._not_found()
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         path = urlsplit(self.path).path
         app = self.server.app
         request_id = str(uuid.uuid4())
@@ -335,7 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body()
         except (ValueError, _ValidationError) as exc:
             self.close_connection = True
-            self._send_json(400, {"message": str(exc) or "Malformed request body"}, error_code="ValidationException")
+            self._send_json(400, {"message": str(exc) or "Malformed request body"},
+                            error_code="ValidationException")
             return
         if path == "/_control":
             try:
@@ -354,9 +363,10 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(reply, _Hang):
             self._hang()
             return
-        self._send_json(reply.status, reply.body, error_code=reply.error_code, request_id=request_id)
+        self._send_json(reply.status, reply.body, error_code=reply.error_code,
+                        request_id=request_id)
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._read_body()
         self._not_found()
 
@@ -435,7 +445,8 @@ class LocalBedrock:
         server = _HTTPServer((self._host, self._requested_port), self)
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-bedrock", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-bedrock",
+            daemon=True,
         )
         self._thread.start()
         return self.port
@@ -460,7 +471,8 @@ class LocalBedrock:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -510,7 +522,8 @@ class LocalBedrock:
     ) -> None:
         """Make calls fail with ``kind`` (see :data:`ERROR_KINDS`): the next ``count`` calls,
         a ``rate`` fraction of calls, or every call until :meth:`clear_error`."""
-        injection = kind if isinstance(kind, ErrorInjection) else ErrorInjection(kind, count, rate, seed)
+        injection = (kind if isinstance(kind, ErrorInjection)
+                     else ErrorInjection(kind, count, rate, seed))
         with self._lock:
             self._error = injection
             self._error_remaining = injection.count
@@ -556,14 +569,16 @@ class LocalBedrock:
         Raises ValueError / PolicyError without changing anything when the body is invalid."""
         if not isinstance(data, Mapping):
             raise ValueError("control body must be a JSON object")
-        allowed = {"latency_ms", "latency_jitter_ms", "max_text_units_per_call", "error", "error_markers", "policy", "reset_stats"}
+        allowed = {"latency_ms", "latency_jitter_ms", "max_text_units_per_call", "error",
+                   "error_markers", "policy", "reset_stats"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"unknown control key(s): {', '.join(sorted(unknown))}")
 
         def number(key: str) -> float:
             value = data[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                    or not math.isfinite(value)):
                 raise ValueError(f"{key} must be a non-negative number")
             return value
 
@@ -573,7 +588,9 @@ class LocalBedrock:
                 updates[key] = number(key)
         if "max_text_units_per_call" in data:
             value = data["max_text_units_per_call"]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
                 raise ValueError("max_text_units_per_call must be a non-negative integer or null")
             updates["max_text_units_per_call"] = value or None
         if "error_markers" in data:
@@ -665,17 +682,18 @@ class LocalBedrock:
 
     # -- the operation
 
-    def _validate(self, identifier: str, version: str, body: bytes) -> tuple[str, str, list[str], bool]:
+    def _validate(self, identifier: str, version: str,
+                  body: bytes) -> tuple[str, str, list[str], bool]:
         """Returns (bare guardrail id, source, texts, full_scope) or raises _ValidationError."""
         problems: list[str] = []
         if len(identifier) > 2048 or not _IDENTIFIER_RE.fullmatch(identifier):
             problems.append(
-                f"Value '{identifier}' at 'guardrailIdentifier' failed to satisfy constraint: Member must satisfy "
+                f"Value '{identifier}' at 'guardrailIdentifier' {_UNSATISFIED} satisfy "
                 f"regular expression pattern: {_IDENTIFIER_RE.pattern}"
             )
         if not _VERSION_RE.fullmatch(version):
             problems.append(
-                f"Value '{version}' at 'guardrailVersion' failed to satisfy constraint: Member must satisfy "
+                f"Value '{version}' at 'guardrailVersion' {_UNSATISFIED} satisfy "
                 "regular expression pattern: ([1-9][0-9]{0,7})|(DRAFT)"
             )
         try:
@@ -687,66 +705,75 @@ class LocalBedrock:
 
         source = data.get("source")
         if source is None:
-            problems.append("Value null at 'source' failed to satisfy constraint: Member must not be null")
+            problems.append(f"Value null at 'source' {_UNSATISFIED} not be null")
         elif source not in _SOURCES:
             problems.append(
-                f"Value '{source}' at 'source' failed to satisfy constraint: Member must satisfy enum value set: "
+                f"Value '{source}' at 'source' {_UNSATISFIED} satisfy enum value set: "
                 "[INPUT, OUTPUT]"
             )
         scope = data.get("outputScope")
         if scope is not None and scope not in _OUTPUT_SCOPES:
             problems.append(
-                f"Value '{scope}' at 'outputScope' failed to satisfy constraint: Member must satisfy enum value set: "
+                f"Value '{scope}' at 'outputScope' {_UNSATISFIED} satisfy enum value set: "
                 "[INTERVENTIONS, FULL]"
             )
         texts: list[str] = []
         content = data.get("content")
         if content is None:
-            problems.append("Value null at 'content' failed to satisfy constraint: Member must not be null")
+            problems.append(f"Value null at 'content' {_UNSATISFIED} not be null")
         elif not isinstance(content, list):
-            problems.append("Value at 'content' failed to satisfy constraint: Member must be a list")
+            problems.append(f"Value at 'content' {_UNSATISFIED} be a list")
         elif not content:
-            problems.append("Value '[]' at 'content' failed to satisfy constraint: Member must have length greater than or equal to 1")
+            problems.append(
+                f"Value '[]' at 'content' {_UNSATISFIED} have length greater than or equal to 1")
         else:
             for i, block in enumerate(content, start=1):
                 where = f"content.{i}.member"
                 if not isinstance(block, dict) or len(block) != 1:
-                    problems.append(f"Value at '{where}' failed to satisfy constraint: Member must have exactly one of text, image")
+                    problems.append(
+                        f"Value at '{where}' {_UNSATISFIED} have exactly one of text, image")
                     continue
                 if "image" in block:
-                    problems.append(f"Value at '{where}.image' is not supported: local-bedrock guards text content blocks only")
+                    problems.append(f"Value at '{where}.image' is not supported: local-bedrock "
+                                    "guards text content blocks only")
                     continue
                 text_block = block.get("text")
                 if not isinstance(text_block, dict):
-                    problems.append(f"Value at '{where}' failed to satisfy constraint: Member must have exactly one of text, image")
+                    problems.append(
+                        f"Value at '{where}' {_UNSATISFIED} have exactly one of text, image")
                     continue
                 text = text_block.get("text")
                 if not isinstance(text, str):
-                    problems.append(f"Value null at '{where}.text.text' failed to satisfy constraint: Member must not be null")
+                    problems.append(f"Value null at '{where}.text.text' {_UNSATISFIED} not be null")
                     continue
                 qualifiers = text_block.get("qualifiers", [])
-                if not isinstance(qualifiers, list) or any(q not in _QUALIFIERS for q in qualifiers):
+                if (not isinstance(qualifiers, list)
+                        or any(q not in _QUALIFIERS for q in qualifiers)):
                     problems.append(
-                        f"Value '{qualifiers}' at '{where}.text.qualifiers' failed to satisfy constraint: Member must "
-                        "satisfy constraint: [Member must satisfy enum value set: [grounding_source, query, guard_content]]"
+                        f"Value '{qualifiers}' at '{where}.text.qualifiers' {_UNSATISFIED} "
+                        "satisfy constraint: [Member must satisfy enum value set: "
+                        "[grounding_source, query, guard_content]]"
                     )
                     continue
                 texts.append(text)
         if problems:
             n = len(problems)
-            raise _ValidationError(f"{n} validation error{'s' if n > 1 else ''} detected: " + "; ".join(problems))
+            raise _ValidationError(f"{n} validation error{'s' if n > 1 else ''} detected: "
+                                   + "; ".join(problems))
         m = _IDENTIFIER_RE.fullmatch(identifier)
         assert m is not None
         bare_id = m.group(1) or m.group(4)
         return bare_id, str(source), texts, scope == "FULL"
 
-    def _error_for(self, kind: str, *, guardrail_id: str, texts: Sequence[str], policy: Policy, source: str) -> _GuardrailError:
+    def _error_for(self, kind: str, *, guardrail_id: str, texts: Sequence[str], policy: Policy,
+                   source: str) -> _GuardrailError:
         spec = ERROR_KINDS[kind]
         assert spec is not None
         rules = policy.for_source(source) if source in _SOURCES else policy.input
         policy_name = rules.quota_policy_name
         if kind == "throttle":
-            message = f"Too many requests, please wait before trying again. ApplyGuardrail requestId {uuid.uuid4()} got throttled."
+            message = ("Too many requests, please wait before trying again. ApplyGuardrail "
+                       f"requestId {uuid.uuid4()} got throttled.")
         elif kind == "throttle_text_units":
             message = (
                 "Too many requests sent to ApplyGuardrail: On-demand ApplyGuardrail "
@@ -756,8 +783,8 @@ class LocalBedrock:
             units = sum(text_units(t) for t in texts)
             limit = self.max_text_units_per_call or DEFAULT_MAX_TEXT_UNITS_PER_CALL
             message = (
-                f"Input text size ({units} text units) exceeds the maximum allowed ({limit} text units) "
-                f"for the {policy_name} policy (Classic tier)"
+                f"Input text size ({units} text units) exceeds the maximum allowed "
+                f"({limit} text units) for the {policy_name} policy (Classic tier)"
             )
         elif kind == "internal":
             message = "The server encountered an internal error while processing the request."
@@ -765,16 +792,18 @@ class LocalBedrock:
             message = "Bedrock is unable to process your request at this time. Try again later."
         elif kind == "access_denied":
             message = (
-                f"User: arn:aws:iam::{self.account_id}:user/local-bedrock is not authorized to perform: "
-                f"bedrock:ApplyGuardrail on resource: {self._guardrail_arn(guardrail_id)} because no "
-                "identity-based policy allows the bedrock:ApplyGuardrail action"
+                f"User: arn:aws:iam::{self.account_id}:user/local-bedrock is not authorized to "
+                "perform: bedrock:ApplyGuardrail on resource: "
+                f"{self._guardrail_arn(guardrail_id)} because no identity-based policy allows the "
+                "bedrock:ApplyGuardrail action"
             )
         elif kind == "not_found":
             message = "The guardrail identifier or version provided does not exist."
         elif kind == "validation":
             message = "Malformed input request, please reformat your input and try again."
         else:  # service_quota
-            message = "Your account has exceeded the ApplyGuardrail quota. Request a quota increase and try again."
+            message = ("Your account has exceeded the ApplyGuardrail quota. Request a quota "
+                       "increase and try again.")
         return _GuardrailError(kind, spec.status, spec.code, message)
 
     def _guardrail_arn(self, guardrail_id: str) -> str:
@@ -831,19 +860,22 @@ class LocalBedrock:
         try:
             guardrail_id, source, texts, full_scope = self._validate(identifier, version, body)
         except _ValidationError as exc:
-            self._record(identifier=identifier, guardrail_id="", version=version, source=None, texts=(),
-                         outcome="error:validation", status=400)
+            self._record(identifier=identifier, guardrail_id="", version=version, source=None,
+                         texts=(), outcome="error:validation", status=400)
             return _Reply(400, {"message": str(exc)}, "ValidationException")
 
         def fail(kind: str) -> _Reply | _Hang:
             units = sum(text_units(t) for t in texts)
             if kind == "hang":
-                self._record(identifier=identifier, guardrail_id=guardrail_id, version=version, source=source,
-                             texts=texts, outcome="error:hang", status=0, units=units)
+                self._record(identifier=identifier, guardrail_id=guardrail_id, version=version,
+                             source=source, texts=texts, outcome="error:hang", status=0,
+                             units=units)
                 return _HANG
-            err = self._error_for(kind, guardrail_id=guardrail_id, texts=texts, policy=policy, source=source)
-            self._record(identifier=identifier, guardrail_id=guardrail_id, version=version, source=source,
-                         texts=texts, outcome=f"error:{kind}", status=err.status, units=units)
+            err = self._error_for(kind, guardrail_id=guardrail_id, texts=texts, policy=policy,
+                                  source=source)
+            self._record(identifier=identifier, guardrail_id=guardrail_id, version=version,
+                         source=source, texts=texts, outcome=f"error:{kind}", status=err.status,
+                         units=units)
             return _Reply(err.status, {"message": err.message}, err.code)
 
         if not policy.serves(guardrail_id, version):
@@ -857,11 +889,12 @@ class LocalBedrock:
             return fail("too_large")
 
         ev = policy.evaluate(source, texts, full_scope=full_scope)
-        coverage = {"textCharacters": {"guarded": ev.characters_guarded, "total": ev.characters_total}}
+        coverage = {"textCharacters": {"guarded": ev.characters_guarded,
+                                       "total": ev.characters_total}}
         usage = dict(ev.usage)
         assessment: dict[str, Any] = dict(ev.policies)
         assessment["invocationMetrics"] = {
-            "guardrailProcessingLatency": int(round((time.monotonic() - started) * 1000)),
+            "guardrailProcessingLatency": round((time.monotonic() - started) * 1000),
             "usage": usage,
             "guardrailCoverage": coverage,
         }
@@ -881,6 +914,7 @@ class LocalBedrock:
             "assessments": [assessment],
             "guardrailCoverage": coverage,
         }
-        self._record(identifier=identifier, guardrail_id=guardrail_id, version=version, source=source, texts=texts,
-                     outcome=ev.action, status=200, action_reason=ev.action_reason, units=ev.text_units, usage=usage)
+        self._record(identifier=identifier, guardrail_id=guardrail_id, version=version,
+                     source=source, texts=texts, outcome=ev.action, status=200,
+                     action_reason=ev.action_reason, units=ev.text_units, usage=usage)
         return _Reply(200, response)

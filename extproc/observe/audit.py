@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from extproc.observe.logs import AUDIT_LOGGER, iso_timestamp
 from extproc.domain.verdict import Finding, GuardrailVerdict
+from extproc.observe.logs import AUDIT_LOGGER, iso_timestamp
 
 LOGGER_NAME: Final = AUDIT_LOGGER
 EVENT: Final = "guardrail_intervention"

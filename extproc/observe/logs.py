@@ -1,9 +1,9 @@
 """Logging: JSON lines (or text) on stderr, with the stream id as a field of its own.
 
 Owns the handler, the two formats and the per-stream binding: ``bind_stream`` sets a context
-variable once when a stream starts (``extproc.transport.server``); every record logged in that context,
-including from the stream's background tasks and timers (asyncio copies the context when it
-creates them), carries ``stream``. Must not log anything itself, and must not add prompts,
+variable once when a stream starts (``extproc.transport.server``); every record logged in that
+context, including from the stream's background tasks and timers (asyncio copies the context
+when it creates them), carries ``stream``. Must not log anything itself, and must not add prompts,
 answers or matched text to a record: callers never pass them, and boto3/botocore, which would
 log request bodies at DEBUG, are capped at INFO.
 
@@ -13,8 +13,8 @@ A JSON line::
      "message": "answer ended by the guardrail (block) after 76 released characters",
      "stream": "s12"}
 
-Audit records (``extproc.observe.audit``, logger ``extproc.audit``) carry their fields under ``audit``; in the text format the
-record's JSON is the message.
+Audit records (``extproc.observe.audit``, logger ``extproc.audit``) carry their fields under
+``audit``; in the text format the record's JSON is the message.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import enum
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
 #: The id of the ext_proc stream the current task works for (None outside a stream).
@@ -55,7 +55,7 @@ def unbind_stream(token: contextvars.Token[str | None]) -> None:
 
 def iso_timestamp(seconds: float) -> str:
     """``seconds`` since the epoch as ISO 8601 UTC with milliseconds, e.g. ``…T12:00:00.123Z``."""
-    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -2,9 +2,10 @@
 implementation behind it (served on its own HTTP port) and a no-op one.
 
 Owns metric names, labels and their bounds. Label values are bounded by construction: route
-names come from the configuration (``extproc.settings.routes``: anything else is ``default``), formats from
-the code, sources, actions, outcomes and error classes from fixed sets; finding names (topic
-names, filter and PII types, regex names) and usage members come from the guardrail, so each
+names come from the configuration (``extproc.settings.routes``: anything else is
+``default``), formats from the code, sources, actions, outcomes and error classes from fixed
+sets; finding names (topic names, filter and PII types, regex names) and usage members come
+from the guardrail, so each
 kind keeps at most ``max_names`` distinct values and counts the rest as ``other``. Request ids
 and text never become labels.
 
@@ -250,11 +251,11 @@ class PrometheusRecorder:
         }
         self._latency_children = {value: self._latency.labels(label)
                                   for value, label in SOURCES.items()}
-        self._started_children: dict[tuple[str, str], Any] = {}
-        self._finished_children: dict[tuple[str, str, str], Any] = {}
-        self._finding_children: dict[tuple[str, str, str], Any] = {}
-        self._unit_children: dict[tuple[str, str], Any] = {}
-        self._error_children: dict[tuple[str, str, str], Any] = {}
+        self._started_children: dict[tuple[str, str], Counter] = {}
+        self._finished_children: dict[tuple[str, str, str], Counter] = {}
+        self._finding_children: dict[tuple[str, str, str], Counter] = {}
+        self._unit_children: dict[tuple[str, str], Counter] = {}
+        self._error_children: dict[tuple[str, str, str], Counter] = {}
 
     # -- streams
 
@@ -316,7 +317,7 @@ class PrometheusRecorder:
             self._error_children[key] = child
         child.inc()
 
-    def _finding_child(self, policy: str, name: str, action: str) -> Any:
+    def _finding_child(self, policy: str, name: str, action: str) -> Counter:
         key = (policy, name, action)
         child = self._finding_children.get(key)
         if child is not None:
@@ -330,7 +331,7 @@ class PrometheusRecorder:
             self._finding_children[key] = child
         return child
 
-    def _unit_child(self, source: str, key: str) -> Any:
+    def _unit_child(self, source: str, key: str) -> Counter:
         cache_key = (source, key)
         child = self._unit_children.get(cache_key)
         if child is None:
@@ -377,7 +378,8 @@ class GCPauses:
         histogram = Histogram(
             PREFIX + "gc_pause_seconds", "garbage collection pauses of the serving process (the "
             "event loop stops meanwhile), by generation (0: young, see --gc-young-threshold; "
-            "2: full collections, see --gc-full-every)", ("generation",), buckets=GC_PAUSE_BUCKETS, registry=registry)
+            "2: full collections, see --gc-full-every)", ("generation",),
+            buckets=GC_PAUSE_BUCKETS, registry=registry)
         self._children = [histogram.labels(str(generation)) for generation in range(3)]
         self._started = 0.0
         gc.callbacks.append(self._on_gc)

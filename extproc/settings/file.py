@@ -1,8 +1,8 @@
 """The YAML configuration file: read it, check its shape, hand back raw values with their place.
 
 Owns only syntax: which keys exist and where each value came from (``file.yaml: routes.a.
-stream_mode``), so that ``extproc.settings.options`` can validate every value with the same parsers as
-flags and environment variables and name the key in any error. Shape::
+stream_mode``), so that ``extproc.settings.options`` can validate every value with the same
+parsers as flags and environment variables and name the key in any error. Shape::
 
     guardrail_id: abc123            # any option, by its flag name with underscores
     stream_mode: sync

@@ -3,8 +3,8 @@ configuration file once, at start-up, into ``extproc.settings.values.Settings``.
 
 Owns the table (flag, where the value goes in ``Settings``, help, default, parser), the
 per-route keys (``ROUTE_FIELDS``), the checks of the route selectors, ``load_settings`` and
-``render_settings`` (``--print-config``). Nothing else in the package reads the environment (boto3 reads its own
-standard AWS variables); nothing here runs at import time.
+``render_settings`` (``--print-config``). Nothing else in the package reads the environment
+(boto3 reads its own standard AWS variables); nothing here runs at import time.
 
 Precedence: command-line flag, then environment variable, then the configuration file, then
 default.
@@ -196,122 +196,128 @@ def _parse_namespace(value: str, where: str) -> str:
 OPTIONS: tuple[_Option, ...] = (
     _Option("--listen", "server.listen", "gRPC listen address HOST:PORT (port 0 picks a free port)",
             "127.0.0.1:50051", _parse_listen),
-    _Option("--tls-cert", "server.tls_cert", "PEM certificate chain: serve gRPC over TLS (with --tls-key)", "",
-            _parse_file),
+    _Option("--tls-cert", "server.tls_cert", "PEM certificate chain: serve gRPC over TLS (with "
+            "--tls-key)", "", _parse_file),
     _Option("--tls-key", "server.tls_key", "PEM private key of --tls-cert", "", _parse_file),
-    _Option("--tls-client-ca", "server.tls_client_ca", "PEM CA bundle: require and verify client certificates (mTLS)",
-            "", _parse_file),
-    _Option("--guardrail-id", "default_route.guardrail.id", "Bedrock guardrail identifier (id or ARN); required", None,
-            _parse_guardrail_id),
-    _Option("--guardrail-version", "default_route.guardrail.version", "guardrail version number or DRAFT", "DRAFT",
-            _parse_guardrail_version),
-    _Option("--input-check", "default_route.input_check", "prompt check: pre_call (before the upstream is contacted), "
-            "parallel (while the upstream runs) or off", "pre_call", _enum_parser(InputCheck)),
-    _Option("--prompt-scope", "default_route.prompt_scope", "prompt text checked: last_user, all (messages) or "
-            "all_with_system", "last_user", _enum_parser(PromptScope)),
-    _Option("--output-check", "default_route.output_check", "check answers, streamed and not (on/off)", "on", _parse_bool),
-    _Option("--shadow", "default_route.shadow", "detect-only rollout: check everything, never block or rewrite, count "
-            "and log what would have happened", "off", _parse_bool),
-    _Option("--soft-block", "default_route.soft_block", "end a blocked answer with the guardrail's message as normal "
-            "content and a content-filter finish reason instead of an error", "off",
-            _parse_bool),
-    _Option("--failure-mode", "default_route.failure_mode", "when the guardrail gives no verdict: closed, open, or per error "
-            "class, e.g. closed,throttled=open,timeout=open (classes: throttled, timeout, "
-            "server_error, input_too_large, rejected, circuit_open, budget, overload)", "closed",
-            _parse_failure_policy),
-    _Option("--guardrail-timeout", "client.timeout_s", "seconds one ApplyGuardrail call may take, retries included",
-            "5", _number_parser(float, 0.05, 120)),
-    _Option("--guardrail-max-attempts", "client.max_attempts", "ApplyGuardrail attempts per call: retries with "
-            "backoff and jitter for throttling, timeouts and 5xx, within --guardrail-timeout",
-            "3", _number_parser(int, 1, 10)),
-    _Option("--guardrail-attempt-timeout", "client.attempt_timeout_s", "seconds one attempt may take", "2",
-            _number_parser(float, 0.05, 120)),
-    _Option("--guardrail-max-chars-per-call", "client.max_chars_per_call", "larger inputs are split into several calls "
-            "(Bedrock rejects calls over the per-policy text-unit quota)", "25000",
-            _number_parser(int, 1000, 10_000_000)),
-    _Option("--breaker-failures", "client.breaker_failures", "consecutive failed attempts that also open the circuit "
-            "breaker (0: off; at high concurrency a short run of failures is common, so the "
-            "breaker opens by default only when 80%% of at least 20 attempts in 30 s failed)",
-            "0", _number_parser(int, 0, 10_000)),
-    _Option("--breaker-cooldown", "client.breaker_cooldown_s", "seconds the breaker stays open before a probe call", "10",
-            _number_parser(float, 0.1, 3600)),
-    _Option("--budget-rps", "client.budget_rps", "ApplyGuardrail requests per second this process may send "
-            "(token bucket; 0: unlimited): your account's quota divided by the processes that "
-            "share it", "0", _number_parser(float, 0, 100_000)),
-    _Option("--budget-text-units", "client.budget_text_units", "text units per second this process may send (0: "
-            "unlimited): the smallest per-policy quota divided by the processes that share it",
-            "0", _number_parser(float, 0, 1_000_000)),
-    _Option("--budget-max-wait", "client.budget_max_wait_s", "seconds a call may wait for budget before it fails as "
-            "'budget'", "0.25", _number_parser(float, 0, 60)),
-    _Option("--guardrail-threads", "client.threads", "threads running boto3 calls (concurrent calls per process)",
-            "32", _number_parser(int, 1, 1024)),
-    _Option("--guardrail-calls", "client.calls", "where boto3 calls run: process (a child process, so they "
-            "never hold the event loop's GIL) or thread (this process's thread pool)", "process",
-            _enum_parser(GuardrailCalls)),
-    _Option("--event-loop", "runtime.event_loop", "asyncio event loop: auto (uvloop when installed), uvloop or "
-            "asyncio", "auto", _enum_parser(EventLoop)),
-    _Option("--gc-full-every", "runtime.gc_full_every", "Python runs a full garbage collection (a pause that grows with "
-            "the text streams hold) once per this many generation-1 ones; Python's own default "
-            "is 10; 0 leaves it as Python has it (with --gc-young-threshold 0 as well, the "
-            "collector is untouched and the start-up heap unfrozen)", "100",
-            _number_parser(int, 0, 1_000_000)),
-    _Option("--gc-young-threshold", "runtime.gc_young_threshold", "Python runs a young garbage collection once this many more "
-            "container objects were created than freed (Python's default: 700; held events are "
-            "several each, so a low threshold walks them again and again); generation 1 is then "
-            "collected every third young collection; 0 leaves both as Python has them",
-            "10000", _number_parser(int, 0, 100_000_000)),
-    _Option("--input-wait", "streams.input_wait_s", "seconds the response-headers answer may wait for a pending prompt "
-            "verdict; keep it below Envoy's message_timeout", "0.5",
-            _number_parser(float, 0, 60)),
-    _Option("--drain-delay", "server.drain_delay_s", "seconds between NOT_SERVING and closing the listener on SIGTERM",
-            "0", _number_parser(float, 0, 600)),
-    _Option("--grace-period", "server.grace_period_s", "seconds in-flight streams get to finish on SIGTERM", "30",
-            _number_parser(float, 0, 3600)),
-    _Option("--metadata-namespace", "streams.metadata_namespace", "dynamic metadata namespace for Envoy's access log",
-            "guardrail", _parse_namespace),
-    _Option("--log-level", "runtime.log_level", "DEBUG, INFO, WARNING or ERROR", "INFO", _parse_log_level),
-    _Option("--stream-mode", "default_route.stream_mode", "sync: no text before a passing check; async: release at once, "
-            "check beside the stream", "sync", _enum_parser(StreamMode)),
-    _Option("--check-strategy", "default_route.window.strategy", "windowed (new text + overlap, linear cost) or cumulative "
-            "(the whole answer each time)", "windowed", _enum_parser(Strategy)),
-    _Option("--window-chars", "default_route.window.window_chars", "new characters per check (800 + 200 overlap = 1 text unit)",
-            "800", _number_parser(int, 1, 100_000)),
-    _Option("--window-overlap", "default_route.window.overlap_chars", "characters of already-checked text repeated at the start of "
-            "each window (and held back in sync mode)", "200", _number_parser(int, 0, 10_000)),
-    _Option("--window-min-chars", "default_route.window.min_chars", "new characters that trigger a check mid-stream (the first "
-            "check and the end of the stream do not wait); unset, at most --window-chars", "800",
-            _number_parser(int, 1, 100_000)),
-    _Option("--fast-first-window", "default_route.window.fast_first_window", "release the first checked text in full (time to first "
-            "token = one round trip)", "on", _parse_bool),
-    _Option("--max-stream-text-units", "default_route.window.max_stream_text_units", "cumulative strategy: text units per policy one stream "
-            "may spend before falling back to windows", "100", _number_parser(int, 1, 1_000_000)),
-    _Option("--workers", "server.workers", "server processes sharing the listen port (SO_REUSEPORT) to use "
-            "more than one core; auto: the CPUs this process may use (affinity and cgroup "
-            "CPU quota); worker i serves metrics on the metrics port + i", "auto",
-            _parse_workers),
-    _Option("--reuse-port", "server.reuse_port", "bind the listen port with SO_REUSEPORT (set for workers; for "
-            "processes started by other means)", "off", _parse_bool),
-    _Option("--max-held-bytes", "streams.max_held_bytes", "bytes one stream may hold back (unchecked text, a partial "
-            "event); beyond it the failure policy's 'overload' class decides (0: no limit)",
-            "4194304", _number_parser(int, 0, 1 << 34)),
-    _Option("--max-request-bytes", "streams.max_request_bytes", "largest request body (prompt) checked, inflated; larger "
-            "ones get 413 before anything goes upstream (keep it at most Envoy's buffer "
-            "limit, per_connection_buffer_limit_bytes, 1 MiB by default; 0: no limit)",
-            "1048576", _number_parser(int, 0, 1 << 34)),
-    _Option("--max-streams", "streams.max_streams", "streams this process guards at once; beyond it the failure "
-            "policy's 'overload' class decides (closed: 503; open: unchecked) (0: no limit)",
-            "2000", _number_parser(int, 0, 10_000_000)),
-    _Option("--keepalive-interval", "streams.keepalive_s", "seconds of silence before an SSE comment keep-alive while "
-            "text is held (0: off)", "5", _number_parser(float, 0, 3600)),
-    _Option("--streamed-message-timeout", "streams.streamed_message_timeout_s", "STREAMED fallback: override_message_timeout while "
-            "the final answer waits for a check (must be <= Envoy's max_message_timeout)", "10",
-            _number_parser(float, 0.001, 3600)),
-    _Option("--metrics-listen", "server.metrics_listen", "Prometheus /metrics address HOST:PORT (port 0 picks a free "
-            "port), or off", "127.0.0.1:9464", _parse_metrics_listen),
+    _Option("--tls-client-ca", "server.tls_client_ca", "PEM CA bundle: require and verify client "
+            "certificates (mTLS)", "", _parse_file),
+    _Option("--guardrail-id", "default_route.guardrail.id", "Bedrock guardrail identifier (id or "
+            "ARN); required", None, _parse_guardrail_id),
+    _Option("--guardrail-version", "default_route.guardrail.version", "guardrail version number or "
+            "DRAFT", "DRAFT", _parse_guardrail_version),
+    _Option("--input-check", "default_route.input_check", "prompt check: pre_call (before the "
+            "upstream is contacted), parallel (while the upstream runs) or off",
+            "pre_call", _enum_parser(InputCheck)),
+    _Option("--prompt-scope", "default_route.prompt_scope", "prompt text checked: last_user, all "
+            "(messages) or all_with_system", "last_user", _enum_parser(PromptScope)),
+    _Option("--output-check", "default_route.output_check", "check answers, streamed and not "
+            "(on/off)", "on", _parse_bool),
+    _Option("--shadow", "default_route.shadow", "detect-only rollout: check everything, never "
+            "block or rewrite, count and log what would have happened", "off", _parse_bool),
+    _Option("--soft-block", "default_route.soft_block", "end a blocked answer with the guardrail's "
+            "message as normal content and a content-filter finish reason instead of an error",
+            "off", _parse_bool),
+    _Option("--failure-mode", "default_route.failure_mode", "when the guardrail gives no verdict: "
+            "closed, open, or per error class, e.g. closed,throttled=open,timeout=open (classes: "
+            "throttled, timeout, server_error, input_too_large, rejected, circuit_open, budget, "
+            "overload)", "closed", _parse_failure_policy),
+    _Option("--guardrail-timeout", "client.timeout_s", "seconds one ApplyGuardrail call may take, "
+            "retries included", "5", _number_parser(float, 0.05, 120)),
+    _Option("--guardrail-max-attempts", "client.max_attempts", "ApplyGuardrail attempts per call: "
+            "retries with backoff and jitter for throttling, timeouts and 5xx, within "
+            "--guardrail-timeout", "3", _number_parser(int, 1, 10)),
+    _Option("--guardrail-attempt-timeout", "client.attempt_timeout_s", "seconds one attempt may "
+            "take", "2", _number_parser(float, 0.05, 120)),
+    _Option("--guardrail-max-chars-per-call", "client.max_chars_per_call", "larger inputs are "
+            "split into several calls (Bedrock rejects calls over the per-policy text-unit quota)",
+            "25000", _number_parser(int, 1000, 10_000_000)),
+    _Option("--breaker-failures", "client.breaker_failures", "consecutive failed attempts that "
+            "also open the circuit breaker (0: off; at high concurrency a short run of failures is "
+            "common, so the breaker opens by default only when 80%% of at least 20 attempts in "
+            "30 s failed)", "0", _number_parser(int, 0, 10_000)),
+    _Option("--breaker-cooldown", "client.breaker_cooldown_s", "seconds the breaker stays open "
+            "before a probe call", "10", _number_parser(float, 0.1, 3600)),
+    _Option("--budget-rps", "client.budget_rps", "ApplyGuardrail requests per second this process "
+            "may send (token bucket; 0: unlimited): your account's quota divided by the processes "
+            "that share it", "0", _number_parser(float, 0, 100_000)),
+    _Option("--budget-text-units", "client.budget_text_units", "text units per second this process "
+            "may send (0: unlimited): the smallest per-policy quota divided by the processes that "
+            "share it", "0", _number_parser(float, 0, 1_000_000)),
+    _Option("--budget-max-wait", "client.budget_max_wait_s", "seconds a call may wait for budget "
+            "before it fails as 'budget'", "0.25", _number_parser(float, 0, 60)),
+    _Option("--guardrail-threads", "client.threads", "threads running boto3 calls (concurrent "
+            "calls per process)", "32", _number_parser(int, 1, 1024)),
+    _Option("--guardrail-calls", "client.calls", "where boto3 calls run: process (a child process, "
+            "so they never hold the event loop's GIL) or thread (this process's thread pool)",
+            "process", _enum_parser(GuardrailCalls)),
+    _Option("--event-loop", "runtime.event_loop", "asyncio event loop: auto (uvloop when "
+            "installed), uvloop or asyncio", "auto", _enum_parser(EventLoop)),
+    _Option("--gc-full-every", "runtime.gc_full_every", "Python runs a full garbage collection (a "
+            "pause that grows with the text streams hold) once per this many generation-1 ones; "
+            "Python's own default is 10; 0 leaves it as Python has it (with --gc-young-threshold 0 "
+            "as well, the collector is untouched and the start-up heap unfrozen)",
+            "100", _number_parser(int, 0, 1_000_000)),
+    _Option("--gc-young-threshold", "runtime.gc_young_threshold", "Python runs a young garbage "
+            "collection once this many more container objects were created than freed (Python's "
+            "default: 700; held events are several each, so a low threshold walks them again and "
+            "again); generation 1 is then collected every third young collection; 0 leaves both as "
+            "Python has them", "10000", _number_parser(int, 0, 100_000_000)),
+    _Option("--input-wait", "streams.input_wait_s", "seconds the response-headers answer may wait "
+            "for a pending prompt verdict; keep it below Envoy's message_timeout",
+            "0.5", _number_parser(float, 0, 60)),
+    _Option("--drain-delay", "server.drain_delay_s", "seconds between NOT_SERVING and closing the "
+            "listener on SIGTERM", "0", _number_parser(float, 0, 600)),
+    _Option("--grace-period", "server.grace_period_s", "seconds in-flight streams get to finish on "
+            "SIGTERM", "30", _number_parser(float, 0, 3600)),
+    _Option("--metadata-namespace", "streams.metadata_namespace", "dynamic metadata namespace for "
+            "Envoy's access log", "guardrail", _parse_namespace),
+    _Option("--log-level", "runtime.log_level", "DEBUG, INFO, WARNING or ERROR",
+            "INFO", _parse_log_level),
+    _Option("--stream-mode", "default_route.stream_mode", "sync: no text before a passing check; "
+            "async: release at once, check beside the stream", "sync", _enum_parser(StreamMode)),
+    _Option("--check-strategy", "default_route.window.strategy", "windowed (new text + overlap, "
+            "linear cost) or cumulative (the whole answer each time)",
+            "windowed", _enum_parser(Strategy)),
+    _Option("--window-chars", "default_route.window.window_chars", "new characters per check "
+            "(800 + 200 overlap = 1 text unit)", "800", _number_parser(int, 1, 100_000)),
+    _Option("--window-overlap", "default_route.window.overlap_chars", "characters of "
+            "already-checked text repeated at the start of each window (and held back in sync "
+            "mode)", "200", _number_parser(int, 0, 10_000)),
+    _Option("--window-min-chars", "default_route.window.min_chars", "new characters that trigger a "
+            "check mid-stream (the first check and the end of the stream do not wait); unset, at "
+            "most --window-chars", "800", _number_parser(int, 1, 100_000)),
+    _Option("--fast-first-window", "default_route.window.fast_first_window", "release the first "
+            "checked text in full (time to first token = one round trip)", "on", _parse_bool),
+    _Option("--max-stream-text-units", "default_route.window.max_stream_text_units", "cumulative "
+            "strategy: text units per policy one stream may spend before falling back to windows",
+            "100", _number_parser(int, 1, 1_000_000)),
+    _Option("--workers", "server.workers", "server processes sharing the listen port "
+            "(SO_REUSEPORT) to use more than one core; auto: the CPUs this process may use "
+            "(affinity and cgroup CPU quota); worker i serves metrics on the metrics port + i",
+            "auto", _parse_workers),
+    _Option("--reuse-port", "server.reuse_port", "bind the listen port with SO_REUSEPORT (set for "
+            "workers; for processes started by other means)", "off", _parse_bool),
+    _Option("--max-held-bytes", "streams.max_held_bytes", "bytes one stream may hold back "
+            "(unchecked text, a partial event); beyond it the failure policy's 'overload' class "
+            "decides (0: no limit)", "4194304", _number_parser(int, 0, 1 << 34)),
+    _Option("--max-request-bytes", "streams.max_request_bytes", "largest request body (prompt) "
+            "checked, inflated; larger ones get 413 before anything goes upstream (keep it at most "
+            "Envoy's buffer limit, per_connection_buffer_limit_bytes, 1 MiB by default; 0: no "
+            "limit)", "1048576", _number_parser(int, 0, 1 << 34)),
+    _Option("--max-streams", "streams.max_streams", "streams this process guards at once; beyond "
+            "it the failure policy's 'overload' class decides (closed: 503; open: unchecked) (0: "
+            "no limit)", "2000", _number_parser(int, 0, 10_000_000)),
+    _Option("--keepalive-interval", "streams.keepalive_s", "seconds of silence before an SSE "
+            "comment keep-alive while text is held (0: off)", "5", _number_parser(float, 0, 3600)),
+    _Option("--streamed-message-timeout", "streams.streamed_message_timeout_s", "STREAMED "
+            "fallback: override_message_timeout while the final answer waits for a check (must be "
+            "<= Envoy's max_message_timeout)", "10", _number_parser(float, 0.001, 3600)),
+    _Option("--metrics-listen", "server.metrics_listen", "Prometheus /metrics address HOST:PORT "
+            "(port 0 picks a free port), or off", "127.0.0.1:9464", _parse_metrics_listen),
     _Option("--log-format", "runtime.log_format", "json (one object per line) or text", "json",
             _enum_parser(LogFormat)),
-    _Option("--audit-include-matches", "runtime.audit_include_matches", "audit records show matched text, cut to its first "
-            "and last character (on/off)", "off", _parse_bool),
+    _Option("--audit-include-matches", "runtime.audit_include_matches", "audit records show "
+            "matched text, cut to its first and last character (on/off)", "off", _parse_bool),
 )
 
 

@@ -7,7 +7,8 @@ Envoy can say it in three ways (``shared/docs/ext_proc.md`` section 6); the side
 
    =========================  ===================================================================
    ``x-guardrail-route``      a route named in the configuration file (its whole policy)
-   (any route setting)        ``x-guardrail-`` + the setting with dashes, e.g. ``x-guardrail-stream-mode``
+   (any route setting)        ``x-guardrail-`` + the setting with dashes
+                              (``x-guardrail-stream-mode``)
    ``x-guardrail-id``         guardrail id or ARN
    ``x-guardrail-version``    guardrail version
    ``x-guardrail-enabled``    ``off``: the sidecar lets this route's traffic through untouched
@@ -238,7 +239,7 @@ class RouteResolver:
             self._warn(f"{ROUTE_KEY}: unknown route {explicit!r}")
             unknown = UNMAPPED
         unmapped: list[str] = []
-        for selector, value in zip(self._selectors, values):
+        for selector, value in zip(self._selectors, values, strict=True):
             if value is None:
                 continue
             route = selector.route(value)

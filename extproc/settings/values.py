@@ -167,7 +167,7 @@ class ClientSettings:
     budget_max_wait_s: float = 0.25
     threads: int = 32
     calls: GuardrailCalls = GuardrailCalls.PROCESS
-    aws_region: str | None = None  # AWS_REGION; None leaves it to boto3 (AWS_DEFAULT_REGION, profile)
+    aws_region: str | None = None  # AWS_REGION; None: boto3's own (AWS_DEFAULT_REGION, profile)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ class WholeAnswer:
             await self._check(body, prompt)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a bug must not leave Envoy waiting
+        except Exception:
             log.exception("BUG while checking a non-streamed answer; failing closed")
             self._replies.error(ErrorKind.UNAVAILABLE, "unavailable")
         await self._ctx.outbox.flush()
@@ -63,7 +63,7 @@ class WholeAnswer:
                 verdict = await ctx.check(Source.OUTPUT, [text for _, text in pairs])
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: answer anyway
+            except Exception as exc:
                 error = exc if isinstance(exc, GuardrailError) else None
                 if error is None:
                     log.exception("BUG in the answer check")

@@ -338,7 +338,7 @@ class OutputGuard:
         except GuardrailError as exc:
             self._in_flight = None
             self._on_error(exc, blocks, texts)
-        except Exception:  # noqa: BLE001 - a bug must not leave a FULL_DUPLEX body hanging
+        except Exception:
             log.exception("BUG in the output check; ending the stream")
             self._in_flight = None
             self.end(ErrorKind.UNAVAILABLE)

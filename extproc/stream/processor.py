@@ -177,7 +177,8 @@ class GuardedStream:
     """An LLM call: the prompt, then the answer, each checked as its route says."""
 
     def __init__(self, ctx: StreamContext, settings: Settings, fmt: StreamFormat,
-                 body_mode: BodyMode, configured_response_body: int,
+                 body_mode: BodyMode,
+                 configured_response_body: envoy.ProcessingMode.BodySendMode,
                  recorder: Recorder) -> None:
         self._ctx = ctx
         self._configured_response_body = configured_response_body
@@ -471,7 +472,7 @@ class StreamProcessor:
         self._counted = False
         self._fmt: StreamFormat | None = None
         self._body_mode = BodyMode.NONE
-        self._configured_response_body: int = envoy.ProcessingMode.NONE
+        self._configured_response_body = envoy.ProcessingMode.NONE
         self._stream: PassThrough | GuardedStream | None = None
         guardrail_ref = self._route.guardrail
         self.record = StreamRecord(guardrail_ref.id, guardrail_ref.version, route=route_name,

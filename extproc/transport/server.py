@@ -22,13 +22,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from extproc.observe.audit import AuditLog
-from extproc.settings.values import Settings
-from extproc.formats import StreamFormat, all_formats
 from extproc.domain.client import GuardrailClient
+from extproc.formats import StreamFormat, all_formats
+from extproc.observe.audit import AuditLog
 from extproc.observe.logs import bind_stream, unbind_stream
 from extproc.observe.metrics import NULL_RECORDER, Recorder
 from extproc.settings.routes import RouteResolver
+from extproc.settings.values import Settings
 from extproc.stream.processor import Admission, StreamProcessor
 from extproc.stream.sinks import Outbox
 
@@ -52,7 +52,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._guardrail = guardrail
         self._formats = formats if formats is not None else all_formats()
         self._recorder = recorder
-        self._audit = audit if audit is not None else AuditLog(settings.runtime.audit_include_matches)
+        self._audit = (audit if audit is not None
+                       else AuditLog(settings.runtime.audit_include_matches))
         self._ids = itertools.count(1)
         self.routes = RouteResolver(settings)
         self.admission = Admission(settings.streams.max_streams)
@@ -151,12 +152,13 @@ def server_options(reuse_port: bool = False) -> Sequence[tuple[str, Any]]:
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     """TLS for the listener; with ``tls_client_ca``, client certificates are required (mTLS)."""
-    assert settings.server.tls_cert and settings.server.tls_key, "BUG: TLS credentials without files"
-    with open(settings.server.tls_cert, "rb") as cert, open(settings.server.tls_key, "rb") as key:
+    server = settings.server
+    assert server.tls_cert and server.tls_key, "BUG: TLS credentials without files"
+    with open(server.tls_cert, "rb") as cert, open(server.tls_key, "rb") as key:
         pair = (key.read(), cert.read())
     root = None
-    if settings.server.tls_client_ca:
-        with open(settings.server.tls_client_ca, "rb") as ca:
+    if server.tls_client_ca:
+        with open(server.tls_client_ca, "rb") as ca:
             root = ca.read()
     return grpc.ssl_server_credentials([pair], root_certificates=root,
                                        require_client_auth=root is not None)

@@ -35,7 +35,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def worker_argv(argv: Sequence[str], settings: Settings, port: int, index: int) -> list[str]:
-    host = f"[{settings.server.listen_host}]" if ":" in settings.server.listen_host else settings.server.listen_host
+    listen_host = settings.server.listen_host
+    host = f"[{listen_host}]" if ":" in listen_host else listen_host
     args = [sys.executable, "-m", "extproc", *argv, "--workers", "1", "--reuse-port", "on",
             "--listen", f"{host}:{port}"]
     address = settings.server.metrics_address
@@ -46,7 +47,8 @@ def worker_argv(argv: Sequence[str], settings: Settings, port: int, index: int) 
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
-    """Run ``settings.server.workers`` workers until a signal; 0 when every worker stopped cleanly."""
+    """Run ``settings.server.workers`` workers until a signal; 0 when every worker stopped
+    cleanly."""
     try:
         reserved = reserve_port(settings.server.listen_host, settings.server.listen_port)
     except OSError as exc:
@@ -65,7 +67,8 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     workers: list[subprocess.Popen[bytes]] = [
-        subprocess.Popen(worker_argv(argv, settings, port, i)) for i in range(settings.server.workers)
+        subprocess.Popen(worker_argv(argv, settings, port, i))
+        for i in range(settings.server.workers)
     ]
     log.info("guardrail-extproc supervisor: %d workers on port %d", settings.server.workers, port)
     restarts: dict[int, float] = {}

@@ -40,9 +40,8 @@ class DockerEnvoy(EnvoyProcess):
     """The official Envoy image via testcontainers, host network, same rendered config."""
 
     def start(self, timeout: float = 60.0) -> DockerEnvoy:
-        from testcontainers.core.container import DockerContainer
-
         import yaml
+        from testcontainers.core.container import DockerContainer
 
         self.config_path.write_text(yaml.safe_dump(dict(self.config)), encoding="utf-8")
         self.workdir.chmod(0o777)
@@ -57,9 +56,9 @@ class DockerEnvoy(EnvoyProcess):
         )
         container.start()
         self._container = container
+        import json
         import time
         import urllib.request
-        import json
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

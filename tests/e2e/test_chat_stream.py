@@ -191,7 +191,7 @@ def test_guardrail_timeout_does_not_hang_the_stream(stacks: StackFactory) -> Non
     marker = error_marker("hang")
     script_id = stack.llm.register(Script(chunks=tuple(events(f"slow {marker}")), delays_ms=5))
     started = time.monotonic()
-    response, body = post_stream(stack, script_id, "http1")
+    _response, body = post_stream(stack, script_id, "http1")
     # The role chunk carries no text and was released; the unchecked text never is.
     assert body == events()[0] + UNAVAILABLE_FRAME
     assert time.monotonic() - started < 10
@@ -201,7 +201,7 @@ def test_fail_open_releases_the_stream_unchanged(stacks: StackFactory) -> None:
     stack = stacks(["--failure-mode", "open", "--input-check", "off"])
     chunks = tuple(events("fine ", f"then {error_marker('throttle')} ", "rest"))
     script_id = stack.llm.register(Script(chunks=chunks, delays_ms=10))
-    response, body = post_stream(stack, script_id, "http2")
+    _response, body = post_stream(stack, script_id, "http2")
     assert body == b"".join(chunks)
 
 

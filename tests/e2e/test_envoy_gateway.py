@@ -149,21 +149,21 @@ def test_envoy_validates_the_generated_config(shape: str, tmp_path: Path) -> Non
 
 def test_routes_choose_their_guardrail_from_request_attributes(gateway: Stack) -> None:
     script_id, _ = violating_stream(gateway)
-    body, ids, entry = through(gateway, "openai", script_id)
+    _, ids, entry = through(gateway, "openai", script_id)
     assert entry["route_name"] == "httproute/llm/openai/rule/0/match/0/*"
     assert ids == {"openaiguard"}
     assert (entry["guardrail"]["guardrail_id"], entry["guardrail"]["mode"]) == (
         "openaiguard", "sync")
 
     script_id, _ = violating_stream(gateway)
-    body, ids, entry = through(gateway, "anthropic", script_id)
+    _, ids, entry = through(gateway, "anthropic", script_id)
     assert ids == {"anthropicguard"}
     assert entry["guardrail"]["mode"] == "async"
 
 
 def test_streamed_block_end_to_end(gateway: Stack) -> None:
     script_id, whole = violating_stream(gateway)
-    body, ids, entry = through(gateway, "openai", script_id)
+    body, _, entry = through(gateway, "openai", script_id)
     assert body.endswith(BLOCK_FRAME)
     assert whole.startswith(body[: -len(BLOCK_FRAME)])
     assert b"Nightingale" not in body
@@ -193,6 +193,6 @@ def test_unknown_route_gets_the_default(gateway: Stack) -> None:
 def test_clean_stream_passes(gateway: Stack) -> None:
     clean = CHAT.stream_events(["The museum ", "opens at nine."])
     script_id = gateway.llm.register(sse_script(clean, delays_ms=5))
-    body, ids, entry = through(gateway, "anthropic", script_id)
+    body, _, entry = through(gateway, "anthropic", script_id)
     assert body == b"".join(clean)
     assert entry["guardrail"]["outcome"] == "pass"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from testkit.upstream import CANNED_ANSWERS, Script
-from tests.e2e.conftest import SMALL_WINDOWS, StackFactory, Stack, use_config
+from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory, use_config
 from tests.e2e.test_chat_stream import events, post_stream, read_sdk_stream
 from tests.support import BLOCK_FRAME
 

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.settings.options import load_settings
 from extproc.domain.errors import ConfigError
+from extproc.settings.options import load_settings
 from extproc.transport.server import start_server
 from tests.support import FakeGuardrail, settings
 
@@ -24,7 +24,7 @@ def make_cert(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivate
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_cert, issuer_key = issuer if issuer else (None, key)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(subject)
                .issuer_name(issuer_cert.subject if issuer_cert else subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())

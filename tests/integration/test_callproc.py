@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from extproc.settings.values import GuardrailCalls
 from extproc.domain.errors import (
     ConfigError,
     GuardrailRejected,
@@ -25,9 +24,10 @@ from extproc.domain.errors import (
     GuardrailTimeout,
 )
 from extproc.domain.values import Source
+from extproc.domain.verdict import Outcome
 from extproc.guardrail.bedrock import BedrockGuardrailClient
 from extproc.localbedrock import LocalBedrock, default_policy
-from extproc.domain.verdict import Outcome
+from extproc.settings.values import GuardrailCalls
 from tests.support import eventually, isolate_aws_env, settings
 
 GUARDRAIL = settings().guardrail

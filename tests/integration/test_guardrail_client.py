@@ -17,13 +17,13 @@ from extproc.domain.errors import (
     GuardrailTimeout,
 )
 from extproc.domain.values import Source
-from extproc.guardrail.bedrock import BedrockGuardrailClient
-from extproc.localbedrock import LocalBedrock, default_policy, error_marker, text_units
+from extproc.domain.verdict import Outcome
 from extproc.guardrail import build_client
+from extproc.guardrail.bedrock import BedrockGuardrailClient
 from extproc.guardrail.breaker import OPEN
 from extproc.guardrail.config import ResilienceConfig
 from extproc.guardrail.resilient import ResilientGuardrail
-from extproc.domain.verdict import Outcome
+from extproc.localbedrock import LocalBedrock, default_policy, error_marker, text_units
 from tests.support import isolate_aws_env, settings
 
 BLOCKED_OUTPUT = "Sorry, the answer was withheld by the output guardrail."

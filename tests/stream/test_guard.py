@@ -10,19 +10,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.domain.values import GuardrailRef, InputCheck
-from extproc.envoy import STREAMED
-from extproc.domain.values import Source
-from extproc.domain.values import StreamMode
-from extproc.domain.windows import Strategy, WindowPolicy
+from extproc.domain.values import GuardrailRef, InputCheck, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict, classify
+from extproc.domain.windows import Strategy, WindowPolicy
+from extproc.envoy import STREAMED
 from tests.stream.test_stream_processor import Harness
 from tests.support import (
     BLOCK_FRAME,
     FakeGuardrail,
     bedrock_response,
-    eventually,
     chunk_event,
+    eventually,
     request_headers,
     response_body,
     response_headers,

@@ -16,19 +16,18 @@ from typing import Any
 
 import pytest
 
-from extproc.domain.failure import FailurePolicy
+from extproc.domain.values import StreamMode
+from extproc.domain.verdict import GuardrailVerdict, classify
+from extproc.domain.windows import WindowPolicy
 from extproc.formats import StreamCodec, StreamFormat, all_formats
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import NULL_RECORDER
+from extproc.settings.values import StreamSettings
+from extproc.sse import SSEDecoder
 from extproc.stream.context import StreamContext
 from extproc.stream.guard import OutputGuard
 from extproc.stream.record import StreamRecord
 from extproc.stream.sinks import Outbox
-from extproc.domain.values import StreamMode
-from extproc.domain.windows import WindowPolicy
-from extproc.sse import SSEDecoder
-from extproc.domain.verdict import GuardrailVerdict, classify
-from extproc.settings.values import StreamSettings
 from tests.support import bedrock_response, settings
 from tests.unit.test_formats_common import FIXTURES_OF, Unnoted, fixture
 

@@ -25,21 +25,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from extproc._pb.envoy.service.ext_proc.v3.external_processor_pb2 import ProtocolConfiguration
-from extproc.domain.values import GuardrailRef, InputCheck
+from extproc.domain.values import GuardrailRef, InputCheck, Source, StreamMode
+from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
+from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.envoy import STREAMED
 from extproc.formats import all_formats
-from extproc.domain.values import Source
 from extproc.stream.masking import map_region
-from extproc.domain.values import StreamMode
-from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.stream.processor import StreamProcessor
 from extproc.stream.sinks import Outbox
-from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from tests.support import (
     BLOCK_FRAME,
     FakeGuardrail,

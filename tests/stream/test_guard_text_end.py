@@ -5,8 +5,7 @@ says so (a choice's ``finish_reason``, Anthropic's ``stop_reason``, Responses'
 
 from __future__ import annotations
 
-from extproc.domain.values import InputCheck
-from extproc.domain.values import StreamMode
+from extproc.domain.values import InputCheck, StreamMode
 from tests.stream.test_guard import content_of, words
 from tests.stream.test_stream_processor import Harness
 from tests.support import (

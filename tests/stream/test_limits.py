@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from extproc.domain.values import InputCheck
 from extproc.domain.failure import FailureMode, FailurePolicy
+from extproc.domain.values import InputCheck
 from extproc.formats import all_formats
 from extproc.stream.processor import Admission, StreamProcessor
 from extproc.stream.sinks import Outbox

@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 
-from extproc.observe.audit import EVENT, LOGGER_NAME, AuditLog, finding_key, redact
-from extproc.domain.values import InputCheck
+from extproc.domain.values import InputCheck, StreamMode
+from extproc.domain.verdict import Finding
 from extproc.formats import all_formats
+from extproc.observe.audit import EVENT, LOGGER_NAME, AuditLog, finding_key, redact
 from extproc.observe.logs import LogFormat, bind_stream, make_handler, unbind_stream
-from extproc.domain.values import StreamMode
 from extproc.stream.processor import StreamProcessor
 from extproc.stream.sinks import Outbox
-from extproc.domain.verdict import Finding
 from tests.support import (
     FakeGuardrail,
     chat_request,

@@ -12,19 +12,15 @@ from typing import Any
 
 import pytest
 
-from extproc.domain.values import StreamMode
-
+from extproc.domain.errors import ConfigError, ExtprocError
+from extproc.domain.failure import FailureMode, FailurePolicy
+from extproc.domain.values import GuardrailRef, InputCheck, PromptScope, StreamMode
 from extproc.domain.windows import Strategy
-from extproc.domain.values import PromptScope
-from extproc.domain.failure import FailurePolicy
-from extproc.domain.failure import FailureMode
-from extproc.domain.values import GuardrailRef, InputCheck
+from extproc.observe.logs import LogFormat
 from extproc.settings.options import OPTIONS, build_parser, load_settings
 from extproc.settings.values import EventLoop, GuardrailCalls, Settings
 from tests.support import setting
 from tests.support import settings as make_settings
-from extproc.domain.errors import ConfigError, ExtprocError
-from extproc.observe.logs import LogFormat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GID = "gr0abc123xyz"

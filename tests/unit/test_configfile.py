@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.domain.values import InputCheck
-
-from extproc.settings.options import load_settings, render_settings
 from extproc.domain.errors import ConfigError
-from extproc.domain.values import StreamMode
+from extproc.domain.values import InputCheck, StreamMode
+from extproc.settings.options import load_settings, render_settings
 from extproc.settings.routes import RouteResolver
 
 GOOD = """\

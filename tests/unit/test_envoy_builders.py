@@ -14,7 +14,6 @@ from google.protobuf import json_format
 from extproc import envoy
 from extproc._pb.envoy.config.core.v3 import base_pb2
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.settings.values import StreamSettings
 from extproc.envoy import (
     MODE_BUFFER_REQUEST,
     MODE_BUFFER_RESPONSE,
@@ -30,6 +29,7 @@ from extproc.envoy import (
     immediate_response,
     streamed_response_body,
 )
+from extproc.settings.values import StreamSettings
 
 ENVOY_YAML = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"

@@ -36,10 +36,9 @@ from extproc.formats.openai_chat import OpenAIChat
 from extproc.formats.openai_completions import OpenAICompletions
 from extproc.formats.openai_responses import OpenAIResponses
 from extproc.sse import SSEDecoder, SSEEvent
+from tests.support import UNAVAILABLE_MESSAGE, VIOLATION_MESSAGE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-from tests.support import UNAVAILABLE_MESSAGE, VIOLATION_MESSAGE
 
 SOFT_MESSAGE = "Sorry, the guardrail blocked this answer. 申し訳ありません 🙏"
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from extproc.domain.errors import ConfigError
 from extproc.observe import heap
 from extproc.settings.options import load_settings
-from extproc.domain.errors import ConfigError
 
 
 @pytest.fixture

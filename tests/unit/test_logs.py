@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from extproc.domain.values import InputCheck, StreamMode
 from extproc.observe.audit import AuditLog
-from extproc.domain.values import InputCheck
 from extproc.observe.logs import (
     AUDIT_LOGGER,
     QUIET_LOGGERS,
@@ -23,7 +23,6 @@ from extproc.observe.logs import (
     make_handler,
     unbind_stream,
 )
-from extproc.domain.values import StreamMode
 from tests.support import FakeGuardrail
 from tests.unit.test_metrics import run_stream
 

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.observe.audit import AuditLog
-from extproc.domain.values import InputCheck
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.domain.failure import FailurePolicy
+from extproc.domain.values import InputCheck, Source
+from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.formats import all_formats
-from extproc.domain.values import Source
+from extproc.guardrail.config import ResilienceConfig
+from extproc.guardrail.resilient import ResilientGuardrail
+from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import (
     NULL_RECORDER,
     STREAM_OUTCOMES,
@@ -29,12 +31,9 @@ from extproc.observe.metrics import (
     usage_policy,
     verdict_action,
 )
-from extproc.guardrail.config import ResilienceConfig
-from extproc.guardrail.resilient import ResilientGuardrail
 from extproc.stream.processor import StreamProcessor
 from extproc.stream.record import StreamRecord
 from extproc.stream.sinks import Outbox
-from extproc.domain.verdict import GuardrailVerdict, classify
 from tests.support import (
     FakeGuardrail,
     chat_request,

@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 
-from extproc.domain.failure import FailureMode
-
-from extproc.domain.values import GuardrailRef
 from extproc.domain.errors import (
     ERROR_CLASSES,
     GuardrailBudgetExhausted,
@@ -31,15 +28,15 @@ from extproc.domain.errors import (
     GuardrailTimeout,
     GuardrailUnavailable,
 )
-from extproc.domain.values import Source
-from extproc.domain.failure import FailurePolicy, parse_failure_policy
+from extproc.domain.failure import FailureMode, FailurePolicy, parse_failure_policy
+from extproc.domain.values import GuardrailRef, Source
+from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from extproc.domain.windows import text_units
 from extproc.guardrail.breaker import CLOSED, HALF_OPEN, OPEN
 from extproc.guardrail.budget import TokenBucket
 from extproc.guardrail.config import ResilienceConfig
 from extproc.guardrail.resilient import ResilientGuardrail
 from extproc.guardrail.splitting import cut_text
-from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from tests.support import FakeGuardrail, bedrock_response
 
 G = GuardrailRef("g", "1")  # type: ignore[arg-type]

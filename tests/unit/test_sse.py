@@ -655,7 +655,7 @@ def test_property_matches_reference(case: tuple[bytes, list[bytes]]) -> None:
 @_PROPERTY
 @given(chunked())
 def test_property_pending_is_unreturned_suffix(case: tuple[bytes, list[bytes]]) -> None:
-    stream, chunks = case
+    _stream, chunks = case
     dec = SSEDecoder()
     returned = b""
     fed = b""
