@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -32,11 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # boto3/botocore at DEBUG would log request bodies (prompts and answers): capped at INFO.
     configure_logging(settings.runtime.log_level, settings.runtime.log_format, sys.stderr)
+    # Until serving installs its reload handler, a SIGHUP must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.server.workers > 1:
         return supervise(settings, args)
     try:
         with asyncio.Runner(loop_factory=app.loop_factory(settings.runtime.event_loop)) as runner:
-            runner.run(app.serve(settings))
+            runner.run(app.serve(settings, args, os.environ))
     except ConfigError as exc:
         print(f"guardrail-extproc: configuration error: {exc}", file=sys.stderr)
         return 2

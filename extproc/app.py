@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from extproc.domain.errors import ConfigError
 from extproc.guardrail import build_client
@@ -24,14 +25,18 @@ from extproc.observe.metrics import (
     Recorder,
     start_metrics_server,
 )
+from extproc.settings.reload import FileStamp, Reloader, config_path
 from extproc.settings.values import EventLoop, Settings
-from extproc.transport.server import start_server
+from extproc.transport.server import RunningServer, start_server
 
 log = logging.getLogger("extproc")
 
 
-async def serve(settings: Settings) -> None:
-    """Run the sidecar until SIGTERM/SIGINT, then drain and return."""
+async def serve(settings: Settings, argv: Sequence[str] = (),
+                environ: Mapping[str, str] | None = None) -> None:
+    """Run the sidecar until SIGTERM/SIGINT, then drain and return. With a configuration file
+    named in ``argv`` or ``environ`` (the process's own), it is read again on change and on
+    SIGHUP (``extproc.settings.reload``)."""
     guardrail = build_client(settings)
     bedrock = guardrail.inner
     assert isinstance(bedrock, BedrockGuardrailClient), "BUG: build_client wraps Bedrock"
@@ -50,7 +55,7 @@ async def serve(settings: Settings) -> None:
         except RuntimeError as exc:
             raise ConfigError(f"--listen {server.listen}: cannot bind ({exc})") from None
         if prometheus is not None:
-            prometheus.watch_routes(running.processor.routes.stats)
+            prometheus.watch_routes(running.processor.route_stats)
         if prometheus is not None and address is not None:
             host, port = address
             try:
@@ -83,7 +88,10 @@ async def serve(settings: Settings) -> None:
             route.failure_mode, type(loop).__module__.split(".")[0],
             settings.client.calls.value,
         )
+        watching = _watch_config(settings, argv, environ, running, recorder)
         await stop.wait()
+        if watching is not None:
+            watching.cancel()
         log.info(
             "shutting down: NOT_SERVING, drain delay %.1fs, grace period %.1fs, %d streams "
             "in flight", server.drain_delay_s, server.grace_period_s,
@@ -97,6 +105,36 @@ async def serve(settings: Settings) -> None:
         if prometheus is not None:
             prometheus.close()
         guardrail.close()
+
+
+def _watch_config(settings: Settings, argv: Sequence[str], environ: Mapping[str, str] | None,
+                  running: RunningServer, recorder: Recorder) -> asyncio.Task[None] | None:
+    """With a configuration file: reload it on SIGHUP and, every ``--config-poll-interval``
+    seconds, when it changed. Returns the polling task, if any."""
+    env = dict(os.environ if environ is None else environ)
+    path = config_path(argv, env)
+    if path is None:
+        return None
+    reloader = Reloader(path, argv, env, settings, running.processor.reconfigure,
+                        recorder.config_reloaded)
+    recorder.config_loaded(reloader.hash)
+    log.info("configuration %s from %s (reloaded on SIGHUP%s)", reloader.hash, path,
+             f" and on change, looked at every {settings.runtime.config_poll_s:g}s"
+             if settings.runtime.config_poll_s > 0 else "")
+    loop = asyncio.get_running_loop()
+    stamp = FileStamp(path)
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    interval = settings.runtime.config_poll_s
+    if interval <= 0:
+        return None
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if stamp.changed():
+                reloader.reload(f"{path} changed")
+
+    return loop.create_task(poll())
 
 
 def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from extproc import app
@@ -63,12 +64,13 @@ def install() -> None:
                 out.write(json.dumps(sample(started[0] if started else None)) + "\n")
                 await asyncio.sleep(interval)
 
-    async def serve_monitored(settings: Settings) -> None:
+    async def serve_monitored(settings: Settings, argv: Sequence[str] = (),
+                              environ: Mapping[str, str] | None = None) -> None:
         path = os.environ[MONITOR_FILE]
         interval = float(os.environ.get(MONITOR_INTERVAL, "0.5"))
         task = asyncio.get_running_loop().create_task(monitor(path, interval))
         try:
-            await serve(settings)
+            await serve(settings, argv, environ)
         finally:
             task.cancel()
 

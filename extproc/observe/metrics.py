@@ -66,6 +66,8 @@ FAILURE_MODES: Final = ("closed", "open")
 #: How the sidecar takes a guarded answer's body from Envoy.
 BODY_MODES: Final = ("full_duplex_streamed", "streamed", "buffered")
 BREAKER_STATES: Final = ("closed", "open", "half_open")
+#: ``extproc.settings.reload.RESULTS``.
+RELOAD_RESULTS: Final = ("applied", "unchanged", "refused")
 
 _FINDING_ACTIONS: Final[Mapping[str, str]] = {
     "BLOCKED": "blocked", "ANONYMIZED": "anonymized", "NONE": "detected",
@@ -114,6 +116,13 @@ class Recorder(Protocol):
 
     def untrack_held(self, holder: HeldBytes) -> None: ...
 
+    def config_loaded(self, digest: str) -> None:
+        """The configuration ``digest`` serves (``config_info``)."""
+
+    def config_reloaded(self, result: str, digest: str) -> None:
+        """A reload ended with ``result`` (``extproc.settings.reload.RESULTS``); ``digest``
+        serves now."""
+
 
 class NullRecorder:
     """Records nothing (tests, in-process use)."""
@@ -141,6 +150,12 @@ class NullRecorder:
         pass
 
     def untrack_held(self, holder: HeldBytes) -> None:
+        pass
+
+    def config_loaded(self, digest: str) -> None:
+        pass
+
+    def config_reloaded(self, result: str, digest: str) -> None:
         pass
 
 
@@ -239,6 +254,17 @@ class PrometheusRecorder:
         self._released = Histogram(
             PREFIX + "chars_released_before_block", "characters of model text the client "
             "already had when its answer was blocked", buckets=RELEASED_BUCKETS, registry=reg)
+        self._reloads = Counter(
+            PREFIX + "config_reloads", "configuration file reloads (on change or SIGHUP) by "
+            "result: applied, unchanged, refused (the loaded configuration keeps serving)",
+            ("result",), registry=reg)
+        self._reload_children = {result: self._reloads.labels(result)
+                                 for result in RELOAD_RESULTS}
+        self._config_info = Gauge(
+            PREFIX + "config_info", "1 for the configuration this process serves, by the hash "
+            "of its effective settings (as --print-config prints them)", ("hash",),
+            registry=reg)
+        self._config_hash: str | None = None
         held = Gauge(PREFIX + "held_bytes", "response bytes held back from clients now, "
                      "all streams", registry=reg)
         self._held: set[HeldBytes] = set()
@@ -340,6 +366,22 @@ class PrometheusRecorder:
             if len(self._unit_children) < _CACHE_LIMIT:
                 self._unit_children[cache_key] = child
         return child
+
+    # -- configuration
+
+    def config_loaded(self, digest: str) -> None:
+        if digest == self._config_hash:
+            return
+        if self._config_hash is not None:
+            self._config_info.remove(self._config_hash)
+        self._config_info.labels(digest).set(1)
+        self._config_hash = digest
+
+    def config_reloaded(self, result: str, digest: str) -> None:
+        child = self._reload_children.get(result)
+        if child is not None:
+            child.inc()
+        self.config_loaded(digest)
 
     # -- held bytes (read at scrape time, from the HTTP server's thread)
 

@@ -318,6 +318,9 @@ OPTIONS: tuple[_Option, ...] = (
             _enum_parser(LogFormat)),
     _Option("--audit-include-matches", "runtime.audit_include_matches", "audit records show "
             "matched text, cut to its first and last character (on/off)", "off", _parse_bool),
+    _Option("--config-poll-interval", "runtime.config_poll_s", "seconds between looks at the "
+            "configuration file (--config): a change is loaded, validated and applied to new "
+            "streams, as on SIGHUP (0: on SIGHUP only)", "2", _number_parser(float, 0, 3600)),
 )
 
 

@@ -180,6 +180,7 @@ class RuntimeSettings:
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.JSON
     audit_include_matches: bool = False
+    config_poll_s: float = 2.0  # 0: the configuration file is read again on SIGHUP only
 
 
 @dataclass(frozen=True, slots=True)

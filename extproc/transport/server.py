@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,26 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.routes = RouteResolver(settings)
         self.admission = Admission(settings.streams.max_streams)
         self.active_streams = 0
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Serve new streams with ``settings`` (a configuration reload): their route policies
+        and per-stream limits. Streams already running keep what they started with; the route
+        counters carry on."""
+        old = self.routes
+        routes = RouteResolver(settings)
+        routes.invalid = old.invalid
+        routes.unknown = old.unknown
+        self._settings = settings
+        self.routes = routes
+        self.admission.limit = settings.streams.max_streams
+
+    def route_stats(self) -> Mapping[str, Any]:
+        """The current route resolver's counters (read at scrape time)."""
+        return self.routes.stats()
 
     async def Process(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
         stream_id = f"s{next(self._ids)}"

@@ -3,9 +3,10 @@
 The supervisor reserves the port (binding it with SO_REUSEPORT without listening, so port 0
 resolves to one real port), starts N copies of itself with ``--workers 1 --reuse-port on`` on
 that port, restarts a worker that dies, and on SIGTERM/SIGINT passes the signal on and waits:
-each worker drains on its own (NOT_SERVING, drain delay, grace period). The kernel spreads new
-connections across the workers; Envoy keeps few HTTP/2 connections per cluster, so cap streams
-per connection on the sidecar cluster (``max_concurrent_streams``) to spread them.
+each worker drains on its own (NOT_SERVING, drain delay, grace period). SIGHUP is passed on
+too: each worker reads the configuration file again (``extproc.settings.reload``). The kernel
+spreads new connections across the workers; Envoy keeps few HTTP/2 connections per cluster, so
+cap streams per connection on the sidecar cluster (``max_concurrent_streams``) to spread them.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = stopping or signum != signal.SIGHUP  # SIGHUP: reload, passed on
         received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     workers: list[subprocess.Popen[bytes]] = [
         subprocess.Popen(worker_argv(argv, settings, port, i))
         for i in range(settings.server.workers)

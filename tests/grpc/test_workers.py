@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import wait_until
+
 LISTENING = re.compile(r"guardrail-extproc listening on 127\.0\.0\.1:(\d+)")
 
 
@@ -82,6 +84,32 @@ def test_a_dead_worker_is_restarted(tmp_path: Path) -> None:
         ports = wait_for_ports(log, 3, proc)
         assert len(set(ports)) == 1
         assert first[0] not in pids_of_workers(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sighup_reloads_the_configuration_in_every_worker(tmp_path: Path) -> None:
+    """The supervisor passes SIGHUP on; each worker reads the file again (no polling here)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("shadow: off\n")
+    log = tmp_path / "workers.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
+             "--metrics-listen", "off", "--guardrail-id", "testguardrail", "--config",
+             str(config), "--config-poll-interval", "0"],
+            stdout=out, stderr=subprocess.STDOUT, env=env())
+    try:
+        wait_for_ports(log, 2, proc)
+        config.write_text("shadow: on\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: log.read_text(errors="replace").count(
+            "configuration reloaded (SIGHUP)") == 2, what="both workers to reload")
+        assert proc.poll() is None and len(pids_of_workers(proc.pid)) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
     finally:
