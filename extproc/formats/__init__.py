@@ -61,6 +61,8 @@ class ErrorKind:
     # Requests only (before anything went upstream):
     TOO_LARGE = "guardrail_request_too_large"  # HTTP 413: over --max-request-bytes
     UNREADABLE = "guardrail_unreadable_request"  # HTTP 415: a content-encoding we cannot read
+    # HTTP 400: not exactly one JSON value every parser reads alike (``extproc.formats.strict``)
+    INVALID = "guardrail_invalid_request"
 
 
 class PromptScope:

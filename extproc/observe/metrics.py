@@ -59,7 +59,8 @@ SOURCES: Final[Mapping[str, str]] = {"INPUT": "input", "OUTPUT": "output"}
 #: What became of a stream, as ``extproc.stream.record.StreamRecord.outcome_label`` names it.
 STREAM_OUTCOMES: Final = (
     "pass", "block", "soft_block", "input_block", "mask", "unavailable", "failed_open",
-    "shadow_would_block", "shadow_would_mask", "skipped", "cancelled",
+    "shadow_would_block", "shadow_would_mask", "skipped", "cancelled", "too_large",
+    "unreadable", "invalid",
 )
 VERDICT_ACTIONS: Final = ("pass", "mask", "block", "detect_only")
 FAILURE_MODES: Final = ("closed", "open")

@@ -45,6 +45,7 @@ from extproc.domain.decision import Action
 from extproc.domain.errors import GuardrailOverload, GuardrailServerError
 from extproc.domain.values import Gate, InputCheck
 from extproc.formats import ErrorKind, StreamFormat, find_format
+from extproc.formats.strict import BodyRejected, parse_request
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import DEFAULT_ROUTE, NO_FORMAT, NULL_RECORDER, Recorder
 from extproc.settings.values import RoutePolicy, Settings
@@ -285,6 +286,13 @@ class GuardedStream:
             log.info("request body with content-encoding %r cannot be read: 415",
                      self._content_encoding)
             self._replies.error(ErrorKind.UNREADABLE, "unreadable")
+            return
+        try:
+            parse_request(decoded)
+        except BodyRejected as exc:
+            # What our parser reads differently from the upstream's must not go upstream.
+            log.info("request body refused: %s: 400", exc.reason)
+            self._replies.error(ErrorKind.INVALID, "invalid")
             return
         texts = self._fmt.prompt_texts(decoded, route.prompt_scope.value)
         if not texts:

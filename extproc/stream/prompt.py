@@ -30,25 +30,39 @@ HEADER_CONTENT_ENCODING = "content-encoding"
 def decode_body(body: bytes, encoding: str, limit: int) -> bytes | None:
     """The request body without its content-encoding (gzip, deflate), at most ``limit`` bytes
     (0: no limit) once inflated; None when it cannot be read (unknown encoding, corrupt data,
-    a decompression bomb)."""
+    data after the compressed stream, a decompression bomb).
+
+    A gzip body may be several members one after the other (RFC 1952 2.2): Python's ``gzip``,
+    Go's ``gzip.Reader`` and Node's ``zlib.gunzip`` inflate them all and read the texts
+    joined, so every member is inflated here too."""
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip", "deflate"):
         return None
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header, detected
-    try:
-        out = inflater.decompress(body, limit or 0)
-    except zlib.error:
-        if encoding != "deflate":
-            return None
-        try:  # "deflate" is sometimes sent raw, without the zlib header
-            inflater = zlib.decompressobj(wbits=-15)
-            out = inflater.decompress(body, limit or 0)
+    out = bytearray()
+    data = body
+    while True:
+        inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header, detected
+        room = limit - len(out) if limit else 0
+        if limit and room <= 0:
+            return None  # another member after ``limit`` bytes (0 would mean "no limit")
+        try:
+            out += inflater.decompress(data, room)
         except zlib.error:
+            if encoding != "deflate" or out:
+                return None
+            try:  # "deflate" is sometimes sent raw, without the zlib header
+                inflater = zlib.decompressobj(wbits=-15)
+                out += inflater.decompress(data, room)
+            except zlib.error:
+                return None
+        if inflater.unconsumed_tail or not inflater.eof:
             return None
-    if inflater.unconsumed_tail or not inflater.eof:
-        return None
-    return out
+        data = inflater.unused_data
+        if not data:
+            return bytes(out)
+        if encoding == "deflate":
+            return None  # one stream only: what follows it is not the body
 
 
 class PromptCheck:

@@ -18,7 +18,8 @@ from extproc.observe.audit import finding_key, reported
 MAX_FINDING_KEYS: Final = 16
 
 #: The outcomes that end a stream; any of them wins over what else the stream saw.
-TERMINAL_OUTCOMES: Final = frozenset({"block", "soft_block", "input_block", "unavailable"})
+TERMINAL_OUTCOMES: Final = frozenset({
+    "block", "soft_block", "input_block", "unavailable", "too_large", "unreadable", "invalid"})
 
 
 @dataclass(slots=True)

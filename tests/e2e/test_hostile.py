@@ -446,15 +446,18 @@ def test_deeply_nested_json_event_passes_unchanged(hostile: Stack, version: str)
     assert result.body == original
 
 
-def test_deeply_nested_json_prompt_goes_upstream_unchanged(hostile: Stack) -> None:
-    # The same in the request body: was Envoy's 500 (the RPC died before the response); now
-    # the body is not a prompt we can read and goes upstream like "{not json" does.
+def test_deeply_nested_json_prompt_is_refused_before_the_upstream(hostile: Stack) -> None:
+    # The same in the request body: was Envoy's 500 (the RPC died before the response), then
+    # "not a prompt we can read", sent upstream unchecked; but Node and Go read it, and with it
+    # the messages beside the nesting (issue "Nothing on a guarded route passes unread"): now
+    # a 400 in the API's shape, and nothing goes upstream.
     answer = b"".join(events("ok"))
     body = (b'{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}],'
             b'"x":' + b"[" * 5000 + b"]" * 5000 + b"}")
     result = fetch(hostile, Script(chunks=(answer,)), "http1", body=body)
-    assert result.status == 200 and result.body == answer
-    assert hostile.llm.record_for_script(result.script_id or "").body == body
+    assert result.status == 400
+    assert json.loads(result.body)["error"]["type"] == "guardrail_invalid_request"
+    assert hostile.llm.records_for_script(result.script_id or "") == []
 
 
 def test_deeply_nested_json_answer_is_answered_at_once(hostile: Stack) -> None:
@@ -785,13 +788,15 @@ def test_request_body_that_cannot_be_read_never_goes_upstream(hostile: Stack,
     assert 400 <= result.status < 500
 
 
-def test_unreadable_request_body_goes_upstream_unchanged(hostile: Stack) -> None:
-    # Not JSON: no prompt to check; the upstream gets the bytes and answers for itself.
+def test_unreadable_request_body_is_refused_before_the_upstream(hostile: Stack) -> None:
+    # Not JSON on an LLM path: it used to go upstream unchecked, "the upstream answers for
+    # itself"; a lenient upstream parser may read a prompt in it that we never saw. Now a 400
+    # in the API's shape, and nothing goes upstream.
     answer = b"".join(events("ok"))
     result = fetch(hostile, Script(chunks=(answer,)), "http1", body=b"{not json at all")
-    assert result.status == 200 and result.body == answer
-    record = hostile.llm.record_for_script(result.script_id or "")
-    assert record.body == b"{not json at all"
+    assert result.status == 400
+    assert json.loads(result.body)["error"]["type"] == "guardrail_invalid_request"
+    assert hostile.llm.records_for_script(result.script_id or "") == []
 
 
 @pytest.mark.parametrize("version", HTTP_VERSIONS)

@@ -1,0 +1,101 @@
+"""Nothing on a guarded route passes unread: bodies that Python's ``json`` and the upstream's
+parser would read differently, tried through real Envoy and the sidecar process.
+
+Each body carries the demo policy's blocked INPUT word (``bazinga``) where a lenient parser
+(Node, Go, an upstream that strips a BOM or reads the first value) would find it, while our
+old reading found no prompt and let it through unchecked. Every one must now be refused with a
+400 in the API's shape (or blocked as the prompt it is) before anything reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from testkit.upstream import Script
+from tests.e2e.conftest import Stack
+from tests.e2e.test_chat_stream import events
+from tests.e2e.test_hostile import fetch
+
+PROMPT = '{"role":"user","content":"say bazinga now"}'
+
+# name -> a request body a lenient parser reads a prompt from.
+DIFFERENTIALS: dict[str, bytes] = {
+    # Go's encoding/json replaces invalid UTF-8 with U+FFFD and reads on.
+    "invalid_utf8": b'{"model":"demo","stream":true,"note":"\xff\xfe","messages":['
+                    + PROMPT.encode() + b"]}",
+    # Python refuses integers of more than 4,300 digits; Node and Go read them.
+    "long_number": b'{"model":"demo","stream":true,"seed":' + b"1" * 5000
+                   + b',"messages":[' + PROMPT.encode() + b"]}",
+    # Python's RecursionError; Node and Go read the messages beside it.
+    "deep_nesting": b'{"model":"demo","stream":true,"x":' + b"[" * 3000 + b"]" * 3000
+                    + b',"messages":[' + PROMPT.encode() + b"]}",
+    # Go's json.Decoder reads the first value and stops; we read "Extra data" as not JSON.
+    "trailing_value": b'{"model":"demo","stream":true,"messages":[' + PROMPT.encode() + b"]}"
+                      + b'{"model":"demo"}',
+    # Every parser keeps the last of duplicate keys.
+    "duplicate_key": b'{"model":"demo","stream":true,"messages":[],"messages":['
+                     + PROMPT.encode() + b"]}",
+    # Go matches struct fields without regard to case, with simple folding.
+    "case_variant": b'{"model":"demo","stream":true,"Messages":[' + PROMPT.encode() + b"]}",
+    "fold_variant": ('{"model":"demo","stream":true,"me\u017f\u017fages":[' + PROMPT
+                     + "]}").encode(),
+    # Some servers strip a byte order mark first.
+    "bom": b"\xef\xbb\xbf" + json.dumps({"model": "demo", "stream": True,
+                                         "messages": [json.loads(PROMPT)]}).encode(),
+    # Python reads NaN; it is not JSON.
+    "nan": b'{"model":"demo","stream":true,"temperature":NaN,"messages":['
+           + PROMPT.encode() + b"]}",
+}
+
+
+@pytest.mark.parametrize("name", DIFFERENTIALS)
+def test_a_body_parsers_read_differently_is_refused_before_the_upstream(
+        stack: Stack, name: str) -> None:
+    result = fetch(stack, Script(chunks=tuple(events("never"))), "http1",
+                   body=DIFFERENTIALS[name])
+    assert result.status == 400, (result.status, result.body[:200])
+    error = json.loads(result.body)["error"]
+    assert error["type"] == "guardrail_invalid_request"
+    assert error["code"] == 400
+    assert stack.llm.records_for_script(result.script_id or "") == []
+
+
+def test_every_gzip_member_is_read(stack: Stack) -> None:
+    # Two gzip members: Python's gzip, Go and Node inflate both and read the text joined. Only
+    # the first was inflated, a truncated JSON that held no prompt, so it went up unchecked.
+    body = json.dumps({"model": "demo", "stream": True,
+                       "messages": [json.loads(PROMPT)]}).encode()
+    cut = body.index(b"bazinga")
+    packed = gzip.compress(body[:cut]) + gzip.compress(body[cut:])
+    assert gzip.decompress(packed) == body
+    result = fetch(stack, Script(chunks=tuple(events("never"))), "http1", body=packed,
+                   headers={"content-encoding": "gzip"})
+    assert result.status == 400
+    assert json.loads(result.body)["error"]["type"] == "guardrail_violation"
+    assert stack.llm.records_for_script(result.script_id or "") == []
+
+
+def test_data_after_a_gzip_member_is_refused(stack: Stack) -> None:
+    body = gzip.compress(json.dumps({"model": "demo", "stream": True,
+                                     "messages": [{"role": "user", "content": "hi"}]}).encode())
+    result = fetch(stack, Script(chunks=tuple(events("never"))), "http1",
+                   body=body + b"trailing bytes", headers={"content-encoding": "gzip"})
+    assert result.status == 415
+    assert stack.llm.records_for_script(result.script_id or "") == []
+
+
+def test_a_strict_body_still_passes_byte_identical(stack: Stack) -> None:
+    answer = b"".join(events("Fine."))
+    body = ('{"model":"demo","stream":true,"seed":12345678901234567890,"temperature":0.5,'
+            '"messages":[{"role":"user","content":"caf\u00e9 \\ud83d\\ude00 hi"}],'
+            '"metadata":{"Messages":"not a known key here? it is: refused"}}')
+    # A case variant of a known key is refused at any level, even inside metadata.
+    refused = fetch(stack, Script(chunks=(answer,)), "http1", body=body.encode())
+    assert refused.status == 400
+    clean = body.replace('"Messages"', '"note"').encode()
+    result = fetch(stack, Script(chunks=(answer,)), "http1", body=clean)
+    assert result.status == 200 and result.body == answer
+    assert stack.llm.record_for_script(result.script_id or "").body == clean
