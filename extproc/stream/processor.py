@@ -180,8 +180,11 @@ class GuardedStream:
     def __init__(self, ctx: StreamContext, settings: Settings, fmt: StreamFormat,
                  body_mode: BodyMode,
                  configured_response_body: envoy.ProcessingMode.BodySendMode,
-                 recorder: Recorder) -> None:
+                 recorder: Recorder, *, request_buffered: bool = True) -> None:
         self._ctx = ctx
+        # The request body comes whole, in one message (BUFFERED): with HTTP/2 request trailers
+        # after it, that message says end_of_stream false, and it is still the whole body.
+        self._request_buffered = request_buffered
         self._configured_response_body = configured_response_body
         self._settings = settings
         self._fmt = fmt
@@ -267,8 +270,9 @@ class GuardedStream:
             outbox.put(envoy.continue_request_body())
             return
         self._request_body += message.body
-        if not message.end_of_stream:
-            # BUFFERED sends one message; anything else is answered as it comes.
+        if not message.end_of_stream and not self._request_buffered:
+            # Not BUFFERED (a configured request body mode we cannot change): answered as it
+            # comes.
             outbox.put(envoy.continue_request_body())
             return
         self._request_done = True
@@ -481,6 +485,7 @@ class StreamProcessor:
         self._fmt: StreamFormat | None = None
         self._body_mode = BodyMode.NONE
         self._configured_response_body = envoy.ProcessingMode.NONE
+        self._configured_request_body = envoy.ProcessingMode.NONE
         self._stream: PassThrough | GuardedStream | None = None
         guardrail_ref = self._route.guardrail
         self.record = StreamRecord(guardrail_ref.id, guardrail_ref.version, route=route_name,
@@ -502,6 +507,7 @@ class StreamProcessor:
             if request.HasField("protocol_config"):
                 config = request.protocol_config
                 self._configured_response_body = config.response_body_mode
+                self._configured_request_body = config.request_body_mode
                 self._body_mode = BodyMode.of(config.response_body_mode)
                 if self._body_mode is BodyMode.FULL_DUPLEX:
                     _warn_configured_full_duplex(config.request_body_mode)
@@ -532,8 +538,13 @@ class StreamProcessor:
         record.format = fmt.name
         ctx = StreamContext(route, self._settings.streams, self._settings.client.timeout_s,
                             record, self._outbox, self._guardrail, self._recorder, self._audit)
+        # Our request-headers answer asks for a BUFFERED request body; with the body mode
+        # configured FULL_DUPLEX, Envoy ignores that and uses the configured request body mode.
+        buffered = (self._body_mode is not BodyMode.FULL_DUPLEX
+                    or self._configured_request_body == envoy.ProcessingMode.BUFFERED)
         stream = GuardedStream(ctx, self._settings, fmt, self._body_mode,
-                               self._configured_response_body, self._recorder)
+                               self._configured_response_body, self._recorder,
+                               request_buffered=buffered)
         self._admitted = self._admission.enter()
         if not self._admitted:
             limit = self._admission.limit

@@ -16,6 +16,7 @@ import pytest
 
 from testkit.upstream import Script
 from tests.e2e.conftest import Stack
+from tests.e2e.h2raw import post_with_trailers
 from tests.e2e.test_chat_stream import events
 from tests.e2e.test_hostile import fetch
 
@@ -99,3 +100,32 @@ def test_a_strict_body_still_passes_byte_identical(stack: Stack) -> None:
     result = fetch(stack, Script(chunks=(answer,)), "http1", body=clean)
     assert result.status == 200 and result.body == answer
     assert stack.llm.record_for_script(result.script_id or "").body == clean
+
+
+def test_a_prompt_followed_by_trailers_is_checked(stack: Stack) -> None:
+    # HTTP/2 request trailers: Envoy hands the buffered body over with end_of_stream false, and
+    # the prompt was continued without a check.
+    script_id = stack.llm.register(Script(chunks=tuple(events("never"))))
+    body = json.dumps({"model": "demo", "stream": True,
+                       "messages": [json.loads(PROMPT)]}).encode()
+    answer = post_with_trailers(
+        stack.envoy.listener_port, "/v1/chat/completions",
+        [("content-type", "application/json"), ("x-fake-script", script_id)], body,
+        [("x-checksum", "abc")])
+    assert answer.status == 400 and answer.ended, answer
+    assert json.loads(answer.body)["error"]["type"] == "guardrail_violation"
+    assert stack.llm.records_for_script(script_id) == []
+
+
+def test_a_clean_prompt_with_trailers_goes_upstream_whole(stack: Stack) -> None:
+    answer_events = events("Fine.")
+    script_id = stack.llm.register(Script(chunks=tuple(answer_events)))
+    body = json.dumps({"model": "demo", "stream": True,
+                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+    answer = post_with_trailers(
+        stack.envoy.listener_port, "/v1/chat/completions",
+        [("content-type", "application/json"), ("x-fake-script", script_id)], body,
+        [("x-checksum", "abc")])
+    assert answer.status == 200 and answer.ended, answer
+    assert answer.body == b"".join(answer_events)
+    assert stack.llm.record_for_script(script_id).body == body

@@ -282,6 +282,19 @@ async def test_input_block_before_response_headers_is_a_400_json_error() -> None
     assert h.guardrail.calls[0].texts == ["say forbidden"]
 
 
+async def test_regression_a_buffered_prompt_followed_by_trailers_is_checked() -> None:
+    # Issue "Nothing on a guarded route passes unread", class 3: with HTTP/2 request trailers,
+    # Envoy hands over the BUFFERED body with end_of_stream false; it was continued unchecked.
+    h = Harness()
+    await h.feed(request_headers(), request_body(chat_request("say forbidden"),
+                                                 end_of_stream=False))
+    await h.settle()
+    assert h.guardrail.calls and h.guardrail.calls[0].texts == ["say forbidden"]
+    answer = h.sent[-1]
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert answer.immediate_response.status.code == 400
+
+
 async def test_input_block_after_response_headers_is_the_frame() -> None:
     hold = asyncio.Event()
     h = Harness(FakeGuardrail(hold=hold), input_wait_s=0, input_check=InputCheck.PARALLEL)
