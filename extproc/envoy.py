@@ -49,7 +49,9 @@ MODE_SKIP_RESPONSE = ProcessingMode(response_header_mode=_SKIP)
 # the upstream call); keep the response headers phase.
 MODE_BUFFER_REQUEST = ProcessingMode(request_body_mode=_BUFFERED)
 # Non-streamed (JSON) answer: the whole body once; the response headers wait for its answer.
-MODE_BUFFER_RESPONSE = ProcessingMode(response_body_mode=_BUFFERED)
+# BUFFERED_PARTIAL, not BUFFERED: over Envoy's buffer limit a BUFFERED answer got no response at
+# all; a partial one arrives with end_of_stream false, and the overload class decides.
+MODE_BUFFER_RESPONSE = ProcessingMode(response_body_mode=ProcessingMode.BUFFERED_PARTIAL)
 # Streamed answer: the response body in FULL_DUPLEX_STREAMED (trailers must then be SEND).
 MODE_FULL_DUPLEX_RESPONSE = ProcessingMode(
     response_body_mode=_FULL_DUPLEX, response_trailer_mode=_SEND

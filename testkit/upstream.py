@@ -173,6 +173,9 @@ class Script:
     ``trailing``: when true the body ends with the terminating zero-length
     chunk; when false the server aborts the connection after the last write
     instead (an upstream that dies mid-stream).
+
+    ``fixed_length``: send ``content-length`` (the sum of the chunks) instead of
+    chunked framing; the chunks are still separate writes, with their delays.
     """
 
     chunks: tuple[bytes, ...]
@@ -180,6 +183,7 @@ class Script:
     status: int = 200
     headers: tuple[tuple[str, str], ...] = (("content-type", "text/event-stream"),)
     trailing: bool = True
+    fixed_length: bool = False
 
     def __post_init__(self) -> None:
         chunks: list[bytes] = []
@@ -246,7 +250,7 @@ def inline_script_header(script: Script) -> str:
     """The ``x-fake-script-inline`` header value that carries ``script``.
 
     base64url (unpadded) of JSON ``{"chunks": [<base64>...], "delay_ms": n | [n...],
-    "status": n, "headers": [[k, v]...], "trailing": bool}``.
+    "status": n, "headers": [[k, v]...], "trailing": bool, "fixed_length": bool}``.
     """
     doc = {
         "chunks": [base64.b64encode(c).decode("ascii") for c in script.chunks],
@@ -256,6 +260,7 @@ def inline_script_header(script: Script) -> str:
         "status": script.status,
         "headers": [list(h) for h in script.headers],
         "trailing": script.trailing,
+        "fixed_length": script.fixed_length,
     }
     raw = _compact_json(doc).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
@@ -284,6 +289,7 @@ def parse_inline_script(value: str) -> Script:
         "delays_ms": delays,
         "status": int(doc.get("status", 200)),
         "trailing": bool(doc.get("trailing", True)),
+        "fixed_length": bool(doc.get("fixed_length", False)),
     }
     if "headers" in doc:
         headers = doc["headers"]
@@ -1081,7 +1087,7 @@ class FakeLLM:
             headers=list(script.headers),
             writes=list(script.chunks),
             delays_s=[script.delay_before(i) / 1000.0 for i in range(n + 1)],
-            chunked=True,
+            chunked=not script.fixed_length,
             trailing=script.trailing,
         )
 

@@ -395,7 +395,11 @@ class GuardedStream:
                                       keepalive_s=0.0 if streamed else limits.keepalive_s)
             self._recorder.track_held(self._guard)
             mode = None if streamed else envoy.MODE_FULL_DUPLEX_RESPONSE
-            ctx.outbox.put(envoy.headers_response(response_phase=True, mode=mode))
+            # The guard may rewrite the body (a terminal frame, masked text): an upstream's
+            # content-length would then be wrong, and a keep-alive client would wait for bytes
+            # that never come (issue 14, class 8). Without it, Envoy frames the body itself.
+            ctx.outbox.put(envoy.headers_response(
+                response_phase=True, remove_headers=(HEADER_CONTENT_LENGTH,), mode=mode))
             return
         ctx.outbox.put(envoy.headers_response(response_phase=True))
 
@@ -420,8 +424,13 @@ class GuardedStream:
         limit = self._settings.streams.max_held_bytes
         full_duplex = self._body_mode is BodyMode.FULL_DUPLEX
         if full_duplex and limit and len(whole.body) > limit:
-            # Envoy keeps a BUFFERED body within its own limit; these chunks come to us.
-            self._whole_overflow(body.end_of_stream)
+            # Configured FULL_DUPLEX: the chunks come to us, and ``--max-held-bytes`` bounds them.
+            self._whole_overflow(body.end_of_stream, f"more than {limit} bytes")
+            return
+        if not full_duplex and not body.end_of_stream:
+            # BUFFERED_PARTIAL sends a part only of an answer over Envoy's buffer limit; the
+            # rest would pass unseen.
+            self._whole_overflow(False, "over Envoy's buffer limit")
             return
         if body.end_of_stream and whole.task is None:
             if not full_duplex:  # (FULL_DUPLEX has no timer)
@@ -431,14 +440,14 @@ class GuardedStream:
             whole.task = asyncio.get_running_loop().create_task(
                 whole.answer(bytes(whole.body), self._prompt_task))
 
-    def _whole_overflow(self, end_of_stream: bool) -> None:
-        """Configured FULL_DUPLEX: a non-streamed answer over ``--max-held-bytes``; the
-        ``overload`` failure class decides between the error body and passing it unchecked."""
+    def _whole_overflow(self, end_of_stream: bool, why: str) -> None:
+        """A non-streamed answer too large to hold (``why``); the ``overload`` failure class
+        decides between the API's error (a 503, or with the body mode configured FULL_DUPLEX
+        the error body behind the 200) and passing it unchecked."""
         ctx = self._ctx
         whole = self._whole
         assert whole is not None
-        error = GuardrailOverload(f"a non-streamed answer of more than "
-                                  f"{self._settings.streams.max_held_bytes} bytes")
+        error = GuardrailOverload(f"a non-streamed answer {why}")
         held = bytes(whole.body)
         whole.body = bytearray()
         if ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
@@ -446,7 +455,12 @@ class GuardedStream:
             if ctx.record.outcome is None:
                 ctx.record.outcome = "pass"
             self.phase = Phase.ANSWER_OPEN
-            ctx.outbox.put(envoy.streamed_response_body(held, end_of_stream))
+            if self._body_mode is BodyMode.FULL_DUPLEX:
+                ctx.outbox.put(envoy.streamed_response_body(held, end_of_stream))
+            else:
+                ctx.outbox.put(envoy.continue_response_body(
+                    metadata_namespace=self._settings.streams.metadata_namespace,
+                    metadata=ctx.record.to_metadata()))
         else:
             log.warning("%s; failure mode closed: the error body", error)
             self._replies.error(ErrorKind.UNAVAILABLE, "unavailable")

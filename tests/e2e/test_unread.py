@@ -17,8 +17,9 @@ import pytest
 from testkit.upstream import Script
 from tests.e2e.conftest import Stack
 from tests.e2e.h2raw import post_with_trailers
-from tests.e2e.test_chat_stream import events
+from tests.e2e.test_chat_stream import client, events
 from tests.e2e.test_hostile import fetch
+from tests.support import BLOCK_FRAME, chat_request
 
 PROMPT = '{"role":"user","content":"say bazinga now"}'
 
@@ -129,3 +130,51 @@ def test_a_clean_prompt_with_trailers_goes_upstream_whole(stack: Stack) -> None:
     assert answer.status == 200 and answer.ended, answer
     assert answer.body == b"".join(answer_events)
     assert stack.llm.record_for_script(script_id).body == body
+
+
+@pytest.mark.parametrize("version", ["http1", "http2"])
+@pytest.mark.parametrize("kind", ["block", "mask"])
+def test_a_rewritten_answer_sent_with_content_length_ends_cleanly(
+        stack: Stack, version: str, kind: str) -> None:
+    # Issue 14, class 8: the upstream sends its SSE answer with content-length; the guard
+    # rewrites it (a terminal frame, masked text), so that length is wrong. It was kept, and a
+    # keep-alive client waited for bytes that never came. Now it is dropped and the answer ends
+    # cleanly at its real end; the connection serves the next request.
+    word = "Project Nightingale" if kind == "block" else "jane.doe@example.com"
+    chunks = tuple(events("Write to ", f"{word} ", "any time. " * 20))
+    script = Script(chunks=chunks, delays_ms=5, fixed_length=True)
+    with client(version) as http:
+        for _ in range(2):  # the second request reuses the connection
+            script_id = stack.llm.register(script)
+            response = http.post(f"{stack.url}/v1/chat/completions",
+                                 content=chat_request("hello"),
+                                 headers={"content-type": "application/json",
+                                          "x-fake-script": script_id}, timeout=20)
+            assert response.status_code == 200
+            assert "content-length" not in response.headers or int(
+                response.headers["content-length"]) == len(response.content)
+            body = response.content
+            assert word.encode() not in body
+            if kind == "block":
+                assert body.endswith(BLOCK_FRAME)
+            else:
+                assert b"{EMAIL}" in body and body.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["content_length", "chunked"])
+def test_a_json_answer_over_envoys_buffer_limit_is_answered_at_once(
+        stack: Stack, fixed: bool) -> None:
+    # Issue 14, class 8: a 2 MiB non-streamed answer (Envoy's buffer limit is 1 MiB) got no
+    # response at all. Now the overload class answers it: closed (the default), a 503 in the
+    # API's shape, and nothing of it reaches the client.
+    text = "lorem ipsum " * (2 * 1024 * 1024 // 12)
+    body = json.dumps({"id": "c", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": text},
+         "finish_reason": "stop"}]}).encode()
+    chunks = tuple(body[i:i + 65536] for i in range(0, len(body), 65536))
+    script = Script(chunks=chunks, headers=(("content-type", "application/json"),),
+                    fixed_length=fixed)
+    result = fetch(stack, script, "http1", body=chat_request("hello", stream=False),
+                   timeout=30)
+    assert result.status == 503, (result.status, result.body[:200])
+    assert json.loads(result.body)["error"]["type"] == "guardrail_unavailable"

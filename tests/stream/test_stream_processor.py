@@ -376,3 +376,29 @@ async def test_close_cancels_the_check_in_flight() -> None:
     await h.settle()
     still_running = {t for t in tasks_before if not t.done()} - {asyncio.current_task()}
     assert still_running == set()
+
+
+async def test_regression_a_partial_json_answer_is_answered_by_the_overload_class() -> None:
+    # Issue 14, class 8: BUFFERED_PARTIAL hands over only part of an answer over Envoy's buffer
+    # limit (end_of_stream false); the rest would pass unseen. Closed: a 503 at once.
+    h = Harness()
+    await h.feed(request_headers(), request_body(chat_request("hi", stream=False)))
+    await h.settle()
+    await h.feed(response_headers(content_type="application/json"))
+    assert h.sent[-1].mode_override.response_body_mode == ProcessingMode.BUFFERED_PARTIAL
+    await h.feed(response_body(b'{"choices": [{"message": {"content": "part', False))
+    answer = h.sent[-1]
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert answer.immediate_response.status.code == 503
+    assert h.processor.record.to_metadata()["error_class"] == "overload"
+
+
+async def test_a_partial_json_answer_passes_unchecked_when_overload_fails_open() -> None:
+    h = Harness(failure_mode=FailurePolicy(overload=FailureMode.OPEN))
+    await h.feed(request_headers(), request_body(chat_request("hi", stream=False)))
+    await h.settle()
+    await h.feed(response_headers(content_type="application/json"))
+    await h.feed(response_body(b'{"choices": [{"message": {"content": "part', False))
+    answer = h.sent[-1]
+    assert answer.WhichOneof("response") == "response_body"
+    assert h.processor.record.to_metadata()["failed_open"] is True

@@ -122,7 +122,8 @@ def test_header_map_reads_a_processing_request() -> None:
 def test_mode_constants_have_exactly_their_fields() -> None:
     assert set_fields(MODE_SKIP_RESPONSE) == {"response_header_mode": ProcessingMode.SKIP}
     assert set_fields(MODE_BUFFER_REQUEST) == {"request_body_mode": ProcessingMode.BUFFERED}
-    assert set_fields(MODE_BUFFER_RESPONSE) == {"response_body_mode": ProcessingMode.BUFFERED}
+    assert set_fields(MODE_BUFFER_RESPONSE) == {
+        "response_body_mode": ProcessingMode.BUFFERED_PARTIAL}
     assert set_fields(MODE_FULL_DUPLEX_RESPONSE) == {
         "response_body_mode": ProcessingMode.FULL_DUPLEX_STREAMED,
         "response_trailer_mode": ProcessingMode.SEND,
