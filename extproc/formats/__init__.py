@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from typing import Protocol
+from urllib.parse import unquote
 
 from extproc.sse import SSEEvent
 
@@ -48,6 +49,7 @@ __all__ = [
     "StreamCodec",
     "StreamFormat",
     "all_formats",
+    "canonical_path",
     "find_format",
     "strip_query",
 ]
@@ -170,11 +172,39 @@ def strip_query(path: str) -> str:
     return path
 
 
+def canonical_path(path: str) -> str:
+    """The path as the most lenient server routes it: query and fragment cut, percent-escapes
+    decoded (``%2F`` and ``%73`` included, until none is left, so a double escape cannot hide
+    a path either), ``;params`` cut from each segment, empty and ``.`` segments dropped, ``..``
+    resolved, backslashes read as slashes, case folded, no trailing slash. uvicorn decodes before routing, Express folds case
+    and ignores a trailing slash: a variant one of them routes to an API must reach its format
+    here. Matching more than an upstream would only ever guard more."""
+    path = strip_query(path)
+    for _ in range(4):
+        decoded = unquote(path, errors="surrogateescape")
+        if decoded == path:
+            break
+        path = decoded
+    segments: list[str] = []
+    for segment in path.replace("\\", "/").split("/"):
+        segment = segment.split(";", 1)[0]
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments).casefold()
+
+
 def find_format(method: str, path: str, formats: tuple[StreamFormat, ...]) -> StreamFormat | None:
-    """The first format that recognises the request, or None for traffic we do not guard."""
-    bare = strip_query(path)
+    """The first format that recognises the request (by its ``canonical_path`` and upper-case
+    method), or None for traffic we do not guard."""
+    bare = canonical_path(path)
+    verb = method.upper()
     for fmt in formats:
-        if fmt.matches(method, bare):
+        if fmt.matches(verb, bare):
             return fmt
     return None
 

@@ -18,6 +18,8 @@ Envoy Gateway's translator builds them (``internal/xds/translator/extproc.go`` a
   with the ``gateway.envoyproxy.io/`` prefix, stripped of it);
 * ``ClientTrafficPolicy`` ``timeout.http.streamIdleTimeout`` -> the connection manager's
   ``stream_idle_timeout``, ``requestReceivedTimeout`` -> its ``request_timeout``;
+  ``path.escapedSlashesAction`` -> ``path_with_escaped_slashes_action``, ``normalize_path`` on,
+  ``merge_slashes`` unless ``path.disableMergeSlashes``;
   ``BackendTrafficPolicy`` ``timeout.http.requestTimeout`` -> each route's ``timeout``.
 
 Addresses are the test's: the Backend's FQDN becomes the sidecar on 127.0.0.1, every HTTPRoute
@@ -134,6 +136,18 @@ def _cluster(name: str, port: int, http2: bool) -> dict[str, Any]:
     return cluster
 
 
+ESCAPED_SLASHES = {"KeepUnchanged": "KEEP_UNCHANGED", "RejectRequest": "REJECT_REQUEST",
+                   "UnescapeAndForward": "UNESCAPE_AND_FORWARD",
+                   "UnescapeAndRedirect": "UNESCAPE_AND_REDIRECT"}
+
+
+def _path_settings(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for policy in by_kind(resources, "ClientTrafficPolicy"):
+        found.update(policy["spec"].get("path") or {})
+    return found
+
+
 def _timeouts(resources: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for policy in by_kind(resources, kind):
@@ -201,6 +215,13 @@ def bootstrap(resources: list[dict[str, Any]], *, sidecar_port: int,
         hcm["stream_idle_timeout"] = client["streamIdleTimeout"]
     if "requestReceivedTimeout" in client:
         hcm["request_timeout"] = client["requestReceivedTimeout"]
+    # Envoy Gateway normalizes paths (RFC 3986) and merges slashes unless told otherwise; the
+    # ClientTrafficPolicy's path.escapedSlashesAction becomes path_with_escaped_slashes_action.
+    path = _path_settings(resources)
+    hcm["normalize_path"] = True
+    hcm["merge_slashes"] = not path.get("disableMergeSlashes", False)
+    if "escapedSlashesAction" in path:
+        hcm["path_with_escaped_slashes_action"] = ESCAPED_SLASHES[path["escapedSlashesAction"]]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {

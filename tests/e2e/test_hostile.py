@@ -749,9 +749,12 @@ def test_chunked_prompt_over_envoys_buffer_limit_over_http2_never_goes_upstream_
         assert checked >= len(prompt), "the prompt went upstream without a full check"
 
 
-def test_json_answer_over_envoys_buffer_limit_is_envoys_own_500(hostile: Stack) -> None:
-    # A non-streamed answer is buffered whole for its check: above 1 MiB Envoy gives up with
-    # its own 500 (response_payload_too_large); the client never sees unchecked text.
+def test_json_answer_over_envoys_buffer_limit_is_answered_by_the_overload_class(
+        hostile: Stack) -> None:
+    # A non-streamed answer is buffered whole for its check. Above 1 MiB Envoy gave up with its
+    # own 500 (response_payload_too_large), or gave no answer at all (a 2 MiB answer, issue 14,
+    # class 8); now BUFFERED_PARTIAL hands over its first MiB and the overload failure class
+    # answers: closed, the API's 503. The client never sees unchecked text.
     answer = json.dumps({"id": "x", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "word " * 250_000},
          "finish_reason": "stop"}]}).encode()
@@ -760,7 +763,8 @@ def test_json_answer_over_envoys_buffer_limit_is_envoys_own_500(hostile: Stack) 
                        headers=(("content-type", "application/json"),))
     result = fetch(hostile, script, "http1", body=chat_request("hello", stream=False),
                    timeout=60)
-    assert result.status == 500
+    assert result.status == 503
+    assert json.loads(result.body)["error"]["type"] == "guardrail_unavailable"
     assert b"word word" not in result.body
 
 

@@ -178,3 +178,44 @@ def test_a_json_answer_over_envoys_buffer_limit_is_answered_at_once(
                    timeout=30)
     assert result.status == 503, (result.status, result.body[:200])
     assert json.loads(result.body)["error"]["type"] == "guardrail_unavailable"
+
+
+# Path variants a real server routes to an LLM API (uvicorn decodes escapes before routing,
+# Express folds case and ignores a trailing slash): each one is guarded like the plain path.
+PATH_VARIANTS = [
+    "/v1/chat/completion%73", "/v1/chat%2Fcompletions", "/v1/chat%2fcompletions",
+    "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS", "//v1//chat/completions",
+    "/v1/./chat/completions", "/v1/x/../chat/completions", "/v1/chat/completions;v=1",
+    "/v1/chat/completions?x=%2F", "/v1/chat/completion%2573",
+]
+
+
+@pytest.mark.parametrize("version", ["http1", "http2"])
+@pytest.mark.parametrize("path", PATH_VARIANTS)
+def test_a_path_variant_is_guarded(stack: Stack, path: str, version: str) -> None:
+    result = fetch(stack, Script(chunks=tuple(events("never"))), version, path=path,
+                   prompt="say bazinga now")
+    assert result.status == 400, (path, result.status, result.body[:200])
+    assert json.loads(result.body)["error"]["type"] == "guardrail_violation"
+    assert stack.llm.records_for_script(result.script_id or "") == []
+
+
+@pytest.mark.parametrize("path", ["/v1/message%73", "/V1/Messages/"])
+def test_an_anthropic_path_variant_is_guarded(stack: Stack, path: str) -> None:
+    body = json.dumps({"model": "claude", "max_tokens": 10, "stream": True,
+                       "messages": [{"role": "user", "content": "say bazinga now"}]}).encode()
+    result = fetch(stack, Script(chunks=tuple(events("never"))), "http1", path=path,
+                   body=body)
+    assert result.status == 400, (path, result.status, result.body[:200])
+    assert json.loads(result.body)["error"]["type"] == "guardrail_violation"
+    assert stack.llm.records_for_script(result.script_id or "") == []
+
+
+def test_the_upstream_sees_the_path_the_sidecar_matched(stack: Stack) -> None:
+    # Envoy's shipped settings normalize what it forwards: %2F unescaped, slashes merged, dot
+    # segments resolved, unreserved escapes decoded.
+    answer = b"".join(events("fine"))
+    result = fetch(stack, Script(chunks=(answer,)), "http1",
+                   path="//v1/./chat%2Fcompletion%73")
+    assert result.status == 200 and result.body == answer
+    assert stack.llm.record_for_script(result.script_id or "").path == "/v1/chat/completions"
