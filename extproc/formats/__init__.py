@@ -176,9 +176,10 @@ def canonical_path(path: str) -> str:
     """The path as the most lenient server routes it: query and fragment cut, percent-escapes
     decoded (``%2F`` and ``%73`` included, until none is left, so a double escape cannot hide
     a path either), ``;params`` cut from each segment, empty and ``.`` segments dropped, ``..``
-    resolved, backslashes read as slashes, case folded, no trailing slash. uvicorn decodes before routing, Express folds case
-    and ignores a trailing slash: a variant one of them routes to an API must reach its format
-    here. Matching more than an upstream would only ever guard more."""
+    resolved, backslashes read as slashes, case folded, no trailing slash. uvicorn decodes
+    before routing, Express folds case and ignores a trailing slash: a variant one of them
+    routes to an API must reach its format here. Matching more than an upstream would only ever
+    guard more."""
     path = strip_query(path)
     for _ in range(4):
         decoded = unquote(path, errors="surrogateescape")
