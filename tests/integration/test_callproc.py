@@ -47,8 +47,11 @@ def bedrock(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBed
         yield lb
 
 
-def make_client(calls: GuardrailCalls = GuardrailCalls.PROCESS, timeout_s: float = 2.0,
+def make_client(calls: GuardrailCalls = GuardrailCalls.PROCESS, timeout_s: float = WAIT_S,
                 clock: Callable[[], float] = time.monotonic) -> BedrockGuardrailClient:
+    # A call timeout no call reaches: none of these tests is about it, and a call that
+    # restarts the child includes its start (imports, client): was 2 s, which a busy machine
+    # passed ("no ApplyGuardrail answer within 2.00s" after the child was killed).
     return BedrockGuardrailClient(settings(aws_region="us-east-1", guardrail_calls=calls),
                                   max_attempts=1, attempt_timeout_s=timeout_s, clock=clock)
 
@@ -76,7 +79,7 @@ def wait_dead(pid: int, seconds: float = WAIT_S) -> bool:
 async def test_both_ways_give_the_same_verdicts_and_errors(
         bedrock: LocalBedrock, calls: GuardrailCalls) -> None:
     # The client's own timeout (WAIT_S) is far longer than the call's 0.3 s below.
-    client = make_client(calls, timeout_s=WAIT_S)
+    client = make_client(calls)
     try:
         assert client.endpoint_url == bedrock.url and client.region == "us-east-1"
         assert (client.call_process_pid is not None) == (calls is GuardrailCalls.PROCESS)

@@ -5,6 +5,7 @@ the deadline, oversize input split and merged, the breaker."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -27,8 +28,10 @@ from tests.support import WAIT_S, isolate_aws_env, settings
 
 BLOCKED_OUTPUT = "Sorry, the answer was withheld by the output guardrail."
 
-# Quick backoffs so that the tests do not sleep for long; the rest are the defaults.
-FAST = ResilienceConfig(deadline_s=3.0, attempt_timeout_s=1.0, backoff_base_s=0.01,
+# Quick backoffs so that the tests do not sleep for long; timeouts no call reaches, since no
+# test using them is about them (was 3 s and 1 s: an attempt slowed past 1 s by a busy machine
+# was retried, and the calls counted changed); the rest are the defaults.
+FAST = ResilienceConfig(deadline_s=2 * WAIT_S, attempt_timeout_s=WAIT_S, backoff_base_s=0.01,
                         throttle_backoff_base_s=0.02, backoff_max_s=0.05)
 
 
@@ -175,8 +178,8 @@ async def test_hang_times_out_within_the_deadline(bedrock: LocalBedrock) -> None
 
 
 async def test_breaker_stops_calling_a_failing_endpoint(bedrock: LocalBedrock) -> None:
-    client = make_client(ResilienceConfig(max_attempts=1, breaker_failures=3,
-                                          breaker_cooldown_s=60))
+    client = make_client(replace(FAST, max_attempts=1, breaker_failures=3,
+                                 breaker_cooldown_s=60))
     try:
         bedrock.inject_error("unavailable")
         for _ in range(3):
