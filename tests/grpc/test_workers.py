@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import wait_until
+from tests.support import WAIT_S, wait_until
 
 LISTENING = re.compile(r"guardrail-extproc listening on 127\.0\.0\.1:(\d+)")
 
@@ -26,7 +26,7 @@ def env() -> dict[str, str]:
 
 
 def wait_for_ports(log: Path, count: int, proc: subprocess.Popen[bytes]) -> list[int]:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         ports = [int(p) for p in LISTENING.findall(log.read_text(errors="replace"))]
         if len(ports) >= count:
@@ -56,7 +56,7 @@ def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
         for _ in range(6):  # new connections: the kernel spreads them over the workers
             with grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
                 answer = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S)
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
