@@ -57,7 +57,6 @@ import httpx
 import pytest
 
 from extproc.settings.options import OPTIONS
-from extproc.sse import SSEDecoder
 from testkit.stack import (
     EnvoyProcess,
     SidecarProcess,
@@ -67,7 +66,14 @@ from testkit.stack import (
     tail,
 )
 from testkit.upstream import Script, chat_chunk, sse_data
-from tests.corpus import BLOCKED, CORPUS, INJECT_AT, chunkings, corpus_files
+from tests.corpus import (
+    BLOCKED,
+    CORPUS,
+    INJECT_AT,
+    assert_blocked_body,
+    chunkings,
+    corpus_files,
+)
 from tests.e2e.conftest import (
     GUARDRAIL_ID,
     SMALL_WINDOWS,
@@ -304,18 +310,9 @@ def whole_events_prefix(received: bytes, original: bytes) -> bool:
 def assert_blocked(result: Result, original: bytes) -> None:
     """Released events (a prefix of ``original``, whole events), then exactly one error frame;
     nothing of the blocked phrase; a clean end."""
-    body = result.body
     assert result.status == 200
     assert result.clean_end, result.error
-    assert body.endswith(BLOCK_FRAME), body[-300:]
-    assert body.count(BLOCK_FRAME) == 1
-    assert body.count(b"data: [DONE]") == 1
-    assert BLOCKED not in body and b"Nightingale" not in body
-    released = body[: -len(BLOCK_FRAME)]
-    assert original.startswith(released), "released bytes are not a prefix of the original"
-    decoder = SSEDecoder()  # whole events, whatever the line endings
-    decoder.feed(released, end_of_stream=True)
-    assert decoder.flush() == b"", "the frame does not follow a whole event"
+    assert_blocked_body(result.body, original)
 
 
 def ext_proc_delta(stack: Stack, before: dict[str, int]) -> dict[str, int]:

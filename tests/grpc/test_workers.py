@@ -41,13 +41,18 @@ def pids_of_workers(parent: int) -> list[int]:
     return [int(p) for p in children.read_text().split()] if children.exists() else []
 
 
+def start_workers(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m extproc --workers 2`` on a free port, its output in ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
+             "--metrics-listen", "off", "--guardrail-id", "testguardrail", *args],
+            stdout=out, stderr=subprocess.STDOUT, env=env())
+
+
 def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "workers.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--guardrail-id", "testguardrail", "--grace-period", "5"],
-            stdout=out, stderr=subprocess.STDOUT, env=env())
+    proc = start_workers(log, "--grace-period", "5")
     try:
         ports = wait_for_ports(log, 2, proc)
         assert len(set(ports)) == 1, ports  # one port, two processes
@@ -72,11 +77,7 @@ def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
 
 def test_a_dead_worker_is_restarted(tmp_path: Path) -> None:
     log = tmp_path / "workers.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--guardrail-id", "testguardrail"],
-            stdout=out, stderr=subprocess.STDOUT, env=env())
+    proc = start_workers(log)
     try:
         wait_for_ports(log, 2, proc)
         first = pids_of_workers(proc.pid)
@@ -97,12 +98,7 @@ def test_sighup_reloads_the_configuration_in_every_worker(tmp_path: Path) -> Non
     config = tmp_path / "config.yaml"
     config.write_text("shadow: off\n")
     log = tmp_path / "workers.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--guardrail-id", "testguardrail", "--config",
-             str(config), "--config-poll-interval", "0"],
-            stdout=out, stderr=subprocess.STDOUT, env=env())
+    proc = start_workers(log, "--config", str(config), "--config-poll-interval", "0")
     try:
         wait_for_ports(log, 2, proc)
         config.write_text("shadow: on\n")
