@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from testkit.stack import tail
+from testkit.stack import stop_process, tail
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent  # the checkout these scripts are in: bench/results/, git archive
@@ -169,14 +169,7 @@ class Service:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return stop_process(proc, timeout)
 
 
 def descendants(pid: int) -> list[int]:

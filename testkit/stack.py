@@ -108,7 +108,8 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -184,7 +185,7 @@ class EnvoyProcess:
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc is None:
             return 0
-        return _stop(self.proc, timeout)
+        return stop_process(self.proc, timeout)
 
     def logs(self) -> str:
         return tail(self.log_path, 200)
@@ -225,7 +226,7 @@ class SidecarProcess:
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None:
             return 0
-        return _stop(self.proc, timeout)
+        return stop_process(self.proc, timeout)
 
     def logs(self) -> str:
         return tail(self.log_path, 200)

@@ -854,7 +854,7 @@ class FakeLLM:
             self._records.clear()
 
     def wait_for_record(
-        self, predicate: Callable[[RequestRecord], bool], timeout: float = 5.0
+        self, predicate: Callable[[RequestRecord], bool], timeout: float = 30.0
     ) -> RequestRecord:
         """Block until some record satisfies ``predicate`` and return it.
 
@@ -882,7 +882,7 @@ class FakeLLM:
             return [r for r in self._records if r.script_id == script_id]
 
     def record_for_script(
-        self, script_id: str, timeout: float = 5.0, *, finished: bool = True
+        self, script_id: str, timeout: float = 30.0, *, finished: bool = True
     ) -> RequestRecord:
         """Wait for the (first) record of ``script_id``; by default until it is finished."""
         return self.wait_for_record(

@@ -14,10 +14,9 @@ import logging
 from collections.abc import Hashable
 
 from extproc.domain.decision import Action, decide_verdict
-from extproc.domain.errors import GuardrailError, GuardrailServerError
 from extproc.domain.values import Gate, Source
 from extproc.formats import ErrorKind, StreamFormat
-from extproc.stream.context import StreamContext
+from extproc.stream.context import StreamContext, as_guardrail_error
 from extproc.stream.sinks import Replies
 
 log = logging.getLogger(__name__)
@@ -63,11 +62,8 @@ class WholeAnswer:
                 verdict = await ctx.check(Source.OUTPUT, [text for _, text in pairs])
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                error = exc if isinstance(exc, GuardrailError) else None
-                if error is None:
-                    log.exception("BUG in the answer check")
-                    error = GuardrailServerError(f"internal: {type(exc).__name__}")
+            except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: answer anyway
+                error = as_guardrail_error(exc, "the answer check")
                 if ctx.no_verdict(error) is Action.UNAVAILABLE:
                     log.warning("answer check failed (%s); failure mode closed",
                                 error.error_class)

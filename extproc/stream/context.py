@@ -10,12 +10,13 @@ verdict or the error to the metrics ``Recorder`` and adds the findings to the re
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
 from extproc.domain.client import GuardrailClient
 from extproc.domain.decision import Action, decide_error
-from extproc.domain.errors import GuardrailError
+from extproc.domain.errors import GuardrailError, GuardrailServerError
 from extproc.domain.values import Gate, Source
 from extproc.domain.verdict import GuardrailVerdict
 from extproc.observe.audit import AuditLog
@@ -23,6 +24,17 @@ from extproc.observe.metrics import Recorder
 from extproc.settings.values import RoutePolicy, StreamSettings
 from extproc.stream.record import StreamRecord
 from extproc.stream.sinks import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def as_guardrail_error(exc: Exception, what: str) -> GuardrailError:
+    """A failed check's exception as a guardrail error: itself, or (a bug of ours, logged with
+    its trace as ``BUG in <what>``) a server error, so that the failure policy decides."""
+    if isinstance(exc, GuardrailError):
+        return exc
+    log.error("BUG in %s", what, exc_info=exc)
+    return GuardrailServerError(f"internal: {type(exc).__name__}")
 
 
 class StreamContext:

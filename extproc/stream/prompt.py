@@ -16,11 +16,10 @@ from typing import Any
 
 from extproc import envoy
 from extproc.domain.decision import Action, decide_verdict
-from extproc.domain.errors import GuardrailError, GuardrailServerError
 from extproc.domain.values import Gate, Source
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.formats import StreamFormat
-from extproc.stream.context import StreamContext
+from extproc.stream.context import StreamContext, as_guardrail_error
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +89,8 @@ class PromptCheck:
             verdict = await ctx.check(Source.INPUT, self._texts)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            error = exc if isinstance(exc, GuardrailError) else None
-            if error is None:
-                log.exception("BUG in the prompt check")
-                error = GuardrailServerError(f"internal: {type(exc).__name__}")
+        except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
+            error = as_guardrail_error(exc, "the prompt check")
             record.input = f"error:{error.error_class}"
             if ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
                 log.warning("prompt check failed (%s); failure mode open", error.error_class)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,12 +147,16 @@ class RunningServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def drain_and_stop(self, drain_delay_s: float, grace_s: float) -> None:
+    async def drain_and_stop(
+        self, drain_delay_s: float, grace_s: float, *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         """NOT_SERVING, wait ``drain_delay_s`` for load balancers to notice, then stop
-        accepting and give in-flight streams ``grace_s`` to finish."""
+        accepting and give in-flight streams ``grace_s`` to finish. ``sleep`` (the drain
+        delay's) is for tests."""
         await self.set_serving(False)
         if drain_delay_s > 0:
-            await asyncio.sleep(drain_delay_s)
+            await sleep(drain_delay_s)
         await self.server.stop(grace_s)
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from extproc.sse import SSEDecoder
+from tests.support import BLOCK_FRAME
+
 CORPUS = Path(__file__).parent
 #: Every text-bearing corpus file has it once per channel, in one delta.
 INJECT_AT = b"harbour"
@@ -36,6 +39,20 @@ def chunkings(data: bytes) -> dict[str, list[int]]:
     if inside:
         cuts["inside_utf8"] = inside[:2000]
     return cuts
+
+
+def assert_blocked_body(body: bytes, original: bytes) -> None:
+    """Released events (a prefix of ``original``, whole events), then exactly one OpenAI-style
+    terminal frame; nothing of the blocked phrase."""
+    assert body.endswith(BLOCK_FRAME), body[-300:]
+    assert body.count(BLOCK_FRAME) == 1
+    assert body.count(b"data: [DONE]") == 1
+    assert BLOCKED not in body and b"Nightingale" not in body
+    released = body[: -len(BLOCK_FRAME)]
+    assert original.startswith(released), "released bytes are not a prefix of the original"
+    decoder = SSEDecoder()  # whole events, whatever the line endings
+    decoder.feed(released, end_of_stream=True)
+    assert decoder.flush() == b"", "the frame does not follow a whole event"
 
 
 def cut(data: bytes, positions: list[int]) -> list[bytes]:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ import pytest
 
 from testkit.upstream import Script, sse_data
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
-from tests.support import BLOCK_FRAME, VIOLATION_MESSAGE
+from tests.support import BLOCK_FRAME, VIOLATION_MESSAGE, WAIT_S, wait_until
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 VIOLATION = VIOLATION_MESSAGE
@@ -154,22 +156,32 @@ def post_raw(stack: Stack, path: str, body: dict[str, Any], script_id: str | Non
 
 
 def assert_never_contacted(stack: Stack, script_id: str) -> None:
-    time.sleep(0.3)  # anything on its way to the upstream would have arrived by now
+    # Anything on its way to the upstream would have arrived by now. No event marks that
+    # nothing more is coming, so a short sleep stands in: it can only let this check miss a
+    # late request, never fail it falsely.
+    time.sleep(0.3)
     assert stack.llm.records_for_script(script_id) == []
 
 
-def wait_quiet(stack: Stack, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
-    """Until the guardrail endpoint saw no call for ``quiet_s`` (checks of earlier streams)."""
-    deadline = time.monotonic() + limit_s
-    last = stack.bedrock.stats.calls
-    since = time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = stack.bedrock.stats.calls
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
+def wait_settled(stack: Stack) -> None:
+    """Until the sidecar has no stream open (no check of an earlier stream can start) and the
+    guardrail endpoint has answered, and so recorded, every call it received.
+
+    (Was: until the endpoint saw no call for 0.3 s, giving up silently after 5 s: a quiet
+    period that a busy machine can stretch.) A check that a stream waited for was recorded
+    before it was answered. Not covered: the call of a check cancelled at its stream's end may
+    still be on its way in the call process; the callers cancel none."""
+    def settled() -> bool:
+        with urllib.request.urlopen(stack.metrics_url, timeout=WAIT_S) as answer:
+            metrics = answer.read().decode()
+        match = re.search(r"^guardrail_extproc_streams_in_flight (\S+)$", metrics, re.M)
+        assert match, metrics
+        stats = stack.bedrock.stats
+        # Every call received is recorded once answered ("<=": a reset_stats() between a
+        # call's arrival and its record leaves one record more than calls).
+        return float(match[1]) == 0 and stats.calls <= sum(stats.by_outcome.values())
+
+    wait_until(settled, what="no stream in flight and every guardrail call answered")
 
 
 def recorded_input_calls(stack: Stack, prompt: str, since: float) -> list[Any]:

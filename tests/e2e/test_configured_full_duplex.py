@@ -62,9 +62,10 @@ def test_sse_is_still_guarded(fd_stack: Stack, version: str) -> None:
 def test_json_answer_is_checked_and_passed_whole(fd_stack: Stack, version: str) -> None:
     answer = chat_json("A plain answer, " * 20)
     script = Script(chunks=(answer[:50], answer[50:]), delays_ms=5, headers=JSON)
+    # A request that hung (the regression) would end in fetch's own timeout, an error here.
+    # (Was: the duration compared with 5 s as well.)
     result = fetch(fd_stack, script, version, body=chat_request("hello", stream=False))
     assert result.error is None and result.status == 200 and result.body == answer
-    assert result.elapsed < 5
 
 
 def test_blocked_json_answer_gets_the_error_body_behind_the_200(fd_stack: Stack) -> None:
@@ -82,6 +83,5 @@ def test_unguarded_answers_pass_through(fd_off_stack: Stack, version: str) -> No
     result = fetch(fd_off_stack, Script(chunks=(whole[:25], whole[25:]), delays_ms=10), version)
     assert result.error is None and result.status == 200 and result.body == whole
     error = Script(chunks=(b'{"error": "nope"}',), status=429, headers=JSON)
-    result = fetch(fd_off_stack, error, version)
+    result = fetch(fd_off_stack, error, version)  # a hang: fetch's timeout, an error here
     assert result.error is None and result.status == 429 and result.body == b'{"error": "nope"}'
-    assert result.elapsed < 5

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,8 @@ from tests.e2e.envoy_gateway import (
     with_static_full_duplex,
 )
 from tests.e2e.test_apis import post_raw, sse_script
-from tests.e2e.test_routes import CHAT, Calls, new_request_id, violating_stream
+from tests.e2e.test_route_selectors import unknown_routes
+from tests.e2e.test_routes import CHAT, Calls, access_log, new_request_id, violating_stream
 from tests.support import BLOCK_FRAME
 
 SIDECAR_CONFIG = ROOT / "deploy" / "kustomize" / "overlays" / "envoy-gateway" / "config.yaml"
@@ -64,21 +63,6 @@ def gateway(request: pytest.FixtureRequest, stacks: StackFactory) -> Stack:
                   tweak_envoy=gateway_config(request.param))
 
 
-def access_log(stack: Stack, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        urllib.request.urlopen(urllib.request.Request(
-            f"{stack.envoy.admin_url}/reopen_logs", method="POST"), timeout=2).close()
-        for line in stack.envoy.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{") and request_id in line:
-                entry: dict[str, Any] = json.loads(line)
-                if entry.get("request_id") == request_id:
-                    return entry
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no access log entry for request {request_id}")
-        time.sleep(0.1)
-
-
 def through(stack: Stack, route: str, script_id: str) -> tuple[bytes, set[str], dict[str, Any]]:
     """POST a streamed chat request to an HTTPRoute's prefix: the body, the guardrails that
     checked it, the access log entry (route name, guardrail metadata)."""
@@ -93,14 +77,6 @@ def through(stack: Stack, route: str, script_id: str) -> tuple[bytes, set[str], 
     entry["guardrail"] = json.loads(metadata) if isinstance(metadata, str) and metadata not in (
         "", "-") else (metadata or {})
     return body, calls.ids(), entry
-
-
-def unknown_routes(stack: Stack) -> float:
-    with urllib.request.urlopen(stack.metrics_url, timeout=5) as answer:
-        text = answer.read().decode()
-    match = re.search(
-        r'^guardrail_extproc_unknown_route_streams_total\{reason="unmapped"\} (\S+)$', text, re.M)
-    return float(match[1]) if match else 0.0
 
 
 # -- the resources and the configuration they stand for -----------------------------------------

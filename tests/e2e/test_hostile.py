@@ -31,8 +31,9 @@ Defined outcomes, in short (what the tests below pin down):
   (HTTP/2: up to the 4 MiB gRPC message limit, then Envoy's own 500) and is checked or refused,
   never forwarded unchecked. A non-streamed JSON answer above 1 MiB is Envoy's own ``500``;
 * a single line over ``--max-held-bytes`` ends the stream with the unavailable frame;
-* SIGTERM under load (``--drain-delay 1 --grace-period 10``): every in-flight stream completes
-  (or ends with its error frame) and the process exits 0.
+* SIGTERM under load (``--drain-delay 1``, a grace period longer than any wait): every
+  in-flight stream completes (or ends with its error frame) and the process exits 0 without
+  waiting for the grace period.
 
 Tests named ``test_bug_*`` describe a product bug: they fail until it is fixed.
 """
@@ -56,7 +57,6 @@ import httpx
 import pytest
 
 from extproc.settings.options import OPTIONS
-from extproc.sse import SSEDecoder
 from testkit.stack import (
     EnvoyProcess,
     SidecarProcess,
@@ -66,7 +66,14 @@ from testkit.stack import (
     tail,
 )
 from testkit.upstream import Script, chat_chunk, sse_data
-from tests.corpus import BLOCKED, CORPUS, INJECT_AT, chunkings, corpus_files
+from tests.corpus import (
+    BLOCKED,
+    CORPUS,
+    INJECT_AT,
+    assert_blocked_body,
+    chunkings,
+    corpus_files,
+)
 from tests.e2e.conftest import (
     GUARDRAIL_ID,
     SMALL_WINDOWS,
@@ -76,7 +83,7 @@ from tests.e2e.conftest import (
     envoy_backend,
 )
 from tests.e2e.test_chat_stream import client, events
-from tests.support import BLOCK_FRAME, UNAVAILABLE_FRAME, chat_request
+from tests.support import BLOCK_FRAME, UNAVAILABLE_FRAME, WAIT_S, chat_request, wait_until
 
 HTTP_VERSIONS = ["http1", "http2"]
 KEEPALIVE = b": keep-alive\n\n"
@@ -112,7 +119,7 @@ class MonitoredSidecar(SidecarProcess):
 
     def sample(self) -> dict[str, Any]:
         """The monitor's latest line."""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             try:
                 lines = self.monitor_path.read_text().splitlines()
@@ -126,7 +133,7 @@ class MonitoredSidecar(SidecarProcess):
             time.sleep(0.05)
         raise TimeoutError("no monitor sample")
 
-    def wait_idle(self, max_tasks: int, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_idle(self, max_tasks: int, timeout: float = WAIT_S) -> dict[str, Any]:
         """Wait until no stream is active and the task count is at most ``max_tasks``; returns
         the last sample either way."""
         deadline = time.monotonic() + timeout
@@ -186,6 +193,8 @@ def hostile(stacks: StackFactory) -> Stack:
 def idle_tasks(hostile: Stack) -> int:
     """The sidecar's asyncio task count with nothing in flight (after a warm-up request)."""
     monitor = monitor_of(hostile)
+    # Time for the warm-up's tasks to end. Not load-sensitive: a count taken too early is too
+    # high, which only makes the checks against it more lenient, never fail.
     time.sleep(0.5)
     samples = []
     for _ in range(5):
@@ -210,7 +219,9 @@ def _sidecar_log_stays_clean(request: pytest.FixtureRequest,
     yield
     if request.node.name.startswith("test_bug_"):
         return
-    time.sleep(0.3)  # late errors (a task's exception is logged when it is collected)
+    # Late errors (a task's exception is logged when it is collected). No event marks "no more
+    # to come"; the sleep can only let this check miss a late error, never fail it falsely.
+    time.sleep(0.3)
     for stack in stacks.stacks:
         assert_log_clean(stack, sizes.get(id(stack), 0))
 
@@ -299,18 +310,9 @@ def whole_events_prefix(received: bytes, original: bytes) -> bool:
 def assert_blocked(result: Result, original: bytes) -> None:
     """Released events (a prefix of ``original``, whole events), then exactly one error frame;
     nothing of the blocked phrase; a clean end."""
-    body = result.body
     assert result.status == 200
     assert result.clean_end, result.error
-    assert body.endswith(BLOCK_FRAME), body[-300:]
-    assert body.count(BLOCK_FRAME) == 1
-    assert body.count(b"data: [DONE]") == 1
-    assert BLOCKED not in body and b"Nightingale" not in body
-    released = body[: -len(BLOCK_FRAME)]
-    assert original.startswith(released), "released bytes are not a prefix of the original"
-    decoder = SSEDecoder()  # whole events, whatever the line endings
-    decoder.feed(released, end_of_stream=True)
-    assert decoder.flush() == b"", "the frame does not follow a whole event"
+    assert_blocked_body(result.body, original)
 
 
 def ext_proc_delta(stack: Stack, before: dict[str, int]) -> dict[str, int]:
@@ -318,7 +320,7 @@ def ext_proc_delta(stack: Stack, before: dict[str, int]) -> dict[str, int]:
     return {k.rsplit(".", 1)[1]: after[k] - before.get(k, 0) for k in after}
 
 
-def wait_streams_settled(stack: Stack, before: dict[str, int], timeout: float = 5.0
+def wait_streams_settled(stack: Stack, before: dict[str, int], timeout: float = WAIT_S
                          ) -> dict[str, int]:
     """Envoy's ext_proc counters once every side stream started since ``before`` ended."""
     deadline = time.monotonic() + timeout
@@ -460,14 +462,14 @@ def test_deeply_nested_json_prompt_is_refused_before_the_upstream(hostile: Stack
     assert hostile.llm.records_for_script(result.script_id or "") == []
 
 
-def test_deeply_nested_json_answer_is_answered_at_once(hostile: Stack) -> None:
+def test_deeply_nested_json_answer_is_answered_untouched(hostile: Stack) -> None:
     # A non-streamed answer nested too deeply: was a dead check task, nobody answering Envoy
-    # for the whole override_message_timeout (11 s), then 504; now passed untouched.
+    # for the whole override_message_timeout (11 s), then 504; now passed untouched. The status
+    # tells the two apart. (Was ..._is_answered_at_once, with the duration compared with 5 s.)
     answer = (b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":'
               b'{"role":"assistant","content":"hi"}}],"x":' + b"[" * 5000 + b"]" * 5000 + b"}")
     script = Script(chunks=(answer,), headers=(("content-type", "application/json"),))
     result = fetch(hostile, script, "http1", body=chat_request("hello", stream=False))
-    assert result.elapsed < 5, f"answered after {result.elapsed:.1f}s"
     assert result.status == 200 and result.body == answer
 
 
@@ -533,14 +535,14 @@ def test_upstream_dying_mid_stream_is_a_clean_error(hostile: Stack, version: str
                                                     sent: str) -> None:
     # trailing=False: the upstream aborts its connection after its last write (mid-stream, or
     # after everything including [DONE] but before the chunked terminator). Envoy cannot end
-    # the 200 normally: the client gets a transport error, fast, never a hang.
+    # the 200 normally: the client gets a transport error, never a hang (a hang would end in
+    # fetch's own timeout, which it does not catch: an error here; was: the duration < 5 s).
     all_events = events(*[f"word{i} " for i in range(40)])
     chunks = tuple(all_events[:12] if sent == "some" else all_events)
     before = hostile.envoy.stats("http.llm.ext_proc.")
     result = fetch(hostile, Script(chunks=chunks, delays_ms=10, trailing=False), version)
     assert result.status == 200
     assert result.error is not None, "a dead upstream must not look like a complete answer"
-    assert result.elapsed < 5, f"took {result.elapsed:.1f}s"
     assert whole_events_prefix(result.body, b"".join(chunks))
     delta = wait_streams_settled(hostile, before)
     assert delta["streams_started"] == 1
@@ -655,6 +657,15 @@ def test_unterminated_last_event_is_checked(hostile: Stack, version: str) -> Non
 # --------------------------------------------------------------------------- prompts
 
 
+def refill_text_unit_budget() -> None:
+    """Wait until the sidecar's text-unit bucket is full again (a big prompt empties it).
+
+    A wait on the wall clock that load cannot make too short: the bucket refills with the
+    sidecar's monotonic clock, one second from empty to full, and 1.5 s pass on that clock
+    however busy the machine is. No call runs meanwhile."""
+    time.sleep(1.5)
+
+
 def big_prompt(kib: int, tail_text: str = "") -> str:
     unit = "lorem ipsum dolor sit amet, consectetur adipiscing elit. "
     return (unit * (kib * 1024 // len(unit) + 1))[: kib * 1024 - len(tail_text)] + tail_text
@@ -662,7 +673,7 @@ def big_prompt(kib: int, tail_text: str = "") -> str:
 
 @pytest.mark.parametrize("version", HTTP_VERSIONS)
 def test_200kb_prompt_is_split_and_passes(hostile: Stack, version: str) -> None:
-    time.sleep(1.5)  # a full text-unit bucket: this test is about splitting, not the budget
+    refill_text_unit_budget()  # this test is about splitting, not the budget
     hostile.bedrock.reset_stats()
     answer = b"".join(events("fine answer"))
     result = fetch(hostile, Script(chunks=(answer,)), version, prompt=big_prompt(200),
@@ -676,7 +687,7 @@ def test_200kb_prompt_is_split_and_passes(hostile: Stack, version: str) -> None:
 
 
 def test_blocked_word_at_the_end_of_a_200kb_prompt_is_a_400(hostile: Stack) -> None:
-    time.sleep(1.5)
+    refill_text_unit_budget()
     result = fetch(hostile, Script(chunks=tuple(events("never"))), "http1",
                    prompt=big_prompt(200, " and then say bazinga"), timeout=60)
     assert result.status == 400, result.body[:300]
@@ -690,7 +701,7 @@ def test_300kb_prompt_is_checked_within_the_text_unit_budget(hostile: Stack) -> 
     # so the 11th part never got its units: "prompt check failed (budget)" -> 503 on an idle
     # sidecar, every time, for any prompt above about 250,000 characters (found at fcd7fae;
     # the parts of a split input now wait for budget up to the deadline).
-    time.sleep(1.5)
+    refill_text_unit_budget()
     answer = b"".join(events("fine answer"))
     result = fetch(hostile, Script(chunks=(answer,)), "http1", prompt=big_prompt(300),
                    timeout=60)
@@ -710,9 +721,10 @@ def test_prompt_over_the_request_limit_is_a_413_before_anything_goes_upstream(
     before = hostile.envoy.stats("http.llm.downstream_rq_4xx")
     script = Script(chunks=tuple(events("never")))
     script_id = hostile.llm.register(script)
-    started = time.monotonic()
+    # A stalled request ends in fetch's timeout, which it does not catch: an error here;
+    # Envoy's own 413 is not JSON. (Was: the duration compared with 5 s as well.)
     try:
-        result = fetch(hostile, None, version, prompt=big_prompt(kib), timeout=15,
+        result = fetch(hostile, None, version, prompt=big_prompt(kib), timeout=WAIT_S,
                        headers={"x-fake-script": script_id})
     except (httpx.LocalProtocolError, httpx.WriteError) as exc:
         # HTTP/2: the 413 and the stream's end arrived while the client was still sending its
@@ -723,7 +735,6 @@ def test_prompt_over_the_request_limit_is_a_413_before_anything_goes_upstream(
     else:
         assert result.status == 413, (result.status, result.body[:200])
         assert json.loads(result.body)["error"]
-    assert time.monotonic() - started < 5
     assert hostile.bedrock.stats.calls == 0
     assert hostile.llm.records_for_script(script_id) == []
 
@@ -735,13 +746,14 @@ def test_chunked_prompt_over_envoys_buffer_limit_over_http2_never_goes_upstream_
     # body arrives while the request-headers answer (the BUFFERED override) is on its way, and
     # Envoy hands the whole body to the sidecar anyway, past its 1 MiB buffer limit, up to the
     # sidecar's gRPC maximum message (4 MiB; above it Envoy's own 500, "Received message larger
-    # than max"). Never an unchecked prompt upstream; always an answer in bounded time.
-    time.sleep(1.5)
+    # than max"). Never an unchecked prompt upstream; always an answer in bounded time: a
+    # stall ends in fetch's timeout, which it does not catch (an error here; was: the
+    # duration compared with 15 s, with a 30 s timeout).
+    refill_text_unit_budget()
     hostile.bedrock.reset_stats()
     prompt = big_prompt(kib)
     result = fetch(hostile, Script(chunks=tuple(events("fine"))), "http2", prompt=prompt,
-                   timeout=30, chunked=True)
-    assert result.elapsed < 15
+                   timeout=2 * WAIT_S, chunked=True)
     assert result.status in (200, 413, 500, 503), (result.status, result.body[:200])
     if hostile.llm.records_for_script(result.script_id or ""):
         checked = sum(len(t) for c in hostile.bedrock.stats.recent if c.source == "INPUT"
@@ -827,7 +839,7 @@ def test_non_llm_requests_with_bodies_pass_untouched(hostile: Stack, version: st
 def test_many_choices_end_well_formed(hostile: Stack, version: str) -> None:
     # 3,000 choices in one event: one content block each, far beyond the text-unit budget
     # of one call: the stream ends with the unavailable frame (fail closed), never unchecked.
-    time.sleep(1.5)
+    refill_text_unit_budget()
     event = sse_data({"id": "x", "object": "chat.completion.chunk", "created": 0,
                       "model": "demo", "choices": [
                           {"index": i, "delta": {"content": f"c{i} "}} for i in range(3000)]})
@@ -889,39 +901,42 @@ def test_corpus_has_the_nasty_cases() -> None:
 
 
 def test_sigterm_drains_in_flight_streams(stacks: StackFactory) -> None:
+    # A grace period no wait here reaches: the process exiting at all shows that it did not
+    # wait for it once the streams were done. (Was: --grace-period 10 and the time to exit
+    # compared with 13 s.)
     stack = monitored_stack(stacks, [*SMALL_WINDOWS, "--drain-delay", "1",
-                                     "--grace-period", "10"])
+                                     "--grace-period", str(10 * WAIT_S)])
     clean = tuple(events(*[f"word{i} " for i in range(120)]))  # about 2.5 s at 20 ms
     blocked = tuple(events(*[f"word{i} " for i in range(40)], "Project Nightingale ",
                            *[f"more{i} " for i in range(80)]))
+    # First a 3 s pause: every stream is still in flight when the last one starts, however
+    # slow the machine is to start twelve. (Was: 2.5 s of stream, and 5 s to see all twelve,
+    # after which the test went on and failed.)
     results: dict[int, Result | BaseException] = {}
 
     def run(i: int) -> None:
         chunks = blocked if i % 4 == 3 else clean
+        delays = (3000.0,) + (20.0,) * (len(chunks) - 1)
         try:
-            results[i] = fetch(stack, Script(chunks=chunks, delays_ms=20),
-                               HTTP_VERSIONS[i % 2], timeout=30)
+            results[i] = fetch(stack, Script(chunks=chunks, delays_ms=delays),
+                               HTTP_VERSIONS[i % 2], timeout=WAIT_S)
         except BaseException as exc:  # noqa: BLE001 - reported below
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 5
-    while monitor_of(stack).sample()["active_streams"] < 12 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: monitor_of(stack).sample()["active_streams"] >= 12,
+               what="twelve streams in flight")
     in_flight = monitor_of(stack).sample()["active_streams"]
     assert in_flight == 12
     proc = stack.sidecar.proc
     assert proc is not None
-    signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     for thread in threads:
-        thread.join(40)
-    returncode = proc.wait(20)
-    took = time.monotonic() - signalled
+        thread.join(2 * WAIT_S)
+    returncode = proc.wait(WAIT_S)  # TimeoutExpired if it waited for the grace period
     assert returncode == 0
-    assert took < 1 + 10 + 2
     for i in range(12):
         result = results[i]
         assert isinstance(result, Result), f"stream {i}: {result!r}"
@@ -971,7 +986,7 @@ def test_bug_chunked_prompt_over_max_request_bytes_is_checked_instead_of_a_413(
     # "budget"/"timeout", depending on the budget). Expected: the decoded body is compared
     # with the limit too, and answered 413 at once. (HTTP/2 here; over HTTP/1.1 the same
     # request may stall instead, see the test above.)
-    time.sleep(1.5)
+    refill_text_unit_budget()
     bug_stack.bedrock.reset_stats()
     result = fetch(bug_stack, Script(chunks=tuple(events("never"))), "http2",
                    prompt=big_prompt(2048), timeout=30, chunked=True)

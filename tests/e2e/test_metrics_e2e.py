@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testkit.upstream import Script
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.e2e.test_chat_stream import events, post_stream
-from tests.support import BLOCK_FRAME, wait_until
+from tests.support import BLOCK_FRAME, WAIT_S, wait_until
 
 P = "guardrail_extproc_"
 FORMAT = "openai.chat_completions"
@@ -74,7 +74,11 @@ def one_stream(stack: Stack, chunks: tuple[bytes, ...]) -> tuple[Samples, Sample
     # The ext_proc stream ends (and is counted) once Envoy is done with the request.
     after = wait_until(lambda: (s := scrape(stack)) and finished_total(s) > finished_total(
         before) and get(s, "streams_in_flight") == 0 and s, what="the stream's end")
-    time.sleep(0.2)  # nothing is counted for it later
+    # Nothing is counted for it later. No event marks the end of "later" (the count is taken
+    # once, in the stream's close, before the RPC ends; a second one would be a stray task's),
+    # so a short sleep stands in: it can only let this check miss a late count, never fail it
+    # falsely (no other stream runs meanwhile).
+    time.sleep(0.2)
     assert finished_total(scrape(stack)) == finished_total(before) + 1
     return before, after, body, request_id
 
@@ -93,6 +97,10 @@ def audit_records(stack: Stack, request_id: str) -> list[dict[str, Any]]:
 
 def access_log_metadata(stack: Stack, request_id: str) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
+        # Envoy writes its access log out every 10 s; reopening the log writes it at once.
+        # (Was: a wait for that timer, up to 10 s of the WAIT_S each time.)
+        urllib.request.urlopen(urllib.request.Request(
+            f"{stack.envoy.admin_url}/reopen_logs", method="POST"), timeout=WAIT_S).close()
         text = stack.envoy.log_path.read_text(encoding="utf-8", errors="replace")
         for line in text.splitlines():
             if line.startswith("{") and request_id in line:
@@ -102,7 +110,7 @@ def access_log_metadata(stack: Stack, request_id: str) -> dict[str, Any]:
                     return guardrail
         return None
 
-    found: dict[str, Any] = wait_until(find, what="the access log line")
+    found: dict[str, Any] = wait_until(find, what="the access log line", interval=0.1)
     return found
 
 

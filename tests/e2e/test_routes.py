@@ -40,9 +40,9 @@ from tests.e2e.test_apis import (
     openai_client,
     post_raw,
     sse_script,
-    wait_quiet,
+    wait_settled,
 )
-from tests.support import BLOCK_FRAME
+from tests.support import BLOCK_FRAME, WAIT_S
 
 ROUTES: dict[str, dict[str, str] | None] = {
     "/route-a/": {"x-guardrail-id": "guardrailaaa"},
@@ -69,13 +69,13 @@ class Calls:
         self.calls: list[RecordedCall] = []
 
     def __enter__(self) -> Calls:
-        wait_quiet(self.stack)
+        wait_settled(self.stack)
         self.count = self.stack.bedrock.stats.calls
         self.since = time.time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        wait_quiet(self.stack)
+        wait_settled(self.stack)
         stats = self.stack.bedrock.stats
         self.calls = [c for c in stats.recent if c.timestamp >= self.since]
         self.total = stats.calls - self.count
@@ -90,7 +90,7 @@ class Calls:
         return [c.outcome for c in self.calls if c.source == source]
 
 
-def access_log(stack: Stack, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+def access_log(stack: Stack, request_id: str, timeout: float = WAIT_S) -> dict[str, Any]:
     """Envoy's JSON access log entry of the request with this ``x-request-id`` (the logged
     path is the rewritten one, so requests are found by id)."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,10 @@ import pytest
 from testkit.upstream import CANNED_ANSWERS, Script
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory, use_config
 from tests.e2e.test_chat_stream import events, post_stream, read_sdk_stream
-from tests.support import BLOCK_FRAME
+from tests.support import BLOCK_FRAME, WAIT_S
+
+#: A pause of the upstream that no test waits out.
+ENDLESS_MS = 10 * WAIT_S * 1000
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +51,26 @@ def test_async_clean_stream_is_byte_identical(async_stack: Stack) -> None:
 
 def test_async_blocks_within_one_window_after_the_violation(async_stack: Stack) -> None:
     chunks, position = violating_script()
-    script_id = async_stack.llm.register(Script(chunks=chunks, delays_ms=30))
-    _, body = post_stream(async_stack, script_id, "http2")
+    # Once one window and its overlap (the SMALL_WINDOWS settings) of text has followed the
+    # violation, the upstream pauses for longer than any wait here: the block must come during
+    # the pause, from the text before it, however long the checks take. (Was: 30 ms between
+    # all chunks, and the text that arrived during a check's round trip counted against the
+    # bound: a busy machine stretched the round trip past it.)
+    delays = [30.0] * len(chunks)
+    sent = 0
+    for index, chunk in enumerate(chunks):
+        sent += len(model_text(chunk))
+        if sent > position + 120 + 40:
+            delays[index] = ENDLESS_MS
+            break
+    script_id = async_stack.llm.register(Script(chunks=chunks, delays_ms=tuple(delays)))
+    _, body = post_stream(async_stack, script_id, "http2")  # no block: its timeout, an error
     assert body.endswith(BLOCK_FRAME)
     assert body.count(b"data: [DONE]") == 1
     released = model_text(body[: -len(BLOCK_FRAME)])
     leaked_after_violation = max(0, len(released) - position)
-    # At most one window (window + overlap characters of the SMALL_WINDOWS settings) plus the
-    # text that arrived during the check's round trip.
+    # At most one window (window + overlap characters) plus the text that arrived during the
+    # check's round trip (here: none, the upstream pauses).
     assert leaked_after_violation <= 120 + 40 + 40
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.transport.server import RunningServer, start_server
-from tests.support import FakeGuardrail, settings
+from tests.support import WAIT_S, FakeGuardrail, settings
 
 
 @pytest.fixture
@@ -26,13 +26,13 @@ async def server(guardrail: FakeGuardrail) -> AsyncIterator[RunningServer]:
     try:
         yield running
     finally:
-        await asyncio.wait_for(running.server.stop(None), 5)
+        await asyncio.wait_for(running.server.stop(None), WAIT_S)
 
 
 @pytest.fixture
 async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        await asyncio.wait_for(ch.channel_ready(), 5)
+        await asyncio.wait_for(ch.channel_ready(), WAIT_S)
         yield ch
 
 

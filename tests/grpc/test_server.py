@@ -239,6 +239,9 @@ async def test_finished_stream_leaves_no_reference_cycle(
         for _ in range(3):
             await run_stream(stub, CLEAN, chunk_size=17)
         await eventually(lambda: server.processor.active_streams == 0, what="stream end")
+        # Time for grpc to drop its own references to the finished calls. Not a wait for the
+        # assertion below: a cycle still referenced from outside is not garbage yet, so a
+        # busy machine can only make this check miss a leak, never report one falsely.
         await asyncio.sleep(0.05)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
@@ -389,7 +392,17 @@ async def test_health_serving_then_not_serving_during_drain(
     for service in ("", SERVICE_NAME):
         assert await health_status(channel, service) == serving
 
-    drain = asyncio.create_task(server.drain_and_stop(drain_delay_s=1.0, grace_s=1.0))
+    # The drain delay ends when the test says so. (Was a real 1 s delay: on a busy machine the
+    # health checks below could outlast it, and the drain, and fail against a stopped server.)
+    delays: list[float] = []
+    delay_over = asyncio.Event()
+
+    async def drain_delay(seconds: float) -> None:
+        delays.append(seconds)
+        await delay_over.wait()
+
+    drain = asyncio.create_task(
+        server.drain_and_stop(drain_delay_s=1.0, grace_s=1.0, sleep=drain_delay))
     try:
         statuses: dict[str, int] = {}
         deadline = time.monotonic() + WAIT_S
@@ -397,8 +410,10 @@ async def test_health_serving_then_not_serving_during_drain(
             assert time.monotonic() < deadline, statuses
             for service in ("", SERVICE_NAME):
                 statuses[service] = await health_status(channel, service)
-        assert not drain.done(), "NOT_SERVING was seen while the drain delay was still running"
+        assert delays == [1.0] and not drain.done(), \
+            "NOT_SERVING was seen while the drain delay was still running"
     finally:
+        delay_over.set()
         await asyncio.wait_for(drain, WAIT_S)
 
 
@@ -408,7 +423,10 @@ async def test_health_serving_then_not_serving_during_drain(
 async def test_graceful_stop_lets_the_stream_in_flight_finish(
     stub: pb_grpc.ExternalProcessorStub, server: RunningServer, guardrail: FakeGuardrail
 ) -> None:
-    grace = 2.0
+    # A grace period that never runs out here: the stop ending at all (within WAIT_S, at the
+    # end) shows that it did not wait for it. (Was: a 2 s grace period and the time the stop
+    # took compared with it, which a busy machine could reach.)
+    grace = 10 * WAIT_S
     guardrail.hold = asyncio.Event()
     conv = Conversation(stub)
     await conv.open_sse_unchecked_prompt()
@@ -416,7 +434,6 @@ async def test_graceful_stop_lets_the_stream_in_flight_finish(
     await conv.send(response_body(first))
     await eventually(lambda: guardrail.in_flight == 1, what="the output check in flight")
 
-    started = time.monotonic()
     drain = asyncio.create_task(server.drain_and_stop(drain_delay_s=0, grace_s=grace))
     try:
         # A new RPC once the stop has begun is refused, never served (attempts that win the
@@ -449,8 +466,9 @@ async def test_graceful_stop_lets_the_stream_in_flight_finish(
         assert await conv.finish() == []
     finally:
         guardrail.hold.set()
-        await asyncio.wait_for(drain, grace + WAIT_S)
-    assert time.monotonic() - started < grace, "the stop waited for the whole grace period"
+        conv.call.cancel()  # a no-op once the stream has ended (only a failure above leaves it)
+        # The stream has finished: the stop returns without waiting for the grace period.
+        await asyncio.wait_for(drain, WAIT_S)
     assert server.processor.active_streams == 0
 
 
@@ -547,9 +565,10 @@ async def sidecars() -> AsyncIterator[list[Sidecar]]:
 async def test_process_sigterm_drains_the_stream_in_flight(
     local_bedrock: LocalBedrock, sidecars: list[Sidecar]
 ) -> None:
-    grace = 5.0
-    latency_s = 1.5
-    local_bedrock.set_latency(latency_s * 1000)
+    # A grace period that never runs out here: the process exiting at all (within WAIT_S)
+    # shows that it did not wait for it. (Was: 5 s, and the time to exit compared with it.)
+    grace = 10 * WAIT_S
+    local_bedrock.set_latency(1500)  # the check is still in flight when the SIGTERM comes
     sidecar = await Sidecar.start(
         ["--listen", "127.0.0.1:0", "--guardrail-id", "testguardrail",
          "--grace-period", str(grace), "--input-check", "off"],
@@ -570,37 +589,41 @@ async def test_process_sigterm_drains_the_stream_in_flight(
         await conv.send(response_body(first))
         await eventually(lambda: local_bedrock.stats.calls == 1, what="the output check")
 
-        sigterm_at = time.monotonic()
         sidecar.proc.send_signal(signal.SIGTERM)
-        answer = await conv.recv(timeout=grace)
+        answer = await conv.recv(timeout=WAIT_S)
         assert body_of(answer) == (first, False)
-        assert time.monotonic() - sigterm_at > latency_s / 3, "answered before the check"
+        # The endpoint records a call before it answers it: a sidecar that released the text
+        # without waiting for the verdict would answer before the record. (Was: the time from
+        # the SIGTERM to the answer compared with a third of the endpoint's latency, which the
+        # polling above, slowed down by a busy machine, could eat up.)
+        assert [c.source for c in local_bedrock.stats.recent] == ["OUTPUT"], \
+            "answered before the check"
         await conv.send(response_body(b"", end_of_stream=True))
         assert await conv.body_until_end() == [(b"", True)]
         assert await conv.finish() == []
 
-    code = await sidecar.wait(timeout=grace)
+    code = await sidecar.wait(timeout=WAIT_S)  # long before the grace period is over
     assert code == 0, sidecar.log
-    assert time.monotonic() - sigterm_at < grace, sidecar.log
     assert re.search(r"shutting down.*\b1 streams? in flight", sidecar.log), sidecar.log
     assert '"logger": "extproc", "message": "stopped"}' in sidecar.log, sidecar.log
     (call,) = local_bedrock.stats.recent
     assert call.source == "OUTPUT" and call.texts == ("Hello there",)
 
 
-async def test_process_sigterm_without_streams_exits_quickly(
+async def test_process_sigterm_without_streams_does_not_wait_for_the_grace_period(
     local_bedrock: LocalBedrock, sidecars: list[Sidecar]
 ) -> None:
+    # The process exiting at all shows it: the grace period is ten times longer than the wait.
+    # (Was named ..._exits_quickly and compared the time to exit with 3 s.)
     sidecar = await Sidecar.start(
-        ["--listen", "127.0.0.1:0", "--guardrail-id", "testguardrail", "--grace-period", "30"],
+        ["--listen", "127.0.0.1:0", "--guardrail-id", "testguardrail",
+         "--grace-period", str(10 * WAIT_S)],
         sidecar_env(local_bedrock.url),
     )
     sidecars.append(sidecar)
     await sidecar.port()
-    sigterm_at = time.monotonic()
     sidecar.proc.send_signal(signal.SIGTERM)
     assert await sidecar.wait(timeout=WAIT_S) == 0, sidecar.log
-    assert time.monotonic() - sigterm_at < 3, sidecar.log
     assert "0 streams in flight" in sidecar.log
 
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.domain.errors import ConfigError
 from extproc.settings.options import load_settings
 from extproc.transport.server import start_server
-from tests.support import FakeGuardrail, settings
+from tests.support import WAIT_S, FakeGuardrail, settings
 
 
 def make_cert(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
@@ -65,7 +65,7 @@ async def health_check(port: int, credentials: grpc.ChannelCredentials) -> int:
     options = (("grpc.ssl_target_name_override", "localhost"),)
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S)
         return int(answer.status)
 
 

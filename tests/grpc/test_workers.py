@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import wait_until
+from tests.support import WAIT_S, wait_until
 
 LISTENING = re.compile(r"guardrail-extproc listening on 127\.0\.0\.1:(\d+)")
 
@@ -26,7 +26,7 @@ def env() -> dict[str, str]:
 
 
 def wait_for_ports(log: Path, count: int, proc: subprocess.Popen[bytes]) -> list[int]:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         ports = [int(p) for p in LISTENING.findall(log.read_text(errors="replace"))]
         if len(ports) >= count:
@@ -41,13 +41,18 @@ def pids_of_workers(parent: int) -> list[int]:
     return [int(p) for p in children.read_text().split()] if children.exists() else []
 
 
+def start_workers(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m extproc --workers 2`` on a free port, its output in ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
+             "--metrics-listen", "off", "--guardrail-id", "testguardrail", *args],
+            stdout=out, stderr=subprocess.STDOUT, env=env())
+
+
 def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "workers.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--guardrail-id", "testguardrail", "--grace-period", "5"],
-            stdout=out, stderr=subprocess.STDOUT, env=env())
+    proc = start_workers(log, "--grace-period", "5")
     try:
         ports = wait_for_ports(log, 2, proc)
         assert len(set(ports)) == 1, ports  # one port, two processes
@@ -56,7 +61,7 @@ def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
         for _ in range(6):  # new connections: the kernel spreads them over the workers
             with grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
                 answer = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S)
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
@@ -72,11 +77,7 @@ def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
 
 def test_a_dead_worker_is_restarted(tmp_path: Path) -> None:
     log = tmp_path / "workers.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--guardrail-id", "testguardrail"],
-            stdout=out, stderr=subprocess.STDOUT, env=env())
+    proc = start_workers(log)
     try:
         wait_for_ports(log, 2, proc)
         first = pids_of_workers(proc.pid)
@@ -97,12 +98,7 @@ def test_sighup_reloads_the_configuration_in_every_worker(tmp_path: Path) -> Non
     config = tmp_path / "config.yaml"
     config.write_text("shadow: off\n")
     log = tmp_path / "workers.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "--workers", "2", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--guardrail-id", "testguardrail", "--config",
-             str(config), "--config-poll-interval", "0"],
-            stdout=out, stderr=subprocess.STDOUT, env=env())
+    proc = start_workers(log, "--config", str(config), "--config-poll-interval", "0")
     try:
         wait_for_ports(log, 2, proc)
         config.write_text("shadow: on\n")
