@@ -37,8 +37,9 @@ class InputCheck(enum.Enum):
 
 
 class PromptScope(enum.Enum):
-    """Which prompt text is checked."""
+    """Which prompt text is checked (``extproc.formats.PromptScope``)."""
 
+    WHOLE_REQUEST = "whole_request"
     LAST_USER = "last_user"
     ALL = "all"
     ALL_WITH_SYSTEM = "all_with_system"

@@ -70,15 +70,18 @@ class ErrorKind:
 class PromptScope:
     """Which prompt text ``prompt_texts`` returns (``extproc.domain.values.PromptScope``'s values).
 
-    * ``last_user``: the text of the last user turn (the default).
+    * ``whole_request`` (the default): every text of the request a model may read, one check
+      text per message or field (``extproc.formats.whole``), whatever its shape.
+    * ``last_user``: the text of the last user turn.
     * ``all``: the text of every conversation turn, tool results included; no instructions.
     * ``all_with_system``: ``all`` plus the system / developer instructions.
     """
 
+    WHOLE_REQUEST = "whole_request"
     LAST_USER = "last_user"
     ALL = "all"
     ALL_WITH_SYSTEM = "all_with_system"
-    VALUES = (LAST_USER, ALL, ALL_WITH_SYSTEM)
+    VALUES = (WHOLE_REQUEST, LAST_USER, ALL, ALL_WITH_SYSTEM)
 
 
 class StreamCodec(Protocol):

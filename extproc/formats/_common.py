@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from extproc.formats import ErrorKind, PromptScope
+from extproc.formats import ErrorKind, PromptScope, whole
 from extproc.sse import SSEEvent, encode_event
 
 _ERRORS: Mapping[str, tuple[int, str]] = {
@@ -275,7 +275,8 @@ SlotFinder = Callable[[Any, str], Iterable[Slot]]
 
 
 def prompt_texts(body: bytes, scope: str, find: SlotFinder) -> list[str]:
-    check_scope(scope)
+    if check_scope(scope) == PromptScope.WHOLE_REQUEST:
+        return whole.texts(load_json(body))
     request = load_object(body)
     if request is None:
         return []
@@ -283,7 +284,14 @@ def prompt_texts(body: bytes, scope: str, find: SlotFinder) -> list[str]:
 
 
 def rewrite_prompt(body: bytes, scope: str, texts: list[str], find: SlotFinder) -> bytes | None:
-    check_scope(scope)
+    if check_scope(scope) == PromptScope.WHOLE_REQUEST:
+        if not all(isinstance(t, str) for t in texts):
+            return None
+        request = load_json(body)
+        if request is None or not texts:
+            return None
+        rewritten = whole.rewrite(request, texts)
+        return None if rewritten is whole.UNCHANGED else dumps(rewritten).encode()
     request = load_object(body)
     if request is None:
         return None

@@ -106,6 +106,22 @@ def _levels(brackets: str) -> int:
     return max(accumulate(_DELTA[ch] for ch in brackets), default=0)
 
 
+#: Charsets a request body may declare: JSON is UTF-8 (RFC 8259 8.1), and ASCII is a subset.
+UTF8_CHARSETS: Final = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def check_charset(content_type: str) -> None:
+    """``BodyRejected`` when the request's content-type names a charset other than UTF-8:
+    Express (body-parser, iconv-lite) decodes the body in that charset, so in UTF-7 the ASCII
+    ``+AGI-azinga`` we would check is ``bazinga`` to its model."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').strip().lower()
+            if charset not in UTF8_CHARSETS:
+                raise BodyRejected(f"the body is declared in charset {charset!r}, not UTF-8")
+
+
 def parse_request(body: bytes) -> Any:
     """The JSON value of ``body``; ``BodyRejected`` when it is not exactly one JSON value in
     UTF-8 that every parser reads alike (see the module docstring)."""

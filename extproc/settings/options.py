@@ -208,8 +208,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--input-check", "default_route.input_check", "prompt check: pre_call (before the "
             "upstream is contacted), parallel (while the upstream runs) or off",
             "pre_call", _enum_parser(InputCheck)),
-    _Option("--prompt-scope", "default_route.prompt_scope", "prompt text checked: last_user, all "
-            "(messages) or all_with_system", "last_user", _enum_parser(PromptScope)),
+    _Option("--prompt-scope", "default_route.prompt_scope", "prompt text checked: whole_request "
+            "(every text a model may read, one check per message or field), last_user, all "
+            "(messages) or all_with_system", "whole_request", _enum_parser(PromptScope)),
     _Option("--output-check", "default_route.output_check", "check answers, streamed and not "
             "(on/off)", "on", _parse_bool),
     _Option("--shadow", "default_route.shadow", "detect-only rollout: check everything, never "
@@ -231,6 +232,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--guardrail-max-chars-per-call", "client.max_chars_per_call", "larger inputs are "
             "split into several calls (Bedrock rejects calls over the per-policy text-unit quota)",
             "25000", _number_parser(int, 1000, 10_000_000)),
+    _Option("--verdict-cache-entries", "client.verdict_cache_entries", "prompt texts known to "
+            "pass, kept per process so that a conversation's history is checked once (about 200 "
+            "bytes each; 0: every text is checked every time)", "100000",
+            _number_parser(int, 0, 100_000_000)),
+    _Option("--verdict-cache-ttl", "client.verdict_cache_ttl_s", "seconds a pass is kept in the "
+            "verdict cache", "3600", _number_parser(float, 1, 30 * 86400)),
     _Option("--breaker-failures", "client.breaker_failures", "consecutive failed attempts that "
             "also open the circuit breaker (0: off; at high concurrency a short run of failures is "
             "common, so the breaker opens by default only when 80%% of at least 20 attempts in "

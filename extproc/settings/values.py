@@ -53,7 +53,7 @@ class RoutePolicy:
     guardrail: GuardrailRef
     enabled: bool = True
     input_check: InputCheck = InputCheck.PRE_CALL
-    prompt_scope: PromptScope = PromptScope.LAST_USER
+    prompt_scope: PromptScope = PromptScope.WHOLE_REQUEST
     output_check: bool = True
     stream_mode: StreamMode = StreamMode.SYNC
     shadow: bool = False
@@ -168,6 +168,8 @@ class ClientSettings:
     threads: int = 32
     calls: GuardrailCalls = GuardrailCalls.PROCESS
     aws_region: str | None = None  # AWS_REGION; None: boto3's own (AWS_DEFAULT_REGION, profile)
+    verdict_cache_entries: int = 100_000  # prompt texts known to pass; 0: no cache
+    verdict_cache_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)

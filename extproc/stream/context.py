@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from extproc.domain.cache import NO_CACHE, VerdictCache
 from extproc.domain.client import GuardrailClient
 from extproc.domain.decision import Action, decide_error
 from extproc.domain.errors import GuardrailError, GuardrailServerError
@@ -41,11 +42,12 @@ class StreamContext:
     """The shared state and services of one stream; see the module docstring."""
 
     __slots__ = ("route", "limits", "call_timeout_s", "record", "outbox", "gate", "_guardrail",
-                 "_recorder", "_audit")
+                 "_recorder", "_audit", "verdict_cache")
 
     def __init__(self, route: RoutePolicy, limits: StreamSettings, call_timeout_s: float,
                  record: StreamRecord, outbox: Outbox, guardrail: GuardrailClient,
-                 recorder: Recorder, audit: AuditLog) -> None:
+                 recorder: Recorder, audit: AuditLog,
+                 verdict_cache: VerdictCache = NO_CACHE) -> None:
         self.route = route
         self.limits = limits
         self.call_timeout_s = call_timeout_s  # one guardrail call, retries included
@@ -55,6 +57,7 @@ class StreamContext:
         self._guardrail = guardrail
         self._recorder = recorder
         self._audit = audit
+        self.verdict_cache = verdict_cache  # prompt texts known to pass
 
     async def check(self, source: Source, texts: Sequence[str]) -> GuardrailVerdict:
         """One guardrail call, timed and reported to the recorder; its findings go into the

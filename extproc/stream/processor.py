@@ -40,12 +40,14 @@ import logging
 from typing import Any
 
 from extproc import envoy
+from extproc.domain.cache import NO_CACHE, VerdictCache
 from extproc.domain.client import GuardrailClient
 from extproc.domain.decision import Action
 from extproc.domain.errors import GuardrailOverload, GuardrailServerError
 from extproc.domain.values import Gate, InputCheck
 from extproc.formats import ErrorKind, StreamFormat, find_format
-from extproc.formats.strict import BodyRejected, parse_request
+from extproc.formats.strict import BodyRejected, check_charset, parse_request
+from extproc.formats.whole import PromptUnreadable
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import DEFAULT_ROUTE, NO_FORMAT, NULL_RECORDER, Recorder
 from extproc.settings.values import RoutePolicy, Settings
@@ -194,6 +196,7 @@ class GuardedStream:
                                 full_duplex=body_mode is BodyMode.FULL_DUPLEX)
         self.phase = Phase.REQUEST
         self._content_encoding = "identity"
+        self._content_type = ""
         self._request_body = bytearray()
         self._request_done = False
         self._prompt: PromptCheck | None = None
@@ -245,6 +248,7 @@ class GuardedStream:
         check_prompt = route.input_check is not InputCheck.OFF and not end_of_stream
         self._content_encoding = headers.get(
             HEADER_CONTENT_ENCODING, "identity").strip().lower()
+        self._content_type = headers.get(HEADER_CONTENT_TYPE, "")
         length = headers.get(HEADER_CONTENT_LENGTH, "")
         limit = limits.max_request_bytes
         if check_prompt and limit and length.isdigit() and int(length) > limit:
@@ -292,13 +296,20 @@ class GuardedStream:
             self._replies.error(ErrorKind.UNREADABLE, "unreadable")
             return
         try:
+            check_charset(self._content_type)
             parse_request(decoded)
         except BodyRejected as exc:
             # What our parser reads differently from the upstream's must not go upstream.
             log.info("request body refused: %s: 400", exc.reason)
             self._replies.error(ErrorKind.INVALID, "invalid")
             return
-        texts = self._fmt.prompt_texts(decoded, route.prompt_scope.value)
+        try:
+            texts = self._fmt.prompt_texts(decoded, route.prompt_scope.value)
+        except PromptUnreadable as exc:
+            # Token ids or embeddings: the model would read what the guardrail cannot.
+            log.info("request refused: %s: 400", exc)
+            self._replies.error(ErrorKind.INVALID, "invalid")
+            return
         if not texts:
             outbox.put(envoy.continue_request_body())
             return
@@ -318,8 +329,13 @@ class GuardedStream:
         await prompt.run()
         if prompt.held is not None:
             gate = self._ctx.gate
+            answer = None
             if gate is Gate.OPEN:
-                self._ctx.outbox.put(prompt.held_answer(self._ctx.route.prompt_scope.value))
+                answer = prompt.held_answer(self._ctx.route.prompt_scope.value)
+                if answer is None:  # a mask that cannot be put into the body: a block
+                    gate = self._ctx.gate = Gate.BLOCKED
+            if answer is not None:
+                self._ctx.outbox.put(answer)
             else:
                 self._reply_gate(gate)
         elif self._guard is not None:
@@ -483,8 +499,10 @@ class StreamProcessor:
         recorder: Recorder = NULL_RECORDER,
         audit: AuditLog | None = None,
         admission: Admission | None = None,
+        verdict_cache: VerdictCache = NO_CACHE,
     ) -> None:
         self._settings = settings
+        self._verdict_cache = verdict_cache
         self._guardrail = guardrail
         self._formats = formats
         self._outbox = outbox
@@ -551,7 +569,8 @@ class StreamProcessor:
             record.request_id = request_id
         record.format = fmt.name
         ctx = StreamContext(route, self._settings.streams, self._settings.client.timeout_s,
-                            record, self._outbox, self._guardrail, self._recorder, self._audit)
+                            record, self._outbox, self._guardrail, self._recorder, self._audit,
+                            self._verdict_cache)
         # Our request-headers answer asks for a BUFFERED request body; with the body mode
         # configured FULL_DUPLEX, Envoy ignores that and uses the configured request body mode.
         buffered = (self._body_mode is not BodyMode.FULL_DUPLEX

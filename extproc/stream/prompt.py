@@ -15,11 +15,13 @@ import zlib
 from typing import Any
 
 from extproc import envoy
+from extproc.domain.cache import verdict_key
 from extproc.domain.decision import Action, decide_verdict
 from extproc.domain.values import Gate, Source
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.formats import StreamFormat
 from extproc.stream.context import StreamContext, as_guardrail_error
+from extproc.stream.packing import pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,13 @@ class PromptCheck:
     """One prompt's check. ``held``: the request body Envoy holds until the verdict
     (``pre_call``), or None when the request already went upstream (``parallel``);
     ``decoded``: ``held`` was inflated, so a rewritten body goes out without its
-    content-encoding."""
+    content-encoding.
 
-    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict")
+    Texts the verdict cache knows to pass are not sent again; the others go in as few content
+    blocks as their text units allow (``extproc.stream.packing``). A clean pass of them all is
+    remembered."""
+
+    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict", "_outputs")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
                  held: bytes | None, decoded: bool) -> None:
@@ -80,13 +86,25 @@ class PromptCheck:
         self.held = held
         self._decoded = decoded
         self.verdict: GuardrailVerdict | None = None
+        self._outputs: list[str] | None = None  # per text, when the verdict masked
         ctx.gate = Gate.PENDING
 
     async def run(self) -> None:
         """Call the guardrail and set the gate; never raises but for cancellation."""
         ctx, record = self._ctx, self._ctx.record
+        cache = ctx.verdict_cache
+        keys = [verdict_key(ctx.route.guardrail, Source.INPUT, text) for text in self._texts]
+        todo = [index for index, key in enumerate(keys) if not cache.passed(key)]
+        if len(todo) < len(keys):
+            record.count("cached_texts", len(keys) - len(todo))
+        if not todo:
+            record.input = Outcome.PASS.value
+            ctx.gate = Gate.OPEN
+            return
+        texts = [self._texts[index] for index in todo]
+        packed = pack(texts)
         try:
-            verdict = await ctx.check(Source.INPUT, self._texts)
+            verdict = await ctx.check(Source.INPUT, packed.blocks)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
@@ -102,7 +120,22 @@ class PromptCheck:
         self.verdict = verdict
         record.input = verdict.outcome.value
         record.count("text_units", verdict.text_units)
-        decision = decide_verdict(verdict.outcome, ctx.route, can_mask=self.held is not None,
+        if verdict.outcome is Outcome.PASS and not verdict.findings:
+            cache.remember(keys[index] for index in todo)
+        outcome = verdict.outcome
+        if outcome is Outcome.MASK and self.held is not None:
+            outputs = unpack(packed, texts, verdict.outputs)
+            if outputs is None:
+                # A masked span across two texts cannot be put back, and the held request
+                # must not go up unmasked: a mask that cannot be applied is a block.
+                log.warning("masked prompt texts cannot be split back: blocked")
+                outcome = Outcome.BLOCK
+            else:
+                full = list(self._texts)
+                for index, output in zip(todo, outputs, strict=True):
+                    full[index] = output
+                self._outputs = full
+        decision = decide_verdict(outcome, ctx.route, can_mask=self.held is not None,
                                   can_soft_block=False)
         if decision.audit is not None:
             ctx.intervened(Source.INPUT, decision.audit, verdict)
@@ -117,16 +150,17 @@ class PromptCheck:
 
     def held_answer(self, scope: str) -> Any:
         """``pre_call``, the prompt passed: the answer that lets the held request go upstream,
-        with the masked prompt in place of the original when the guardrail masked it."""
+        with the masked prompt in place of the original when the guardrail masked it; None
+        when the masked prompt cannot be put into the body (the caller blocks: sending the
+        original would let the masked text through)."""
         assert self.held is not None, "BUG: no request body is held"
         verdict = self.verdict
-        if verdict is not None and verdict.outcome is Outcome.MASK \
-                and len(verdict.outputs) == len(self._texts):
-            rewritten = self._fmt.rewrite_prompt(self.held, scope, list(verdict.outputs))
-            if rewritten is not None:
-                self._ctx.record.input_masked = True
-                return envoy.replace_request_body(
-                    rewritten,
-                    remove_headers=(HEADER_CONTENT_ENCODING,) if self._decoded else ())
-            log.warning("masked prompt could not be rewritten; sent unchanged")
+        if verdict is not None and verdict.outcome is Outcome.MASK and self._outputs is not None:
+            rewritten = self._fmt.rewrite_prompt(self.held, scope, self._outputs)
+            if rewritten is None:
+                log.warning("masked prompt could not be put back into the request: blocked")
+                return None
+            self._ctx.record.input_masked = True
+            return envoy.replace_request_body(
+                rewritten, remove_headers=(HEADER_CONTENT_ENCODING,) if self._decoded else ())
         return envoy.continue_request_body()

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.domain.cache import verdict_cache
 from extproc.domain.client import GuardrailClient
 from extproc.formats import StreamFormat, all_formats
 from extproc.observe.audit import AuditLog
@@ -57,6 +58,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._ids = itertools.count(1)
         self.routes = RouteResolver(settings)
         self.admission = Admission(settings.streams.max_streams)
+        # Prompt texts known to pass: one cache per process, kept across reloads unless its
+        # size or time to live changed.
+        self._settings_cache = (settings.client.verdict_cache_entries,
+                                settings.client.verdict_cache_ttl_s)
+        self.verdict_cache = verdict_cache(*self._settings_cache)
         self.active_streams = 0
 
     @property
@@ -74,6 +80,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._settings = settings
         self.routes = routes
         self.admission.limit = settings.streams.max_streams
+        before = self._settings_cache
+        now = (settings.client.verdict_cache_entries, settings.client.verdict_cache_ttl_s)
+        if now != before:
+            self.verdict_cache = verdict_cache(*now)
+            self._settings_cache = now
 
     def route_stats(self) -> Mapping[str, Any]:
         """The current route resolver's counters (read at scrape time)."""
@@ -111,7 +122,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             processor = StreamProcessor(
                 self._settings, self._guardrail, self._formats, outbox, stream_id,
                 route.policy, route_name=route.name, recorder=self._recorder,
-                audit=self._audit, admission=self.admission,
+                audit=self._audit, admission=self.admission, verdict_cache=self.verdict_cache,
             )
             while request is not grpc.aio.EOF:
                 await processor.handle(request)

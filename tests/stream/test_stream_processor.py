@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from extproc.domain.cache import NO_CACHE, MemoryVerdictCache, VerdictCache
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.domain.values import InputCheck, Source
+from extproc.domain.values import GuardrailRef, InputCheck, Source
+from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.domain.windows import WindowPolicy
 from extproc.envoy import ProcessingMode
 from extproc.formats import all_formats
@@ -19,7 +24,9 @@ from tests.support import (
     BLOCK_FRAME,
     CHAT_VIOLATION_BODY,
     UNAVAILABLE_FRAME,
+    Call,
     FakeGuardrail,
+    bedrock_response,
     body_of,
     chat_request,
     chunk_event,
@@ -41,7 +48,8 @@ CLEAN = [
 
 
 class Harness:
-    def __init__(self, guardrail: FakeGuardrail | None = None, **overrides: Any) -> None:
+    def __init__(self, guardrail: FakeGuardrail | None = None,
+                 verdict_cache: VerdictCache = NO_CACHE, **overrides: Any) -> None:
         self.guardrail = guardrail or FakeGuardrail()
         self.sent: list[Any] = []
 
@@ -49,7 +57,8 @@ class Harness:
             self.sent.append(message)
 
         self.processor = StreamProcessor(
-            settings(**overrides), self.guardrail, all_formats(), Outbox(write), "t1"
+            settings(**overrides), self.guardrail, all_formats(), Outbox(write), "t1",
+            verdict_cache=verdict_cache,
         )
 
     async def feed(self, *requests: Any) -> None:
@@ -402,3 +411,117 @@ async def test_a_partial_json_answer_passes_unchecked_when_overload_fails_open()
     answer = h.sent[-1]
     assert answer.WhichOneof("response") == "response_body"
     assert h.processor.record.to_metadata()["failed_open"] is True
+
+
+# -- whole_request scope and the verdict cache ------------------------------------------------
+
+
+def conversation(*turns: tuple[str, str]) -> bytes:
+    return json.dumps({"model": "demo", "stream": True, "messages": [
+        {"role": role, "content": text} for role, text in turns]}).encode()
+
+
+async def prompt_answer(h: Harness, body: bytes) -> str:
+    await h.feed(request_headers(), request_body(body))
+    await h.settle()
+    last = h.sent[-1]
+    return str(last.WhichOneof("response"))
+
+
+async def test_a_conversation_pays_each_message_once() -> None:
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: 0.0)
+    guardrail = FakeGuardrail()
+    turn1 = conversation(("system", "be brief"), ("user", "hello"))
+    turn2 = conversation(("system", "be brief"), ("user", "hello"), ("assistant", "hi there"),
+                         ("user", "how are you"))
+    first = Harness(guardrail, verdict_cache=cache)
+    assert await prompt_answer(first, turn1) == "request_body"
+    second = Harness(guardrail, verdict_cache=cache)
+    assert await prompt_answer(second, turn2) == "request_body"
+    # One content block per call: the new texts packed, the known ones not sent again.
+    assert [call.texts for call in guardrail.calls] == [
+        ["be brief\n\nhello"], ["hi there\n\nhow are you"]]
+    assert second.processor.record.cached_texts == 2
+    third = Harness(guardrail, verdict_cache=cache)
+    assert await prompt_answer(third, turn2) == "request_body"
+    assert len(guardrail.calls) == 2  # all known: no call
+    assert third.processor.record.to_metadata()["input"] == "pass"
+
+
+async def test_a_blocked_history_message_blocks_every_turn() -> None:
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: 0.0)
+    guardrail = FakeGuardrail()
+    body = conversation(("user", "say forbidden"), ("assistant", "no"), ("user", "please"))
+    for _ in range(2):
+        h = Harness(guardrail, verdict_cache=cache)
+        await h.feed(request_headers(), request_body(body))
+        await h.settle()
+        assert h.sent[-1].immediate_response.body == CHAT_VIOLATION_BODY
+    assert len(guardrail.calls) == 2  # a block is never remembered
+
+
+async def test_a_pass_is_forgotten_after_its_time_to_live() -> None:
+    now = [0.0]
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: now[0])
+    guardrail = FakeGuardrail()
+    body = conversation(("user", "hello"))
+    await prompt_answer(Harness(guardrail, verdict_cache=cache), body)
+    now[0] = 59.0
+    await prompt_answer(Harness(guardrail, verdict_cache=cache), body)
+    assert len(guardrail.calls) == 1
+    now[0] = 120.0
+    await prompt_answer(Harness(guardrail, verdict_cache=cache), body)
+    assert len(guardrail.calls) == 2
+
+
+@dataclass
+class Masker(FakeGuardrail):
+    """Masks every ``word`` as ``{WORD}``, like Bedrock's PII placeholders."""
+
+    word: str = "secret"
+
+    async def apply(self, guardrail: GuardrailRef, source: Source,
+                    texts: Sequence[str]) -> GuardrailVerdict:
+        self.calls.append(Call(source, list(texts)))
+        if not any(self.word in text for text in texts):
+            return classify(bedrock_response("pass"))
+        return classify(bedrock_response(
+            "mask", [text.replace(self.word, "{WORD}") for text in texts]))
+
+
+async def test_a_masked_message_is_put_back_in_its_place() -> None:
+    guardrail = Masker()
+    body = conversation(("system", "be brief"), ("user", "my secret is 42"),
+                        ("user", "and the secret"))
+    h = Harness(guardrail)
+    await h.feed(request_headers(), request_body(body))
+    await h.settle()
+    assert [call.texts for call in guardrail.calls] == [
+        ["be brief\n\nmy secret is 42\n\nand the secret"]]
+    answer = h.sent[-1]
+    assert answer.WhichOneof("response") == "request_body"
+    sent = json.loads(answer.request_body.response.body_mutation.body)
+    assert [m["content"] for m in sent["messages"]] == [
+        "be brief", "my {WORD} is 42", "and the {WORD}"]
+    assert h.processor.record.input_masked
+
+
+async def test_a_mask_across_two_messages_is_a_block() -> None:
+    # "secret" masked where two packed texts meet: it cannot be put back into either.
+    guardrail = Masker(word="t\n\nb")
+    body = conversation(("user", "first"), ("user", "but"))
+    h = Harness(guardrail)
+    await h.feed(request_headers(), request_body(body))
+    await h.settle()
+    assert h.sent[-1].immediate_response.body == CHAT_VIOLATION_BODY
+
+
+async def test_token_ids_are_refused_before_the_upstream() -> None:
+    h = Harness()
+    body = json.dumps({"model": "m", "prompt": [[1, 2, 3]]}).encode()
+    await h.feed(request_headers(path="/v1/completions"), request_body(body))
+    await h.settle()
+    answer = h.sent[-1].immediate_response
+    assert answer.status.code == 400
+    assert json.loads(answer.body)["error"]["type"] == "guardrail_invalid_request"
+    assert h.guardrail.calls == []

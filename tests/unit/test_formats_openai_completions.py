@@ -11,6 +11,7 @@ import pytest
 
 from extproc.formats import ErrorKind, PromptScope, StreamCodec
 from extproc.formats.openai_completions import OpenAICompletions
+from extproc.formats.whole import PromptUnreadable
 from tests.unit.test_formats_common import (
     SOFT_MESSAGE,
     UNAVAILABLE_MESSAGE,
@@ -142,6 +143,14 @@ def test_non_streamed_texts_rewrite_and_soft_block() -> None:
 ])
 def test_prompt_every_scope(scope: str, prompt: Any, expected: list[str]) -> None:
     body = json.dumps({"model": "m", "prompt": prompt}).encode()
+    if scope == PromptScope.WHOLE_REQUEST and not expected:
+        if prompt is None:
+            assert FMT.prompt_texts(body, scope) == []
+            assert FMT.rewrite_prompt(body, scope, []) is None
+        else:  # token ids: what the model reads, the guardrail cannot
+            with pytest.raises(PromptUnreadable, match="token ids"):
+                FMT.prompt_texts(body, scope)
+        return
     assert FMT.prompt_texts(body, scope) == expected
     rewritten = FMT.rewrite_prompt(body, scope, [t.upper() for t in expected])
     assert rewritten is not None
