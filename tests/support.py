@@ -113,7 +113,7 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
         "max_held_bytes", "max_request_bytes", "max_streams")},
     **{name: ("default_route", name) for name in (
         "guardrail", "input_check", "prompt_scope", "output_check", "shadow", "soft_block",
-        "failure_mode", "stream_mode", "window")},
+        "failure_mode", "stream_mode", "window", "unknown_traffic", "enabled")},
 }
 
 

@@ -36,6 +36,14 @@ class InputCheck(enum.Enum):
     PARALLEL = "parallel"  # checked while the upstream call runs; the answer waits until it passes
 
 
+class UnknownTraffic(enum.Enum):
+    """What a guarded route does with a request no format recognises."""
+
+    GENERIC = "generic"  # every string of its JSON checked, by rule (``extproc.formats.generic``)
+    REJECT = "reject"  # refused before the upstream (403 guardrail_unrecognised_request)
+    PASS = "pass"  # let through unchecked: an explicit opt-out, logged and counted
+
+
 class PromptScope(enum.Enum):
     """Which prompt text is checked (``extproc.formats.PromptScope``)."""
 

@@ -65,6 +65,8 @@ class ErrorKind:
     UNREADABLE = "guardrail_unreadable_request"  # HTTP 415: a content-encoding we cannot read
     # HTTP 400: not exactly one JSON value every parser reads alike (``extproc.formats.strict``)
     INVALID = "guardrail_invalid_request"
+    # HTTP 403: no format recognises the request and its route says ``--unknown-traffic reject``
+    UNRECOGNISED = "guardrail_unrecognised_request"
 
 
 class PromptScope:

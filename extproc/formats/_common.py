@@ -22,6 +22,7 @@ _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.TOO_LARGE: (413, "Request too large for the guardrail"),
     ErrorKind.UNREADABLE: (415, "Request body could not be read by the guardrail"),
     ErrorKind.INVALID: (400, "Request body is not valid JSON the guardrail can read"),
+    ErrorKind.UNRECOGNISED: (403, "Request not recognised by the guardrail"),
 }
 
 DONE = b"data: [DONE]\n\n"

@@ -8,9 +8,11 @@ last ``user`` message (nothing when it has no text); ``all``: every message but 
 ``developer`` (assistant and tool messages included); ``all_with_system``: every message.
 
 Streamed answers are ``data: {chat.completion.chunk}`` events ended by ``data: [DONE]``. The
-model text is each choice's ``delta.content`` and ``delta.refusal``, plus streamed tool-call
+model text is each choice's ``delta.content``, ``delta.refusal`` and reasoning
+(``delta.reasoning_content``, ``delta.reasoning``), plus streamed tool-call
 arguments (``delta.tool_calls[].function.arguments``, and the legacy ``delta.function_call``).
-Channels: ``("content", choice)``, ``("refusal", choice)``, ``("tool", choice, call index)``,
+Channels: ``("content", choice)``, ``("refusal", choice)``, ``("reasoning_content", choice)``,
+``("reasoning", choice)``, ``("tool", choice, call index)``,
 ``("function", choice)``; the non-streamed answer uses the same keys (``message`` instead of
 ``delta``; the choice's and the tool call's positions are their indexes, so that channels stay
 unique even in an answer that repeats an index). A ``data:`` line that is not
@@ -50,6 +52,11 @@ def error_body(kind: str) -> tuple[int, bytes]:
 
 
 _SYSTEM_ROLES = ("system", "developer")
+#: The model's reasoning, streamed beside the content: ``reasoning_content`` (vLLM's reasoning
+#: parsers, DeepSeek), ``reasoning`` (OpenRouter, newer vLLM). Clients show it: it is answer
+#: text like the content, on channels of its own.
+_REASONING = ("reasoning_content", "reasoning")
+_TEXT_FIELDS = ("content", "refusal", *_REASONING)
 
 
 def _prompt_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:
@@ -83,8 +90,8 @@ def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
         message = choice.get("message")
         if not isinstance(message, dict):
             continue
-        slots += c.text_slot(message, "content", ("content", index))
-        slots += c.text_slot(message, "refusal", ("refusal", index))
+        for field in _TEXT_FIELDS:
+            slots += c.text_slot(message, field, (field, index))
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             for number, call in enumerate(calls):
@@ -175,6 +182,10 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
     refusal = delta.get("refusal")
     if refusal and isinstance(refusal, str):
         found.append((("refusal", index), refusal))
+    for field in _REASONING:
+        reasoning = delta.get(field)
+        if reasoning and isinstance(reasoning, str):
+            found.append(((field, index), reasoning))
     tool_calls = delta.get("tool_calls")
     if isinstance(tool_calls, list):
         for call in tool_calls:
@@ -208,7 +219,7 @@ class ChatCodec(c.ChoicesCodec):
             return False
         changed = False
         key: Hashable
-        for field in ("content", "refusal"):
+        for field in _TEXT_FIELDS:
             key = (field, index)
             if key in texts and isinstance(delta.get(field), str):
                 delta[field] = texts[key]

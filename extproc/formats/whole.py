@@ -50,7 +50,8 @@ _BASE64: Final = re.compile(r"[A-Za-z0-9+/=_\-\s]{64,}")
 SCHEMA_MAPS: Final = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 
 
-def _skipped(key: Any, value: str) -> bool:
+def skipped(key: Any, value: str) -> bool:
+    """True when the string ``value`` under ``key`` carries no text a model reads."""
     if isinstance(key, str):
         if key in NO_TEXT_KEYS or key.endswith("_id"):
             return True
@@ -195,7 +196,7 @@ def _map_span(opcodes: Sequence[tuple[str, int, int, int, int]], start: int, end
 def _walk(value: Any, key: Any, container: Any, run: int | None, out: list[Leaf],
           runs: Iterator[int]) -> None:
     if isinstance(value, str):
-        if not _skipped(key, value):
+        if not skipped(key, value):
             out.append(Leaf(container, key, run))
     elif isinstance(value, dict):
         schema_map = key in SCHEMA_MAPS
@@ -257,25 +258,30 @@ def texts(request: Any) -> list[str]:
                 raise PromptUnreadable(f"the request carries {key}")
         if _tokens(request.get("prompt")):
             raise PromptUnreadable("the prompt is token ids")
-    return [group.text() for group in groups(_holder(request))]
+    return [group.text() for group in groups(holder(request))]
 
 
 def rewrite(request: Any, masked: list[str]) -> Any:
     """``request`` with masked check texts (``texts``' order and count) put back (in place
     when it is an object); ``UNCHANGED`` when that is not possible."""
-    holder = _holder(request)
-    found = groups(holder)
+    held = holder(request)
+    found = groups(held)
     if len(found) != len(masked):
         return UNCHANGED
     if not all(group.rewrite(text) for group, text in zip(found, masked, strict=True)):
         return UNCHANGED
-    return request if holder is request else holder["body"]
+    return unhold(held, request)
 
 
 #: ``rewrite``'s answer when the masked texts cannot be put back.
 UNCHANGED: Final[Any] = object()
 
 
-def _holder(request: Any) -> Any:
+def holder(request: Any) -> Any:
     """An object is its own groups' holder; any other JSON value is held as one field."""
     return request if isinstance(request, dict) else {"body": request}
+
+
+def unhold(held: Any, request: Any) -> Any:
+    """The (rewritten) request of ``holder(request)``."""
+    return request if held is request else held["body"]

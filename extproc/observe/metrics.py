@@ -51,6 +51,9 @@ from extproc.domain.verdict import GuardrailVerdict, Outcome
 PREFIX: Final = "guardrail_extproc_"
 DEFAULT_ROUTE: Final = "default"
 NO_FORMAT: Final = "none"
+#: The format label of a guarded route's request no format recognises, let through unchecked
+#: (``--unknown-traffic pass``).
+UNRECOGNISED: Final = "unrecognised"
 OTHER: Final = "other"
 
 #: ``Source.value`` -> label.

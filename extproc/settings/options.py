@@ -29,6 +29,7 @@ from extproc.domain.values import (
     InputCheck,
     PromptScope,
     StreamMode,
+    UnknownTraffic,
 )
 from extproc.domain.windows import Strategy, WindowPolicy
 from extproc.observe.logs import LogFormat
@@ -211,6 +212,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--prompt-scope", "default_route.prompt_scope", "prompt text checked: whole_request "
             "(every text a model may read, one check per message or field), last_user, all "
             "(messages) or all_with_system", "whole_request", _enum_parser(PromptScope)),
+    _Option("--unknown-traffic", "default_route.unknown_traffic", "requests no format recognises: "
+            "generic (every string of their JSON checked, answers too), reject (403 before the "
+            "upstream) or pass (unchecked, logged and counted)", "generic",
+            _enum_parser(UnknownTraffic)),
     _Option("--output-check", "default_route.output_check", "check answers, streamed and not "
             "(on/off)", "on", _parse_bool),
     _Option("--shadow", "default_route.shadow", "detect-only rollout: check everything, never "
@@ -362,6 +367,7 @@ ROUTE_FIELDS: Mapping[str, tuple[str, Callable[[str, str], Any]]] = {
     "guardrail_version": ("guardrail.version", _parse_guardrail_version),
     "enabled": ("enabled", _parse_bool),
     "input_check": ("input_check", _enum_parser(InputCheck)),
+    "unknown_traffic": ("unknown_traffic", _enum_parser(UnknownTraffic)),
     "prompt_scope": ("prompt_scope", _enum_parser(PromptScope)),
     "output_check": ("output_check", _parse_bool),
     "stream_mode": ("stream_mode", _enum_parser(StreamMode)),

@@ -13,7 +13,8 @@ Envoy can say it in three ways (``shared/docs/ext_proc.md`` section 6); the side
    ``x-guardrail-version``    guardrail version
    ``x-guardrail-enabled``    ``off``: the sidecar lets this route's traffic through untouched
    ``x-guardrail-input``      ``pre_call`` / ``parallel`` / ``off``
-   ``x-guardrail-prompt-scope`` ``last_user`` / ``all`` / ``all_with_system``
+   ``x-guardrail-prompt-scope`` ``whole_request`` / ``last_user`` / ``all`` / ``all_with_system``
+   ``x-guardrail-unknown-traffic`` ``generic`` / ``reject`` / ``pass``
    ``x-guardrail-output``     ``on`` / ``off``
    ``x-guardrail-mode``       ``sync`` / ``async``
    ``x-guardrail-shadow``     ``on`` / ``off``

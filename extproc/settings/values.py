@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from extproc.domain.failure import FailurePolicy
-from extproc.domain.values import GuardrailRef, InputCheck, PromptScope, StreamMode
+from extproc.domain.values import (
+    GuardrailRef,
+    InputCheck,
+    PromptScope,
+    StreamMode,
+    UnknownTraffic,
+)
 from extproc.domain.windows import WindowPolicy
 from extproc.observe.logs import LogFormat
 
@@ -54,6 +60,7 @@ class RoutePolicy:
     enabled: bool = True
     input_check: InputCheck = InputCheck.PRE_CALL
     prompt_scope: PromptScope = PromptScope.WHOLE_REQUEST
+    unknown_traffic: UnknownTraffic = UnknownTraffic.GENERIC
     output_check: bool = True
     stream_mode: StreamMode = StreamMode.SYNC
     shadow: bool = False

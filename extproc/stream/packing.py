@@ -1,10 +1,13 @@
 """Several short prompt texts in one content block, and the masked block split back.
 
 Bedrock bills every content block by the started thousand characters (a text unit): ten
-messages of 100 characters are ten units as ten blocks, one as one block. ``pack`` puts
-consecutive texts into blocks of at most ``unit`` characters, separated by a blank line (a
-longer text goes alone); ``unpack`` gives each text its part of the guardrail's outputs, or None
-when a masked span crosses two texts (the caller then blocks). Pure.
+messages of 100 characters are ten units as ten blocks, one as one block, and an answer of
+1,500 characters with a question of 300 is four units apart, two together. ``pack`` puts
+consecutive texts into blocks of at most ``unit`` characters (ten text units: the rounding
+wastes at most one unit in ten, and a block stays well under a call's size limit), separated
+by a blank line (a longer text goes alone); ``unpack`` gives each text its part of the
+guardrail's outputs, or None when a masked span crosses two texts (the caller then blocks).
+Pure.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from dataclasses import dataclass
 from extproc.formats.whole import map_masked
 
 SEPARATOR = "\n\n"
-#: Characters of one text unit.
-UNIT = 1000
+#: Characters of one block at most (ten text units), unless one text is longer.
+UNIT = 10_000
 
 
 @dataclass(frozen=True, slots=True)

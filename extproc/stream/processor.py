@@ -44,12 +44,19 @@ from extproc.domain.cache import NO_CACHE, VerdictCache
 from extproc.domain.client import GuardrailClient
 from extproc.domain.decision import Action
 from extproc.domain.errors import GuardrailOverload, GuardrailServerError
-from extproc.domain.values import Gate, InputCheck
-from extproc.formats import ErrorKind, StreamFormat, find_format
+from extproc.domain.values import Gate, InputCheck, UnknownTraffic
+from extproc.formats import ErrorKind, StreamFormat, find_format, strip_query
+from extproc.formats.generic import GENERIC
 from extproc.formats.strict import BodyRejected, check_charset, parse_request
 from extproc.formats.whole import PromptUnreadable
 from extproc.observe.audit import AuditLog
-from extproc.observe.metrics import DEFAULT_ROUTE, NO_FORMAT, NULL_RECORDER, Recorder
+from extproc.observe.metrics import (
+    DEFAULT_ROUTE,
+    NO_FORMAT,
+    NULL_RECORDER,
+    UNRECOGNISED,
+    Recorder,
+)
 from extproc.settings.values import RoutePolicy, Settings
 from extproc.stream.answer import WholeAnswer
 from extproc.stream.context import StreamContext
@@ -261,6 +268,11 @@ class GuardedStream:
                 if check_prompt else None)
         ctx.outbox.put(envoy.headers_response(
             response_phase=False, remove_headers=(HEADER_ACCEPT_ENCODING,), mode=mode))
+
+    def reply_unrecognised(self) -> None:
+        """The request headers' answer when no format recognises the request and its route
+        refuses unknown traffic: 403, before anything goes upstream."""
+        self._replies.error(ErrorKind.UNRECOGNISED, "unrecognised")
 
     def reply_unavailable(self) -> None:
         """The request headers' answer when the stream cannot be guarded (failure mode
@@ -552,13 +564,22 @@ class StreamProcessor:
     def _open(self, message: Any) -> PassThrough | GuardedStream:
         """Choose, once, who answers this stream, and answer the request headers."""
         headers = envoy.header_map(message.headers)
-        fmt = find_format(headers.get(":method", ""), headers.get(":path", ""), self._formats)
+        method, path = headers.get(":method", ""), headers.get(":path", "")
+        fmt = find_format(method, path, self._formats)
         route = self._route
         guarding = route.enabled and (route.output_check or route.input_check is not InputCheck.OFF)
+        unrecognised = guarding and fmt is None
+        if unrecognised and route.unknown_traffic is not UnknownTraffic.PASS:
+            fmt = GENERIC  # read by rule; ``reject`` is answered below, once there is a stream
         self._counted = True
         self._recorder.stream_started(
-            self._route_name, fmt.name if fmt is not None and guarding else NO_FORMAT)
+            self._route_name, fmt.name if fmt is not None and guarding
+            else UNRECOGNISED if unrecognised else NO_FORMAT)
         passing = PassThrough(self._outbox, self._body_mode)
+        if unrecognised and fmt is None:
+            # ``--unknown-traffic pass``: the operator's explicit opt-out, logged and counted.
+            log.info("request no format recognises (%s %s) passes unchecked: unknown traffic "
+                     "'pass'", method, strip_query(path)[:200])
         if fmt is None or not guarding:
             self._outbox.put(
                 envoy.headers_response(response_phase=False, mode=envoy.MODE_SKIP_RESPONSE))
@@ -593,6 +614,11 @@ class StreamProcessor:
             stream.reply_unavailable()
             return stream
         self._fmt = fmt
+        if unrecognised and route.unknown_traffic is UnknownTraffic.REJECT:
+            log.info("request no format recognises (%s %s) refused: unknown traffic 'reject'",
+                     method, strip_query(path)[:200])
+            stream.reply_unrecognised()
+            return stream
         stream.start(headers, message.end_of_stream)
         return stream
 

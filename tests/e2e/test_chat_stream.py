@@ -220,11 +220,13 @@ def test_output_only_mode_never_checks_the_prompt(stacks: StackFactory) -> None:
     assert after["by_source"].get("OUTPUT", 0) > before["by_source"].get("OUTPUT", 0)
 
 
-def test_non_llm_traffic_costs_one_message(stack: Stack) -> None:
+def test_a_get_on_a_guarded_route_has_its_answer_read(stack: Stack) -> None:
+    # --unknown-traffic generic: a call no format recognises (here GET /v1/models) is guarded
+    # like any other; its answer is read by rule. (It cost one message when it passed unread.)
     before = stack.envoy.stats("http.llm.ext_proc.")
     with httpx.Client(timeout=10) as http:
         answer = http.get(f"{stack.url}/v1/models")
     assert answer.status_code < 500
     after = stack.envoy.stats("http.llm.ext_proc.")
-    sent = "http.llm.ext_proc.stream_msgs_sent"
-    assert after[sent] - before.get(sent, 0) == 1
+    started = "http.llm.ext_proc.streams_started"
+    assert after[started] - before.get(started, 0) == 1

@@ -9,6 +9,9 @@ Routes of the stack below (each ``prefix_rewrite`` to ``/``, same upstream):
 * ``/route-off/``: ext_proc disabled by Envoy: no side stream at all;
 * ``/route-unguarded/``: ``x-guardrail-enabled: off``: a side stream, but no check;
 * ``/route-shadow/``: guardrail ``guardrailsss`` in shadow mode: checked, never changed;
+* ``/route-passing/``: ``x-guardrail-unknown-traffic: pass``: what no format recognises passes
+  unchecked (an LLM call is still guarded);
+* ``/route-rejecting/``: ``x-guardrail-unknown-traffic: reject``: it is refused;
 * ``/`` (the catch-all): the sidecar's default, guardrail ``demoguardrail``.
 
 Which guardrail checked what is read back from the local Bedrock endpoint's recorded calls.
@@ -22,6 +25,7 @@ import urllib.request
 import uuid
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -50,6 +54,8 @@ ROUTES: dict[str, dict[str, str] | None] = {
     "/route-off/": None,
     "/route-unguarded/": {"x-guardrail-enabled": "off"},
     "/route-shadow/": {"x-guardrail-id": "guardrailsss", "x-guardrail-shadow": "on"},
+    "/route-passing/": {"x-guardrail-unknown-traffic": "pass"},
+    "/route-rejecting/": {"x-guardrail-unknown-traffic": "reject"},
 }
 CHAT = ChatAPI()
 EXT_PROC_STATS = "http.llm.ext_proc."
@@ -288,6 +294,50 @@ def test_route_with_guardrail_enabled_off_passes_untouched(routes_stack: Stack) 
                 model=CHAT.model, messages=[{"role": "user", "content": "bazinga"}])
     assert answer.choices[0].message.content == "".join(BLOCKED_DELTAS)
     assert calls.total == 0
+
+
+# -- unknown traffic ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/embeddings"), ("POST", "/v1/files"), ("PUT", "/v1/chat/completions"),
+    ("POST", "/v1/chat/completions/extra"), ("POST", "/healthz"), ("GET", "/v1/models"),
+])
+def test_what_no_format_recognises_passes_untouched_where_the_route_says_pass(
+        routes_stack: Stack, method: str, path: str) -> None:
+    stack = routes_stack
+    request = bytes(range(256)) * 400  # 100 KiB, binary
+    answer = b"data: Project Nightingale\n\n" + bytes(range(256))
+    script_id = stack.llm.register(sse_script([answer[:10], answer[10:]]))
+    before = stack.envoy.stats(EXT_PROC_STATS)
+    with Calls(stack) as calls:
+        with httpx.Client(timeout=WAIT_S) as http:
+            response = http.request(method, f"{stack.url}/route-passing{path}", content=request,
+                                    headers={"content-type": "application/octet-stream",
+                                             "x-fake-script": script_id})
+    after = stack.envoy.stats(EXT_PROC_STATS)
+    assert response.status_code == 200 and response.content == answer
+    assert stack.llm.record_for_script(script_id).body == request
+    assert calls.total == 0
+    sent = EXT_PROC_STATS + "stream_msgs_sent"
+    assert after[sent] - before.get(sent, 0) == 1  # the request headers, nothing else
+    # An LLM call on the same route is still guarded.
+    blocked_id = stack.llm.register(json_script(CHAT.json_answer("fine")))
+    response, body = post_raw(stack, "/route-passing/v1/chat/completions",
+                              CHAT.request("bazinga now", False), blocked_id)
+    assert response.status_code == 400
+    assert json.loads(body)["error"]["type"] == "guardrail_violation"
+
+
+def test_what_no_format_recognises_is_refused_where_the_route_says_reject(
+        routes_stack: Stack) -> None:
+    stack = routes_stack
+    script_id = stack.llm.register(json_script({"data": []}))
+    response, body = post_raw(stack, "/route-rejecting/v1/embeddings",
+                              {"model": "e", "input": "hello"}, script_id)
+    assert response.status_code == 403
+    assert json.loads(body)["error"]["type"] == "guardrail_unrecognised_request"
+    assert stack.llm.records_for_script(script_id) == []
 
 
 # -- shadow -----------------------------------------------------------------------------------

@@ -219,3 +219,41 @@ def test_the_upstream_sees_the_path_the_sidecar_matched(stack: Stack) -> None:
                    path="//v1/./chat%2Fcompletion%73")
     assert result.status == 200 and result.body == answer
     assert stack.llm.record_for_script(result.script_id or "").path == "/v1/chat/completions"
+
+
+# -- traffic no format recognises (--unknown-traffic generic, the default) ---------------------
+
+GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+
+
+def gemini_request(text: str) -> bytes:
+    return json.dumps({"contents": [{"role": "user", "parts": [{"text": text}]}],
+                       "systemInstruction": {"parts": [{"text": "be brief"}]}}).encode()
+
+
+def gemini_events(*texts: str) -> list[bytes]:
+    return [b"data: " + json.dumps({"candidates": [{"content": {
+        "role": "model", "parts": [{"text": text}]}, "index": 0}],
+        "modelVersion": "gemini-2.5-flash"}).encode() + b"\r\n\r\n" for text in texts]
+
+
+def test_a_prompt_of_an_api_no_format_knows_is_read_by_rule(stack: Stack) -> None:
+    result = fetch(stack, Script(chunks=tuple(gemini_events("never"))), "http1",
+                   path=GEMINI_PATH, body=gemini_request("say bazinga now"))
+    assert result.status == 400, (result.status, result.body[:200])
+    assert json.loads(result.body)["error"]["type"] == "guardrail_violation"
+    assert stack.llm.records_for_script(result.script_id or "") == []
+
+
+def test_an_answer_of_an_api_no_format_knows_is_read_by_rule(stack: Stack) -> None:
+    clean = gemini_events("The weather ", "is fine ", "today.")
+    result = fetch(stack, Script(chunks=tuple(clean)),
+                   "http1", path=GEMINI_PATH, body=gemini_request("hello"))
+    assert result.status == 200 and result.clean_end
+    assert result.body == b"".join(clean)  # a clean stream passes byte for byte
+    blocked = gemini_events("Our plan is ", "Project Nightingale", " and more.")
+    result = fetch(stack, Script(chunks=tuple(blocked)),
+                   "http2", path=GEMINI_PATH, body=gemini_request("hello again"))
+    assert result.status == 200 and result.clean_end
+    assert b"Nightingale" not in result.body
+    assert result.body.endswith(BLOCK_FRAME)

@@ -79,7 +79,9 @@ async def prompt_through(port: int, route_name: str | None) -> None:
         call = pb_grpc.ExternalProcessorStub(channel).Process()
         await asyncio.wait_for(call.write(headers), WAIT_S)
         assert (await answer(call)).WhichOneof("response") == "request_headers"
-        await asyncio.wait_for(call.write(request_body(chat_request("hello"))), WAIT_S)
+        # A prompt of its own each time: the verdict cache would answer for a repeated one.
+        prompt = f"hello {route_name}"
+        await asyncio.wait_for(call.write(request_body(chat_request(prompt))), WAIT_S)
         assert (await answer(call)).WhichOneof("response") == "request_body"
         await asyncio.wait_for(call.done_writing(), WAIT_S)
         while await asyncio.wait_for(call.read(), WAIT_S) is not grpc.aio.EOF:

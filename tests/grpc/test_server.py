@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import extproc
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.domain.values import UnknownTraffic
 from extproc.envoy import ProcessingMode
 from extproc.localbedrock import LocalBedrock
 from extproc.transport.server import SERVICE_NAME, RunningServer
@@ -42,6 +43,7 @@ from tests.support import (
     request_headers,
     response_body,
     response_headers,
+    settings,
 )
 
 CLEAN = [
@@ -209,9 +211,24 @@ async def test_blocked_stream_ends_with_the_error_frame_and_nothing_after(
     await eventually(lambda: server.processor.active_streams == 0, what="stream end")
 
 
-async def test_non_llm_request_skips_the_response_phase(
+async def test_a_bodiless_request_no_format_recognises_is_guarded_by_rule(
     stub: pb_grpc.ExternalProcessorStub, server: RunningServer, guardrail: FakeGuardrail
 ) -> None:
+    # ``--unknown-traffic generic`` (the default): its answer is read like any other.
+    conv = Conversation(stub)
+    answer = await conv.ask(request_headers(path="/healthz", method="GET", end_of_stream=True))
+    assert kind(answer) == "request_headers"
+    assert answer.mode_override.response_header_mode != ProcessingMode.SKIP
+    await conv.finish()
+    assert guardrail.calls == []
+    await eventually(lambda: server.processor.active_streams == 0, what="stream end")
+
+
+async def test_non_llm_request_skips_the_response_phase_on_a_route_that_lets_it_pass(
+    stub: pb_grpc.ExternalProcessorStub, server: RunningServer, guardrail: FakeGuardrail
+) -> None:
+    server.processor.reconfigure(settings(listen_host="127.0.0.1", listen_port=0,
+                                          unknown_traffic=UnknownTraffic.PASS))
     conv = Conversation(stub)
     answer = await conv.ask(request_headers(path="/healthz", method="GET", end_of_stream=True))
     assert kind(answer) == "request_headers"

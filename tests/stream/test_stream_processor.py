@@ -13,7 +13,7 @@ import pytest
 from extproc.domain.cache import NO_CACHE, MemoryVerdictCache, VerdictCache
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.domain.values import GuardrailRef, InputCheck, Source
+from extproc.domain.values import GuardrailRef, InputCheck, Source, UnknownTraffic
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.domain.windows import WindowPolicy
 from extproc.envoy import ProcessingMode
@@ -84,14 +84,59 @@ def split_everywhere(data: bytes, size: int) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
-async def test_non_llm_request_skips_the_response_phase() -> None:
-    h = Harness()
+async def test_an_unrecognised_request_skips_the_response_phase_with_unknown_traffic_pass(
+        ) -> None:
+    h = Harness(unknown_traffic=UnknownTraffic.PASS)
     await h.feed(request_headers(path="/healthz", method="GET", end_of_stream=True))
     (answer,) = h.sent
     assert answer.WhichOneof("response") == "request_headers"
     assert answer.mode_override.response_header_mode == ProcessingMode.SKIP
     assert not answer.request_headers.response.header_mutation.remove_headers
     assert h.guardrail.calls == []
+
+
+async def test_a_disabled_route_skips_the_response_phase() -> None:
+    h = Harness(enabled=False)
+    await h.feed(request_headers())
+    (answer,) = h.sent
+    assert answer.mode_override.response_header_mode == ProcessingMode.SKIP
+    assert h.guardrail.calls == []
+
+
+async def test_an_unrecognised_request_is_refused_with_unknown_traffic_reject() -> None:
+    h = Harness(unknown_traffic=UnknownTraffic.REJECT)
+    await h.feed(request_headers(path="/v1beta/models/gemini:streamGenerateContent"))
+    (answer,) = h.sent
+    assert answer.immediate_response.status.code == 403
+    assert json.loads(answer.immediate_response.body)["error"]["type"] == \
+        "guardrail_unrecognised_request"
+    assert h.guardrail.calls == []
+
+
+async def test_an_unrecognised_request_is_read_by_rule() -> None:
+    # A Gemini-shaped request and stream: no format knows them, every string is read.
+    h = Harness()
+    body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "say forbidden"}]}]})
+    await h.feed(request_headers(path="/v1beta/models/gemini:streamGenerateContent"),
+                 request_body(body.encode()))
+    await h.settle()
+    assert h.guardrail.calls[0].texts == ["say forbidden"]
+    assert h.sent[-1].immediate_response.status.code == 400
+    clean = Harness()
+    await clean.feed(request_headers(path="/v1beta/models/gemini:streamGenerateContent"),
+                     request_body(json.dumps({"contents": [{"parts": [{"text": "hi"}]}]})
+                                  .encode()),
+                     response_headers())
+    await clean.settle()
+    for text in ("Safe ", "start. ", "Then forbidden", " words."):
+        event = json.dumps({"candidates": [{"content": {"parts": [{"text": text}]}}]})
+        await clean.feed(response_body(f"data: {event}\r\n\r\n".encode()))
+        await clean.settle()
+    await clean.feed(response_body(b"", end_of_stream=True))
+    await clean.settle()
+    sent = clean.client_bytes()
+    assert b"forbidden" not in sent
+    assert sent.endswith(BLOCK_FRAME)
 
 
 async def test_llm_request_drops_accept_encoding_and_buffers_the_prompt() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from extproc.domain.errors import ConfigError, ExtprocError
 from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.domain.values import GuardrailRef, InputCheck, PromptScope, StreamMode
+from extproc.domain.values import GuardrailRef, InputCheck, PromptScope, StreamMode, UnknownTraffic
 from extproc.domain.windows import Strategy
 from extproc.observe.logs import LogFormat
 from extproc.settings.options import OPTIONS, build_parser, load_settings
@@ -61,6 +61,7 @@ ENV_NAMES = {
     "--guardrail-attempt-timeout": "EXTPROC_GUARDRAIL_ATTEMPT_TIMEOUT",
     "--guardrail-max-chars-per-call": "EXTPROC_GUARDRAIL_MAX_CHARS_PER_CALL",
     "--verdict-cache-entries": "EXTPROC_VERDICT_CACHE_ENTRIES",
+    "--unknown-traffic": "EXTPROC_UNKNOWN_TRAFFIC",
     "--verdict-cache-ttl": "EXTPROC_VERDICT_CACHE_TTL",
     "--breaker-failures": "EXTPROC_BREAKER_FAILURES",
     "--breaker-cooldown": "EXTPROC_BREAKER_COOLDOWN",
@@ -161,6 +162,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--guardrail-attempt-timeout", "1.5", "guardrail_attempt_timeout_s", 1.5),
     ("--guardrail-max-chars-per-call", "5000", "guardrail_max_chars_per_call", 5000),
     ("--verdict-cache-entries", "0", "verdict_cache_entries", 0),
+    ("--unknown-traffic", "reject", "unknown_traffic", UnknownTraffic.REJECT),
     ("--verdict-cache-ttl", "60", "verdict_cache_ttl_s", 60.0),
     ("--breaker-failures", "0", "breaker_failures", 0),
     ("--breaker-cooldown", "3", "breaker_cooldown_s", 3.0),
@@ -449,6 +451,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--guardrail-attempt-timeout", "0", ("outside",)),
     ("--guardrail-max-chars-per-call", "10", ("outside",)),
     ("--verdict-cache-entries", "-1", ("outside",)),
+    ("--unknown-traffic", "allow", ("is not one of", "generic")),
     ("--verdict-cache-ttl", "0", ("outside",)),
     ("--breaker-failures", "-1", ("outside",)),
     ("--breaker-cooldown", "0", ("outside",)),

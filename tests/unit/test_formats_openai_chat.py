@@ -15,6 +15,7 @@ import pytest
 
 from extproc.formats import ErrorKind, PromptScope, StreamCodec
 from extproc.formats.openai_chat import OpenAIChat
+from extproc.sse import SSEDecoder
 from tests.unit.test_formats_common import (
     SOFT_MESSAGE,
     UNAVAILABLE_MESSAGE,
@@ -340,3 +341,19 @@ def test_prompt_scope_defaults_to_last_user() -> None:
 def test_extracted_channels_of_the_recordings() -> None:
     content = joined(extract_all(FMT.stream_codec(), decode(fixture("openai_chat.sse"))))
     assert content == {("content", 0): TEXT}
+
+
+def test_reasoning_is_answer_text_on_channels_of_its_own() -> None:
+    # vLLM's reasoning parsers and DeepSeek stream ``reasoning_content``, OpenRouter and newer
+    # vLLM ``reasoning``: clients show it, so it is checked (issue 14, class 5).
+    codec = FMT.stream_codec()
+    raw = (b'data: {"id":"c","choices":[{"index":0,"delta":{"reasoning_content":"think baz"}}]}'
+           b'\n\ndata: {"id":"c","choices":[{"index":0,"delta":{"reasoning":"inga"}}]}\n\n')
+    first, second = SSEDecoder().feed(raw)
+    assert codec.extract(first) == [(("reasoning_content", 0), "think baz")]
+    assert codec.extract(second) == [(("reasoning", 0), "inga")]
+    rewritten = codec.rewrite(first, {("reasoning_content", 0): "think ***"})
+    assert json.loads(rewritten[6:])["choices"][0]["delta"]["reasoning_content"] == "think ***"
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "ok", "reasoning_content": "why"}}]}).encode()
+    assert FMT.response_texts(body) == [(("content", 0), "ok"), (("reasoning_content", 0), "why")]

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.domain.failure import FailurePolicy
-from extproc.domain.values import InputCheck, Source
+from extproc.domain.values import InputCheck, Source, UnknownTraffic
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.formats import all_formats
 from extproc.guardrail.config import ResilienceConfig
@@ -439,12 +439,14 @@ async def test_a_stream_reports_its_outcome_once() -> None:
     assert value(r, "streams_finished_total", route="canary", format=fmt, outcome="block") == 1
 
 
-async def test_non_llm_streams_are_counted_as_skipped() -> None:
+async def test_unrecognised_streams_let_through_are_counted_as_skipped() -> None:
     r = PrometheusRecorder()
-    processor = StreamProcessor(settings(), FakeGuardrail(), all_formats(),
-                                Outbox(lambda m: asyncio.sleep(0)), "t1", recorder=r)
+    processor = StreamProcessor(settings(unknown_traffic=UnknownTraffic.PASS), FakeGuardrail(),
+                                all_formats(), Outbox(lambda m: asyncio.sleep(0)), "t1",
+                                recorder=r)
     await processor.handle(request_headers(path="/healthz", method="GET", end_of_stream=True))
     processor.close()
+    assert value(r, "streams_started_total", route="default", format="unrecognised") == 1
     assert value(r, "streams_finished_total", route="default", format="none",
                  outcome="skipped") == 1
 

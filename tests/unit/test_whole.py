@@ -100,8 +100,8 @@ def test_every_format_reads_the_whole_request_alike(fmt: Any) -> None:
 
 def test_packing_fills_text_units_and_splits_back() -> None:
     texts = ["a" * 400, "b" * 400, "c" * 300, "d" * 1500, "e"]
-    packed = pack(texts)
-    # A block holds at most one text unit; a longer text goes alone.
+    packed = pack(texts, unit=1000)
+    # A block holds at most `unit` characters; a longer text goes alone.
     assert packed.members == ((0, 1), (2,), (3,), (4,))
     assert [len(block) for block in packed.blocks] == [802, 300, 1500, 1]
     assert unpack(packed, texts, packed.blocks) == texts
