@@ -182,10 +182,11 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
     refusal = delta.get("refusal")
     if refusal and isinstance(refusal, str):
         found.append((("refusal", index), refusal))
-    for field in _REASONING:
-        reasoning = delta.get(field)
-        if reasoning and isinstance(reasoning, str):
-            found.append(((field, index), reasoning))
+    if len(delta) > 1 or content is None:  # (the usual delta holds its content alone)
+        for field in _REASONING:
+            reasoning = delta.get(field)
+            if reasoning and isinstance(reasoning, str):
+                found.append(((field, index), reasoning))
     tool_calls = delta.get("tool_calls")
     if isinstance(tool_calls, list):
         for call in tool_calls:

@@ -14,12 +14,46 @@ import logging
 from collections.abc import Hashable
 
 from extproc.domain.decision import Action, decide_verdict
+from extproc.domain.errors import GuardrailServerError
 from extproc.domain.values import Gate, Source
 from extproc.formats import ErrorKind, StreamFormat
+from extproc.formats._common import load_json
+from extproc.sse import SSEDecoder
 from extproc.stream.context import StreamContext, as_guardrail_error
 from extproc.stream.sinks import Replies
 
 log = logging.getLogger(__name__)
+
+
+#: The channel of an answer that is text but neither JSON nor SSE.
+TEXT_CHANNEL: Hashable = ("text",)
+
+
+def answer_texts(fmt: StreamFormat, body: bytes) -> list[tuple[Hashable, str]] | None:
+    """The text of a non-streamed answer as (channel, text) pairs, read the way a client may
+    read it whatever its content-type says; None when it cannot be read.
+
+    JSON: the format's answer texts. Not JSON but SSE (an SSE body labelled JSON: the openai
+    SDK parses a streamed call's answer as SSE whatever its content-type): every event's text
+    through the format's stream codec, joined per channel; such an answer cannot be rewritten
+    (``rewrite_response`` does not know its channels), so a mask blocks it. Otherwise UTF-8
+    text (``text/plain``, no content-type): one text. Anything else cannot be read."""
+    if load_json(body) is not None:
+        return fmt.response_texts(body)
+    head = body.lstrip()[:6]
+    if head.startswith((b"data:", b"event:", b":")):
+        codec = fmt.stream_codec()
+        decoder = SSEDecoder()
+        joined: dict[Hashable, list[str]] = {}
+        for event in (*decoder.feed(body), *decoder.feed(b"\n\n")):
+            for channel, text in codec.extract(event):
+                joined.setdefault(("sse", channel), []).append(text)
+        return [(channel, "".join(texts)) for channel, texts in joined.items()]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return [(TEXT_CHANNEL, text)] if text.strip() else []
 
 
 class WholeAnswer:
@@ -55,7 +89,22 @@ class WholeAnswer:
             kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
             replies.error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
             return
-        pairs = self._fmt.response_texts(body) if ctx.route.output_check else []
+        pairs: list[tuple[Hashable, str]] = []
+        if ctx.route.output_check:
+            read = answer_texts(self._fmt, body)
+            if read is None:
+                # Neither JSON, nor SSE, nor text: what the guard cannot read, it cannot pass
+                # as checked.
+                unreadable = GuardrailServerError("an answer the guard cannot read")
+                if ctx.no_verdict(unreadable) is Action.UNAVAILABLE:
+                    log.warning("answer of %d bytes cannot be read; failure mode closed: 503",
+                                len(body))
+                    replies.error(ErrorKind.UNAVAILABLE, "unavailable")
+                    return
+                log.warning("answer of %d bytes cannot be read; failure mode open: passed "
+                            "unchecked", len(body))
+            else:
+                pairs = read
         replacement: bytes | None = None
         if pairs:
             try:

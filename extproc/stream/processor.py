@@ -71,7 +71,6 @@ HEADER_ACCEPT_ENCODING = "accept-encoding"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_CONTENT_LENGTH = "content-length"
 HEADER_REQUEST_ID = "x-request-id"
-JSON_CONTENT_TYPE = "application/json"
 SSE_CONTENT_TYPE = "text/event-stream"
 
 
@@ -374,9 +373,13 @@ class GuardedStream:
             return
         headers = envoy.header_map(message.headers)
         content_type = headers.get(HEADER_CONTENT_TYPE, "").lower()
-        ok = headers.get(":status") == "200"
+        # Any 2xx answer is the model's (201 and 203 too: the SDKs read them like a 200).
+        status = headers.get(":status", "")
+        ok = len(status) == 3 and status.startswith("2")
         is_sse = ok and content_type.startswith(SSE_CONTENT_TYPE)
-        is_json = ok and content_type.startswith(JSON_CONTENT_TYPE)
+        # Everything else with a body is taken whole and read as a client may read it (JSON,
+        # SSE mislabelled, plain text; ``answer.answer_texts``), never passed unread.
+        is_json = ok and not is_sse
         has_body = not message.end_of_stream
         pending = gate is Gate.PENDING
         encoding = headers.get(HEADER_CONTENT_ENCODING, "identity").strip().lower()

@@ -163,12 +163,58 @@ async def test_sse_answer_switches_to_full_duplex_with_trailers_send() -> None:
     assert mode.response_trailer_mode == ProcessingMode.SEND
 
 
-async def test_non_sse_answer_is_not_processed() -> None:
+async def test_a_non_2xx_answer_is_not_processed() -> None:
     h = Harness()
     await h.feed(request_headers(), request_body(chat_request("hi")))
     await h.settle()
-    await h.feed(response_headers(content_type="text/plain"))
+    await h.feed(response_headers(status=500, content_type="text/plain"))
     assert not h.sent[-1].HasField("mode_override")
+
+
+async def whole_answer(status: int, content_type: str, body: bytes) -> Harness:
+    h = Harness()
+    await h.feed(request_headers(), request_body(chat_request("hi", stream=False)))
+    await h.settle()
+    await h.feed(response_headers(status=status, content_type=content_type))
+    assert h.sent[-1].mode_override.response_body_mode == ProcessingMode.BUFFERED_PARTIAL or \
+        h.sent[-1].mode_override.response_body_mode == ProcessingMode.BUFFERED
+    await h.feed(response_body(body, end_of_stream=True))
+    await h.settle()
+    return h
+
+
+@pytest.mark.parametrize(("status", "content_type", "body"), [
+    (200, "text/plain", b"the forbidden word"),
+    (200, "", b"the forbidden word"),
+    (201, "application/json", json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "the forbidden word"}}]}).encode()),
+    (203, "text/html; charset=utf-8", b"<p>the forbidden word</p>"),
+    # An SSE body labelled JSON: the openai SDK parses a streamed call's answer as SSE anyway.
+    (200, "application/json", b"".join([chunk_event("the forbid"), chunk_event("den word"),
+                                        b"data: [DONE]\n\n"])),
+])
+async def test_a_mislabelled_answer_is_read_as_a_client_reads_it(
+        status: int, content_type: str, body: bytes) -> None:
+    # Issue 14, class 7: these passed unchecked, though the SDKs render them.
+    h = await whole_answer(status, content_type, body)
+    answer = h.sent[-1].immediate_response
+    assert answer.status.code == 400
+    assert json.loads(answer.body)["error"]["type"] == "guardrail_violation"
+    assert h.guardrail.calls[-1].source is Source.OUTPUT
+
+
+async def test_a_clean_text_answer_passes_unchanged() -> None:
+    h = await whole_answer(200, "text/plain", b"all fine here")
+    assert h.sent[-1].WhichOneof("response") == "response_body"
+    assert not h.sent[-1].response_body.response.HasField("body_mutation")
+    assert h.guardrail.calls[-1].texts == ["all fine here"]
+
+
+async def test_an_answer_the_guard_cannot_read_fails_closed() -> None:
+    h = await whole_answer(200, "application/octet-stream", bytes(range(256)))
+    answer = h.sent[-1].immediate_response
+    assert answer.status.code == 503
+    assert json.loads(answer.body)["error"]["type"] == "guardrail_unavailable"
 
 
 @pytest.mark.parametrize("size", [1, 3, 7, 50, 10_000])
