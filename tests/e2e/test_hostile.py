@@ -491,15 +491,22 @@ def test_gzip_sse_body_cannot_be_checked_so_it_fails_closed(hostile: Stack,
     assert packed not in result.body and b"Nightingale" not in result.body
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", None, "application/octet-stream"])
-def test_sse_body_with_another_content_type_passes_unchanged(hostile: Stack,
-                                                             content_type: str | None) -> None:
-    # README: other content types pass through untouched (and unchecked).
-    original = b"".join(events("Project Nightingale ", "is not checked here"))
+@pytest.mark.parametrize("content_type", ["text/plain", None, "application/octet-stream",
+                                          "application/json"])
+def test_sse_body_with_another_content_type_is_read(hostile: Stack,
+                                                    content_type: str | None) -> None:
+    # It passed through unchecked ("other content types pass untouched"), though the openai
+    # SDK parses a streamed call's answer as SSE whatever its content-type (issue 14, class 7).
     headers = (("content-type", content_type),) if content_type else ()
-    result = fetch(hostile, script_of(original, [33], headers=headers), "http1")
+    blocked = b"".join(events("Project Night", "ingale is here"))
+    result = fetch(hostile, script_of(blocked, [33], headers=headers), "http1")
+    assert result.status == 400 and result.clean_end
+    assert json.loads(result.body)["error"]["type"] == "guardrail_violation"
+    assert b"Nightingale" not in result.body
+    clean = b"".join(events("All ", "fine here"))
+    result = fetch(hostile, script_of(clean, [20], headers=headers), "http1")
     assert result.status == 200 and result.clean_end
-    assert result.body == original
+    assert result.body == clean
     assert result.headers.get("content-type") == content_type
 
 
