@@ -36,8 +36,12 @@ Hard block: ``event: error`` with ``{"type": "error", "code", "message", "param"
 "sequence_number", "error": {"type", "code", "message", "param"}}``: the flat fields are the
 documented event, the nested ``error`` is what the API sends at runtime and what makes the
 ``openai`` SDK raise ``openai.APIError`` (its stream raises on any JSON with an ``error`` key;
-the flat form alone is yielded as a ``ResponseErrorEvent`` and nothing raises). When the client
-has the ``response.created``, a ``response.failed`` (status ``failed``, ``error`` set) follows
+the flat form alone is yielded as a ``ResponseErrorEvent`` and nothing raises). ``type`` is
+the error kind (``guardrail_violation``) and ``code`` its HTTP status as a string (``"400"``),
+as the Chat frame's ``code: 400``: the Vercel AI SDK takes a stream error's status from a
+three-digit code, else guesses it from words in code and type and falls back to a retryable
+500, which would have an application retry a policy block. When the client has the
+``response.created``, a ``response.failed`` (status ``failed``, ``error`` set) follows
 for clients that read on. Sequence numbers continue after the last one seen.
 
 Soft block: every output item the client has open is closed (``response.output_text.done`` /
@@ -462,9 +466,10 @@ class ResponsesCodec:
         return response
 
     def terminal_frame(self, kind: str) -> bytes:
-        _, message = c.error_status(kind)
-        out = [self._event("error", code=kind, message=message, param=None,
-                           error={"type": kind, "code": kind, "message": message,
+        status, message = c.error_status(kind)
+        code = str(status)
+        out = [self._event("error", code=code, message=message, param=None,
+                           error={"type": kind, "code": code, "message": message,
                                   "param": None})]
         if self._created:
             response = self._lifecycle()

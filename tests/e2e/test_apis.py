@@ -657,8 +657,7 @@ def test_blocked_stream_bytes_end_with_the_apis_terminal_frame(stack: Stack, api
     elif isinstance(api, ResponsesAPI):
         failed, error = parsed[-1], parsed[-2]
         assert error.event == "error"
-        assert error.json()["error"] == {"type": "guardrail_violation",
-                                         "code": "guardrail_violation",
+        assert error.json()["error"] == {"type": "guardrail_violation", "code": "400",
                                          "message": VIOLATION, "param": None}
         assert error.json()["message"] == VIOLATION
         assert failed.event == "response.failed"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.node import NodeUnavailable, node_ready
 from tests.support import wait_until
 
 JUDGES_DIR = Path(__file__).resolve().parent
@@ -26,10 +26,6 @@ CASE_HEADER = "x-judge-case"
 ANSWER_HEADER = "x-judge-answer"
 LISTENING = re.compile(r"judge listening on ([0-9.]+):(\d+)")
 
-NODE_HELP = ("the Node + Express judge needs Node.js (>= 18) and npm from the OS packages: "
-             "`apt-get install nodejs npm` (the CI machines have node 20 and npm 11); express "
-             "itself is installed from npm by the test setup")
-
 
 class JudgeUnavailable(RuntimeError):
     """A judge cannot be started on this machine; the message says what to install."""
@@ -37,20 +33,10 @@ class JudgeUnavailable(RuntimeError):
 
 def node_command() -> list[str]:
     """``node judge.js``, after installing ``express`` with npm when it is missing."""
-    node = shutil.which("node")
-    if node is None:
-        raise JudgeUnavailable(f"no `node` on PATH: {NODE_HELP}")
-    if not (NODE_DIR / "node_modules" / "express" / "package.json").exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            raise JudgeUnavailable(f"no `npm` on PATH to install express: {NODE_HELP}")
-        done = subprocess.run(
-            [npm, "install", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"],
-            cwd=NODE_DIR, capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            raise JudgeUnavailable(
-                f"`npm install --prefix {NODE_DIR}` failed ({done.returncode}):\n"
-                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    try:
+        node = node_ready(NODE_DIR)
+    except NodeUnavailable as exc:
+        raise JudgeUnavailable(f"the Node + Express judge: {exc}") from None
     return [node, str(NODE_DIR / "judge.js"), "--port", "0"]
 
 

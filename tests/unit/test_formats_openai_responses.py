@@ -106,10 +106,12 @@ def test_extract_event_kinds(payload: dict[str, Any], expected: list[Any]) -> No
 # --------------------------------------------------------------------------- terminal frame
 
 
-@pytest.mark.parametrize(("kind", "message"), [(ErrorKind.VIOLATION, VIOLATION_MESSAGE),
-                                               (ErrorKind.UNAVAILABLE, UNAVAILABLE_MESSAGE)])
+@pytest.mark.parametrize(("kind", "message", "status"),
+                         [(ErrorKind.VIOLATION, VIOLATION_MESSAGE, "400"),
+                          (ErrorKind.UNAVAILABLE, UNAVAILABLE_MESSAGE, "503")])
 @pytest.mark.parametrize("released", [0, 2, 9, 14, 25])
-def test_terminal_frame_raises_in_the_sdk(kind: str, message: str, released: int) -> None:
+def test_terminal_frame_raises_in_the_sdk(kind: str, message: str, status: str,
+                                          released: int) -> None:
     body = stream_of(released, lambda c: c.terminal_frame(kind))
     seen = []
     with pytest.raises(openai.APIError) as caught:
@@ -117,7 +119,7 @@ def test_terminal_frame_raises_in_the_sdk(kind: str, message: str, released: int
             seen.append(event.type)
     assert caught.value.message == message
     assert caught.value.type == kind
-    assert caught.value.code == kind
+    assert caught.value.code == status  # the HTTP status: a 400 is not retried (test_ai_sdk)
     assert len(seen) == released
     # The stream helper, which checks event order, raises the same error.
     with pytest.raises(openai.APIError, match=message):
@@ -132,9 +134,9 @@ def test_terminal_frame_shape_and_sequence_numbers() -> None:
     (name, error), (failed_name, failed) = frame
     assert name == "error"
     assert error == {
-        "type": "error", "code": "guardrail_violation", "message": VIOLATION_MESSAGE,
+        "type": "error", "code": "400", "message": VIOLATION_MESSAGE,
         "param": None, "sequence_number": LAST_SEQ + 1,
-        "error": {"type": "guardrail_violation", "code": "guardrail_violation",
+        "error": {"type": "guardrail_violation", "code": "400",
                   "message": VIOLATION_MESSAGE, "param": None}}
     # Past the last sequence number seen, even of events the client never got.
     assert failed_name == "response.failed"
