@@ -27,10 +27,16 @@ event                                       channel
 ``response.reasoning_text.delta``           ``("reasoning", output_index, content_index)``
 ==========================================  =====================================
 
-The ``*.done`` events, ``response.content_part.done``, ``response.output_item.done`` and the
-final ``response.completed`` repeat the whole text; when a channel was masked the codec
-rewrites them with the text the client received (and drops their ``logprobs``), so masked text
-never comes back through them.
+The ``*.done`` events, the parts (``content_part.added`` / ``.done``), the items
+(``output_item.added`` / ``.done``) and the lifecycle and final responses repeat the text, and
+clients show them (the ``openai`` SDK's stream helper starts a part from the one
+``content_part.added`` carries; applications read the completed response). Each copy is
+compared with what the channel's deltas said: the same text is not read again; text that
+continues it (a part added with text, a completed response with no deltas before it) is more
+of the channel; anything else is read whole on a channel of its own (``("copy", channel,
+n)``, once per distinct text). When a channel or a copy was masked the codec rewrites every
+copy with the text the client received (and drops its ``logprobs``), so masked text never
+comes back through them. A clean stream whose copies agree passes byte for byte.
 
 Hard block: ``event: error`` with ``{"type": "error", "code", "message", "param",
 "sequence_number", "error": {"type", "code", "message", "param"}}``: the flat fields are the
@@ -148,6 +154,54 @@ def _item_slots(item: Any, index: int) -> list[c.Slot]:
             if spec is not None:
                 slots += c.text_slot(part, spec[1], (spec[0], index, number))
     return slots
+
+
+_PART_EVENTS = ("response.content_part.added", "response.content_part.done",
+                "response.reasoning_summary_part.added", "response.reasoning_summary_part.done")
+_ITEM_EVENTS = ("response.output_item.added", "response.output_item.done")
+
+
+def _part_slots(payload: Mapping[str, Any], kind: str) -> list[c.Slot]:
+    index, part = payload.get("output_index"), payload.get("part")
+    summary = "summary" in kind
+    number = payload.get("summary_index" if summary else "content_index")
+    if not (isinstance(part, dict) and isinstance(number, int) and isinstance(index, int)):
+        return []
+    if summary:
+        return c.text_slot(part, "text", ("summary", index, number))
+    spec = _PARTS.get(part.get("type"))  # type: ignore[arg-type]  # None finds nothing
+    return [] if spec is None else c.text_slot(part, spec[1], (spec[0], index, number))
+
+
+def _copy_slots(payload: Mapping[str, Any], kind: str) -> list[c.Slot]:
+    """The slots of an event that is not a delta but holds a channel's text: a ``*.done``
+    event, a content or summary part, an output item, a lifecycle or final response."""
+    done = _DONES.get(kind)
+    if done is not None:
+        return c.text_slot(payload, done[2], _channel(payload, done[0], done[1]))
+    if kind in _PART_EVENTS:
+        return _part_slots(payload, kind)
+    if kind in _ITEM_EVENTS:
+        index = payload.get("output_index")
+        return _item_slots(payload.get("item"), index) if isinstance(index, int) else []
+    if kind in _LIFECYCLE or kind in _FINAL:
+        response = payload.get("response")
+        return _output_slots(response) if isinstance(response, dict) else []
+    return []
+
+
+class _Copies:
+    """The note of an event holding copies: its payload, their slots, and for each what
+    ``extract`` made of it: None (the stream's text), ``("extend", channel, extra)`` or
+    ``("copy", copy channel, text)``."""
+
+    __slots__ = ("decisions", "payload", "slots")
+
+    def __init__(self, payload: dict[str, Any], slots: list[c.Slot],
+                 decisions: list[tuple[str, Hashable, str] | None]) -> None:
+        self.payload = payload
+        self.slots = slots
+        self.decisions = decisions
 
 
 def _output_slots(answer: dict[str, Any]) -> list[c.Slot]:
@@ -278,6 +332,11 @@ class ResponsesCodec:
         self._open_parts: set[tuple[int, int]] = set()
         self._sent: dict[Hashable, list[str]] = {}  # channel -> text pieces the client received
         self._masked: set[Hashable] = set()  # channels whose sent text differs from upstream
+        # channel -> text pieces read from upstream deltas (and copies that extended them)
+        self._read_text: dict[Hashable, list[str]] = {}
+        # (channel, text) -> the channel a copy that disagrees with the stream is checked on
+        self._copies: dict[tuple[Hashable, str], Hashable] = {}
+        self._copy_sent: dict[Hashable, str] = {}  # copy channel -> the text the client got
         self._notes = c.Notes()
         self.text_ended = False
 
@@ -300,10 +359,15 @@ class ResponsesCodec:
         kind = payload.get("type") if payload is not None else None
         spec = _DELTAS.get(kind) if isinstance(kind, str) else None
         if payload is None or spec is None:
-            self._notes.put(event, payload)
+            if payload is None or not isinstance(kind, str):
+                self._notes.put(event, payload)
+                return []
+            found = self._read_copies(event, payload, kind)
             if kind in _FINAL:
                 self.text_ended = True
-            return []
+            elif found:
+                self.text_ended = False
+            return found
         delta = payload.get("delta")
         if not isinstance(delta, str):
             self._notes.put(event, None)  # nothing for ``rewrite`` to do
@@ -314,7 +378,41 @@ class ResponsesCodec:
         if not delta:
             return []
         self.text_ended = False
+        self._read_text.setdefault(channel, []).append(delta)
         return [(channel, delta)]
+
+    def _read_copies(self, event: SSEEvent, payload: dict[str, Any],
+                     kind: str) -> list[tuple[Hashable, str]]:
+        """The text of an event that repeats a channel's text (``*.done``, parts, items, the
+        response): nothing when it is what the deltas said; the rest of it on the channel when
+        it continues them (a part added with text, a response with no deltas before it); else
+        the whole of it on a channel of its own. A client shows these texts (the SDKs' stream
+        accumulators start from the added part and end with the completed response), so none
+        passes unread."""
+        slots = _copy_slots(payload, kind)
+        decisions: list[tuple[str, Hashable, str] | None] = []
+        found: list[tuple[Hashable, str]] = []
+        for slot in slots:
+            text = slot.container[slot.key]
+            channel = slot.channel
+            pieces = self._read_text.get(channel)
+            read = "".join(pieces) if pieces else ""
+            if text == read:
+                decisions.append(None)
+            elif text.startswith(read):
+                extra = text[len(read):]
+                self._read_text.setdefault(channel, []).append(extra)
+                decisions.append(("extend", channel, extra))
+                found.append((channel, extra))
+            else:
+                copy_key = self._copies.get((channel, text))
+                if copy_key is None:
+                    copy_key = ("copy", channel, len(self._copies))
+                    self._copies[(channel, text)] = copy_key
+                    found.append((copy_key, text))
+                decisions.append(("copy", copy_key, text))
+        self._notes.put(event, _Copies(payload, slots, decisions) if slots else payload)
+        return found
 
     # -- releasing ----------------------------------------------------------------------------
 
@@ -328,47 +426,44 @@ class ResponsesCodec:
             note = c.UNREAD  # masked: read the event again to rewrite it
         if note is None:
             return event.raw
-        payload = self._payload(event) if note is c.UNREAD else self._read(note)
+        copies: _Copies | None = None
+        if type(note) is _Copies:
+            copies = note
+            payload: dict[str, Any] | None = self._read(note.payload)
+        else:
+            payload = self._payload(event) if note is c.UNREAD else self._read(note)
         if payload is None:
             return event.raw
         kind = payload.get("type")
         if not isinstance(kind, str):
             return event.raw  # (a hostile list is not hashable)
-        changed = False
         if kind in _DELTAS:
             changed = self._on_delta(payload, texts)
-        elif kind in _DONES:
-            spec = _DONES[kind]
-            channel = _channel(payload, spec[0], spec[1])
-            if channel in self._masked and isinstance(payload.get(spec[2]), str):
-                payload[spec[2]] = self._text(channel)
-                if payload.get("logprobs"):
-                    payload["logprobs"] = []
-                changed = True
-        elif kind == "response.created":
-            self._created = True
-        elif kind == "response.output_item.added":
-            index, item = payload.get("output_index"), payload.get("item")
-            if isinstance(index, int) and isinstance(item, dict):
-                self._items[index] = copy.deepcopy(item)
-                self._open_items.add(index)
-        elif kind in ("response.content_part.added", "response.content_part.done",
-                      "response.reasoning_summary_part.added",
-                      "response.reasoning_summary_part.done"):
-            changed = self._on_part(payload, kind)
-        elif kind == "response.output_item.done":
-            index, item = payload.get("output_index"), payload.get("item")
-            if isinstance(index, int) and isinstance(item, dict):
-                changed = self._apply_masked(_item_slots(item, index))
-                self._items[index] = copy.deepcopy(item)
-                self._open_items.discard(index)
-        elif kind in _FINAL:
-            response = payload.get("response")
-            if isinstance(response, dict):
-                changed = self._apply_masked(_output_slots(response))
+        else:
+            if copies is None:  # nothing read from it: only masks of the stream to apply
+                slots = _copy_slots(payload, kind)
+                changed = self._apply_copies(slots, [None] * len(slots), texts)
+            else:
+                changed = self._apply_copies(copies.slots, copies.decisions, texts)
+            self._keep(payload, kind)
         if not changed:
             return event.raw
         return encode_event(c.dumps(payload), event.event)
+
+    def _keep(self, payload: dict[str, Any], kind: str) -> None:
+        """Follow the client's view of the output items (for the closing frames)."""
+        if kind == "response.created":
+            self._created = True
+        elif kind in _ITEM_EVENTS:
+            index, item = payload.get("output_index"), payload.get("item")
+            if isinstance(index, int) and isinstance(item, dict):
+                self._items[index] = copy.deepcopy(item)
+                if kind.endswith(".added"):
+                    self._open_items.add(index)
+                else:
+                    self._open_items.discard(index)
+        elif kind in _PART_EVENTS:
+            self._on_part(payload, kind)
 
     def _on_delta(self, payload: dict[str, Any], texts: Mapping[Hashable, str]) -> bool:
         delta = payload.get("delta")
@@ -385,21 +480,12 @@ class ResponsesCodec:
             payload["logprobs"] = []
         return True
 
-    def _on_part(self, payload: dict[str, Any], kind: str) -> bool:
+    def _on_part(self, payload: dict[str, Any], kind: str) -> None:
         index, part = payload.get("output_index"), payload.get("part")
         item = self._items.get(index) if isinstance(index, int) else None
         summary = "summary" in kind
         number = payload.get("summary_index" if summary else "content_index")
-        changed = False
         if isinstance(part, dict) and isinstance(number, int) and isinstance(index, int):
-            if summary:
-                slots = c.text_slot(part, "text", ("summary", index, number))
-            else:
-                # a None type finds nothing
-                spec = _PARTS.get(part.get("type"))  # type: ignore[arg-type]
-                slots = [] if spec is None else c.text_slot(part, spec[1],
-                                                            (spec[0], index, number))
-            changed = self._apply_masked(slots)
             if item is not None:
                 parts = item.setdefault("summary" if summary else "content", [])
                 if isinstance(parts, list):
@@ -409,18 +495,38 @@ class ResponsesCodec:
                     self._open_parts.add((index, number))
                 else:
                     self._open_parts.discard((index, number))
-        return changed
 
     def _text(self, channel: Hashable) -> str:
         return "".join(self._sent.get(channel, ()))
 
-    def _apply_masked(self, slots: list[c.Slot]) -> bool:
+    def _apply_copies(self, slots: list[c.Slot],
+                      decisions: list[tuple[str, Hashable, str] | None],
+                      texts: Mapping[Hashable, str]) -> bool:
+        """Give every copy in a released event the text the client received for it."""
         changed = False
-        for slot in slots:
-            if slot.channel in self._masked:
-                slot.set(self._text(slot.channel))
-                _drop_logprobs(slot)
-                changed = True
+        for slot, decision in zip(slots, decisions, strict=True):
+            channel = slot.channel
+            if decision is not None and decision[0] == "copy":
+                key, text = decision[1], decision[2]
+                if key in texts:
+                    piece = self._copy_sent[key] = texts[key]
+                else:
+                    piece = self._copy_sent.setdefault(key, text)
+                if piece == text:
+                    continue
+                slot.set(piece)
+            else:
+                if decision is not None:  # ("extend", channel, extra): more of the stream
+                    extra = decision[2]
+                    piece = texts.get(channel, extra)
+                    self._sent.setdefault(channel, []).append(piece)
+                    if piece != extra:
+                        self._masked.add(channel)
+                if channel not in self._masked:
+                    continue
+                slot.set(self._text(channel))
+            _drop_logprobs(slot)
+            changed = True
         return changed
 
     def _view(self, index: int, status: str | None = None) -> dict[str, Any]:

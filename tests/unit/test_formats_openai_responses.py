@@ -92,8 +92,9 @@ def test_recorded_stream_channels() -> None:
       "delta": ""}, []),
     ({"type": "response.output_text.delta", "output_index": 0, "content_index": 0,
       "delta": 7}, []),
+    # A done event whose text no delta streamed: the client shows it, so it is read.
     ({"type": "response.output_text.done", "output_index": 0, "content_index": 0,
-      "text": "whole"}, []),
+      "text": "whole"}, [(("text", 0, 0), "whole")]),
     ({"type": "response.output_text.annotation.added", "output_index": 0,
       "annotation": {"type": "url_citation", "url": "https://example.com"}}, []),
     ({"type": "error", "code": "x", "message": "y"}, []),
@@ -280,6 +281,96 @@ def test_masked_delta_drops_logprobs() -> None:
     assert out.event == "response.output_text.delta"
     assert json.loads(out.data or "")["delta"] == "{NAME}"
     assert json.loads(out.data or "")["logprobs"] == []
+
+
+# --------------------------------------------------------------------------- copies
+
+
+def event_of(payload: dict[str, Any]) -> SSEEvent:
+    return decode(f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode())[0]
+
+
+def text_event(kind: str, **fields: Any) -> SSEEvent:
+    return event_of({"type": kind, "output_index": 0, "content_index": 0, **fields})
+
+
+def part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "annotations": [], "text": text}
+
+
+def completed(text: str) -> SSEEvent:
+    item = {"id": "m", "type": "message", "role": "assistant", "content": [part(text)]}
+    return event_of({"type": "response.completed", "response": {"output": [item]}})
+
+
+CH = ("text", 0, 0)
+
+
+def test_copies_that_repeat_the_stream_are_not_read_again() -> None:
+    codec = FMT.stream_codec()
+    steps = [
+        (text_event("response.content_part.added", part=part("")), []),
+        (text_event("response.output_text.delta", delta="Hello "), [(CH, "Hello ")]),
+        (text_event("response.output_text.delta", delta="world"), [(CH, "world")]),
+        (text_event("response.output_text.done", text="Hello world"), []),
+        (text_event("response.content_part.done", part=part("Hello world")), []),
+        (completed("Hello world"), []),
+    ]
+    for event, expected in steps:
+        assert codec.extract(event) == expected
+    for event, _ in steps:
+        assert codec.rewrite(event, {}) == event.raw
+
+
+def test_a_copy_that_continues_the_stream_is_more_of_its_channel() -> None:
+    # The SDK's accumulator starts the part from content_part.added and appends the deltas.
+    codec = FMT.stream_codec()
+    assert codec.extract(text_event("response.content_part.added",
+                                    part=part("Project "))) == [(CH, "Project ")]
+    assert codec.extract(text_event("response.output_text.delta",
+                                    delta="Nightingale")) == [(CH, "Nightingale")]
+    assert codec.extract(completed("Project Nightingale!")) == [(CH, "!")]
+    assert codec.text_ended
+
+
+def test_a_copy_that_disagrees_is_read_on_its_own_channel_once() -> None:
+    codec = FMT.stream_codec()
+    codec.extract(text_event("response.output_text.delta", delta="Hello"))
+    copy_channel = ("copy", CH, 0)
+    assert codec.extract(text_event("response.output_text.done",
+                                    text="Goodbye")) == [(copy_channel, "Goodbye")]
+    assert codec.extract(completed("Goodbye")) == []  # the same text: already read
+    assert codec.extract(completed("Farewell")) == [(("copy", CH, 1), "Farewell")]
+
+
+def test_a_masked_copy_is_rewritten_wherever_it_repeats() -> None:
+    codec = FMT.stream_codec()
+    delta = text_event("response.output_text.delta", delta="Hi")
+    done = text_event("response.output_text.done", text="Mail jane@example.com",
+                      logprobs=[{"token": "jane", "logprob": -0.1}])
+    final = completed("Mail jane@example.com")
+    for event in (delta, done, final):
+        codec.extract(event)
+    assert codec.rewrite(delta, {}) == delta.raw
+    out = json.loads(decode(codec.rewrite(done, {("copy", CH, 0): "Mail {EMAIL}"}))[0].data
+                     or "")
+    assert out["text"] == "Mail {EMAIL}" and out["logprobs"] == []
+    out = json.loads(decode(codec.rewrite(final, {}))[0].data or "")
+    assert out["response"]["output"][0]["content"][0]["text"] == "Mail {EMAIL}"
+
+
+def test_a_masked_continuation_joins_the_channel_as_sent() -> None:
+    codec = FMT.stream_codec()
+    added = text_event("response.content_part.added", part=part("Mail jane@example.com "))
+    delta = text_event("response.output_text.delta", delta="today")
+    done = text_event("response.output_text.done", text="Mail jane@example.com today")
+    for event in (added, delta, done):
+        codec.extract(event)
+    out = json.loads(decode(codec.rewrite(added, {CH: "Mail {EMAIL} "}))[0].data or "")
+    assert out["part"]["text"] == "Mail {EMAIL} "
+    assert codec.rewrite(delta, {}) == delta.raw
+    out = json.loads(decode(codec.rewrite(done, {}))[0].data or "")
+    assert out["text"] == "Mail {EMAIL} today"
 
 
 # --------------------------------------------------------------------------- error bodies
