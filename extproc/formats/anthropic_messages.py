@@ -24,6 +24,10 @@ content block index:
   longer matches its ``signature``: sending it back in a later turn is rejected by the API, so
   a client must drop it (blocks and passing text are unaffected).
 
+A ``message_start`` whose message already has content, or a ``content_block_start`` whose
+block already has text, thinking or tool input, starts those channels with it: the SDK's
+accumulator shows it before the deltas (real streams start empty, and pass unchanged).
+
 Not checked: ``citations_delta`` (quotes of the caller's own documents), ``signature_delta``,
 ``redacted_thinking`` (encrypted) and server tool results (``web_search_tool_result`` ...),
 which arrive whole in ``content_block_start`` and are not model-written text. The non-streamed
@@ -216,6 +220,24 @@ def _delta_text(payload: dict[str, Any]) -> tuple[Hashable, str, dict[str, Any],
     return (kind, c.key(payload.get("index", 0))), text, delta, field
 
 
+def _start_slots(payload: dict[str, Any]) -> list[c.Slot]:
+    """Text a ``message_start`` or ``content_block_start`` already holds. The ``anthropic``
+    SDK's accumulator starts the message from ``message_start.message`` (its ``content``
+    included) and each block from ``content_block_start.content_block``, then appends the
+    deltas: a start's text is the beginning of its channel and is shown."""
+    kind = payload.get("type")
+    if kind == "message_start":
+        message = payload.get("message")
+        return _response_slots(message) if isinstance(message, dict) else []
+    block = payload.get("content_block")
+    if kind != "content_block_start" or not isinstance(block, dict):
+        return []
+    index = c.key(payload.get("index", 0))
+    # channels of a one-block answer are ("kind", 0): the block's own index replaces the 0
+    return [c.Slot(slot.container, slot.key, (slot.channel[0], index), slot.as_json)  # type: ignore[index]
+            for slot in _response_slots({"content": [block]})]
+
+
 class AnthropicCodec:
     """One streamed Messages answer; keeps which content blocks the client has open."""
 
@@ -247,12 +269,17 @@ class AnthropicCodec:
         self._notes.put(event, payload if isinstance(kind, str) and kind in _TRACKED else None)
         if payload is None:
             return []
-        if kind in ("message_start", "message_delta"):
+        if kind in ("message_start", "content_block_start"):
             self._seen(payload)
-            if kind == "message_delta":
-                delta = payload.get("delta")
-                if isinstance(delta, dict) and delta.get("stop_reason"):
-                    self.text_ended = True
+            started = [(slot.channel, slot.get()) for slot in _start_slots(payload)]
+            if started:
+                self.text_ended = False
+            return started
+        if kind == "message_delta":
+            self._seen(payload)
+            delta = payload.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason"):
+                self.text_ended = True
             return []
         if kind != "content_block_delta":
             if kind == "message_stop":
@@ -286,6 +313,8 @@ class AnthropicCodec:
                     self._open.add(index)
             elif kind == "content_block_stop" and isinstance(index, int):
                 self._open.discard(index)
+            if texts and kind in ("message_start", "content_block_start"):
+                return self._rewrite_start(event, payload, texts)
             return event.raw
         if kind != "content_block_delta" or not texts:
             return event.raw
@@ -295,6 +324,22 @@ class AnthropicCodec:
         channel, _, delta, field = found
         delta[field] = texts[channel]
         return encode_event(c.dumps(payload), event.event)
+
+    def _rewrite_start(self, event: SSEEvent, payload: dict[str, Any],
+                       texts: Mapping[Hashable, str]) -> bytes:
+        """A start whose text was masked, with the masked text. A tool input that the mask
+        left no longer a JSON object starts empty (the deltas, if any, fill it)."""
+        changed = False
+        for slot in _start_slots(payload):
+            text = texts.get(slot.channel)
+            if text is None:
+                continue
+            try:
+                slot.set(text)
+            except ValueError:
+                slot.container[slot.key] = {}
+            changed = True
+        return encode_event(c.dumps(payload), event.event) if changed else event.raw
 
     def terminal_frame(self, kind: str) -> bytes:
         return encode_event(json.dumps(error_object(kind)), "error")

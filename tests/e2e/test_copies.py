@@ -8,6 +8,11 @@ final ``response.completed``; the ``openai`` SDK's stream helper starts each par
 read only the deltas: an upstream whose copies say more than its deltas got that text to the
 client unread. Each case below puts the demo policy's blocked phrase (``Project
 Nightingale``) or an e-mail address (masked) where only a copy holds it.
+
+Anthropic likewise: the ``anthropic`` SDK's accumulator starts the message from
+``message_start.message`` (its ``content`` too) and each block from
+``content_block_start.content_block``, then appends the deltas; the sidecar read the deltas
+only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -26,7 +32,9 @@ from tests.e2e.test_apis import (
     CLEAN_TEXT,
     EMAIL,
     VIOLATION,
+    AnthropicAPI,
     ResponsesAPI,
+    anthropic_client,
     named_event,
     openai_client,
     parse_sse,
@@ -35,14 +43,16 @@ from tests.e2e.test_apis import (
 )
 
 API = ResponsesAPI()
+ANTHROPIC = AnthropicAPI()
 Patch = Callable[[str, dict[str, Any]], None]
 
 
-def patched(deltas: list[str], patch: Patch) -> list[bytes]:
+def patched(deltas: list[str], patch: Patch,
+            api: ResponsesAPI | AnthropicAPI = API) -> list[bytes]:
     """The API's stream of ``deltas`` with ``patch(event name, payload)`` applied to every
     event."""
     out = []
-    for event in parse_sse(b"".join(API.stream_events(deltas))):
+    for event in parse_sse(b"".join(api.stream_events(deltas))):
         assert event.event is not None
         payload = event.json()
         patch(event.event, payload)
@@ -145,3 +155,71 @@ def test_an_address_only_the_done_item_holds_is_masked_there(stack: Stack) -> No
     [text_done] = [e for e in parsed if e.event == "response.output_text.done"]
     assert text_done.json()["text"] == CLEAN_TEXT
     assert parsed[-1].event == "response.completed"
+
+
+# -- Anthropic ------------------------------------------------------------------------------
+
+
+def block_start_text(text: str) -> Patch:
+    def patch(name: str, payload: dict[str, Any]) -> None:
+        if name == "content_block_start":
+            payload["content_block"]["text"] = text
+    return patch
+
+
+def message_start_content(text: str) -> Patch:
+    def patch(name: str, payload: dict[str, Any]) -> None:
+        if name == "message_start":
+            payload["message"]["content"] = [{"type": "text", "text": text}]
+        elif name in ("content_block_start", "content_block_delta", "content_block_stop"):
+            payload["index"] = 1  # the streamed block follows the one the start holds
+    return patch
+
+
+ANTHROPIC_BLOCKED: dict[str, list[bytes]] = {
+    # "Project " in the block start, "Nightingale ..." in the deltas.
+    "block_start_continued": patched(["Nightingale ", "ships soon. ", *CLEAN_DELTAS],
+                                     block_start_text("The plan is called Project "),
+                                     ANTHROPIC),
+    "message_start_content": patched(CLEAN_DELTAS, message_start_content(BLOCKED_ELSEWHERE),
+                                     ANTHROPIC),
+}
+
+
+@pytest.mark.parametrize("name", ANTHROPIC_BLOCKED)
+def test_anthropic_text_a_start_holds_is_read(stack: Stack, name: str) -> None:
+    script_id = stack.llm.register(sse_script(ANTHROPIC_BLOCKED[name]))
+    with anthropic_client(stack, script_id) as sdk, \
+            pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk.messages.stream(model=ANTHROPIC.model, max_tokens=512,
+                                 messages=[{"role": "user", "content": "The plan?"}]) as stream:
+            for _ in stream:
+                pass
+    assert caught.value.body == {"type": "error",
+                                 "error": {"type": "guardrail_violation", "message": VIOLATION}}
+    response, body = post_raw(stack, ANTHROPIC.path, ANTHROPIC.request("The plan?", True),
+                              stack.llm.register(sse_script(ANTHROPIC_BLOCKED[name])))
+    assert response.status_code == 200
+    assert b"Nightingale" not in body
+    assert parse_sse(body)[-1].event == "error"
+
+
+def test_anthropic_an_address_a_block_start_holds_is_masked(stack: Stack) -> None:
+    events = patched(CLEAN_DELTAS, block_start_text(f"Write to {EMAIL}. "), ANTHROPIC)
+    script_id = stack.llm.register(sse_script(events))
+    with anthropic_client(stack, script_id) as sdk:
+        with sdk.messages.stream(model=ANTHROPIC.model, max_tokens=512,
+                                 messages=[{"role": "user", "content": "Coffee?"}]) as stream:
+            message = stream.get_final_message()
+    block = message.content[0]
+    assert block.type == "text"
+    assert block.text == "Write to {EMAIL}. " + CLEAN_TEXT
+
+
+def test_anthropic_clean_stream_is_byte_identical(stack: Stack) -> None:
+    events = ANTHROPIC.stream_events(CLEAN_DELTAS)
+    script_id = stack.llm.register(sse_script(events))
+    response, body = post_raw(stack, ANTHROPIC.path, ANTHROPIC.request("Coffee?", True),
+                              script_id)
+    assert response.status_code == 200
+    assert body == b"".join(events)

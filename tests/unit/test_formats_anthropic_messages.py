@@ -83,6 +83,55 @@ def test_extract_delta_kinds(delta: dict[str, Any], expected: list[Any]) -> None
 # --------------------------------------------------------------------------- terminal frame
 
 
+def start_event(payload: dict[str, Any]) -> SSEEvent:
+    return decode(f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode())[0]
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    ({"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+     []),
+    ({"type": "content_block_start", "index": 2,
+      "content_block": {"type": "text", "text": "Project "}}, [(("text", 2), "Project ")]),
+    ({"type": "content_block_start", "index": 1,
+      "content_block": {"type": "thinking", "thinking": "hmm", "signature": ""}},
+     [(("thinking", 1), "hmm")]),
+    ({"type": "content_block_start", "index": 3,
+      "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}, []),
+    ({"type": "content_block_start", "index": 3,
+      "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {"q": "x"}}},
+     [(("input", 3), '{"q":"x"}')]),
+    ({"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
+                                           "content": []}}, []),
+    ({"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant",
+        "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}},
+     [(("text", 0), "Hello"), (("text", 1), "there")]),
+])
+def test_text_a_start_holds_begins_its_channel(payload: dict[str, Any],
+                                               expected: list[Any]) -> None:
+    codec = FMT.stream_codec()
+    event = start_event(payload)
+    assert codec.extract(event) == expected
+    assert codec.rewrite(event, {}) == event.raw
+
+
+def test_a_masked_start_is_rewritten() -> None:
+    codec = FMT.stream_codec()
+    text = start_event({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": "Mail jane@example.com"}})
+    tool = start_event({"type": "content_block_start", "index": 1,
+                        "content_block": {"type": "tool_use", "id": "t", "name": "f",
+                                          "input": {"to": "jane@example.com"}}})
+    codec.extract(text)
+    codec.extract(tool)
+    out = json.loads(decode(codec.rewrite(text, {("text", 0): "Mail {EMAIL}"}))[0].data or "")
+    assert out["content_block"]["text"] == "Mail {EMAIL}"
+    # A mask that leaves the input no JSON object: the block starts with an empty input.
+    out = json.loads(decode(codec.rewrite(tool, {("input", 1): '{"to":"{EMAIL}'}))[0].data
+                     or "")
+    assert out["content_block"]["input"] == {}
+
+
 def test_terminal_frame_is_byte_exact() -> None:
     assert FMT.stream_codec().terminal_frame(ErrorKind.VIOLATION) == (
         b'event: error\ndata: {"type": "error", "error": {"type": "guardrail_violation", '
