@@ -10,12 +10,16 @@ last ``user`` message (nothing when it has no text); ``all``: every message but 
 Streamed answers are ``data: {chat.completion.chunk}`` events ended by ``data: [DONE]``. The
 model text is each choice's ``delta.content``, ``delta.refusal`` and reasoning
 (``delta.reasoning_content``, ``delta.reasoning``), plus streamed tool-call
-arguments (``delta.tool_calls[].function.arguments``, and the legacy ``delta.function_call``).
-Channels: ``("content", choice)``, ``("refusal", choice)``, ``("reasoning_content", choice)``,
-``("reasoning", choice)``, ``("tool", choice, call index)``,
-``("function", choice)``; the non-streamed answer uses the same keys (``message`` instead of
-``delta``; the choice's and the tool call's positions are their indexes, so that channels stay
-unique even in an answer that repeats an index). A ``data:`` line that is not
+arguments (``delta.tool_calls[].function.arguments``, and the legacy ``delta.function_call``),
+their names, an audio answer's ``delta.audio.transcript``, and a ``content`` that is a list of
+chunks (Mistral: ``text`` parts continue the content, the text inside ``thinking`` parts is
+reasoning). Channels: ``("content", choice)``, ``("refusal", choice)``,
+``("reasoning_content", choice)``, ``("reasoning", choice)``, ``("thinking", choice)``,
+``("audio", choice)``, ``("tool", choice, call index)``, ``("tool_name", choice, call index)``,
+``("function", choice)``, ``("function_name", choice)``; the non-streamed answer uses the same
+keys (``message`` instead of ``delta``; the choice's and the tool call's positions are their
+indexes, so that channels stay unique even in an answer that repeats an index; list parts are
+``("content_part" | "thinking_part", choice, n)``). A ``data:`` line that is not
 JSON carries no text for us and passes through unchanged. A rewritten (masked) choice loses its
 ``logprobs``, which would repeat the original tokens.
 
@@ -92,16 +96,59 @@ def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
             continue
         for field in _TEXT_FIELDS:
             slots += c.text_slot(message, field, (field, index))
+        for kind, parts in _content_parts(message.get("content")).items():
+            slots += [c.Slot(slot.container, slot.key, (kind, index, number))
+                      for number, slot in enumerate(parts)]
+        audio = message.get("audio")
+        if isinstance(audio, dict):
+            slots += c.text_slot(audio, "transcript", ("audio", index))
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             for number, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
                     slots += c.text_slot(function, "arguments", ("tool", index, number))
+                    slots += c.text_slot(function, "name", ("tool_name", index, number))
         function_call = message.get("function_call")
         if isinstance(function_call, dict):
             slots += c.text_slot(function_call, "arguments", ("function", index))
+            slots += c.text_slot(function_call, "name", ("function_name", index))
     return slots
+
+
+def _content_parts(content: Any) -> dict[str, list[c.Slot]]:
+    """The text of a ``content`` that is a list of parts (Mistral's chunks): ``text`` parts
+    (``"content_part"``) and the text inside ``thinking`` parts (``"thinking_part"``), in
+    order. Clients show both."""
+    if not isinstance(content, list):
+        return {}
+    found: dict[str, list[c.Slot]] = {}
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text":
+            found.setdefault("content_part", []).extend(c.text_slot(part, "text"))
+        elif kind == "thinking":
+            thinking = part.get("thinking")
+            if isinstance(thinking, str):
+                found.setdefault("thinking_part", []).extend(c.text_slot(part, "thinking"))
+            elif isinstance(thinking, list):
+                for inner in thinking:
+                    if isinstance(inner, dict) and inner.get("type", "text") == "text":
+                        found.setdefault("thinking_part", []).extend(
+                            c.text_slot(inner, "text"))
+    return found
+
+
+def _joined(slots: list[c.Slot]) -> str:
+    return "".join(slot.get() for slot in slots)
+
+
+def _put_joined(slots: list[c.Slot], text: str) -> None:
+    """A channel's text for one event, spread back over its slots: all of it in the first."""
+    for number, slot in enumerate(slots):
+        slot.set(text if number == 0 else "")
 
 
 class OpenAIChat:
@@ -179,14 +226,25 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
     content = delta.get("content")
     if content and isinstance(content, str):
         found.append((("content", index), content))
+    elif isinstance(content, list):
+        for kind, slots in _content_parts(content).items():
+            text = _joined(slots)
+            if text:
+                found.append(((_PART_CHANNELS[kind], index), text))
     refusal = delta.get("refusal")
     if refusal and isinstance(refusal, str):
         found.append((("refusal", index), refusal))
-    if len(delta) > 1 or content is None:  # (the usual delta holds its content alone)
-        for field in _REASONING:
-            reasoning = delta.get(field)
-            if reasoning and isinstance(reasoning, str):
-                found.append(((field, index), reasoning))
+    if len(delta) == 1 and content is not None:
+        return  # the usual delta holds its content alone
+    for field in _REASONING:
+        reasoning = delta.get(field)
+        if reasoning and isinstance(reasoning, str):
+            found.append(((field, index), reasoning))
+    audio = delta.get("audio")
+    if isinstance(audio, dict):
+        transcript = audio.get("transcript")
+        if c.is_text(transcript):
+            found.append((("audio", index), transcript))
     tool_calls = delta.get("tool_calls")
     if isinstance(tool_calls, list):
         for call in tool_calls:
@@ -194,14 +252,33 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
                 continue
             function = call.get("function")
             if isinstance(function, dict):
+                number = c.key(call.get("index", 0))
+                name = function.get("name")
+                if c.is_text(name):
+                    found.append((("tool_name", index, number), name))
                 arguments = function.get("arguments")
                 if c.is_text(arguments):
-                    found.append((("tool", index, c.key(call.get("index", 0))), arguments))
+                    found.append((("tool", index, number), arguments))
     function_call = delta.get("function_call")
     if isinstance(function_call, dict):
+        name = function_call.get("name")
+        if c.is_text(name):
+            found.append((("function_name", index), name))
         arguments = function_call.get("arguments")
         if c.is_text(arguments):
             found.append((("function", index), arguments))
+
+
+#: a streamed list content's part kind -> its channel kind: text parts continue the content
+_PART_CHANNELS = {"content_part": "content", "thinking_part": "thinking"}
+
+
+def _put(container: dict[str, Any], field: str, key: Hashable,
+         texts: Mapping[Hashable, str]) -> bool:
+    if key in texts and isinstance(container.get(field), str):
+        container[field] = texts[key]
+        return True
+    return False
 
 
 class ChatCodec(c.ChoicesCodec):
@@ -225,21 +302,28 @@ class ChatCodec(c.ChoicesCodec):
             if key in texts and isinstance(delta.get(field), str):
                 delta[field] = texts[key]
                 changed = True
+        for kind, slots in _content_parts(delta.get("content")).items():
+            key = (_PART_CHANNELS[kind], index)
+            if key in texts:
+                _put_joined(slots, texts[key])
+                changed = True
+        audio = delta.get("audio")
+        if ("audio", index) in texts and isinstance(audio, dict) \
+                and isinstance(audio.get("transcript"), str):
+            audio["transcript"] = texts[("audio", index)]
+            changed = True
         for call in delta.get("tool_calls") or []:
             if not isinstance(call, dict):
                 continue
-            key = ("tool", index, c.key(call.get("index", 0)))
+            number = c.key(call.get("index", 0))
             function = call.get("function")
-            if key in texts and isinstance(function, dict) \
-                    and isinstance(function.get("arguments"), str):
-                function["arguments"] = texts[key]
-                changed = True
+            if isinstance(function, dict):
+                changed |= _put(function, "arguments", ("tool", index, number), texts)
+                changed |= _put(function, "name", ("tool_name", index, number), texts)
         function_call = delta.get("function_call")
-        key = ("function", index)
-        if key in texts and isinstance(function_call, dict) \
-                and isinstance(function_call.get("arguments"), str):
-            function_call["arguments"] = texts[key]
-            changed = True
+        if isinstance(function_call, dict):
+            changed |= _put(function_call, "arguments", ("function", index), texts)
+            changed |= _put(function_call, "name", ("function_name", index), texts)
         return changed
 
     def terminal_frame(self, kind: str) -> bytes:

@@ -13,6 +13,10 @@ Anthropic likewise: the ``anthropic`` SDK's accumulator starts the message from
 ``message_start.message`` (its ``content`` too) and each block from
 ``content_block_start.content_block``, then appends the deltas; the sidecar read the deltas
 only.
+
+Chat Completions: text beside ``delta.content`` that clients show: an audio answer's
+``delta.audio.transcript``, tool and function names, and Mistral's content as a list of chunks
+(``text`` parts, ``thinking`` parts); the sidecar read none of them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import anthropic
 import openai
 import pytest
 
+from testkit.upstream import sse_data
 from tests.e2e.conftest import Stack
 from tests.e2e.test_apis import (
     BLOCKED_PHRASE,
@@ -33,6 +38,7 @@ from tests.e2e.test_apis import (
     EMAIL,
     VIOLATION,
     AnthropicAPI,
+    ChatAPI,
     ResponsesAPI,
     anthropic_client,
     named_event,
@@ -223,3 +229,55 @@ def test_anthropic_clean_stream_is_byte_identical(stack: Stack) -> None:
                               script_id)
     assert response.status_code == 200
     assert body == b"".join(events)
+
+
+# -- Chat Completions: text beside the content -------------------------------------------------
+
+CHAT = ChatAPI()
+
+
+def chat_stream(*deltas: dict[str, Any]) -> list[bytes]:
+    return [sse_data(CHAT.chunk(role="assistant", content="")),
+            *(sse_data(CHAT.chunk(**delta)) for delta in deltas),
+            sse_data(CHAT.chunk(finish_reason="stop")), b"data: [DONE]\n\n"]
+
+
+CHAT_BLOCKED: dict[str, list[bytes]] = {
+    "audio_transcript": chat_stream(
+        {"audio": {"id": "audio_1", "data": "UklGRg==", "transcript": "The plan is called "}},
+        {"audio": {"data": "UklGRg==", "transcript": "Project Nightingale."}}),
+    "tool_name": chat_stream(
+        {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                         "function": {"name": "Project Nightingale", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+    "mistral_text_parts": chat_stream(
+        {"content": [{"type": "text", "text": "The plan is called Project "}]},
+        {"content": [{"type": "text", "text": "Nightingale and it ships soon."}]}),
+    "mistral_thinking": chat_stream(
+        {"content": [{"type": "thinking",
+                      "thinking": [{"type": "text", "text": "Call it Project Nightingale"}]}]},
+        {"content": "Sure."}),
+}
+
+
+@pytest.mark.parametrize("name", CHAT_BLOCKED)
+def test_chat_text_beside_the_content_is_read(stack: Stack, name: str) -> None:
+    script_id = stack.llm.register(sse_script(CHAT_BLOCKED[name]))
+    response, body = post_raw(stack, CHAT.path, CHAT.request("The plan?", True), script_id)
+    assert response.status_code == 200
+    assert b"Nightingale" not in body
+    assert body.endswith(b"data: [DONE]\n\n")
+    error = parse_sse(body)[-2].json()
+    assert error["error"]["type"] == "guardrail_violation"
+
+
+def test_chat_an_address_in_the_transcript_is_masked(stack: Stack) -> None:
+    events = chat_stream({"audio": {"id": "audio_1", "transcript": f"Write to {EMAIL} today."}})
+    script_id = stack.llm.register(sse_script(events))
+    response, body = post_raw(stack, CHAT.path, CHAT.request("Mail?", True), script_id)
+    assert response.status_code == 200
+    assert EMAIL.encode() not in body
+    transcripts = [e.json()["choices"][0]["delta"]["audio"]["transcript"]
+                   for e in parse_sse(body)[:-1]
+                   if "audio" in e.json()["choices"][0]["delta"]]
+    assert transcripts == ["Write to {EMAIL} today."]

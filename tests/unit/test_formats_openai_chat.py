@@ -242,6 +242,7 @@ def test_response_texts() -> None:
     assert FMT.response_texts(json.dumps(COMPLETION).encode()) == [
         (("content", 0), "Write to jane.doe@example.com 🙂"),
         (("tool", 0, 0), "{\"to\":\"jane.doe@example.com\"}"),
+        (("tool_name", 0, 0), "send_mail"),
         (("refusal", 1), "I can't help with that."),
     ]
 
@@ -357,3 +358,70 @@ def test_reasoning_is_answer_text_on_channels_of_its_own() -> None:
     body = json.dumps({"choices": [{"index": 0, "message": {
         "role": "assistant", "content": "ok", "reasoning_content": "why"}}]}).encode()
     assert FMT.response_texts(body) == [(("content", 0), "ok"), (("reasoning_content", 0), "why")]
+
+
+def chunk_event(delta: dict[str, Any]) -> Any:
+    raw = f"data: {json.dumps({'id': 'c', 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+    (event,) = SSEDecoder().feed(raw.encode())
+    return event
+
+
+@pytest.mark.parametrize(("delta", "expected"), [
+    # OpenAI audio answers: the transcript is what the audio says.
+    ({"audio": {"id": "a", "data": "UklGR", "transcript": "Hello"}}, [(("audio", 0), "Hello")]),
+    ({"audio": {"id": "a", "data": "UklGR"}}, []),
+    # Tool and function names are model text too.
+    ({"tool_calls": [{"index": 1, "id": "t", "type": "function",
+                      "function": {"name": "get_weather", "arguments": ""}}]},
+     [(("tool_name", 0, 1), "get_weather")]),
+    ({"function_call": {"name": "lookup", "arguments": "{}"}},
+     [(("function_name", 0), "lookup"), (("function", 0), "{}")]),
+    # Mistral streams content as a list of chunks: text parts continue the content, thinking
+    # parts (a list of text chunks) are the reasoning.
+    ({"content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+     [(("content", 0), "Hello")]),
+    ({"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}]},
+     [(("thinking", 0), "hmm")]),
+    ({"content": [{"type": "reference", "reference_ids": [1]}]}, []),
+])
+def test_text_beside_the_content_is_read(delta: dict[str, Any], expected: list[Any]) -> None:
+    codec = FMT.stream_codec()
+    event = chunk_event(delta)
+    assert codec.extract(event) == expected
+    assert codec.rewrite(event, {}) == event.raw
+
+
+def test_text_beside_the_content_is_masked_in_place() -> None:
+    codec = FMT.stream_codec()
+    parts = chunk_event({"content": [{"type": "text", "text": "Mail jane@"},
+                                     {"type": "text", "text": "example.com"}]})
+    audio = chunk_event({"audio": {"id": "a", "transcript": "Call Jane"}})
+    call = chunk_event({"tool_calls": [{"index": 0, "function": {"name": "mail_jane",
+                                                                  "arguments": ""}}]})
+    for event in (parts, audio, call):
+        codec.extract(event)
+    out = json.loads(codec.rewrite(parts, {("content", 0): "Mail {EMAIL}"})[6:])
+    assert out["choices"][0]["delta"]["content"] == [{"type": "text", "text": "Mail {EMAIL}"},
+                                                     {"type": "text", "text": ""}]
+    out = json.loads(codec.rewrite(audio, {("audio", 0): "Call {NAME}"})[6:])
+    assert out["choices"][0]["delta"]["audio"] == {"id": "a", "transcript": "Call {NAME}"}
+    out = json.loads(codec.rewrite(call, {("tool_name", 0, 0): "mail_{NAME}"})[6:])
+    assert out["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "mail_{NAME}"
+
+
+def test_text_beside_the_content_of_a_whole_answer() -> None:
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": [{"type": "text", "text": "why"}]},
+                    {"type": "text", "text": "ok"}],
+        "audio": {"id": "a", "transcript": "said"},
+        "tool_calls": [{"id": "t", "type": "function",
+                        "function": {"name": "f", "arguments": "{}"}}]}}]}).encode()
+    assert FMT.response_texts(body) == [
+        (("thinking_part", 0, 0), "why"), (("content_part", 0, 0), "ok"),
+        (("audio", 0), "said"), (("tool", 0, 0), "{}"), (("tool_name", 0, 0), "f")]
+    rewritten = json.loads(FMT.rewrite_response(body, {("audio", 0): "***",
+                                                       ("content_part", 0, 0): "OK"}))
+    message = rewritten["choices"][0]["message"]
+    assert message["audio"]["transcript"] == "***"
+    assert message["content"][1] == {"type": "text", "text": "OK"}

@@ -357,11 +357,12 @@ def test_extract_tool_call_arguments_per_choice_and_tool_index() -> None:
     ]
 
 
-def test_extract_tool_call_header_chunk_has_no_text() -> None:
+def test_extract_tool_call_header_chunk_has_only_the_name() -> None:
+    # The name is model text too (issue 14, class 5), on a channel of its own.
     event = chunk([choice({"role": "assistant", "content": None, "refusal": None, "tool_calls": [
         {"index": 0, "id": "call_Qm3vX8bN2kLr7TsYw1HdPc0e", "type": "function",
          "function": {"name": "get_weather", "arguments": ""}}]})])
-    assert extract(event) == []
+    assert extract(event) == [(("tool_name", 0, 0), "get_weather")]
 
 
 def test_extract_tool_call_malformed_parts_skipped() -> None:
@@ -393,10 +394,10 @@ def test_extract_legacy_function_call() -> None:
     assert extract(event) == [(("function", 0), "{\"location\": \"Bos")]
 
 
-def test_extract_legacy_function_call_name_only_has_no_text() -> None:
+def test_extract_legacy_function_call_name_only_has_only_the_name() -> None:
     event = chunk([choice({"role": "assistant", "content": None,
                            "function_call": {"name": "get_weather", "arguments": ""}})])
-    assert extract(event) == []
+    assert extract(event) == [(("function_name", 0), "get_weather")]
 
 
 def test_extract_legacy_function_call_on_second_choice() -> None:
@@ -514,8 +515,9 @@ def test_recorded_content_stream(chunk_size: int | None) -> None:
 def test_recorded_tool_call_stream(chunk_size: int | None) -> None:
     raw = (FIXTURES / "openai_tool_calls.sse").read_bytes()
     found = _stream_text(raw, chunk_size)
-    assert {channel for channel, _ in found} == {("tool", 0, 0)}
-    arguments = "".join(text for _, text in found)
+    assert {channel for channel, _ in found} == {("tool", 0, 0), ("tool_name", 0, 0)}
+    assert [text for channel, text in found if channel[0] == "tool_name"] == ["get_weather"]
+    arguments = "".join(text for channel, text in found if channel[0] == "tool")
     assert json.loads(arguments) == {
         "location": "Zürich, Schweiz", "unit": "celsius", "note": "東京 🌧"}
 
