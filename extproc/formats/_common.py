@@ -143,6 +143,13 @@ class ChoicesCodec:
         self.text_ended = False
         self._streaming: set[Hashable] = set()  # choices extract saw without a finish_reason
         self._finished: set[Hashable] = set()  # ... and with one
+        # ``[DONE]`` seen: the ``openai`` SDKs stop reading there (Python breaks, Node skips the
+        # rest); clients that read on (the Vercel AI SDK) show what follows. Its text is checked
+        # on channels of its own (``("after_done", ...)``), never glued to the text the SDKs
+        # show. Likewise the first event after a byte order mark, which the ``openai`` SDKs do
+        # not read (its first line's field name starts with U+FEFF) and WHATWG readers do
+        # (``("after_bom", ...)``).
+        self._done_read = False
 
     def _remember_head(self, chunk: dict[str, Any]) -> None:
         if self._head:
@@ -174,6 +181,11 @@ class ChoicesCodec:
                 for choice in choices:
                     if isinstance(choice, dict):
                         self._extract_choice(choice, found, states)
+            if found and (self._done_read or event.raw.startswith(BOM)):
+                where = "after_done" if self._done_read else "after_bom"
+                found = [(apart(where, channel), text) for channel, text in found]
+        elif event.data is not None and event.data.startswith("[DONE]"):
+            self._done_read = True
         self._notes.put(event, tuple(states))  # (a tuple of atoms: the collector drops it)
         finish = False
         for index, finished in states:
@@ -190,6 +202,8 @@ class ChoicesCodec:
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         states = self._notes.take(event)
+        if texts:
+            texts = apart_texts(texts)
         if texts or states is UNREAD:
             return self._rewrite(event, texts)
         seen = self._choices
@@ -221,6 +235,24 @@ class ChoicesCodec:
         if not changed:
             return event.raw
         return encode_event(dumps(chunk), event.event)
+
+
+BOM = b"\xef\xbb\xbf"
+#: Prefixes of the channels of text some clients show and others skip, checked apart.
+APART = frozenset({"after_done", "after_bom", "skipped"})
+
+
+def apart(prefix: str, channel: Hashable) -> Hashable:
+    return (prefix, *channel) if isinstance(channel, tuple) else (prefix, channel)
+
+
+def apart_texts(texts: Mapping[Hashable, str]) -> Mapping[Hashable, str]:
+    """``texts`` of an event whose text was checked apart, keyed by its own channels again."""
+    first = next(iter(texts))
+    if isinstance(first, tuple) and first and first[0] in APART:
+        return {channel[1:]: text for channel, text in texts.items()
+                if isinstance(channel, tuple)}
+    return texts
 
 
 def key(value: Any) -> Hashable:

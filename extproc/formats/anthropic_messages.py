@@ -220,6 +220,34 @@ def _delta_text(payload: dict[str, Any]) -> tuple[Hashable, str, dict[str, Any],
     return (kind, c.key(payload.get("index", 0))), text, delta, field
 
 
+#: The ``anthropic`` SDK skips events named ``ping`` and events without a name, and reads
+#: every other event by its data's ``type``; other clients (the Vercel AI SDK) read them all.
+_SKIPPED = (None, "ping")
+
+
+def _stream_channel(channel: Hashable, event: SSEEvent) -> Hashable:
+    """The channel a block's text is checked on, as clients show it. Text blocks are read
+    joined (``get_final_text()``, the AI SDK's ``text``): one channel for all of them. Text of
+    an event the SDK skips (named ``ping`` or nothing; the first event after a byte order
+    mark, whose ``event:`` line it does not recognise) is checked on a channel of its own,
+    never glued to the text it shows (an "x" there would turn a shown "zorblax" into
+    "xzorblax")."""
+    if event.event in _SKIPPED or event.raw.startswith(c.BOM):
+        return c.apart("skipped", channel)
+    if isinstance(channel, tuple) and channel and channel[0] == "text":
+        return ("text",)
+    return channel
+
+
+def _start_texts(payload: dict[str, Any], event: SSEEvent
+                 ) -> list[tuple[Hashable, list[c.Slot]]]:
+    """The slots of a start grouped by stream channel, in order."""
+    groups: dict[Hashable, list[c.Slot]] = {}
+    for slot in _start_slots(payload):
+        groups.setdefault(_stream_channel(slot.channel, event), []).append(slot)
+    return list(groups.items())
+
+
 def _start_slots(payload: dict[str, Any]) -> list[c.Slot]:
     """Text a ``message_start`` or ``content_block_start`` already holds. The ``anthropic``
     SDK's accumulator starts the message from ``message_start.message`` (its ``content``
@@ -271,7 +299,8 @@ class AnthropicCodec:
             return []
         if kind in ("message_start", "content_block_start"):
             self._seen(payload)
-            started = [(slot.channel, slot.get()) for slot in _start_slots(payload)]
+            started = [(channel, "".join(slot.get() for slot in slots))
+                       for channel, slots in _start_texts(payload, event)]
             if started:
                 self.text_ended = False
             return started
@@ -289,12 +318,12 @@ class AnthropicCodec:
         if found is None:
             return []
         self.text_ended = False
-        return [(found[0], found[1])]
+        return [(_stream_channel(found[0], event), found[1])]
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         payload = self._notes.take(event)
         name = event.event
-        if name in ("ping", "error") or (name == "content_block_delta" and not texts):
+        if not texts and name in ("ping", "error", "content_block_delta"):
             return event.raw
         if payload is c.UNREAD or (payload is None and texts):
             # Not extracted, or maybe a text delta to rewrite: read the event (again).
@@ -319,9 +348,12 @@ class AnthropicCodec:
         if kind != "content_block_delta" or not texts:
             return event.raw
         found = _delta_text(payload)
-        if found is None or found[0] not in texts:
+        if found is None:
             return event.raw
-        channel, _, delta, field = found
+        channel = _stream_channel(found[0], event)
+        if channel not in texts:
+            return event.raw
+        _, _, delta, field = found
         delta[field] = texts[channel]
         return encode_event(c.dumps(payload), event.event)
 
@@ -330,14 +362,15 @@ class AnthropicCodec:
         """A start whose text was masked, with the masked text. A tool input that the mask
         left no longer a JSON object starts empty (the deltas, if any, fill it)."""
         changed = False
-        for slot in _start_slots(payload):
-            text = texts.get(slot.channel)
+        for channel, slots in _start_texts(payload, event):
+            text = texts.get(channel)
             if text is None:
                 continue
-            try:
-                slot.set(text)
-            except ValueError:
-                slot.container[slot.key] = {}
+            for number, slot in enumerate(slots):  # all of it in the first of them
+                try:
+                    slot.set(text if number == 0 else "")
+                except ValueError:
+                    slot.container[slot.key] = {}
             changed = True
         return encode_event(c.dumps(payload), event.event) if changed else event.raw
 
