@@ -38,6 +38,8 @@ class WindowPolicy:
     min_chars: int = 800
     max_blocks_per_call: int = 8
     max_stream_text_units: int = 100  # cumulative only: per policy, then windows take over
+    #: the first check releases its text at once, but for its ``held_tail`` (at most
+    #: ``overlap_chars``; time to first token: one round trip after the first word boundary)
     fast_first_window: bool = True
 
 
@@ -58,19 +60,33 @@ def text_units(length: int) -> int:
     return -(-length // TEXT_UNIT_CHARS) if length > 0 else 0
 
 
+def held_tail(text: str) -> int:
+    """Characters at the end of ``text`` that a first window holds back: its trailing run of
+    ASCII characters other than whitespace, the part of a word, number, address or URL that
+    may go on in the next delta (an e-mail address cut at ``jane.doe@exam`` is held whole).
+    Text without spaces between words (Chinese, Japanese) is not held."""
+    end = len(text)
+    while end and text[end - 1].isascii() and not text[end - 1].isspace():
+        end -= 1
+    return len(text) - end
+
+
 def should_check(
     *,
     pending_chars: int,
     first_check_done: bool,
     upstream_done: bool,
     policy: WindowPolicy,
+    first_releasable: bool = True,
 ) -> bool:
-    """Whether to start a call now (no call is in flight)."""
+    """Whether to start a call now (no call is in flight). The fast first check starts as
+    soon as the text holds something it may release (``first_releasable``: more than its
+    ``held_tail``); else, like later checks, when ``min_chars`` wait."""
     if pending_chars <= 0:
         return False
     if upstream_done:
         return True
-    if not first_check_done and policy.fast_first_window:
+    if not first_check_done and policy.fast_first_window and first_releasable:
         return True
     return pending_chars >= policy.min_chars
 

@@ -299,7 +299,8 @@ OPTIONS: tuple[_Option, ...] = (
             "check mid-stream (the first check and the end of the stream do not wait); unset, at "
             "most --window-chars", "800", _number_parser(int, 1, 100_000)),
     _Option("--fast-first-window", "default_route.window.fast_first_window", "release the first "
-            "checked text in full (time to first token = one round trip)", "on", _parse_bool),
+            "checked text at once but for the word it may end inside (time to first token = "
+            "the first word boundary + one round trip)", "on", _parse_bool),
     _Option("--max-stream-text-units", "default_route.window.max_stream_text_units", "cumulative "
             "strategy: text units per policy one stream may spend before falling back to windows",
             "100", _number_parser(int, 1, 1_000_000)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-from extproc.domain.windows import Block, WindowPolicy
+from extproc.domain.windows import Block, WindowPolicy, held_tail
 from extproc.sse import SSEEvent
 
 
@@ -113,6 +113,16 @@ class Channels:
         for channel in self.all:  # (once per chunk: a loop is cheaper than sum())
             pending += channel.length - channel.checked
         return pending
+
+    def first_releasable(self, overlap: int) -> bool:
+        """Some channel holds text a first window would release: more than its held tail
+        (``held_tail``, at most ``overlap``)."""
+        for channel in self.all:
+            if channel.length > channel.checked:
+                pending = channel.slice(channel.checked, channel.length)
+                if min(held_tail(pending), overlap) < len(pending):
+                    return True
+        return False
 
     def all_checked(self) -> bool:
         return all(c.checked >= c.length for c in self.all)

@@ -11,9 +11,10 @@ Modes:
 * ``sync``: an event is released only once every character of its text was covered by a
   passing check with ``overlap`` characters of context after it (or the text ended: the end of
   the body, or an earlier event that says so, such as a ``finish_reason``). Text is held until
-  then. The first window of a stream is released in full so the first token costs
-  one round trip. An ``ANONYMIZED`` verdict rewrites the held events with the guardrail's masked
-  text before release (``extproc.stream.masking``).
+  then. The first window of a stream is released at once, but for the word it may end
+  inside (``extproc.domain.windows.held_tail``), so the first token costs one round trip
+  after the first word boundary. An ``ANONYMIZED`` verdict rewrites the held events with the
+  guardrail's masked text before release (``extproc.stream.masking``).
 * ``async``: events are released as they complete; checks run beside the stream; a block ends
   the stream at the next event boundary. Masking cannot be applied (the text is already out);
   such verdicts are counted as ``mask_unapplied``.
@@ -40,7 +41,7 @@ from extproc.domain.decision import Action, decide_verdict
 from extproc.domain.errors import GuardrailError, GuardrailOverload, GuardrailServerError
 from extproc.domain.values import Gate, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict, Outcome
-from extproc.domain.windows import Block, Strategy, estimated_units, should_check
+from extproc.domain.windows import Block, Strategy, estimated_units, held_tail, should_check
 from extproc.formats import ErrorKind, StreamFormat
 from extproc.sse import SSEDecoder, SSEEvent
 from extproc.stream.channels import Channels, Delta, Held
@@ -307,9 +308,12 @@ class OutputGuard:
     def _maybe_check(self) -> None:
         if self.finished or self._in_flight is not None or not self._channels.all:
             return
+        done = self._text_done()
         if not should_check(pending_chars=self._channels.pending(),
                             first_check_done=self._first_check_done,
-                            upstream_done=self._text_done(), policy=self._policy):
+                            upstream_done=done, policy=self._policy,
+                            first_releasable=self._first_check_done or done
+                            or self._channels.first_releasable(self._policy.overlap_chars)):
             return
         blocks = self._plan()
         if not blocks:
@@ -420,7 +424,14 @@ class OutputGuard:
             channel = channels[block.channel_index]
             final = block.end == channel.length and self._text_done()
             channel.checked = max(channel.checked, block.end)
-            limit = block.end if (final or fast) else max(channel.limit, block.end - overlap)
+            if final:
+                limit = block.end
+            elif fast:  # the first window, but for the word it may end inside (at most
+                # ``overlap``, as every later window holds back)
+                limit = max(channel.limit,
+                            block.end - min(held_tail(texts[index]), overlap))
+            else:
+                limit = max(channel.limit, block.end - overlap)
             masked_text = masked[index] if masked is not None else texts[index]
             channel.last = (block, texts[index], masked_text)
             if sync and (limit > channel.limit or masked is not None):

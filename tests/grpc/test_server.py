@@ -278,7 +278,7 @@ async def test_client_cancel_mid_body_is_a_clean_end(
     guardrail.hold = asyncio.Event()
     conv = Conversation(stub)
     await conv.open_sse_unchecked_prompt()
-    await conv.send(response_body(chunk_event("Hello")))
+    await conv.send(response_body(chunk_event("Hello ")))
     await eventually(lambda: guardrail.in_flight == 1, what="the output check in flight")
     assert server.processor.active_streams == 1
     assert len(check_tasks()) == 1
@@ -330,7 +330,7 @@ async def test_client_cancel_as_the_check_returns_is_a_clean_end(
         guardrail.hold = asyncio.Event()
         conv = Conversation(stub)
         await conv.open_sse_unchecked_prompt()
-        await conv.send(response_body(chunk_event("Hello")))
+        await conv.send(response_body(chunk_event("Hello ")))
         await eventually(lambda: guardrail.in_flight == 1, what="the output check in flight")
         guardrail.hold.set()
         conv.call.cancel()
@@ -447,7 +447,7 @@ async def test_graceful_stop_lets_the_stream_in_flight_finish(
     guardrail.hold = asyncio.Event()
     conv = Conversation(stub)
     await conv.open_sse_unchecked_prompt()
-    first = chunk_event("Hello")
+    first = chunk_event("Hello ")  # (a whole word: a first window holds back a partial one)
     await conv.send(response_body(first))
     await eventually(lambda: guardrail.in_flight == 1, what="the output check in flight")
 
@@ -602,7 +602,7 @@ async def test_process_sigterm_drains_the_stream_in_flight(
         assert not answer.HasField("mode_override"), "input check off: no request body wanted"
         answer = await conv.ask(response_headers())
         assert answer.mode_override.response_body_mode == ProcessingMode.FULL_DUPLEX_STREAMED
-        first = chunk_event("Hello there")
+        first = chunk_event("Hello there ")
         await conv.send(response_body(first))
         await eventually(lambda: local_bedrock.stats.calls == 1, what="the output check")
 
@@ -624,7 +624,7 @@ async def test_process_sigterm_drains_the_stream_in_flight(
     assert re.search(r"shutting down.*\b1 streams? in flight", sidecar.log), sidecar.log
     assert '"logger": "extproc", "message": "stopped"}' in sidecar.log, sidecar.log
     (call,) = local_bedrock.stats.recent
-    assert call.source == "OUTPUT" and call.texts == ("Hello there",)
+    assert call.source == "OUTPUT" and call.texts == ("Hello there ",)
 
 
 async def test_process_sigterm_without_streams_does_not_wait_for_the_grace_period(

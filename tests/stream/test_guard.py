@@ -227,7 +227,8 @@ async def test_streamed_sink_extends_the_timer_while_the_last_answer_waits() -> 
 async def test_streamed_sink_block_replaces_the_next_chunk_and_clears_the_rest() -> None:
     h = Harness(FakeGuardrail(), input_check=InputCheck.OFF)
     await h.feed(streamed_headers(), response_headers())
-    await h.feed(response_body(chunk_event("forbidden")))
+    # (A whole word: a first window holds back a word that may go on in the next delta.)
+    await h.feed(response_body(chunk_event("forbidden ")))
     await h.settle()
     await h.feed(response_body(chunk_event("x")), response_body(chunk_event("y")),
                  response_body(b"", end_of_stream=True))

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from extproc._pb.envoy.service.ext_proc.v3.external_processor_pb2 import ProtocolConfiguration
 from extproc.domain.values import GuardrailRef, InputCheck, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
-from extproc.domain.windows import Strategy, WindowPolicy
+from extproc.domain.windows import Strategy, WindowPolicy, held_tail
 from extproc.envoy import STREAMED
 from extproc.formats import all_formats
 from extproc.stream.masking import map_region
@@ -361,12 +361,16 @@ def content_of(data: bytes) -> str:
     return text
 
 
-def windows(texts: list[list[str]], text: str, overlap: int) -> list[tuple[int, int]]:
-    """The ``[s_i, e_i)`` of each windowed call, checked against ``text``."""
-    spans, end = [], 0
+def windows(texts: list[list[str]], text: str, policy: WindowPolicy) -> list[tuple[int, int]]:
+    """The ``[s_i, e_i)`` of each windowed call, checked against ``text``: each starts
+    ``overlap`` characters before the text checked so far, or where release stopped when that
+    is earlier (the first window's held tail)."""
+    spans: list[tuple[int, int]] = []
+    end = 0
     for blocks in texts:
         assert len(blocks) == 1
-        start = max(0, end - overlap)
+        limit = released_limit(spans, policy, text, final=None)
+        start = max(0, min(limit, end - policy.overlap_chars))
         assert start + len(blocks[0]) > end, "a window without new text"
         end = start + len(blocks[0])
         assert text[start:end] == blocks[0], (start, end, blocks[0])
@@ -374,15 +378,20 @@ def windows(texts: list[list[str]], text: str, overlap: int) -> list[tuple[int, 
     return spans
 
 
-def released_limit(spans: list[tuple[int, int]], policy: WindowPolicy, *, final: int | None
-                   ) -> int:
+def released_limit(spans: list[tuple[int, int]], policy: WindowPolicy, text: str, *,
+                   final: int | None) -> int:
     """How far passing checks ``spans`` allow release in sync mode: ``e_i - overlap``, or
-    ``e_0`` for the fast first window, or ``e_i`` for a check that reached ``final`` (the
-    text's length, once upstream ended)."""
+    ``e_0`` less its held tail (``held_tail``: the word it may end inside; at most
+    ``overlap``) for the fast first window, or ``e_i`` for a check that reached ``final`` (the text's length, once upstream
+    ended)."""
     limit = 0
-    for index, (_, end) in enumerate(spans):
-        full = (index == 0 and policy.fast_first_window) or (final is not None and end == final)
-        limit = max(limit, end if full else end - policy.overlap_chars)
+    for index, (start, end) in enumerate(spans):
+        if final is not None and end == final:
+            limit = max(limit, end)
+        elif index == 0 and policy.fast_first_window:
+            limit = max(limit, end - min(held_tail(text[start:end]), policy.overlap_chars))
+        else:
+            limit = max(limit, end - policy.overlap_chars)
     return limit
 
 
@@ -392,7 +401,7 @@ def check_sync_release_history(run: Run, stream: Stream, *, masked: bool = False
     then (a verdict can only lower that): nothing goes out before a passing check covered it
     with ``overlap`` characters of context after it, the first window and the end excepted."""
     text = stream.text
-    spans = windows(run.output_calls(), text, run.policy.overlap_chars) if (
+    spans = windows(run.output_calls(), text, run.policy) if (
         run.policy.strategy is Strategy.WINDOWED) else None
     client_bytes = run.client_bytes()
     for size, calls, text_over in run.snapshots:
@@ -402,7 +411,7 @@ def check_sync_release_history(run: Run, stream: Stream, *, masked: bool = False
             assert events == stream.events[:len(events)]
         released = stream.boundaries()[max(0, min(len(events) - 1, len(stream.deltas)))]
         if spans is not None:
-            limit = released_limit(spans[:calls], run.policy,
+            limit = released_limit(spans[:calls], run.policy, text,
                                    final=len(text) if text_over else None)
             assert released <= limit, (released, calls, limit)
 
@@ -488,7 +497,7 @@ def check_sync_violation(run: Run, stream: Stream) -> None:
     text, policy = stream.text, run.policy
     position = text.index(WORD)
     calls = run.output_calls()
-    spans = windows(calls, text, policy.overlap_chars)
+    spans = windows(calls, text, policy)
     check_sync_release_history(run, stream)
     if run.processor.record.to_metadata()["outcome"] == "pass":
         assert policy.overlap_chars < len(WORD) - 1
@@ -511,7 +520,7 @@ def check_sync_violation(run: Run, stream: Stream) -> None:
     start, end = spans[tripped]
     assert run.processor.record.to_metadata()["tripped_window"] == f"{CHANNEL}:{start}-{end}"
     new_from = spans[tripped - 1][1] if tripped else 0
-    limit = released_limit(spans[:tripped], policy, final=None)
+    limit = released_limit(spans[:tripped], policy, text, final=None)
     r = content_of(prefix)
     boundary = max(b for b in stream.boundaries() if b <= limit)
     if run.prompt == "nowait":
@@ -579,7 +588,7 @@ def check_async_violation(run: Run, stream: Stream) -> None:
     r = content_of(prefix)
     assert r == text[:len(r)]
     if run.policy.strategy is Strategy.WINDOWED and run.prompt != "nowait":
-        _, end = windows(calls, text, run.policy.overlap_chars)[-1]
+        _, end = windows(calls, text, run.policy)[-1]
         assert len(r) >= end
 
 
@@ -621,7 +630,7 @@ def test_windowed_calls_tile_the_text_within_bounds(stream: Stream, policy: Wind
     run = run_stream(FakeGuardrail(), stream, streamed=streamed, mode=mode, policy=policy,
                      prompt="off")
     calls = run.output_calls()
-    spans = windows(calls, stream.text, policy.overlap_chars)
+    spans = windows(calls, stream.text, policy)
     length = len(stream.text)
     span = policy.window_chars + policy.overlap_chars
     assert all(len(block) <= span for blocks in calls for block in blocks)
@@ -652,17 +661,21 @@ def test_cumulative_calls_cover_everything_so_far(stream: Stream, policy: Window
     calls = run.output_calls()
     cap = policy.max_stream_text_units
     previous = 0
+    spans: list[tuple[int, int]] = []
     for blocks in calls[:cap]:
         (block,) = blocks
         assert len(block) > previous and stream.text[:len(block)] == block
         previous = len(block)
+        spans.append((0, previous))
     end = previous
     for blocks in calls[cap:]:
         (block,) = blocks
-        start = max(0, end - policy.overlap_chars)
+        limit = released_limit(spans, policy, stream.text, final=None)
+        start = max(0, min(limit, end - policy.overlap_chars))
         assert start + len(block) > end and stream.text[start:start + len(block)] == block
         assert len(block) <= policy.window_chars + policy.overlap_chars
         end = start + len(block)
+        spans.append((start, end))
     assert run.processor.record.to_metadata().get("cumulative_cap_reached", False) == (len(calls) > cap)
     assert len(calls) <= call_bound(len(stream.text), policy)
     if mode is StreamMode.SYNC:
@@ -723,14 +736,9 @@ def check_masking(run: Run, stream: Stream) -> None:
     placeholder in the event where the address starts, the rest of it dropped). No address
     reaches the client.
 
-    The documented exception: the fast first window is released in full on its own verdict,
-    so an address straddling its end ``e_0`` was not recognised there and its start goes out
-    as is. Later windows see it whole, but its replacement belongs to the region already
-    released, so what they release of it is dropped; a part after their release region goes
-    out through the next window, which sees only that part (see
-    ``test_bug_fast_first_window_straddling_address_tail_is_released``):
-    ``content == sub(text[:e_0]) + sub(text[k:end]) + sub(text[end:])`` for some
-    ``e_0 <= k <= end``, ``end`` being where that address ends.
+    No exception for the fast first window: it holds back the word it may end inside (its
+    ``held_tail``), so an address straddling its end goes out with a later window, masked
+    (``test_bug_fast_first_window_straddling_address_tail_is_released``).
     """
     text = stream.text
     client = run.client_bytes()
@@ -749,20 +757,9 @@ def check_masking(run: Run, stream: Stream) -> None:
         if after["choices"][0]["delta"].get("content") == json.loads(
                 original[len(b"data: "):-2])["choices"][0]["delta"].get("content"):
             assert released == original  # untouched events are not re-encoded
-    calls = run.output_calls()
-    first_end = len(calls[0][0]) if calls else 0
-    straddling = [m for m in EMAIL.finditer(text) if m.start() < first_end < m.end()]
     content = content_of(client)
-    if run.policy.fast_first_window and straddling:
-        (cut,) = straddling
-        head, tail = EMAIL.sub(MASK, text[:first_end]), EMAIL.sub(MASK, text[cut.end():])
-        assert content.startswith(head) and content.endswith(tail)
-        middle = content[len(head):len(content) - len(tail)]
-        assert any(middle == EMAIL.sub(MASK, text[k:cut.end()])
-                   for k in range(first_end, cut.end() + 1)), middle
-    else:
-        assert content == EMAIL.sub(MASK, text)
-        assert b"@" not in client
+    assert content == EMAIL.sub(MASK, text)
+    assert b"@" not in client
     if EMAIL.search(text):
         assert run.processor.record.to_metadata().get("masked", 0) >= 1
     check_sync_release_history(run, stream, masked=True)
@@ -820,23 +817,22 @@ def test_bug_masked_window_misaligned_by_repeated_text() -> None:
 
 
 def test_bug_fast_first_window_straddling_address_tail_is_released() -> None:
-    """Bug in ``guard.OutputGuard._accept``/``_map``: an address straddling the end ``e_0`` of
-    the fast first window goes out in part with that window (the documented exception). The
-    next window sees it whole and masks it; its replacement belongs to the region already
-    released, so the rest of the address should be dropped (``map_region``'s docstring). But
-    that window does not move the release limit (``e_1 - overlap == e_0``), so ``_map`` is not
-    called and nothing records where the address ends; the window after it starts at
-    ``mple.com``, cannot recognise it, and releases it. The client gets the whole address,
-    ``jane@exa`` + ``mple.com`` (found with ``test_sync_masking``; shrunk and made readable).
-    ``map_region`` has the same gap when a region is non-empty but ends inside such an
-    address: the part after the region is not carried."""
+    """Was: an address straddling the end ``e_0`` of the fast first window went out in part
+    with that window (then a documented exception): ``jane@exa``, and the next windows, which
+    could no longer mask what was out, let ``mple.com`` follow, so the client got the whole
+    address (found with ``test_sync_masking``; issue 14, class 9). Now the first window holds
+    back the word it may end inside (``held_tail``): it releases up to the space before
+    ``jane@exa``, and the next window sees the address whole and masks it."""
     text = "0" * 31 + " jane@example.com " + "0" * 45
     policy = WindowPolicy(window_chars=20, overlap_chars=20, min_chars=1,
                           fast_first_window=True)
     run = Run(EmailMaskingGuardrail(blocked=()), streamed=False, mode=StreamMode.SYNC,
               policy=policy, prompt="off")
     asyncio.run(run.play(single_chunk_stream(text)))
-    assert run.output_calls()[:2] == [[text[:40]], [text[20:60]]]
+    assert run.output_calls()[0] == [text[:40]]
+    # The first window released "0" * 31 + " "; the second one sees the address whole.
+    assert run.output_calls()[1] == [text[20:60]]
+    assert "jane@example.com" in run.output_calls()[1][0]
     content = content_of(run.client_bytes())
-    assert "jane@example.com" not in content
-    assert content == "0" * 31 + " jane@exa" + " " + "0" * 45
+    assert "jane@" not in content
+    assert content == "0" * 31 + " {EMAIL} " + "0" * 45

@@ -254,7 +254,7 @@ async def test_block_mid_stream_ends_with_the_error_frame_and_no_blocked_text() 
 async def test_nothing_is_sent_after_the_block() -> None:
     h = Harness()
     await h.open_sse()
-    await h.feed(response_body(chunk_event("forbidden")))
+    await h.feed(response_body(chunk_event("forbidden ")))  # a whole word: checked at once
     await h.settle()
     count = len(h.sent)
     await h.feed(response_body(chunk_event("tail")), response_body(b"", end_of_stream=True),
@@ -315,7 +315,7 @@ async def test_final_call_covers_the_whole_answer() -> None:
 async def test_an_event_split_across_chunks_is_released_whole() -> None:
     h = Harness(input_check=InputCheck.OFF)
     await h.feed(request_headers(), response_headers())
-    event = chunk_event("split event")
+    event = chunk_event("split event ")
     await h.feed(response_body(event[:20]))
     await h.settle()
     assert h.client_bytes() == b""
@@ -351,7 +351,7 @@ async def test_mask_and_detect_only_do_not_end_the_stream(outcome: str) -> None:
 async def test_guardrail_failure_fails_closed_by_default() -> None:
     h = Harness(FakeGuardrail(error=GuardrailThrottled("429")), input_check=InputCheck.OFF)
     await h.feed(request_headers(), response_headers())
-    await h.feed(response_body(chunk_event("hello")))
+    await h.feed(response_body(chunk_event("hello ")))
     await h.settle()
     assert h.client_bytes() == UNAVAILABLE_FRAME
     assert h.body_answers()[-1][1] is True
