@@ -15,6 +15,7 @@ from typing import Any, TypeGuard
 
 from extproc.formats import ErrorKind, PromptScope, whole
 from extproc.sse import SSEEvent, encode_event
+from extproc.stream.masking import align, shift_offset
 
 _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
@@ -354,8 +355,33 @@ def rewrite_response(body: bytes, texts: Mapping[Hashable, str],
     if unknown:
         raise ValueError(f"no such channels in the answer: {unknown!r}")
     for channel, text in texts.items():
-        slots[channel].set(text)
+        slot = slots[channel]
+        if isinstance(slot.container, dict) and not slot.as_json:
+            shift_annotations(slot.container.get("annotations"), slot.get(), text)
+        slot.set(text)
     return dumps(answer).encode()
+
+
+def shift_annotations(annotations: Any, original: str, masked: str) -> bool:
+    """Move the character offsets (``start_index`` / ``end_index``) that point into
+    ``original`` to ``masked``: Responses annotations hold them, Chat Completions annotations
+    in their ``url_citation`` object. Whether any moved."""
+    if not isinstance(annotations, list) or original == masked:
+        return False
+    opcodes = align(original, masked)
+    moved = False
+    for annotation in annotations:
+        if not isinstance(annotation, dict):
+            continue
+        for target in (annotation, *(v for v in annotation.values() if isinstance(v, dict))):
+            for key, is_end in (("start_index", False), ("end_index", True)):
+                value = target.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    shifted = shift_offset(opcodes, value, end=is_end)
+                    if shifted != value:
+                        target[key] = shifted
+                        moved = True
+    return moved
 
 
 def message_parts(content: Any, part_types: tuple[str, ...] = ("text",),

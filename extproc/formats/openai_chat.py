@@ -223,6 +223,9 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
     delta = choice.get("delta")
     if not isinstance(delta, dict):
         return
+    logprobs = choice.get("logprobs")
+    if logprobs:  # (requested explicitly; null in the usual chunk)
+        _extract_logprobs(logprobs, delta, index, found)
     content = delta.get("content")
     if content and isinstance(content, str):
         found.append((("content", index), content))
@@ -267,6 +270,38 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
         arguments = function_call.get("arguments")
         if c.is_text(arguments):
             found.append((("function", index), arguments))
+
+
+def _extract_logprobs(logprobs: Any, delta: dict[str, Any], index: Hashable,
+                      found: list[tuple[Hashable, str]]) -> None:
+    """The tokens of a chunk's ``logprobs`` (``content`` and ``refusal``), when they are not
+    the text they stand for: clients that show tokens show them, so they are checked, on a
+    channel of their own (``("logprobs", field, choice)``); a mask drops the choice's
+    ``logprobs``. Tokens are compared as strings, then as their ``bytes`` (a character split
+    over two tokens). The alternatives in ``top_logprobs`` are not read."""
+    if not isinstance(logprobs, dict):
+        return
+    for field in ("content", "refusal"):
+        tokens = logprobs.get(field)
+        if not isinstance(tokens, list) or not tokens:
+            continue
+        text = delta.get(field)
+        text = text if isinstance(text, str) else ""
+        strings = [t.get("token") for t in tokens if isinstance(t, dict)]
+        joined = "".join(s for s in strings if isinstance(s, str))
+        if joined == text:
+            continue
+        raw = b""
+        for token in tokens:
+            values = token.get("bytes") if isinstance(token, dict) else None
+            if isinstance(values, list) and all(isinstance(v, int) and 0 <= v < 256
+                                                for v in values):
+                raw += bytes(values)
+        if raw and raw == text.encode():
+            continue
+        shown = joined or raw.decode("utf-8", "replace")
+        if shown:
+            found.append((("logprobs", field, index), shown))
 
 
 #: a streamed list content's part kind -> its channel kind: text parts continue the content
@@ -324,6 +359,8 @@ class ChatCodec(c.ChoicesCodec):
         if isinstance(function_call, dict):
             changed |= _put(function_call, "arguments", ("function", index), texts)
             changed |= _put(function_call, "name", ("function_name", index), texts)
+        if ("logprobs", "content", index) in texts or ("logprobs", "refusal", index) in texts:
+            changed = True  # masked tokens: the choice's logprobs are dropped
         return changed
 
     def terminal_frame(self, kind: str) -> bytes:

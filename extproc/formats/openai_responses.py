@@ -337,6 +337,8 @@ class ResponsesCodec:
         # (channel, text) -> the channel a copy that disagrees with the stream is checked on
         self._copies: dict[tuple[Hashable, str], Hashable] = {}
         self._copy_sent: dict[Hashable, str] = {}  # copy channel -> the text the client got
+        # masked channel -> the original of the pieces in ``_sent`` (to shift offsets)
+        self._orig: dict[Hashable, list[str]] = {}
         self._notes = c.Notes()
         self.text_ended = False
 
@@ -422,6 +424,8 @@ class ResponsesCodec:
             channel, delta = note
             if texts.get(channel, delta) == delta:
                 self._sent.setdefault(channel, []).append(delta)
+                if self._orig and channel in self._orig:
+                    self._orig[channel].append(delta)
                 return event.raw
             note = c.UNREAD  # masked: read the event again to rewrite it
         if note is None:
@@ -439,6 +443,9 @@ class ResponsesCodec:
             return event.raw  # (a hostile list is not hashable)
         if kind in _DELTAS:
             changed = self._on_delta(payload, texts)
+        elif kind == "response.output_text.annotation.added":
+            changed = self._shift(_channel(payload, "text", "content_index"),
+                                  [payload.get("annotation")])
         else:
             if copies is None:  # nothing read from it: only masks of the stream to apply
                 slots = _copy_slots(payload, kind)
@@ -471,7 +478,7 @@ class ResponsesCodec:
             return False
         channel = _channel(payload, *_DELTAS[payload["type"]])
         piece = texts.get(channel, delta)
-        self._sent.setdefault(channel, []).append(piece)
+        self._send(channel, piece, delta)
         if piece == delta:
             return False
         self._masked.add(channel)
@@ -479,6 +486,22 @@ class ResponsesCodec:
         if payload.get("logprobs"):
             payload["logprobs"] = []
         return True
+
+    def _send(self, channel: Hashable, piece: str, original: str) -> None:
+        """The client gets ``piece`` of ``channel`` for ``original``."""
+        if piece != original and channel not in self._orig:
+            self._orig[channel] = list(self._sent.get(channel, ()))  # the same until now
+        self._sent.setdefault(channel, []).append(piece)
+        if channel in self._orig:
+            self._orig[channel].append(original)
+
+    def _shift(self, channel: Hashable, annotations: Any) -> bool:
+        """Move the character offsets of ``annotations`` into a masked channel's text from
+        the original text to the text the client received; whether any moved."""
+        if channel not in self._orig:
+            return False
+        return c.shift_annotations(annotations, "".join(self._orig[channel]),
+                                   self._text(channel))
 
     def _on_part(self, payload: dict[str, Any], kind: str) -> None:
         index, part = payload.get("output_index"), payload.get("part")
@@ -519,12 +542,14 @@ class ResponsesCodec:
                 if decision is not None:  # ("extend", channel, extra): more of the stream
                     extra = decision[2]
                     piece = texts.get(channel, extra)
-                    self._sent.setdefault(channel, []).append(piece)
+                    self._send(channel, piece, extra)
                     if piece != extra:
                         self._masked.add(channel)
                 if channel not in self._masked:
                     continue
                 slot.set(self._text(channel))
+                if isinstance(slot.container, dict):
+                    self._shift(channel, slot.container.get("annotations"))
             _drop_logprobs(slot)
             changed = True
         return changed

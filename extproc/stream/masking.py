@@ -63,6 +63,23 @@ def align(original: str, masked: str) -> Sequence[Opcode]:
     return opcodes
 
 
+def shift_offset(opcodes: Sequence[Opcode], offset: int, *, end: bool = False) -> int:
+    """Where character ``offset`` of the original text is in the masked one (``align``'s
+    ``opcodes``): inside a masked span, its start, or its end for the ``end`` of a range.
+    An offset past the original moves by the difference in length."""
+    for tag, i1, i2, j1, j2 in opcodes:
+        if offset <= i2:
+            if tag == "equal":
+                return j1 + (offset - i1)
+            if offset == i1:
+                return j1
+            return j2 if end or offset == i2 else j1
+    if not opcodes:
+        return offset
+    _, _, i2, _, j2 = opcodes[-1]
+    return j2 + (offset - i2)
+
+
 def map_region(
     original: str, masked: str, start: int, cuts: Sequence[int], end: int
 ) -> tuple[list[str], int]:

@@ -253,6 +253,15 @@ CHAT_BLOCKED: dict[str, list[bytes]] = {
     "mistral_text_parts": chat_stream(
         {"content": [{"type": "text", "text": "The plan is called Project "}]},
         {"content": [{"type": "text", "text": "Nightingale and it ships soon."}]}),
+    # Logprob tokens that are not the content: clients that show tokens show them.
+    "logprob_tokens": [sse_data(CHAT.chunk(role="assistant", content="")),
+                       sse_data({**CHAT.chunk(content="Fine."), "choices": [{
+                           "index": 0, "delta": {"content": "Fine."}, "finish_reason": None,
+                           "logprobs": {"content": [
+                               {"token": "Project Nightingale", "logprob": -0.1,
+                                "bytes": list(b"Project Nightingale"), "top_logprobs": []}],
+                               "refusal": None}}]}),
+                       sse_data(CHAT.chunk(finish_reason="stop")), b"data: [DONE]\n\n"],
     "mistral_thinking": chat_stream(
         {"content": [{"type": "thinking",
                       "thinking": [{"type": "text", "text": "Call it Project Nightingale"}]}]},

@@ -1,5 +1,6 @@
-"""The first window holds back the word it may end inside (issue 14, class 9), through real
-Envoy and the sidecar process.
+"""Masking, through real Envoy and the sidecar process (issue 14, class 9): the first window
+holds back the word it may end inside, and a mask moves the character offsets that point into
+the text it shortened.
 
 The first check starts as soon as there is text to release, for a fast first token, and was
 released in full: an e-mail address it cut (``jane.doe@exam`` + ``ple.com``) went out in
@@ -14,7 +15,15 @@ from __future__ import annotations
 
 from testkit.upstream import Script
 from tests.e2e.conftest import Stack
-from tests.e2e.test_apis import EMAIL, ChatAPI, parse_sse, post_raw, sse_script
+from tests.e2e.test_apis import (
+    EMAIL,
+    ChatAPI,
+    ResponsesAPI,
+    named_event,
+    parse_sse,
+    post_raw,
+    sse_script,
+)
 
 CHAT = ChatAPI()
 
@@ -47,3 +56,50 @@ def test_a_first_word_waits_for_its_end(stack: Stack) -> None:
                               stack.llm.register(sse_script(events, delays_ms=20)))
     assert response.status_code == 200
     assert body == b"".join(events)
+
+
+def test_citation_offsets_follow_the_mask(stack: Stack) -> None:
+    # A Responses answer citing a source after an address the guardrail masks: its
+    # url_citation (in annotation.added, the done part and item, the completed response)
+    # pointed 13 characters too far once "jane.doe@example.com" became "{EMAIL}".
+    api = ResponsesAPI()
+    deltas = ["Write to ", f"{EMAIL} today. ", "Prices rose 5% in May, ", "says the report."]
+    text = "".join(deltas)
+    cited = "Prices rose 5%"
+    annotation = {"type": "url_citation", "start_index": text.index(cited),
+                  "end_index": text.index(cited) + len(cited),
+                  "title": "Prices", "url": "https://example.com/prices"}
+    events = []
+    for event in parse_sse(b"".join(api.stream_events(deltas))):
+        assert event.event is not None
+        payload = event.json()
+        if event.event == "response.output_text.done":
+            events.append(named_event("response.output_text.annotation.added", {
+                "type": "response.output_text.annotation.added",
+                "sequence_number": payload["sequence_number"], "item_id": api.msg_id,
+                "output_index": 0, "content_index": 0, "annotation_index": 0,
+                "annotation": annotation}))
+        for part in ([payload.get("part")] + [c for i in [payload.get("item")] if i
+                                              for c in i.get("content", [])]
+                     + [c for i in (payload.get("response") or {}).get("output", [])
+                        for c in i.get("content", [])]):
+            if isinstance(part, dict) and part.get("text") == text:
+                part["annotations"] = [dict(annotation)]
+        events.append(named_event(event.event, payload))
+    script_id = stack.llm.register(sse_script(events))
+    response, body = post_raw(stack, api.path, api.request("Prices?", True), script_id)
+    assert response.status_code == 200
+    assert EMAIL.encode() not in body
+    masked = text.replace(EMAIL, "{EMAIL}")
+    spans = []
+    for event in parse_sse(body):
+        payload = event.json()
+        found = [payload.get("annotation")] if "annotation" in payload else []
+        for holder in (payload.get("part"), *(payload.get("item") or {}).get("content", []),
+                       *[c for i in (payload.get("response") or {}).get("output", [])
+                         for c in i.get("content", [])]):
+            if isinstance(holder, dict):
+                found += holder.get("annotations", [])
+        spans += [(a["start_index"], a["end_index"]) for a in found if a]
+    assert len(spans) == 4  # annotation.added, content_part.done, item done, completed
+    assert all(masked[start:end] == cited for start, end in spans), spans

@@ -425,3 +425,64 @@ def test_text_beside_the_content_of_a_whole_answer() -> None:
     message = rewritten["choices"][0]["message"]
     assert message["audio"]["transcript"] == "***"
     assert message["content"][1] == {"type": "text", "text": "OK"}
+
+
+def test_masking_a_whole_answer_moves_its_citation_offsets() -> None:
+    # Issue 14, class 9: url_citation offsets point into the content a mask shortens.
+    content = "Write to jane.doe@example.com. Prices rose 5% in May."
+    cited = "Prices rose 5%"
+    start = content.index(cited)
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": content,
+        "annotations": [{"type": "url_citation", "url_citation": {
+            "start_index": start, "end_index": start + len(cited), "url": "u", "title": "t"}},
+            {"type": "url_citation", "start_index": start, "end_index": start + len(cited),
+             "url": "u", "title": "t"}]}}]}).encode()
+    masked = content.replace("jane.doe@example.com", "{EMAIL}")
+    answer = json.loads(FMT.rewrite_response(body, {("content", 0): masked}))
+    message = answer["choices"][0]["message"]
+    assert message["content"] == masked
+    flat = message["annotations"][1]
+    assert masked[flat["start_index"]:flat["end_index"]] == cited
+    nested = message["annotations"][0]["url_citation"]
+    assert masked[nested["start_index"]:nested["end_index"]] == cited
+
+
+def logprob_chunk(content: str, tokens: list[dict[str, Any]]) -> Any:
+    payload = {"id": "c", "choices": [{"index": 0, "delta": {"content": content},
+                                       "logprobs": {"content": tokens, "refusal": None}}]}
+    (event,) = SSEDecoder().feed(f"data: {json.dumps(payload)}\n\n".encode())
+    return event
+
+
+def token(text: str, raw: bytes | None = None) -> dict[str, Any]:
+    return {"token": text, "logprob": -0.1, "bytes": list(raw if raw is not None
+                                                          else text.encode()),
+            "top_logprobs": []}
+
+
+@pytest.mark.parametrize(("event", "expected"), [
+    # The usual: the tokens are the content; nothing more to read.
+    (logprob_chunk("Hello there", [token("Hello"), token(" there")]),
+     [(("content", 0), "Hello there")]),
+    # A character split over two tokens: their bytes are the content.
+    (logprob_chunk("\u00e9", [token("bytes:\\xc3", b"\xc3"), token("bytes:\\xa9", b"\xa9")]),
+     [(("content", 0), "\u00e9")]),
+    # Tokens that say something else: read on a channel of their own.
+    (logprob_chunk("Fine.", [token("bazinga")]),
+     [(("logprobs", "content", 0), "bazinga"), (("content", 0), "Fine.")]),
+])
+def test_logprob_tokens_that_are_not_the_text_are_read(event: Any,
+                                                       expected: list[Any]) -> None:
+    codec = FMT.stream_codec()
+    assert codec.extract(event) == expected
+    assert codec.rewrite(event, {}) == event.raw
+
+
+def test_masked_logprob_tokens_drop_the_logprobs() -> None:
+    codec = FMT.stream_codec()
+    event = logprob_chunk("Fine.", [token("jane@example.com")])
+    codec.extract(event)
+    out = json.loads(codec.rewrite(event, {("logprobs", "content", 0): "{EMAIL}"})[6:])
+    assert out["choices"][0]["logprobs"] is None
+    assert out["choices"][0]["delta"]["content"] == "Fine."

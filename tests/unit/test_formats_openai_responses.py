@@ -16,6 +16,7 @@ import pytest
 from extproc.formats import ErrorKind, PromptScope, StreamCodec
 from extproc.formats.openai_responses import OpenAIResponses
 from extproc.sse import SSEEvent
+from extproc.stream.masking import align, shift_offset
 from tests.unit.test_formats_common import (
     SOFT_MESSAGE,
     UNAVAILABLE_MESSAGE,
@@ -490,3 +491,68 @@ def test_prompt_shapes(request_body: dict[str, Any], scope: str, expected: list[
     rewritten = FMT.rewrite_prompt(body, scope, [t.upper() for t in expected])
     assert rewritten is not None
     assert FMT.prompt_texts(rewritten, scope) == [t.upper() for t in expected]
+
+
+# --------------------------------------------------------------------------- offsets
+
+
+def test_masking_moves_the_offsets_into_the_masked_text() -> None:
+    # Issue 14, class 9: a url_citation's start_index/end_index point into the text; a mask
+    # that shortens the text before them must move them, in every event that carries them.
+    deltas = ["Write to jane.doe@exam", "ple.com. ", "Prices rose 5% ", "in May."]
+    text = "".join(deltas)
+    cited = "Prices rose 5%"
+    annotation = {"type": "url_citation", "start_index": text.index(cited),
+                  "end_index": text.index(cited) + len(cited), "url": "https://example.com",
+                  "title": "Prices"}
+    part = {"type": "output_text", "annotations": [annotation], "logprobs": [], "text": text}
+    item = {"id": "m", "type": "message", "status": "completed", "role": "assistant",
+            "content": [part]}
+    events = [text_event("response.output_text.delta", delta=d) for d in deltas]
+    events += [
+        text_event("response.output_text.annotation.added", annotation_index=0,
+                   annotation=annotation),
+        text_event("response.output_text.done", text=text),
+        text_event("response.content_part.done", part=part),
+        event_of({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        event_of({"type": "response.completed", "response": {"output": [item]}}),
+    ]
+    codec = FMT.stream_codec()
+    for event in events:
+        codec.extract(event)
+    masks = [{CH: "Write to {EMAIL}"}, {CH: ". "}, {}, {}]
+    out = [codec.rewrite(e, m) for e, m in zip(events, masks + [{}] * 5, strict=True)]
+    payloads = [json.loads(decode(o)[0].data or "") for o in out]
+    masked = "".join(p["delta"] for p in payloads[:4])
+    assert masked == "Write to {EMAIL}. Prices rose 5% in May."
+    found = [payloads[4]["annotation"],
+             payloads[6]["part"]["annotations"][0],
+             payloads[7]["item"]["content"][0]["annotations"][0],
+             payloads[8]["response"]["output"][0]["content"][0]["annotations"][0]]
+    for shifted in found:
+        assert masked[shifted["start_index"]:shifted["end_index"]] == cited
+    assert payloads[6]["part"]["text"] == masked
+
+
+def test_offsets_of_an_unmasked_stream_are_left_alone() -> None:
+    codec = FMT.stream_codec()
+    annotation = {"type": "url_citation", "start_index": 0, "end_index": 5, "url": "u",
+                  "title": "t"}
+    events = [text_event("response.output_text.delta", delta="Hello world"),
+              text_event("response.output_text.annotation.added", annotation_index=0,
+                         annotation=annotation)]
+    for event in events:
+        codec.extract(event)
+    assert [codec.rewrite(e, {}) for e in events] == [e.raw for e in events]
+
+
+@pytest.mark.parametrize(("offset", "end", "expected"), [
+    (0, False, 0), (9, False, 9), (9, True, 9),  # before the address
+    (12, False, 9), (12, True, 16),  # inside it: its start, or its end for an end
+    (29, False, 16), (29, True, 16),  # right after it
+    (35, False, 22), (99, False, 86),  # later, and past the text
+])
+def test_shift_offset(offset: int, end: bool, expected: int) -> None:
+    original = "Write to jane.doe@example.com today"
+    masked = "Write to {EMAIL} today"
+    assert shift_offset(align(original, masked), offset, end=end) == expected
