@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests import node
 from tests.adversarial.cases import PATHS, anthropic, chat, completions, responses, user
 from tests.adversarial.conftest import JUDGES, JudgedStack
 from tests.adversarial.test_requests import error_type
@@ -78,6 +79,6 @@ def test_a_blocked_answer_of_the_judge_is_cut(
 
 def test_without_node_the_node_judge_says_how_to_install_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process.shutil, "which", lambda name: None)
+    monkeypatch.setattr(node.shutil, "which", lambda name: None)
     with pytest.raises(process.JudgeUnavailable, match="apt-get install nodejs npm"):
         process.node_command()
