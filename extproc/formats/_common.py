@@ -151,6 +151,17 @@ class ChoicesCodec:
         # not read (its first line's field name starts with U+FEFF) and WHATWG readers do
         # (``("after_bom", ...)``).
         self._done_read = False
+        # Clients that read ``choices[0]`` of each chunk whatever its ``index`` (the Vercel AI
+        # SDK, most hand-written loops) show the first choice's text of every chunk joined;
+        # the SDKs' accumulators show it by index. Both readings are checked: by index on
+        # ``(field, index)``, and, once a first choice has another index than before, joined
+        # on ``("joined", field)``, which starts with the last ``JOINED_HISTORY`` characters of
+        # the joined text so far (as a window's overlap: what it may continue).
+        self._first_index: Hashable = _UNSET
+        self._first: dict[str, list[str]] = {}  # field -> the first choices' text pieces
+        self._joined: set[Hashable] = set()  # joined channels started
+        # id(event) -> joined channel -> (history, original piece), for ``rewrite``
+        self._joined_read: dict[int, dict[Hashable, tuple[str, str]]] = {}
 
     def _remember_head(self, chunk: dict[str, Any]) -> None:
         if self._head:
@@ -179,9 +190,12 @@ class ChoicesCodec:
                 self._remember_head(chunk)
             choices = chunk.get("choices")
             if isinstance(choices, list):
-                for choice in choices:
+                for position, choice in enumerate(choices):
                     if isinstance(choice, dict):
+                        start = len(found)
                         self._extract_choice(choice, found, states)
+                        if position == 0 and len(found) > start:
+                            self._read_first(event, found, start, states[-1][0])
             if found and (self._done_read or event.raw.startswith(BOM)):
                 where = "after_done" if self._done_read else "after_bom"
                 found = [(apart(where, channel), text) for channel, text in found]
@@ -201,10 +215,59 @@ class ChoicesCodec:
             self.text_ended = False
         return found
 
+    def _read_first(self, event: SSEEvent, found: list[tuple[Hashable, str]], start: int,
+                    index: Hashable) -> None:
+        """The texts ``found[start:]`` of a chunk's first choice, for the joined reading."""
+        if self._first_index is _UNSET:
+            self._first_index = index
+        diverged = bool(self._joined) or index != self._first_index
+        for channel, text in found[start:]:
+            if not (isinstance(channel, tuple) and len(channel) == 2
+                    and isinstance(channel[0], str)):
+                continue  # (tool calls: by index only)
+            field = channel[0]
+            if not diverged:
+                pieces = self._first.setdefault(field, [])
+                pieces.append(text)
+                if len(pieces) > 64:  # only the last JOINED_HISTORY characters are needed
+                    pieces[:] = ["".join(pieces)[-JOINED_HISTORY:]]
+                continue
+            joined: Hashable = ("joined", field)
+            history = ""
+            if joined not in self._joined:
+                self._joined.add(joined)
+                history = "".join(self._first.pop(field, ()))[-JOINED_HISTORY:]
+            self._joined_read.setdefault(id(event), {})[joined] = (history, text)
+            found.append((joined, history + text))
+
+    def _from_joined(self, event: SSEEvent, index: Hashable,
+                     texts: Mapping[Hashable, str]) -> Mapping[Hashable, str]:
+        """``texts`` with a masked joined piece given to the first choice's own channel (the
+        part of it after the history; a by-index mask of the same text wins)."""
+        read = self._joined_read.pop(id(event), None)
+        if not read:
+            return texts
+        merged = dict(texts)
+        for joined, (history, original) in read.items():
+            masked = texts.get(joined)
+            if masked is None or not isinstance(joined, tuple):
+                continue
+            own = (joined[1], index)
+            if own not in merged:
+                split = shift_offset(align(history + original, masked), len(history))
+                merged[own] = masked[split:]
+        return merged
+
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         states = self._notes.take(event)
         if texts:
             texts = apart_texts(texts)
+        if self._joined_read:
+            if texts:
+                first = states[0][0] if states and states is not UNREAD else None
+                texts = self._from_joined(event, first, texts)
+            else:
+                self._joined_read.pop(id(event), None)
         if texts or states is UNREAD:
             return self._rewrite(event, texts)
         seen = self._choices
@@ -237,6 +300,10 @@ class ChoicesCodec:
             return event.raw
         return encode_event(dumps(chunk), event.event)
 
+
+_UNSET: Any = object()
+#: Characters of the joined text so far a joined channel starts with (``ChoicesCodec``).
+JOINED_HISTORY = 200
 
 BOM = b"\xef\xbb\xbf"
 #: Prefixes of the channels of text some clients show and others skip, checked apart.

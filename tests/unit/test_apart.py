@@ -75,3 +75,49 @@ def test_masks_reach_text_apart() -> None:
     out = rewritten(AnthropicMessages().stream_codec(), anthropic_delta("mail", "ping"),
                     [{("skipped", "text", 0): "***"}])
     assert json.loads(out[0].split(b"data: ", 1)[1])["delta"]["text"] == "***"
+
+
+def indexed_chunk(index: int, content: str) -> bytes:
+    payload = {"id": "c", "choices": [{"index": index, "delta": {"content": content}}]}
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def test_one_choice_is_read_once() -> None:
+    codec = OpenAIChat().stream_codec()
+    raw = indexed_chunk(0, "zor") + indexed_chunk(0, "blax")
+    assert [f for e in SSEDecoder().feed(raw) for f in codec.extract(e)] == [
+        (("content", 0), "zor"), (("content", 0), "blax")]
+
+
+def test_a_first_choice_with_another_index_is_read_joined_too() -> None:
+    # choices[0] readers show "zorblax"; the SDKs' accumulators "zor" and "blax" apart.
+    codec = OpenAIChat().stream_codec()
+    raw = indexed_chunk(0, "The word is zor") + indexed_chunk(1, "blax") \
+        + indexed_chunk(0, " indeed")
+    assert [f for e in SSEDecoder().feed(raw) for f in codec.extract(e)] == [
+        (("content", 0), "The word is zor"),
+        (("content", 1), "blax"), (("joined", "content"), "The word is zorblax"),
+        (("content", 0), " indeed"), (("joined", "content"), " indeed")]
+
+
+def test_interleaved_choices_keep_their_own_reading() -> None:
+    # n > 1: each index's text joined by index (a phrase split by another choice's chunk).
+    codec = OpenAIChat().stream_codec()
+    raw = indexed_chunk(0, "Project ") + indexed_chunk(1, "Other ") \
+        + indexed_chunk(0, "Nightingale")
+    found = [f for e in SSEDecoder().feed(raw) for f in codec.extract(e)]
+    assert "".join(t for c, t in found if c == ("content", 0)) == "Project Nightingale"
+    assert "".join(t for c, t in found if c == ("joined", "content")) \
+        == "Project Other Nightingale"
+
+
+def test_a_masked_joined_piece_goes_to_its_choice() -> None:
+    codec = OpenAIChat().stream_codec()
+    events = SSEDecoder().feed(indexed_chunk(0, "Mail jane@") + indexed_chunk(1, "example.com"))
+    for event in events:
+        codec.extract(event)
+    assert codec.rewrite(events[0], {}) == events[0].raw
+    out = codec.rewrite(events[1], {("joined", "content"): "Mail {EMAIL}"})
+    # The history ("Mail jane@") went out before; the mask's replacement starts inside it, so
+    # this choice's piece is the placeholder.
+    assert json.loads(out[6:])["choices"][0]["delta"]["content"] == "{EMAIL}"
