@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from extproc.formats import ErrorKind, PromptScope, whole
 from extproc.sse import SSEEvent, encode_event
-from extproc.stream.masking import align, shift_offset
+from extproc.stream.masking import Opcode, align, shift_offset
 
 _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.VIOLATION: (400, "Violated guardrail policy"),
@@ -127,8 +127,9 @@ def stream_chunk(data: str | None) -> dict[str, Any] | None:
 class ChoicesCodec:
     """What the Chat Completions and legacy Completions stream codecs share: each chunk holds
     ``choices``; the codec keeps the stream's head (``HEAD_KEYS``, for soft-block frames) and
-    which choices the client saw finish, and hands each choice's ``(index, finished)`` from
-    ``extract`` to ``rewrite`` as a note, so that an unchanged event is not parsed again.
+    which choices the client saw finish, and hands each choice's ``(index, finished, start)``
+    from ``extract`` to ``rewrite`` as a note, so that an unchanged event is not parsed again
+    (``start``: where the choice's piece of main text begins in the text read so far, or -1).
 
     A subclass says how to read one choice (``_extract_choice``) and how to replace its text
     (``_rewrite_choice``); a rewritten choice loses its ``logprobs``, which would repeat the
@@ -162,6 +163,9 @@ class ChoicesCodec:
         self._joined: set[Hashable] = set()  # joined channels started
         # id(event) -> joined channel -> (history, original piece), for ``rewrite``
         self._joined_read: dict[int, dict[Hashable, tuple[str, str]]] = {}
+        # choice index -> masks of its main text: (start, original piece, masked piece), in
+        # order, to move the offsets annotations hold (``_shift_annotations``)
+        self._edits: dict[Hashable, list[tuple[int, str, str]]] = {}
 
     def _remember_head(self, chunk: dict[str, Any]) -> None:
         if self._head:
@@ -171,19 +175,46 @@ class ChoicesCodec:
                 self._head[name] = chunk[name]
 
     def _extract_choice(self, choice: dict[str, Any], found: list[tuple[Hashable, str]],
-                        states: list[tuple[Hashable, bool]]) -> None:
-        """Append the choice's ``(index, finished)`` to ``states`` and its texts to ``found``."""
+                        states: list[State]) -> None:
+        """Append the choice's ``(index, finished, start)`` to ``states`` and its texts to
+        ``found``."""
         raise NotImplementedError
 
     def _rewrite_choice(self, choice: dict[str, Any], index: Any,
-                        texts: Mapping[Hashable, str]) -> bool:
-        """Put ``texts`` into the choice; whether anything changed."""
+                        texts: Mapping[Hashable, str], start: int) -> bool:
+        """Put ``texts`` into the choice (``start``: its note's); whether anything changed."""
         raise NotImplementedError
+
+    def _annotations(self, choice: dict[str, Any]) -> Any:
+        """The annotations of a choice (offsets into its main text), if its API has any."""
+        return None
+
+    def _record_edit(self, index: Hashable, start: int, original: str, masked: str) -> None:
+        """The client gets ``masked`` for the main text ``original`` read at ``start``."""
+        if start >= 0 and original != masked:
+            self._edits.setdefault(index, []).append((start, original, masked))
+
+    def _shift_annotations(self, index: Hashable, annotations: Any) -> bool:
+        """Move the offsets into choice ``index``'s main text that ``annotations`` hold from
+        the text read to the text the client got; whether any moved."""
+        edits = self._edits.get(index)
+        if not edits or not isinstance(annotations, list):
+            return False
+        opcodes: list[Opcode] = []
+        i = j = 0
+        for start, original, masked in edits:
+            if start > i:
+                opcodes.append(("equal", i, start, j, j + start - i))
+                j += start - i
+            for tag, i1, i2, j1, j2 in align(original, masked):
+                opcodes.append((tag, start + i1, start + i2, j + j1, j + j2))
+            i, j = start + len(original), j + len(masked)
+        return shift_offsets(annotations, opcodes)
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         found: list[tuple[Hashable, str]] = []
         # Each choice's (index, finished): all that ``rewrite`` needs of an unchanged event.
-        states: list[tuple[Hashable, bool]] = []
+        states: list[State] = []
         chunk = stream_chunk(event.data)
         if chunk is not None:
             if not self._head:
@@ -203,7 +234,7 @@ class ChoicesCodec:
             self._done_read = True
         self._notes.put(event, tuple(states))  # (a tuple of atoms: the collector drops it)
         finish = False
-        for index, finished in states:
+        for index, finished, _ in states:
             if finished:
                 self._finished.add(index)
                 finish = True
@@ -268,16 +299,18 @@ class ChoicesCodec:
                 texts = self._from_joined(event, first, texts)
             else:
                 self._joined_read.pop(id(event), None)
-        if texts or states is UNREAD:
-            return self._rewrite(event, texts)
+        if texts or states is UNREAD or (self._edits and _ANNOTATIONS in event.raw):
+            return self._rewrite(event, texts, () if states is UNREAD else states)
         seen = self._choices
-        for index, finished in states:
+        for index, finished, _ in states:
             if not seen.get(index):
                 seen[index] = finished
         return event.raw
 
-    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
-        """``rewrite`` from the event's data: text to replace, or an event not extracted."""
+    def _rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str],
+                 states: tuple[State, ...]) -> bytes:
+        """``rewrite`` from the event's data: text to replace, offsets to move, or an event
+        not extracted."""
         chunk = stream_chunk(event.data)
         if chunk is None:
             return event.raw
@@ -286,21 +319,27 @@ class ChoicesCodec:
         if not isinstance(choices, list):
             return event.raw
         changed = False
+        starts = {state[0]: state[2] for state in states}
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             index = key(choice.get("index", 0))
             self._choices[index] = self._choices.get(index, False) or bool(
                 choice.get("finish_reason"))
-            if texts and self._rewrite_choice(choice, index, texts):
+            if texts and self._rewrite_choice(choice, index, texts, starts.get(index, -1)):
                 changed = True
                 if choice.get("logprobs") is not None:
                     choice["logprobs"] = None
+            if self._edits and self._shift_annotations(index, self._annotations(choice)):
+                changed = True
         if not changed:
             return event.raw
         return encode_event(dumps(chunk), event.event)
 
 
+#: A choice's note: its index, whether it finished, where its main text piece starts (or -1).
+State = tuple[Hashable, bool, int]
+_ANNOTATIONS = b'"annotations"'
 _UNSET: Any = object()
 #: Characters of the joined text so far a joined channel starts with (``ChoicesCodec``).
 JOINED_HISTORY = 200
@@ -361,6 +400,20 @@ class Slot:
             self.container[self.key] = value
         else:
             self.container[self.key] = text
+
+
+@dataclass(frozen=True, slots=True)
+class DropSlot(Slot):
+    """Text read from ``container[key]`` (``text``) that a mask drops: ``container[key]``
+    becomes null (a Chat choice's ``logprobs``)."""
+
+    text: str = ""
+
+    def get(self) -> str:
+        return self.text
+
+    def set(self, text: str) -> None:
+        self.container[self.key] = None
 
 
 def text_slot(container: Any, key: Any, channel: Hashable = None) -> list[Slot]:
@@ -435,7 +488,11 @@ def shift_annotations(annotations: Any, original: str, masked: str) -> bool:
     in their ``url_citation`` object. Whether any moved."""
     if not isinstance(annotations, list) or original == masked:
         return False
-    opcodes = align(original, masked)
+    return shift_offsets(annotations, align(original, masked))
+
+
+def shift_offsets(annotations: list[Any], opcodes: Sequence[Opcode]) -> bool:
+    """``shift_annotations`` by ``align``'s opcodes."""
     moved = False
     for annotation in annotations:
         if not isinstance(annotation, dict):

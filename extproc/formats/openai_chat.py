@@ -96,6 +96,12 @@ def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
             continue
         for field in _TEXT_FIELDS:
             slots += c.text_slot(message, field, (field, index))
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            found: list[tuple[Hashable, str]] = []
+            _extract_logprobs(logprobs, message, index, found)
+            slots += [c.DropSlot(choice, "logprobs", channel, text=text)
+                      for channel, text in found]
         for kind, parts in _content_parts(message.get("content")).items():
             slots += [c.Slot(slot.container, slot.key, (kind, index, number))
                       for number, slot in enumerate(parts)]
@@ -172,12 +178,13 @@ class OpenAIChat:
         changed = {key[1] for key in texts if isinstance(key, tuple) and len(key) > 1}
 
         def find(answer: dict[str, Any]) -> list[c.Slot]:
+            slots = _response_slots(answer)
             choices = answer.get("choices")
             for position, choice in enumerate(choices if isinstance(choices, list) else []):
                 if isinstance(choice, dict) and position in changed \
                         and choice.get("logprobs") is not None:
                     choice["logprobs"] = None
-            return _response_slots(answer)
+            return slots
 
         return c.rewrite_response(body, texts, find)
 
@@ -213,20 +220,26 @@ class OpenAIChat:
 
 
 def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
-                    states: list[tuple[Hashable, bool]]) -> None:
+                    states: list[c.State], read: dict[Hashable, int]) -> None:
     """``ChatCodec.extract`` of one choice (once per event: ``c.key`` and ``c.is_text`` inlined
-    for the usual values)."""
+    for the usual values); ``read``: choice index -> characters of content read so far."""
     index = choice.get("index", 0)
     if type(index) is not int:
         index = c.key(index)
-    states.append((index, bool(choice.get("finish_reason"))))
     delta = choice.get("delta")
     if not isinstance(delta, dict):
+        states.append((index, bool(choice.get("finish_reason")), -1))
         return
+    content = delta.get("content")
+    if content and isinstance(content, str):
+        start = read.get(index, 0)
+        read[index] = start + len(content)
+        states.append((index, bool(choice.get("finish_reason")), start))
+    else:
+        states.append((index, bool(choice.get("finish_reason")), -1))
     logprobs = choice.get("logprobs")
     if logprobs:  # (requested explicitly; null in the usual chunk)
         _extract_logprobs(logprobs, delta, index, found)
-    content = delta.get("content")
     if content and isinstance(content, str):
         found.append((("content", index), content))
     elif isinstance(content, list):
@@ -278,13 +291,16 @@ def _extract_logprobs(logprobs: Any, delta: dict[str, Any], index: Hashable,
     the text they stand for: clients that show tokens show them, so they are checked, on a
     channel of their own (``("logprobs", field, choice)``); a mask drops the choice's
     ``logprobs``. Tokens are compared as strings, then as their ``bytes`` (a character split
-    over two tokens). The alternatives in ``top_logprobs`` are not read."""
+    over two tokens). The alternatives in ``top_logprobs`` that are not the token chosen are
+    text too (a playground shows them): checked one per line on ``("top_logprobs", field,
+    choice)``."""
     if not isinstance(logprobs, dict):
         return
     for field in ("content", "refusal"):
         tokens = logprobs.get(field)
         if not isinstance(tokens, list) or not tokens:
             continue
+        _extract_alternatives(tokens, field, index, found)
         text = delta.get(field)
         text = text if isinstance(text, str) else ""
         strings = [t.get("token") for t in tokens if isinstance(t, dict)]
@@ -304,6 +320,24 @@ def _extract_logprobs(logprobs: Any, delta: dict[str, Any], index: Hashable,
             found.append((("logprobs", field, index), shown))
 
 
+def _extract_alternatives(tokens: list[Any], field: str, index: Hashable,
+                          found: list[tuple[Hashable, str]]) -> None:
+    lines = []
+    for token in tokens:
+        if not isinstance(token, dict):
+            continue
+        alternatives = token.get("top_logprobs")
+        if not isinstance(alternatives, list):
+            continue
+        chosen = token.get("token")
+        for alternative in alternatives:
+            other = alternative.get("token") if isinstance(alternative, dict) else None
+            if isinstance(other, str) and other != chosen and other.strip():
+                lines.append(other)
+    if lines:
+        found.append((("top_logprobs", field, index), "\n".join(lines) + "\n"))
+
+
 #: a streamed list content's part kind -> its channel kind: text parts continue the content
 _PART_CHANNELS = {"content_part": "content", "thinking_part": "thinking"}
 
@@ -321,12 +355,22 @@ class ChatCodec(c.ChoicesCodec):
 
     HEAD_KEYS = ("id", "created", "model", "service_tier", "system_fingerprint")
 
+    def __init__(self) -> None:
+        super().__init__()
+        # choice index -> characters of its content read (where a piece starts, so that a
+        # mask can move the offsets that ``delta.annotations`` hold into the content)
+        self._read: dict[Hashable, int] = {}
+
     def _extract_choice(self, choice: dict[str, Any], found: list[tuple[Hashable, str]],
-                        states: list[tuple[Hashable, bool]]) -> None:
-        _extract_choice(choice, found, states)
+                        states: list[c.State]) -> None:
+        _extract_choice(choice, found, states, self._read)
+
+    def _annotations(self, choice: dict[str, Any]) -> Any:
+        delta = choice.get("delta")
+        return delta.get("annotations") if isinstance(delta, dict) else None
 
     def _rewrite_choice(self, choice: dict[str, Any], index: Any,
-                        texts: Mapping[Hashable, str]) -> bool:
+                        texts: Mapping[Hashable, str], start: int) -> bool:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return False
@@ -335,6 +379,8 @@ class ChatCodec(c.ChoicesCodec):
         for field in _TEXT_FIELDS:
             key = (field, index)
             if key in texts and isinstance(delta.get(field), str):
+                if field == "content":
+                    self._record_edit(index, start, delta[field], texts[key])
                 delta[field] = texts[key]
                 changed = True
         for kind, slots in _content_parts(delta.get("content")).items():
@@ -359,7 +405,8 @@ class ChatCodec(c.ChoicesCodec):
         if isinstance(function_call, dict):
             changed |= _put(function_call, "arguments", ("function", index), texts)
             changed |= _put(function_call, "name", ("function_name", index), texts)
-        if ("logprobs", "content", index) in texts or ("logprobs", "refusal", index) in texts:
+        if any((kind, field, index) in texts for kind in ("logprobs", "top_logprobs")
+               for field in ("content", "refusal")):
             changed = True  # masked tokens: the choice's logprobs are dropped
         return changed
 

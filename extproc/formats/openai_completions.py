@@ -109,15 +109,15 @@ class CompletionsCodec(c.ChoicesCodec):
     HEAD_KEYS = ("id", "created", "model", "system_fingerprint")
 
     def _extract_choice(self, choice: dict[str, Any], found: list[tuple[Hashable, str]],
-                        states: list[tuple[Hashable, bool]]) -> None:
+                        states: list[c.State]) -> None:
         index = c.key(choice.get("index", 0))
-        states.append((index, bool(choice.get("finish_reason"))))
+        states.append((index, bool(choice.get("finish_reason")), -1))
         text = choice.get("text")
         if c.is_text(text):
             found.append((("text", index), text))
 
     def _rewrite_choice(self, choice: dict[str, Any], index: Any,
-                        texts: Mapping[Hashable, str]) -> bool:
+                        texts: Mapping[Hashable, str], start: int) -> bool:
         key = ("text", index)
         if key in texts and isinstance(choice.get("text"), str):
             choice["text"] = texts[key]

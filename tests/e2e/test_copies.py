@@ -41,6 +41,7 @@ from tests.e2e.test_apis import (
     ChatAPI,
     ResponsesAPI,
     anthropic_client,
+    json_script,
     named_event,
     openai_client,
     parse_sse,
@@ -262,6 +263,19 @@ CHAT_BLOCKED: dict[str, list[bytes]] = {
                                 "bytes": list(b"Project Nightingale"), "top_logprobs": []}],
                                "refusal": None}}]}),
                        sse_data(CHAT.chunk(finish_reason="stop")), b"data: [DONE]\n\n"],
+    # Alternatives in top_logprobs: a playground shows them beside the chosen token.
+    "top_logprobs": [sse_data(CHAT.chunk(role="assistant", content="")),
+                     sse_data({**CHAT.chunk(content="Fine."), "choices": [{
+                         "index": 0, "delta": {"content": "Fine."}, "finish_reason": None,
+                         "logprobs": {"content": [
+                             {"token": "Fine.", "logprob": -0.1, "bytes": list(b"Fine."),
+                              "top_logprobs": [
+                                  {"token": "Fine.", "logprob": -0.1,
+                                   "bytes": list(b"Fine.")},
+                                  {"token": "Project Nightingale", "logprob": -2.3,
+                                   "bytes": list(b"Project Nightingale")}]}],
+                             "refusal": None}}]}),
+                     sse_data(CHAT.chunk(finish_reason="stop")), b"data: [DONE]\n\n"],
     "mistral_thinking": chat_stream(
         {"content": [{"type": "thinking",
                       "thinking": [{"type": "text", "text": "Call it Project Nightingale"}]}]},
@@ -290,3 +304,23 @@ def test_chat_an_address_in_the_transcript_is_masked(stack: Stack) -> None:
                    for e in parse_sse(body)[:-1]
                    if "audio" in e.json()["choices"][0]["delta"]]
     assert transcripts == ["Write to {EMAIL} today."]
+
+
+def test_chat_logprob_tokens_of_a_whole_answer_are_read(stack: Stack) -> None:
+    # A non-streamed answer's logprobs: an alternative token is blocked; an address in a
+    # chosen token that is not the content drops the logprobs, the content stays.
+    answer = CHAT.json_answer("Fine.")
+    answer["choices"][0]["logprobs"] = {"refusal": None, "content": [
+        {"token": "Fine.", "logprob": -0.1, "bytes": list(b"Fine."), "top_logprobs": [
+            {"token": "Project Nightingale", "logprob": -2.3, "bytes": None}]}]}
+    response, body = post_raw(stack, CHAT.path, CHAT.request("The plan?", False),
+                              stack.llm.register(json_script(answer)))
+    assert response.status_code == 400
+    assert b"Nightingale" not in body
+    answer["choices"][0]["logprobs"]["content"] = [
+        {"token": f"Write to {EMAIL}", "logprob": -0.1, "bytes": None, "top_logprobs": []}]
+    response, body = post_raw(stack, CHAT.path, CHAT.request("Mail?", False),
+                              stack.llm.register(json_script(answer)))
+    assert response.status_code == 200
+    choice = json.loads(body)["choices"][0]
+    assert choice["logprobs"] is None and choice["message"]["content"] == "Fine."

@@ -13,15 +13,21 @@ when the first ends inside a word), not for a round trip more.
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from testkit.upstream import Script
 from tests.e2e.conftest import Stack
 from tests.e2e.test_apis import (
     EMAIL,
     ChatAPI,
     ResponsesAPI,
+    json_script,
     named_event,
     parse_sse,
     post_raw,
+    sse_data,
     sse_script,
 )
 
@@ -103,3 +109,38 @@ def test_citation_offsets_follow_the_mask(stack: Stack) -> None:
         spans += [(a["start_index"], a["end_index"]) for a in found if a]
     assert len(spans) == 4  # annotation.added, content_part.done, item done, completed
     assert all(masked[start:end] == cited for start, end in spans), spans
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_chat_citation_offsets_follow_the_mask(stack: Stack, stream: bool) -> None:
+    # A Chat answer citing a source after an address the guardrail masks: its url_citation
+    # (delta.annotations of a later chunk as OpenAI's search models stream it, or
+    # message.annotations) points into the content as the SDK accumulates it.
+    deltas = ["Write to ", f"{EMAIL} today. ", "Prices rose 5% in May, ", "says the report."]
+    text = "".join(deltas)
+    cited = "Prices rose 5%"
+    citation = {"type": "url_citation", "url_citation": {
+        "start_index": text.index(cited), "end_index": text.index(cited) + len(cited),
+        "title": "Prices", "url": "https://example.com/prices"}}
+    if stream:
+        events = CHAT.stream_events(deltas)
+        events.insert(-2, sse_data(CHAT.chunk(content="", annotations=[citation])))
+        script = sse_script(events)
+    else:
+        answer = CHAT.json_answer(text)
+        answer["choices"][0]["message"]["annotations"] = [citation]
+        script = json_script(answer)
+    response, body = post_raw(stack, CHAT.path, CHAT.request("Prices?", stream),
+                              stack.llm.register(script))
+    assert response.status_code == 200
+    assert EMAIL.encode() not in body
+    if stream:
+        chunks = [e.json()["choices"][0]["delta"] for e in parse_sse(body) if e.data != "[DONE]"]
+        content = "".join(d.get("content") or "" for d in chunks)
+        (found,) = [a for d in chunks for a in d.get("annotations", [])]
+    else:
+        message = json.loads(body)["choices"][0]["message"]
+        content, (found,) = message["content"], message["annotations"]
+    assert content == text.replace(EMAIL, "{EMAIL}")
+    span = found["url_citation"]
+    assert content[span["start_index"]:span["end_index"]] == cited

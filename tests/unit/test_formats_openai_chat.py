@@ -486,3 +486,72 @@ def test_masked_logprob_tokens_drop_the_logprobs() -> None:
     out = json.loads(codec.rewrite(event, {("logprobs", "content", 0): "{EMAIL}"})[6:])
     assert out["choices"][0]["logprobs"] is None
     assert out["choices"][0]["delta"]["content"] == "Fine."
+
+
+@pytest.mark.parametrize("annotated_with_text", [False, True])
+def test_masking_a_stream_moves_the_citation_offsets_of_its_later_chunks(
+        annotated_with_text: bool) -> None:
+    # Issue 14, class 9: a streamed answer's url_citation (in a later chunk's
+    # delta.annotations) points into the content as the SDK accumulates it; a mask of an
+    # earlier piece shortened that content.
+    pieces = ["Write to ", "jane.doe@example.com", " today. ", "Prices rose 5% in May."]
+    content = "".join(pieces)
+    cited = "Prices rose 5%"
+    start = content.index(cited)
+    citation = {"type": "url_citation", "url_citation": {
+        "start_index": start, "end_index": start + len(cited), "url": "u", "title": "t"}}
+    events = [chunk_event({"content": p}) for p in pieces[:-1]]
+    last: dict[str, Any] = {"content": pieces[-1]} if annotated_with_text else {"content": ""}
+    events.append(chunk_event({**last, "annotations": [citation]}))
+    if not annotated_with_text:
+        events.insert(-1, chunk_event({"content": pieces[-1]}))
+    codec = FMT.stream_codec()
+    read = [codec.extract(e) for e in events]
+    out = []
+    for event, found in zip(events, read, strict=True):
+        texts = {ch: t.replace("jane.doe@example.com", "{EMAIL}") for ch, t in found
+                 if "jane" in t}
+        out.append(codec.rewrite(event, texts))
+    chunks = [json.loads(line[6:]) for line in b"".join(out).decode().split("\n\n") if line]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks)
+    assert text == content.replace("jane.doe@example.com", "{EMAIL}")
+    (found,) = [a for ch in chunks for a in ch["choices"][0]["delta"].get("annotations", [])]
+    span = found["url_citation"]
+    assert text[span["start_index"]:span["end_index"]] == cited
+    # the events before the mask and the clean text after it pass byte for byte
+    assert out[0] == events[0].raw and out[2] == events[2].raw
+
+
+def test_a_stream_without_masks_keeps_its_annotations_byte_for_byte() -> None:
+    events = [chunk_event({"content": "Prices rose."}),
+              chunk_event({"content": "", "annotations": [{"type": "url_citation",
+                           "url_citation": {"start_index": 0, "end_index": 6}}]})]
+    codec = FMT.stream_codec()
+    for event in events:
+        codec.extract(event)
+    assert [codec.rewrite(e, {}) for e in events] == [e.raw for e in events]
+
+
+def test_top_logprobs_alternatives_are_read_one_per_line() -> None:
+    alternatives = {**token("Fine."), "top_logprobs": [
+        {"token": "Fine.", "logprob": -0.1}, {"token": "bazinga", "logprob": -2.0},
+        {"token": " ", "logprob": -3.0}]}
+    event = logprob_chunk("Fine.", [alternatives])
+    codec = FMT.stream_codec()
+    assert codec.extract(event) == [(("top_logprobs", "content", 0), "bazinga\n"),
+                                    (("content", 0), "Fine.")]
+    out = json.loads(codec.rewrite(event, {("top_logprobs", "content", 0): "***\n"})[6:])
+    assert out["choices"][0]["logprobs"] is None
+
+
+def test_a_whole_answers_logprob_tokens_are_read_and_a_mask_drops_them() -> None:
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "Fine."}, "logprobs": {"content": [
+            {**token("Fine."), "top_logprobs": [{"token": "bazinga", "logprob": -1}]}],
+            "refusal": None}}]}).encode()
+    found = FMT.response_texts(body)
+    assert found == [(("content", 0), "Fine."), (("top_logprobs", "content", 0), "bazinga\n")]
+    both = json.loads(FMT.rewrite_response(body, {("content", 0): "Good.",
+                                                  ("top_logprobs", "content", 0): "***\n"}))
+    assert both["choices"][0]["logprobs"] is None
+    assert both["choices"][0]["message"]["content"] == "Good."
