@@ -111,6 +111,16 @@ class SSEDecoder:
         self._comments: list[str] | None = None
         self._last_id = ""
 
+    #: A comment (``extproc.framing.Decoder.keepalive``): every client skips it.
+    keepalive: bytes | None = b": keep-alive\n\n"
+
+    def last(self, leftover: bytes) -> SSEEvent | None:
+        """An unterminated last block (``flush``'s bytes) as an event. EventSource would not
+        dispatch it, but line-based readers act on its data lines: it is read like an event,
+        its ``raw`` being ``leftover``."""
+        closing = SSEDecoder().feed(leftover + b"\n\n", end_of_stream=True)
+        return SSEEvent(leftover, *_fields(closing[0])) if closing else None
+
     @property
     def pending_size(self) -> int:
         """``len(pending)``, without the copy."""
@@ -288,6 +298,11 @@ class SSEDecoder:
         )
         self._data = self._event = self._id = self._retry = self._comments = None
         return event
+
+
+def _fields(event: SSEEvent) -> tuple[str | None, str | None, str | None, int | None,
+                                      tuple[str, ...]]:
+    return event.event, event.data, event.id, event.retry, event.comments
 
 
 def encode_event(data: str, event: str | None = None) -> bytes:

@@ -32,16 +32,22 @@ module                    API                          path ends with
 ``anthropic_messages``    Anthropic Messages           ``/messages`` (not Assistants
                                                        ``/threads/{id}/messages``)
 ``openai_completions``    OpenAI legacy Completions    ``/completions`` (not chat)
+``gemini``                Google Gemini, Vertex AI     ``{model}:generatecontent``,
+                                                       ``{model}:streamgeneratecontent``
+``ollama``                Ollama (NDJSON streams)      ``/api/chat``, ``/api/generate``
 ========================  ===========================  ===========================
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote
 
 from extproc.sse import SSEEvent
+
+if TYPE_CHECKING:
+    from extproc.framing import Decoder
 
 __all__ = [
     "ErrorKind",
@@ -167,6 +173,12 @@ class StreamFormat(Protocol):
         """A fresh codec for one streamed answer."""
         ...
 
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        """A fresh decoder (``extproc.framing``) for a 2xx answer of this content type (lower
+        case) that streams in a framing this format reads (SSE for most), or None: the answer
+        is taken whole."""
+        ...
+
 
 def strip_query(path: str) -> str:
     """The path without query string or fragment."""
@@ -219,8 +231,11 @@ def all_formats() -> tuple[StreamFormat, ...]:
     """Every format the sidecar guards, most specific first (``/chat/completions`` before
     ``/completions``)."""
     from extproc.formats.anthropic_messages import AnthropicMessages
+    from extproc.formats.gemini import GeminiGenerateContent
+    from extproc.formats.ollama import OllamaFormat
     from extproc.formats.openai_chat import OpenAIChat
     from extproc.formats.openai_completions import OpenAICompletions
     from extproc.formats.openai_responses import OpenAIResponses
 
-    return (OpenAIChat(), OpenAIResponses(), AnthropicMessages(), OpenAICompletions())
+    return (OpenAIChat(), OpenAIResponses(), AnthropicMessages(), OpenAICompletions(),
+            GeminiGenerateContent(), OllamaFormat(generate=False), OllamaFormat(generate=True))

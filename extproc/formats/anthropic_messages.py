@@ -52,6 +52,7 @@ from typing import Any
 
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
+from extproc.framing import Decoder, sse_decoder
 from extproc.sse import SSEEvent, encode_event
 
 
@@ -190,6 +191,9 @@ class AnthropicMessages:
 
     def stream_codec(self) -> StreamCodec:
         return AnthropicCodec()
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        return sse_decoder(content_type)
 
 
 # -- stream ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 from extproc.formats import PromptScope, StreamCodec, whole
 from extproc.formats import _common as c
 from extproc.formats.openai_chat import error_body, error_frame
+from extproc.framing import Decoder, sse_decoder
 from extproc.sse import SSEEvent, encode_event
 
 DATA_CHANNEL: Hashable = ("data",)
@@ -142,6 +143,9 @@ class GenericFormat:
 
     def stream_codec(self) -> StreamCodec:
         return GenericCodec()
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        return sse_decoder(content_type)
 
 
 def _no_slots(request: Any, scope: str) -> list[c.Slot]:

@@ -37,6 +37,7 @@ from typing import Any
 
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
+from extproc.framing import Decoder, sse_decoder
 
 
 def error_object(kind: str) -> dict[str, Any]:
@@ -217,6 +218,9 @@ class OpenAIChat:
 
     def stream_codec(self) -> StreamCodec:
         return ChatCodec()
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        return sse_decoder(content_type)
 
 
 def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],

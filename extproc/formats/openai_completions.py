@@ -24,6 +24,7 @@ from typing import Any
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
 from extproc.formats.openai_chat import error_body, error_frame
+from extproc.framing import Decoder, sse_decoder
 
 
 def _prompt_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:
@@ -101,6 +102,9 @@ class OpenAICompletions:
 
     def stream_codec(self) -> StreamCodec:
         return CompletionsCodec()
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        return sse_decoder(content_type)
 
 
 class CompletionsCodec(c.ChoicesCodec):

@@ -70,6 +70,7 @@ from typing import Any
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
 from extproc.formats.openai_chat import error_body
+from extproc.framing import Decoder, sse_decoder
 from extproc.sse import SSEEvent, encode_event
 
 # delta event -> (channel kind, field of the second index or None)
@@ -300,6 +301,9 @@ class OpenAIResponses:
 
     def stream_codec(self) -> StreamCodec:
         return ResponsesCodec()
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        return sse_decoder(content_type)
 
 
 # -- stream ----------------------------------------------------------------------------------

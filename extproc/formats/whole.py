@@ -36,6 +36,8 @@ NO_TEXT_KEYS: Final = frozenset({
     "encrypted_content", "cache_control", "service_tier", "store",
     # media and binary data (what the guardrail cannot read as text anyway)
     "url", "image_url", "media_type", "mime_type", "format", "detail", "file_id",
+    "images",  # (Ollama: base64 pictures)
+    "mimeType", "fileUri", "thoughtSignature", "thought_signature",  # (Gemini)
     # options the server reads and the model does not
     "tool_choice", "reasoning_effort", "effort", "modalities", "voice", "include",
     "truncation", "stop", "stop_sequences", "metadata", "logit_bias", "response_modalities",

@@ -32,7 +32,6 @@ once through ``StreamContext.intervened`` (the stream's audit trail).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections import deque
 from collections.abc import Hashable
@@ -43,7 +42,8 @@ from extproc.domain.values import Gate, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.domain.windows import Block, Strategy, estimated_units, held_tail, should_check
 from extproc.formats import ErrorKind, StreamFormat
-from extproc.sse import SSEDecoder, SSEEvent
+from extproc.framing import Decoder
+from extproc.sse import SSEEvent
 from extproc.stream.channels import Channels, Delta, Held
 from extproc.stream.context import StreamContext
 from extproc.stream.masking import map_channel
@@ -56,7 +56,7 @@ class OutputGuard:
     """Guards one streamed answer; see the module docstring."""
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, sink: BodySink, *,
-                 parse_sse: bool, check_output: bool, keepalive_s: float = 0.0) -> None:
+                 decoder: Decoder | None, check_output: bool, keepalive_s: float = 0.0) -> None:
         route = ctx.route
         self._ctx = ctx
         self._record = ctx.record
@@ -69,7 +69,7 @@ class OutputGuard:
         self._mode = StreamMode.ASYNC if route.shadow else route.stream_mode
         self._fmt = fmt
         self._codec = fmt.stream_codec()
-        self._decoder = SSEDecoder() if parse_sse else None
+        self._decoder = decoder
         self._check_output = check_output
         self._policy = route.window
         self._strategy = route.window.strategy
@@ -83,8 +83,10 @@ class OutputGuard:
         self._pending_message: str | None = None
         self._first_check_done = False
         self._in_flight: asyncio.Task[None] | None = None
-        self._keepalive = KeepAlive(keepalive_s, sink, ctx.outbox.flush, self._holding,
-                                    self._keepalive_sent)
+        frame = decoder.keepalive if decoder is not None else None
+        self._keepalive = KeepAlive(keepalive_s if frame else 0.0, sink, ctx.outbox.flush,
+                                    self._holding, self._keepalive_sent,
+                                    frame=frame or b"")
         self.finished = False
         record = self._record
         if record.mode is None:
@@ -120,12 +122,9 @@ class OutputGuard:
             if decoder is not None:
                 leftover = decoder.flush()
                 if leftover:
-                    # An unterminated last event. EventSource would not dispatch it, but
-                    # line-based readers act on its data lines: check it like an event and pass
-                    # its bytes on unchanged.
-                    closing = SSEDecoder().feed(leftover + b"\n\n", end_of_stream=True)
-                    last = dataclasses.replace(closing[0], raw=leftover) if closing else None
-                    self._hold(leftover, last)
+                    # An unterminated last event: checked as the clients that act on it read
+                    # it (``Decoder.last``), its bytes passed on unchanged.
+                    self._hold(leftover, decoder.last(leftover))
         if self._max_held_bytes and self._over_limit():
             return
         self._advance()
@@ -289,7 +288,10 @@ class OutputGuard:
                 out.append(self._render(item))
                 self._bytes_out += len(item.raw)
                 self._released_chars += item.chars
-        end_of_stream = self._upstream_done and not held
+        # The end of the body waits for the last verdict in async mode too (a stream whose last
+        # event holds text, as Gemini's do, would otherwise end before a block could).
+        end_of_stream = self._upstream_done and not held and (
+            self._mode is StreamMode.SYNC or self._shadow or self._all_checked())
         if end_of_stream:
             self.finished = True
             self._record.outcome = self._record.outcome or "pass"

@@ -71,7 +71,6 @@ HEADER_ACCEPT_ENCODING = "accept-encoding"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_CONTENT_LENGTH = "content-length"
 HEADER_REQUEST_ID = "x-request-id"
-SSE_CONTENT_TYPE = "text/event-stream"
 
 
 class BodyMode(enum.Enum):
@@ -376,7 +375,10 @@ class GuardedStream:
         # Any 2xx answer is the model's (201 and 203 too: the SDKs read them like a 200).
         status = headers.get(":status", "")
         ok = len(status) == 3 and status.startswith("2")
-        is_sse = ok and content_type.startswith(SSE_CONTENT_TYPE)
+        # A stream in a framing the format reads (SSE; NDJSON, AWS event streams for the
+        # providers that stream so) is guarded event by event.
+        decoder = self._fmt.stream_decoder(content_type) if ok else None
+        is_sse = decoder is not None
         # Everything else with a body is taken whole and read as a client may read it (JSON,
         # SSE mislabelled, plain text; ``answer.answer_texts``), never passed unread.
         is_json = ok and not is_sse
@@ -421,7 +423,7 @@ class GuardedStream:
                 sink = FullDuplexSink(ctx.outbox, limits.metadata_namespace)
                 self._recorder.body_mode("full_duplex_streamed")
             self._sink = sink
-            self._guard = OutputGuard(ctx, self._fmt, sink, parse_sse=is_sse,
+            self._guard = OutputGuard(ctx, self._fmt, sink, decoder=decoder,
                                       check_output=check_output,
                                       keepalive_s=0.0 if streamed else limits.keepalive_s)
             self._recorder.track_held(self._guard)

@@ -129,19 +129,24 @@ class StreamedSink:
         self._pending.clear()
 
 
+KEEPALIVE = encode_comment("keep-alive")
+
+
 class KeepAlive:
     """An SSE comment (``: keep-alive``) after ``interval_s`` of silence while text is held:
     clients ignore comments, proxies between Envoy and the client see traffic. A comment is a
     complete SSE block, so it only ever goes out between released events."""
 
     __slots__ = ("_interval_s", "_sink", "_flush", "_holding", "_sent", "_clock", "_timer",
-                 "_tasks", "_last_emit")
+                 "_tasks", "_last_emit", "_frame")
 
     def __init__(self, interval_s: float, sink: BodySink,
                  flush: Callable[[], Coroutine[Any, Any, None]],
                  holding: Callable[[], bool], sent: Callable[[], None], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 frame: bytes = KEEPALIVE) -> None:
         self._interval_s = interval_s
+        self._frame = frame  # (``extproc.framing.Decoder.keepalive``)
         self._sink = sink
         self._flush = flush
         self._holding = holding  # whether anything is held back now
@@ -181,7 +186,7 @@ class KeepAlive:
             return
         idle = self._clock() - self._last_emit
         if idle >= self._interval_s * 0.99:
-            self._sink.release(encode_comment("keep-alive"))
+            self._sink.release(self._frame)
             self._last_emit = self._clock()
             self._sent()
             task = asyncio.get_running_loop().create_task(self._flush())

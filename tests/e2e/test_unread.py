@@ -223,7 +223,8 @@ def test_the_upstream_sees_the_path_the_sidecar_matched(stack: Stack) -> None:
 
 # -- traffic no format recognises (--unknown-traffic generic, the default) ---------------------
 
-GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+# (Vertex AI's ``:predict`` for a deployed model: no format reads it; Gemini-shaped JSON.)
+UNKNOWN_PATH = "/v1/projects/p/locations/us-central1/endpoints/e1:predict?alt=sse"
 
 
 def gemini_request(text: str) -> bytes:
@@ -239,7 +240,7 @@ def gemini_events(*texts: str) -> list[bytes]:
 
 def test_a_prompt_of_an_api_no_format_knows_is_read_by_rule(stack: Stack) -> None:
     result = fetch(stack, Script(chunks=tuple(gemini_events("never"))), "http1",
-                   path=GEMINI_PATH, body=gemini_request("say bazinga now"))
+                   path=UNKNOWN_PATH, body=gemini_request("say bazinga now"))
     assert result.status == 400, (result.status, result.body[:200])
     assert json.loads(result.body)["error"]["type"] == "guardrail_violation"
     assert stack.llm.records_for_script(result.script_id or "") == []
@@ -248,12 +249,12 @@ def test_a_prompt_of_an_api_no_format_knows_is_read_by_rule(stack: Stack) -> Non
 def test_an_answer_of_an_api_no_format_knows_is_read_by_rule(stack: Stack) -> None:
     clean = gemini_events("The weather ", "is fine ", "today.")
     result = fetch(stack, Script(chunks=tuple(clean)),
-                   "http1", path=GEMINI_PATH, body=gemini_request("hello"))
+                   "http1", path=UNKNOWN_PATH, body=gemini_request("hello"))
     assert result.status == 200 and result.clean_end
     assert result.body == b"".join(clean)  # a clean stream passes byte for byte
     blocked = gemini_events("Our plan is ", "Project Nightingale", " and more.")
     result = fetch(stack, Script(chunks=tuple(blocked)),
-                   "http2", path=GEMINI_PATH, body=gemini_request("hello again"))
+                   "http2", path=UNKNOWN_PATH, body=gemini_request("hello again"))
     assert result.status == 200 and result.clean_end
     assert b"Nightingale" not in result.body
     assert result.body.endswith(BLOCK_FRAME)

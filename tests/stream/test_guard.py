@@ -142,6 +142,26 @@ async def test_async_block_ends_at_the_next_event_boundary() -> None:
     assert h.client_bytes() == event + BLOCK_FRAME  # the half event never goes out
 
 
+async def test_bug_async_a_stream_whose_last_event_holds_text_ended_before_its_verdict(
+        ) -> None:
+    # No textless event (finish chunk, [DONE]) waited for the verdict: the body ended with the
+    # last text event, and a block of that text came too late (Gemini's streams end so).
+    hold = asyncio.Event()
+    h = Harness(FakeGuardrail(hold=hold), input_check=InputCheck.OFF,
+                stream_mode=StreamMode.ASYNC, window=WindowPolicy(min_chars=1))
+    await h.feed(request_headers(), response_headers())
+    await h.feed(response_body(chunk_event("the forbidden word"), end_of_stream=True))
+    await h.settle()
+    answers = h.body_answers()
+    assert answers and not answers[-1][1]  # released, but the body has not ended
+    hold.set()
+    for _ in range(5):
+        await h.settle()
+    assert h.client_bytes() == chunk_event("the forbidden word") + BLOCK_FRAME
+    assert h.body_answers()[-1][1]
+    assert h.processor.record.to_metadata()["outcome"] == "block"
+
+
 async def test_cumulative_strategy_checks_the_whole_answer_until_its_cap() -> None:
     guard = FakeGuardrail()
     h = Harness(guard, input_check=InputCheck.OFF, window=WindowPolicy(

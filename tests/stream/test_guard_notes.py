@@ -20,10 +20,10 @@ from extproc.domain.values import StreamMode
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.domain.windows import WindowPolicy
 from extproc.formats import StreamCodec, StreamFormat, all_formats
+from extproc.framing import Decoder
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import NULL_RECORDER
 from extproc.settings.values import StreamSettings
-from extproc.sse import SSEDecoder
 from extproc.stream.context import StreamContext
 from extproc.stream.guard import OutputGuard
 from extproc.stream.record import StreamRecord
@@ -44,6 +44,9 @@ class UnnotedFormat:
 
     def stream_codec(self) -> StreamCodec:
         return Unnoted(self._fmt.stream_codec())
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        return self._fmt.stream_decoder(content_type)
 
 
 class Sink:
@@ -92,8 +95,11 @@ VERDICTS: dict[str, Callable[[int, Sequence[str]], GuardrailVerdict]] = {
 }
 
 
-def chunkings(raw: bytes) -> dict[str, list[bytes]]:
-    decoder = SSEDecoder()
+def content_type(name: str) -> str:
+    return "application/x-ndjson" if name.endswith(".ndjson") else "text/event-stream"
+
+
+def chunkings(raw: bytes, decoder: Decoder) -> dict[str, list[bytes]]:
     events = [e.raw for e in decoder.feed(raw, end_of_stream=True)]
     assert b"".join(events) + decoder.flush() == raw
     return {"events": events, "whole": [raw],
@@ -101,7 +107,7 @@ def chunkings(raw: bytes) -> dict[str, list[bytes]]:
 
 
 async def guarded(fmt: Any, chunks: list[bytes], mode: StreamMode, verdict: str,
-                  soft: bool) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+                  soft: bool, kind: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     async def write(message: Any) -> None:
         pass
 
@@ -110,7 +116,7 @@ async def guarded(fmt: Any, chunks: list[bytes], mode: StreamMode, verdict: str,
     record = StreamRecord("testguardrail", "1")
     ctx = StreamContext(route, StreamSettings(max_held_bytes=0), 5.0, record, Outbox(write),
                         ScriptedGuardrail(verdict), NULL_RECORDER, AuditLog())
-    guard = OutputGuard(ctx, fmt, sink, parse_sse=True, check_output=True)
+    guard = OutputGuard(ctx, fmt, sink, decoder=fmt.stream_decoder(kind), check_output=True)
     for number, chunk in enumerate(chunks):
         guard.on_chunk(chunk, False)
         for _ in range(number % 4):  # verdicts land at varying points
@@ -134,9 +140,13 @@ async def test_guard_sends_the_same_bytes_without_notes(fmt: StreamFormat, name:
                                                        mode: StreamMode, verdict: str,
                                                        soft: bool) -> None:
     raw = fixture(name)
-    for chunking, chunks in chunkings(raw).items():
-        noted, stats = await guarded(fmt, chunks, mode, verdict, soft)
-        reread, reread_stats = await guarded(UnnotedFormat(fmt), chunks, mode, verdict, soft)
+    kind = content_type(name)
+    decoder = fmt.stream_decoder(kind)
+    assert decoder is not None
+    for chunking, chunks in chunkings(raw, decoder).items():
+        noted, stats = await guarded(fmt, chunks, mode, verdict, soft, kind)
+        reread, reread_stats = await guarded(UnnotedFormat(fmt), chunks, mode, verdict, soft,
+                                             kind)
         assert noted == reread, chunking
         assert stats == reread_stats
         sent = b"".join(data for _, data in noted)

@@ -105,7 +105,7 @@ async def test_a_disabled_route_skips_the_response_phase() -> None:
 
 async def test_an_unrecognised_request_is_refused_with_unknown_traffic_reject() -> None:
     h = Harness(unknown_traffic=UnknownTraffic.REJECT)
-    await h.feed(request_headers(path="/v1beta/models/gemini:streamGenerateContent"))
+    await h.feed(request_headers(path="/v1/projects/p/locations/l/endpoints/e1:predict"))
     (answer,) = h.sent
     assert answer.immediate_response.status.code == 403
     assert json.loads(answer.immediate_response.body)["error"]["type"] == \
@@ -114,16 +114,16 @@ async def test_an_unrecognised_request_is_refused_with_unknown_traffic_reject() 
 
 
 async def test_an_unrecognised_request_is_read_by_rule() -> None:
-    # A Gemini-shaped request and stream: no format knows them, every string is read.
+    # A Gemini-shaped request and stream on a path no format knows: every string is read.
     h = Harness()
     body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "say forbidden"}]}]})
-    await h.feed(request_headers(path="/v1beta/models/gemini:streamGenerateContent"),
+    await h.feed(request_headers(path="/v1/projects/p/locations/l/endpoints/e1:predict"),
                  request_body(body.encode()))
     await h.settle()
     assert h.guardrail.calls[0].texts == ["say forbidden"]
     assert h.sent[-1].immediate_response.status.code == 400
     clean = Harness()
-    await clean.feed(request_headers(path="/v1beta/models/gemini:streamGenerateContent"),
+    await clean.feed(request_headers(path="/v1/projects/p/locations/l/endpoints/e1:predict"),
                      request_body(json.dumps({"contents": [{"parts": [{"text": "hi"}]}]})
                                   .encode()),
                      response_headers())

@@ -32,9 +32,12 @@ from extproc.formats import (
     find_format,
 )
 from extproc.formats.anthropic_messages import AnthropicMessages
+from extproc.formats.gemini import GeminiGenerateContent
+from extproc.formats.ollama import OllamaFormat
 from extproc.formats.openai_chat import OpenAIChat
 from extproc.formats.openai_completions import OpenAICompletions
 from extproc.formats.openai_responses import OpenAIResponses
+from extproc.framing import Decoder, NDJSONDecoder
 from extproc.sse import SSEDecoder, SSEEvent
 from tests.support import UNAVAILABLE_MESSAGE, VIOLATION_MESSAGE
 
@@ -50,9 +53,19 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-def decode(raw: bytes, chunk_size: int | None = None) -> list[SSEEvent]:
-    """Wire bytes -> events, as the sidecar's decoder sees them."""
-    decoder = SSEDecoder()
+def decode_as(fmt: StreamFormat, raw: bytes, chunk_size: int | None = None) -> list[SSEEvent]:
+    """Wire bytes -> events in the framing of ``fmt``'s streams."""
+    return decode(raw, chunk_size, ndjson=fmt.stream_decoder("text/event-stream") is None)
+
+
+def fixture_events(name: str, chunk_size: int | None = None) -> list[SSEEvent]:
+    """A recording's events, in its framing (``.ndjson``: lines)."""
+    return decode(fixture(name), chunk_size, ndjson=name.endswith(".ndjson"))
+
+
+def decode(raw: bytes, chunk_size: int | None = None, ndjson: bool = False) -> list[SSEEvent]:
+    """Wire bytes -> events, as the sidecar's decoder sees them (SSE, or NDJSON lines)."""
+    decoder: Decoder = NDJSONDecoder() if ndjson else SSEDecoder()
     events: list[SSEEvent] = []
     step = chunk_size or max(1, len(raw))
     for start in range(0, len(raw), step):
@@ -144,17 +157,21 @@ def sse_payloads(raw: bytes) -> list[tuple[str | None, Any]]:
 # --------------------------------------------------------------------------- the interface
 
 FORMATS = all_formats()
+#: The formats whose streams are SSE (the tests that feed OpenAI- or Anthropic-shaped events).
+SSE_FORMATS = [f for f in FORMATS if f.stream_decoder("text/event-stream") is not None]
 CODEC_METHODS = ("extract", "rewrite", "terminal_frame", "soft_block_frame")
 FORMAT_METHODS = ("matches", "prompt_texts", "rewrite_prompt", "response_texts",
-                  "rewrite_response", "soft_block_response", "error_body", "stream_codec")
+                  "rewrite_response", "soft_block_response", "error_body", "stream_codec",
+                  "stream_decoder")
 
 
 def test_all_formats_order_and_names() -> None:
     assert [type(f) for f in FORMATS] == [
-        OpenAIChat, OpenAIResponses, AnthropicMessages, OpenAICompletions]
+        OpenAIChat, OpenAIResponses, AnthropicMessages, OpenAICompletions,
+        GeminiGenerateContent, OllamaFormat, OllamaFormat]
     names = [f.name for f in FORMATS]
     assert names == ["openai.chat_completions", "openai.responses", "anthropic.messages",
-                     "openai.completions"]
+                     "openai.completions", "google.gemini", "ollama.chat", "ollama.generate"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -259,7 +276,14 @@ def test_error_body_status_and_message(fmt: StreamFormat, kind: str, status: int
     got, body = fmt.error_body(kind)
     assert got == status
     payload = json.loads(body)
+    if isinstance(payload["error"], str):  # (Ollama: the message alone)
+        assert payload["error"] == message
+        return
     assert payload["error"]["message"] == message
+    if "status" in payload["error"]:  # (Google: the kind is the reason of its details)
+        assert payload["error"]["code"] == status
+        assert payload["error"]["details"][0]["reason"] == kind.upper()
+        return
     assert payload["error"]["type"] == kind
 
 
@@ -275,9 +299,9 @@ def test_unknown_error_kind_is_rejected(fmt: StreamFormat, kind: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", [ErrorKind.VIOLATION, ErrorKind.UNAVAILABLE])
 def test_own_frames_carry_no_model_text(fmt: StreamFormat, kind: str) -> None:
-    # Our frames are whole SSE events and re-reading them never yields text to check.
+    # Our frames are whole events and re-reading them never yields text to check.
     for frame in (fmt.stream_codec().terminal_frame(kind),):
-        events = decode(frame)
+        events = decode_as(fmt, frame)
         assert b"".join(e.raw for e in events) == frame
         assert extract_all(fmt.stream_codec(), events) == []
 
@@ -285,18 +309,19 @@ def test_own_frames_carry_no_model_text(fmt: StreamFormat, kind: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_soft_block_frame_on_a_fresh_codec_is_whole_events(fmt: StreamFormat) -> None:
     frame = fmt.stream_codec().soft_block_frame(SOFT_MESSAGE)
-    events = decode(frame, chunk_size=3)
+    events = decode_as(fmt, frame, chunk_size=3)
     assert b"".join(e.raw for e in events) == frame
     texts = joined(extract_all(fmt.stream_codec(), events))
     assert list(texts.values()) == [SOFT_MESSAGE]
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", SSE_FORMATS, ids=lambda f: f.name)
 def test_rewrite_without_changes_is_byte_identical(fmt: StreamFormat) -> None:
     name = {"openai.chat_completions": "openai_tool_calls.sse",
             "openai.responses": "responses_stream.sse",
             "anthropic.messages": "anthropic_stream.sse",
-            "openai.completions": "completions.sse"}[fmt.name]
+            "openai.completions": "completions.sse",
+            "google.gemini": "gemini_stream.sse"}[fmt.name]
     raw = fixture(name)
     assert release(fmt.stream_codec(), decode(raw, chunk_size=11)) == raw
     # And events that carry no JSON at all pass through.
@@ -343,7 +368,7 @@ _PAYLOADS = st.builds(
     st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6))
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", SSE_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("odd_index", [[1], {"a": 1}, True, "2", 1.5])
 def test_odd_indexes_give_stable_channels(fmt: StreamFormat, odd_index: Any) -> None:
     payloads = [
@@ -354,6 +379,7 @@ def test_odd_indexes_give_stable_channels(fmt: StreamFormat, odd_index: Any) -> 
          "content_index": odd_index, "delta": "d"},
         {"type": "content_block_delta", "index": odd_index,
          "delta": {"type": "text_delta", "text": "e"}},
+        {"candidates": [{"index": odd_index, "content": {"parts": [{"text": "f"}]}}]},
     ]
     events = decode(b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads))
     codec = fmt.stream_codec()
@@ -381,7 +407,7 @@ def test_codecs_survive_malformed_events(fmt: StreamFormat, payloads: list[dict[
     assert isinstance(out, bytes)
     for frame in (codec.soft_block_frame("stop"),
                   codec.terminal_frame(ErrorKind.VIOLATION)):
-        decoded = decode(frame)
+        decoded = decode_as(fmt, frame)
         assert b"".join(e.raw for e in decoded) == frame
         assert all(e.data is not None for e in decoded)
 
@@ -396,6 +422,9 @@ FIXTURES_OF = {
     "openai.responses": ("responses_stream.sse",),
     "anthropic.messages": ("anthropic_messages.sse", "anthropic_stream.sse"),
     "openai.completions": ("completions.sse",),
+    "google.gemini": ("gemini_stream.sse",),
+    "ollama.chat": ("ollama_chat.ndjson",),
+    "ollama.generate": ("ollama_generate.ndjson",),
 }
 
 
@@ -456,7 +485,7 @@ def drive(codec: StreamCodec, events: list[SSEEvent], schedule: list[bool], rele
 @pytest.mark.parametrize("mask", MASKS)
 def test_notes_change_no_byte_of_the_recordings(fmt: StreamFormat, mask: str) -> None:
     for name in FIXTURES_OF[fmt.name]:
-        events = decode(fixture(name), chunk_size=13)
+        events = fixture_events(name, chunk_size=13)
         for released in range(len(events) + 1):
             for schedule in ([True] * len(events), [True, False] * len(events), []):
                 noted = drive(fmt.stream_codec(), events, schedule, released, mask)
@@ -514,7 +543,7 @@ def test_an_unchanged_release_parses_no_event_again(fmt: StreamFormat,
 
     monkeypatch.setattr(_common, "load_object", counting)
     for name in FIXTURES_OF[fmt.name]:
-        events = decode(fixture(name))
+        events = fixture_events(name)
         codec = fmt.stream_codec()
         found = [codec.extract(event) for event in events]
         parsed.clear()
@@ -568,7 +597,7 @@ def test_load_object_reads_text_like_json_loads(data: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_text_ended_after_the_last_text_of_each_recording(fmt: StreamFormat) -> None:
     for name in FIXTURES_OF[fmt.name]:
-        events = decode(fixture(name))
+        events = fixture_events(name)
         codec = fmt.stream_codec()
         found = [codec.extract(event) for event in events]
         ended = []
@@ -584,7 +613,7 @@ def test_text_ended_after_the_last_text_of_each_recording(fmt: StreamFormat) -> 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_text_ended_is_withdrawn_by_later_text(fmt: StreamFormat) -> None:
     name = FIXTURES_OF[fmt.name][0]
-    events = decode(fixture(name))
+    events = fixture_events(name)
     codec = fmt.stream_codec()
     texts = [(event, codec.extract(event)) for event in events]
     assert codec.text_ended
