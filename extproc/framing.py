@@ -14,6 +14,7 @@ Pure: no I/O, no logging, no size limits (the guard bounds what is held).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 from extproc.sse import SSEDecoder, SSEEvent
@@ -33,7 +34,7 @@ class Decoder(Protocol):
         """Bytes fed that are not yet part of a returned event."""
         ...
 
-    def feed(self, data: bytes, *, end_of_stream: bool = False) -> list[SSEEvent]:
+    def feed(self, data: bytes, *, end_of_stream: bool = False) -> Sequence[SSEEvent]:
         """Consume one chunk; the events it completes, in order."""
         ...
 

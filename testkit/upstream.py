@@ -20,6 +20,17 @@ It offers two ways of answering a request:
   it), either as a realistic OpenAI SSE stream or as a ``chat.completion``
   JSON object; ``tools`` + "weather" produce a streamed tool call.
 
+  It speaks the provider-native APIs the sidecar guards too, with the same
+  canned answer (``answer_for`` of the last user text), streamed in the same
+  word-sized pieces and pacing: Ollama ``/api/chat`` and ``/api/generate``
+  (NDJSON unless ``"stream": false``), Gemini and Vertex AI
+  ``.../models/{m}:streamGenerateContent`` (``alt=sse`` events or a JSON
+  array) and ``:generateContent``, and Bedrock Runtime
+  ``/model/{id}/converse``, ``/converse-stream``, ``/invoke`` and
+  ``/invoke-with-response-stream`` (Anthropic Messages bodies; AWS event
+  streams).  ``testkit.providers`` builds those bodies byte for byte as each
+  provider writes them; ``FakeLLM._model_plan`` dispatches on the path.
+
 Every request is recorded as a ``RequestRecord`` (headers, body, what was
 written and when, whether the peer went away mid-response); tests wait on
 records with ``FakeLLM.wait_for_record`` and other processes read them from
@@ -52,6 +63,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from testkit import providers
 
 __all__ = [
     "CANNED_ANSWERS",
@@ -1124,6 +1137,9 @@ class FakeLLM:
                               "owned_by": "fake-llm"}],
                 },
             )
+        route = providers.match_route(request.method, request.path, request.query)
+        if route is not None:
+            return self._provider_plan(request, record, route)
         if not path.endswith("/chat/completions"):
             self._update(record, error="no such route")
             return _error_plan(404, f"fake-llm: no route for {request.method} {request.path}")
@@ -1138,12 +1154,7 @@ class FakeLLM:
             self._update(record, error="bad chat completions body")
             return _error_plan(400, "fake-llm: expected a JSON body with a 'messages' list")
 
-        delay_ms = self.token_delay_ms
-        override = request.header(HEADER_DELAY_MS)
-        if override is not None:
-            with contextlib.suppress(ValueError):
-                delay_ms = max(0.0, float(override))
-        delay_s = delay_ms / 1000.0
+        delay_s = self._delay_ms(request) / 1000.0
 
         messages = [m for m in doc["messages"] if isinstance(m, Mapping)]
         user_text = next(
@@ -1269,6 +1280,40 @@ class FakeLLM:
             delays_s=[delay_s] * len(writes),
             chunked=True,
         )
+
+    def _delay_ms(self, request: _Request) -> float:
+        """The default model's delay before each write (``x-fake-delay-ms`` overrides)."""
+        delay_ms = self.token_delay_ms
+        override = request.header(HEADER_DELAY_MS)
+        if override is not None:
+            with contextlib.suppress(ValueError):
+                delay_ms = max(0.0, float(override))
+        return delay_ms
+
+    def _provider_plan(
+        self, request: _Request, record: RequestRecord, route: providers.Route
+    ) -> _Plan:
+        """The default model on a provider-native API (``testkit.providers``)."""
+        try:
+            doc = json.loads(request.body or b"null")
+        except ValueError:
+            doc = None
+        problem = providers.request_error(route, doc)
+        if problem is not None:
+            self._update(record, error=f"bad {route.provider} {route.operation} body")
+            reply = providers.error_reply(route, 400, f"fake-llm: {problem}")
+        else:
+            answer = answer_for(providers.user_text(route, doc))
+            reply = providers.build_reply(
+                route, doc, answer, _split_words(answer, self.words_per_chunk),
+                delay_ms=self._delay_ms(request),
+            )
+        delay_s = self._delay_ms(request) / 1000.0 if reply.status == 200 else 0.0
+        if reply.streamed:
+            return _Plan(reply.status, list(reply.headers), list(reply.writes),
+                         [delay_s] * len(reply.writes), chunked=True)
+        return _Plan(reply.status, list(reply.headers), [b"".join(reply.writes)], [delay_s],
+                     chunked=False)
 
     # ---- writing a response ----------------------------------------------
 

@@ -112,8 +112,9 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
         "input_wait_s", "metadata_namespace", "keepalive_s", "streamed_message_timeout_s",
         "max_held_bytes", "max_request_bytes", "max_streams")},
     **{name: ("default_route", name) for name in (
-        "guardrail", "input_check", "prompt_scope", "output_check", "shadow", "soft_block",
-        "failure_mode", "stream_mode", "window", "unknown_traffic", "enabled")},
+        "guardrail", "input_check", "prompt_scope", "signed_prompt_mask", "output_check",
+        "reasoning_check", "shadow", "soft_block", "failure_mode", "stream_mode", "window",
+        "unknown_traffic", "enabled")},
 }
 
 

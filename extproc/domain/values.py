@@ -44,6 +44,14 @@ class UnknownTraffic(enum.Enum):
     PASS = "pass"  # let through unchecked: an explicit opt-out, logged and counted
 
 
+class SignedPromptMask(enum.Enum):
+    """What a masked prompt does on a request the client signed with AWS SigV4 (Bedrock
+    Runtime through boto3): a rewritten body would fail the signature upstream."""
+
+    REFUSE = "refuse"  # blocked before the upstream (the masked text must not go up)
+    PASS = "pass"  # sent unmasked: an explicit opt-out, logged and counted
+
+
 class PromptScope(enum.Enum):
     """Which prompt text is checked (``extproc.formats.PromptScope``)."""
 

@@ -34,6 +34,9 @@ module                    API                          path ends with
 ``openai_completions``    OpenAI legacy Completions    ``/completions`` (not chat)
 ``gemini``                Google Gemini, Vertex AI     ``{model}:generatecontent``,
                                                        ``{model}:streamgeneratecontent``
+``bedrock``               AWS Bedrock Runtime (event   ``/model/{id}/converse``,
+                          streams)                     ``.../converse-stream``, ``.../invoke``,
+                                                       ``.../invoke-with-response-stream``
 ``ollama``                Ollama (NDJSON streams)      ``/api/chat``, ``/api/generate``
 ========================  ===========================  ===========================
 """
@@ -57,6 +60,7 @@ __all__ = [
     "all_formats",
     "canonical_path",
     "find_format",
+    "is_reasoning",
     "strip_query",
 ]
 
@@ -180,6 +184,25 @@ class StreamFormat(Protocol):
         ...
 
 
+#: The first element of the channels that carry a model's reasoning text, in every format.
+REASONING_CHANNELS = frozenset({"reasoning_content", "reasoning", "thinking", "thinking_part",
+                                "summary", "thought"})
+#: Channels that wrap another channel as their last element (text read a second way).
+_WRAPPERS = frozenset({"after_done", "after_bom", "skipped", "joined", "first"})
+
+
+def is_reasoning(channel: Hashable) -> bool:
+    """Whether a channel (``StreamCodec.extract``, ``StreamFormat.response_texts``) carries
+    reasoning text (``--reasoning-check``), read directly or a second way (``apart``,
+    ``("joined", field)``)."""
+    if not isinstance(channel, tuple) or not channel:
+        return False
+    head = channel[0]
+    if head in _WRAPPERS and len(channel) > 1:
+        head = channel[1]
+    return isinstance(head, str) and head in REASONING_CHANNELS
+
+
 def strip_query(path: str) -> str:
     """The path without query string or fragment."""
     for sep in ("?", "#"):
@@ -231,6 +254,7 @@ def all_formats() -> tuple[StreamFormat, ...]:
     """Every format the sidecar guards, most specific first (``/chat/completions`` before
     ``/completions``)."""
     from extproc.formats.anthropic_messages import AnthropicMessages
+    from extproc.formats.bedrock import CONVERSE, INVOKE, BedrockRuntime
     from extproc.formats.gemini import GeminiGenerateContent
     from extproc.formats.ollama import OllamaFormat
     from extproc.formats.openai_chat import OpenAIChat
@@ -238,4 +262,5 @@ def all_formats() -> tuple[StreamFormat, ...]:
     from extproc.formats.openai_responses import OpenAIResponses
 
     return (OpenAIChat(), OpenAIResponses(), AnthropicMessages(), OpenAICompletions(),
-            GeminiGenerateContent(), OllamaFormat(generate=False), OllamaFormat(generate=True))
+            GeminiGenerateContent(), BedrockRuntime(CONVERSE), BedrockRuntime(INVOKE),
+            OllamaFormat(generate=False), OllamaFormat(generate=True))

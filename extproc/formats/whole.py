@@ -46,7 +46,7 @@ NO_TEXT_KEYS: Final = frozenset({
 #: Keys whose values are often binary data: skipped when the value looks like base64 (a data
 #: URL, or a long run of the base64 alphabet); read when they hold text (Anthropic's plain-text
 #: document source is ``{"type": "text", "data": ...}``).
-BINARY_KEYS: Final = frozenset({"data", "file_data", "b64_json", "audio"})
+BINARY_KEYS: Final = frozenset({"data", "file_data", "b64_json", "audio", "bytes"})
 _BASE64: Final = re.compile(r"[A-Za-z0-9+/=_\-\s]{64,}")
 #: Keys whose objects map names to JSON schemas: the names are read by the model.
 SCHEMA_MAPS: Final = frozenset({"properties", "$defs", "definitions", "patternProperties"})

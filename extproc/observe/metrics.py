@@ -115,6 +115,9 @@ class Recorder(Protocol):
     def released_before_block(self, chars: int) -> None:
         """Characters of model text the client had when its answer was blocked."""
 
+    def reasoning_unchecked(self, route: str, chars: int) -> None:
+        """Characters of reasoning text a route's ``reasoning_check off`` let through."""
+
     def track_held(self, holder: HeldBytes) -> None:
         """Count ``holder.held_bytes`` in the held-bytes gauge until ``untrack_held``."""
 
@@ -148,6 +151,9 @@ class NullRecorder:
         pass
 
     def released_before_block(self, chars: int) -> None:
+        pass
+
+    def reasoning_unchecked(self, route: str, chars: int) -> None:
         pass
 
     def track_held(self, holder: HeldBytes) -> None:
@@ -258,6 +264,9 @@ class PrometheusRecorder:
         self._released = Histogram(
             PREFIX + "chars_released_before_block", "characters of model text the client "
             "already had when its answer was blocked", buckets=RELEASED_BUCKETS, registry=reg)
+        self._reasoning_unchecked = Counter(
+            PREFIX + "reasoning_unchecked_chars", "characters of reasoning text passed "
+            "unchecked because the route sets reasoning_check off", ("route",), registry=reg)
         self._reloads = Counter(
             PREFIX + "config_reloads", "configuration file reloads (on change or SIGHUP) by "
             "result: applied, unchanged, refused (the loaded configuration keeps serving)",
@@ -313,6 +322,9 @@ class PrometheusRecorder:
 
     def released_before_block(self, chars: int) -> None:
         self._released.observe(chars)
+
+    def reasoning_unchecked(self, route: str, chars: int) -> None:
+        self._reasoning_unchecked.labels(route).inc(chars)
 
     # -- guardrail calls
 

@@ -28,6 +28,7 @@ from extproc.domain.values import (
     GuardrailVersion,
     InputCheck,
     PromptScope,
+    SignedPromptMask,
     StreamMode,
     UnknownTraffic,
 )
@@ -216,8 +217,16 @@ OPTIONS: tuple[_Option, ...] = (
             "generic (every string of their JSON checked, answers too), reject (403 before the "
             "upstream) or pass (unchecked, logged and counted)", "generic",
             _enum_parser(UnknownTraffic)),
+    _Option("--signed-prompt-mask", "default_route.signed_prompt_mask", "a prompt the guardrail "
+            "masked, on a request the client signed with AWS SigV4 (a rewritten body fails the "
+            "signature): refuse (blocked before the upstream) or pass (sent unmasked, logged "
+            "and counted); a request Envoy signs after the sidecar is rewritten as any other",
+            "refuse", _enum_parser(SignedPromptMask)),
     _Option("--output-check", "default_route.output_check", "check answers, streamed and not "
             "(on/off)", "on", _parse_bool),
+    _Option("--reasoning-check", "default_route.reasoning_check", "check the model's reasoning "
+            "text (thinking, reasoning_content, thought parts) like its answer (on/off; off: "
+            "passed unchecked, logged and counted)", "on", _parse_bool),
     _Option("--shadow", "default_route.shadow", "detect-only rollout: check everything, never "
             "block or rewrite, count and log what would have happened", "off", _parse_bool),
     _Option("--soft-block", "default_route.soft_block", "end a blocked answer with the guardrail's "
@@ -370,7 +379,9 @@ ROUTE_FIELDS: Mapping[str, tuple[str, Callable[[str, str], Any]]] = {
     "input_check": ("input_check", _enum_parser(InputCheck)),
     "unknown_traffic": ("unknown_traffic", _enum_parser(UnknownTraffic)),
     "prompt_scope": ("prompt_scope", _enum_parser(PromptScope)),
+    "signed_prompt_mask": ("signed_prompt_mask", _enum_parser(SignedPromptMask)),
     "output_check": ("output_check", _parse_bool),
+    "reasoning_check": ("reasoning_check", _parse_bool),
     "stream_mode": ("stream_mode", _enum_parser(StreamMode)),
     "shadow": ("shadow", _parse_bool),
     "soft_block": ("soft_block", _parse_bool),

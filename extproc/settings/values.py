@@ -26,6 +26,7 @@ from extproc.domain.values import (
     GuardrailRef,
     InputCheck,
     PromptScope,
+    SignedPromptMask,
     StreamMode,
     UnknownTraffic,
 )
@@ -61,7 +62,11 @@ class RoutePolicy:
     input_check: InputCheck = InputCheck.PRE_CALL
     prompt_scope: PromptScope = PromptScope.WHOLE_REQUEST
     unknown_traffic: UnknownTraffic = UnknownTraffic.GENERIC
+    signed_prompt_mask: SignedPromptMask = SignedPromptMask.REFUSE
     output_check: bool = True
+    # Reasoning text (thinking, reasoning_content, thought parts, reasoning summaries) is
+    # answer text the client shows: checked unless a route opts out (logged and counted).
+    reasoning_check: bool = True
     stream_mode: StreamMode = StreamMode.SYNC
     shadow: bool = False
     soft_block: bool = False

@@ -104,7 +104,7 @@ class WholeAnswer:
                 log.warning("answer of %d bytes cannot be read; failure mode open: passed "
                             "unchecked", len(body))
             else:
-                pairs = read
+                pairs = ctx.unchecked_reasoning(read)
         replacement: bytes | None = None
         if pairs:
             try:

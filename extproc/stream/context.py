@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from extproc.domain.cache import NO_CACHE, VerdictCache
 from extproc.domain.client import GuardrailClient
@@ -20,6 +20,7 @@ from extproc.domain.decision import Action, decide_error
 from extproc.domain.errors import GuardrailError, GuardrailServerError
 from extproc.domain.values import Gate, Source
 from extproc.domain.verdict import GuardrailVerdict
+from extproc.formats import is_reasoning
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import Recorder
 from extproc.settings.values import RoutePolicy, StreamSettings
@@ -78,6 +79,23 @@ class StreamContext:
         if verdict.findings:
             self.record.add_findings(verdict.findings)
         return verdict
+
+    def unchecked_reasoning(self, found: Sequence[tuple[Hashable, str]]
+                            ) -> list[tuple[Hashable, str]]:
+        """``found`` without its reasoning text when the route opts out of checking it
+        (``--reasoning-check off``): what is left out is logged once per stream and counted
+        (characters: the stream's ``reasoning_unchecked``, the route's metric)."""
+        if self.route.reasoning_check:
+            return list(found)
+        kept = [(channel, text) for channel, text in found if not is_reasoning(channel)]
+        if len(kept) < len(found):
+            chars = sum(len(text) for channel, text in found if is_reasoning(channel))
+            if not self.record.reasoning_unchecked:
+                log.info("reasoning text passed unchecked (reasoning_check off for route %s)",
+                         self.record.route)
+            self.record.count("reasoning_unchecked", chars)
+            self._recorder.reasoning_unchecked(self.record.route, chars)
+        return kept
 
     def no_verdict(self, error: GuardrailError) -> Action:
         """There is no verdict (``error``): record its class, and whether the text goes on

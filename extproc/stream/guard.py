@@ -71,6 +71,7 @@ class OutputGuard:
         self._codec = fmt.stream_codec()
         self._decoder = decoder
         self._check_output = check_output
+        self._reasoning = route.reasoning_check
         self._policy = route.window
         self._strategy = route.window.strategy
         self._sink = sink
@@ -168,6 +169,8 @@ class OutputGuard:
     def _hold(self, raw: bytes, event: SSEEvent | None) -> None:
         """Queue an event for release; its text goes to its channels."""
         found = self._codec.extract(event) if event is not None and self._check_output else ()
+        if found and not self._reasoning:
+            found = self._ctx.unchecked_reasoning(found)
         if not found:
             self._held.append(Held(raw, event, 0, ()))
             return

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from extproc import envoy
@@ -72,6 +73,18 @@ HEADER_CONTENT_TYPE = "content-type"
 HEADER_CONTENT_LENGTH = "content-length"
 HEADER_REQUEST_ID = "x-request-id"
 
+
+
+def is_signed(headers: Mapping[str, str]) -> bool:
+    """The client signed the request with AWS SigV4 (or SigV4a): an ``X-Amz-Date`` header
+    (every header-signed request has one; the shipped Envoy configurations keep
+    ``Authorization`` from the sidecar), an ``Authorization`` of ``AWS4-...``, or a presigned
+    URL's ``X-Amz-Signature``. Its body must not change."""
+    if "x-amz-date" in headers or headers.get("authorization", "")[:4].upper() == "AWS4":
+        return True
+    path = headers.get(":path", "")
+    query = path.find("?")
+    return query >= 0 and "x-amz-signature=" in path[query:].lower()
 
 class BodyMode(enum.Enum):
     """The response body mode configured on Envoy's filter (``protocol_config``)."""
@@ -202,6 +215,7 @@ class GuardedStream:
         self.phase = Phase.REQUEST
         self._content_encoding = "identity"
         self._content_type = ""
+        self._signed = False  # the client signed the request (AWS SigV4)
         self._request_body = bytearray()
         self._request_done = False
         self._prompt: PromptCheck | None = None
@@ -254,6 +268,7 @@ class GuardedStream:
         self._content_encoding = headers.get(
             HEADER_CONTENT_ENCODING, "identity").strip().lower()
         self._content_type = headers.get(HEADER_CONTENT_TYPE, "")
+        self._signed = is_signed(headers)
         length = headers.get(HEADER_CONTENT_LENGTH, "")
         limit = limits.max_request_bytes
         if check_prompt and limit and length.isdigit() and int(length) > limit:
@@ -330,7 +345,7 @@ class GuardedStream:
         else:
             outbox.put(envoy.continue_request_body())
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
-                                   decoded is not body)
+                                   decoded is not body, self._signed)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
     async def _check_prompt(self) -> None:

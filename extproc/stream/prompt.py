@@ -17,7 +17,7 @@ from typing import Any
 from extproc import envoy
 from extproc.domain.cache import verdict_key
 from extproc.domain.decision import Action, decide_verdict
-from extproc.domain.values import Gate, Source
+from extproc.domain.values import Gate, SignedPromptMask, Source
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.formats import StreamFormat
 from extproc.stream.context import StreamContext, as_guardrail_error
@@ -76,12 +76,13 @@ class PromptCheck:
     blocks as their text units allow (``extproc.stream.packing``). A clean pass of them all is
     remembered."""
 
-    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict", "_outputs")
+    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict", "_outputs", "_signed")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
-                 held: bytes | None, decoded: bool) -> None:
+                 held: bytes | None, decoded: bool, signed: bool = False) -> None:
         self._ctx = ctx
         self._fmt = fmt
+        self._signed = signed  # the client signed the request (AWS SigV4): no rewriting
         self._texts = texts
         self.held = held
         self._decoded = decoded
@@ -123,7 +124,21 @@ class PromptCheck:
         if verdict.outcome is Outcome.PASS and not verdict.findings:
             cache.remember(keys[index] for index in todo)
         outcome = verdict.outcome
-        if outcome is Outcome.MASK and self.held is not None:
+        can_mask = self.held is not None
+        if outcome is Outcome.MASK and can_mask and self._signed and not ctx.route.shadow:
+            # A rewritten body would fail the client's signature upstream.
+            can_mask = False
+            if ctx.route.signed_prompt_mask is SignedPromptMask.PASS:
+                record.signed_mask = "passed"
+                log.warning("prompt masked by the guardrail on a SigV4-signed request: sent "
+                            "unmasked (signed_prompt_mask pass)")
+            else:
+                record.signed_mask = "refused"
+                log.warning("prompt masked by the guardrail on a SigV4-signed request: "
+                            "refused (a rewritten body would fail the signature; sign in "
+                            "Envoy after the sidecar to allow masking)")
+                outcome = Outcome.BLOCK
+        if outcome is Outcome.MASK and can_mask:
             outputs = unpack(packed, texts, verdict.outputs)
             if outputs is None:
                 # A masked span across two texts cannot be put back, and the held request
@@ -135,7 +150,7 @@ class PromptCheck:
                 for index, output in zip(todo, outputs, strict=True):
                     full[index] = output
                 self._outputs = full
-        decision = decide_verdict(outcome, ctx.route, can_mask=self.held is not None,
+        decision = decide_verdict(outcome, ctx.route, can_mask=can_mask,
                                   can_soft_block=False)
         if decision.audit is not None:
             ctx.intervened(Source.INPUT, decision.audit, verdict)

@@ -42,6 +42,8 @@ class StreamRecord:
     failed_open: bool = False
     would_block_input: bool = False
     input_masked: bool = False
+    # A prompt masked on a SigV4-signed request: "refused" or "passed" (unmasked)
+    signed_mask: str | None = None
     cumulative_cap_reached: bool = False
     checks: int | None = None
     text_units: int | None = None
@@ -52,6 +54,7 @@ class StreamRecord:
     keepalives: int | None = None
     masked: int | None = None
     mask_unapplied: int | None = None
+    reasoning_unchecked: int | None = None  # characters of reasoning text not checked
     mask_carried: int | None = None
     would_block: int | None = None
     would_mask: int | None = None

@@ -261,3 +261,51 @@ async def test_streamed_route_passes_unguarded_answers_through() -> None:
     await h.feed(streamed_headers(), response_headers(status=404, content_type="text/plain"))
     await h.feed(response_body(b'plain text', end_of_stream=True))
     assert streamed_answers(h.sent) == [None]
+
+
+def reasoning_event(text: str) -> bytes:
+    obj = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "demo",
+           "choices": [{"index": 0, "delta": {"reasoning_content": text},
+                        "finish_reason": None}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def test_reasoning_is_checked_unless_the_route_opts_out() -> None:
+    # Issue 15, item 4: reasoning text is answer text the client shows.
+    chunks = [reasoning_event("the forbidden plan"), chunk_event("Fine."),
+              chunk_event(finish_reason="stop"), b"data: [DONE]\n\n"]
+    checked = Harness(FakeGuardrail(), input_check=InputCheck.OFF)
+    await run(checked, chunks)
+    assert checked.client_bytes().endswith(BLOCK_FRAME)
+    assert b"forbidden" not in checked.client_bytes()
+    skipped = Harness(FakeGuardrail(), input_check=InputCheck.OFF, reasoning_check=False)
+    await run(skipped, chunks)
+    assert skipped.client_bytes() == b"".join(chunks)
+    assert [c.texts for c in skipped.guardrail.calls] == [["Fine."]]  # the content still is
+    assert skipped.processor.record.to_metadata()["reasoning_unchecked"] == len(
+        "the forbidden plan")
+    # and the content is still blocked on such a route
+    blocked = Harness(FakeGuardrail(), input_check=InputCheck.OFF, reasoning_check=False)
+    await run(blocked, [reasoning_event("fine"), chunk_event("the forbidden word"),
+                        b"data: [DONE]\n\n"])
+    assert blocked.client_bytes().endswith(BLOCK_FRAME)
+
+
+async def test_reasoning_opt_out_applies_to_whole_answers() -> None:
+    answer = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                             "role": "assistant", "content": "Fine.",
+                             "reasoning_content": "the forbidden plan"}}]}).encode()
+    for reasoning_check, status in ((True, 400), (False, None)):
+        h = Harness(FakeGuardrail(), input_check=InputCheck.OFF,
+                    reasoning_check=reasoning_check)
+        await h.feed(request_headers(), response_headers(content_type="application/json"),
+                     response_body(answer, end_of_stream=True))
+        for _ in range(5):
+            await h.settle()
+        replies = [m for m in h.sent if m.WhichOneof("response") == "immediate_response"]
+        if status is None:
+            assert not replies
+            assert h.processor.record.to_metadata()["reasoning_unchecked"] == 18
+        else:
+            assert replies and replies[0].immediate_response.status.code == status

@@ -11,6 +11,8 @@ after some events went out. Both runs must send the same bytes at the same point
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 from extproc.domain.values import StreamMode
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.domain.windows import WindowPolicy
+from extproc.eventstream import EventStreamDecoder
 from extproc.formats import StreamCodec, StreamFormat, all_formats
 from extproc.framing import Decoder
 from extproc.observe.audit import AuditLog
@@ -29,7 +32,7 @@ from extproc.stream.guard import OutputGuard
 from extproc.stream.record import StreamRecord
 from extproc.stream.sinks import Outbox
 from tests.support import bedrock_response, settings
-from tests.unit.test_formats_common import FIXTURES_OF, Unnoted, fixture
+from tests.unit.test_formats_common import CONTENT_TYPES, FIXTURES_OF, Unnoted, fixture
 
 # Small windows: the recordings' answers are 60 to 180 characters long.
 POLICY = WindowPolicy(window_chars=24, overlap_chars=6, min_chars=12)
@@ -95,8 +98,19 @@ VERDICTS: dict[str, Callable[[int, Sequence[str]], GuardrailVerdict]] = {
 }
 
 
+def shown(sent: bytes, name: str) -> bytes:
+    """What the client reads of ``sent``: Bedrock InvokeModel's chunks hold base64 JSON."""
+    if not name.endswith(".eventstream"):
+        return sent
+    out = b""
+    for frame in EventStreamDecoder().feed(sent):
+        payload = json.loads(frame.data or "{}")
+        out += base64.b64decode(payload["bytes"]) if "bytes" in payload else frame.raw
+    return out
+
+
 def content_type(name: str) -> str:
-    return "application/x-ndjson" if name.endswith(".ndjson") else "text/event-stream"
+    return CONTENT_TYPES[name.rsplit(".", 1)[-1]]
 
 
 def chunkings(raw: bytes, decoder: Decoder) -> dict[str, list[bytes]]:
@@ -154,7 +168,7 @@ async def test_guard_sends_the_same_bytes_without_notes(fmt: StreamFormat, name:
         if verdict == "pass" or (verdict == "mask" and mode is StreamMode.ASYNC):
             assert sent == raw  # async cannot apply masks
         elif verdict == "mask":
-            assert stats.get("masked") and b"{E}" in sent
+            assert stats.get("masked") and b"{E}" in shown(sent, name)
         else:
             assert stats["outcome"] == ("soft_block" if soft else "block")
-            assert (b"Sorry." in sent) is soft  # the guardrail's message, as content
+            assert (b"Sorry." in shown(sent, name)) is soft  # the guardrail's message, as content

@@ -13,12 +13,12 @@ import pytest
 from extproc.domain.cache import NO_CACHE, MemoryVerdictCache, VerdictCache
 from extproc.domain.errors import GuardrailThrottled, GuardrailTimeout
 from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.domain.values import GuardrailRef, InputCheck, Source, UnknownTraffic
+from extproc.domain.values import GuardrailRef, InputCheck, SignedPromptMask, Source, UnknownTraffic
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.domain.windows import WindowPolicy
 from extproc.envoy import ProcessingMode
 from extproc.formats import all_formats
-from extproc.stream.processor import StreamProcessor
+from extproc.stream.processor import StreamProcessor, is_signed
 from extproc.stream.sinks import Outbox
 from tests.support import (
     BLOCK_FRAME,
@@ -616,3 +616,47 @@ async def test_token_ids_are_refused_before_the_upstream() -> None:
     assert answer.status.code == 400
     assert json.loads(answer.body)["error"]["type"] == "guardrail_invalid_request"
     assert h.guardrail.calls == []
+
+
+@pytest.mark.parametrize("signature", [
+    (("x-amz-date", "20261206T050000Z"),),
+    (("authorization", "AWS4-HMAC-SHA256 Credential=AKID/20261206/us-east-1/bedrock/aws4_request"),),
+])
+async def test_a_masked_prompt_on_a_signed_request_is_refused_or_passed_unmasked(
+        signature: tuple[tuple[str, str], ...]) -> None:
+    # Issue 15: a rewritten body would fail the client's SigV4 signature upstream.
+    body = json.dumps({"messages": [{"role": "user", "content": [{"text": "my secret"}]}]})
+    path = "/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
+    refused = Harness(Masker())
+    await refused.feed(request_headers(path=path, extra=signature),
+                       request_body(body.encode()))
+    await refused.settle()
+    reply = refused.sent[-1]
+    assert reply.WhichOneof("response") == "immediate_response"
+    assert reply.immediate_response.status.code == 400
+    assert refused.processor.record.signed_mask == "refused"
+    passed = Harness(Masker(), signed_prompt_mask=SignedPromptMask.PASS)
+    await passed.feed(request_headers(path=path, extra=signature), request_body(body.encode()))
+    await passed.settle()
+    answer = passed.sent[-1]
+    assert answer.WhichOneof("response") == "request_body"
+    assert not answer.request_body.response.HasField("body_mutation")  # sent as signed
+    assert passed.processor.record.signed_mask == "passed"
+    assert not passed.processor.record.input_masked
+    unsigned = Harness(Masker())
+    await unsigned.feed(request_headers(path=path), request_body(body.encode()))
+    await unsigned.settle()
+    mutated = unsigned.sent[-1].request_body.response.body_mutation.body
+    assert b"{WORD}" in mutated and unsigned.processor.record.input_masked
+
+
+@pytest.mark.parametrize(("headers", "signed"), [
+    ({"x-amz-date": "20261206T050000Z"}, True),
+    ({"authorization": "aws4-hmac-sha256 Credential=x"}, True),
+    ({":path": "/model/m/converse?X-Amz-Signature=abc&X-Amz-Date=1"}, True),
+    ({"authorization": "Bearer sk-123"}, False),
+    ({":path": "/v1/chat/completions?signature=1"}, False),
+    ({}, False),
+])
+def test_sigv4_signed_requests_are_recognised(headers: dict[str, str], signed: bool) -> None:
+    assert is_signed(headers) is signed

@@ -14,7 +14,14 @@ import pytest
 
 from extproc.domain.errors import ConfigError, ExtprocError
 from extproc.domain.failure import FailureMode, FailurePolicy
-from extproc.domain.values import GuardrailRef, InputCheck, PromptScope, StreamMode, UnknownTraffic
+from extproc.domain.values import (
+    GuardrailRef,
+    InputCheck,
+    PromptScope,
+    SignedPromptMask,
+    StreamMode,
+    UnknownTraffic,
+)
 from extproc.domain.windows import Strategy
 from extproc.observe.logs import LogFormat
 from extproc.settings.options import OPTIONS, build_parser, load_settings
@@ -33,6 +40,7 @@ ENV_NAMES = {
     "--guardrail-version": "EXTPROC_GUARDRAIL_VERSION",
     "--input-check": "EXTPROC_INPUT_CHECK",
     "--output-check": "EXTPROC_OUTPUT_CHECK",
+    "--reasoning-check": "EXTPROC_REASONING_CHECK",
     "--failure-mode": "EXTPROC_FAILURE_MODE",
     "--guardrail-timeout": "EXTPROC_GUARDRAIL_TIMEOUT",
     "--guardrail-max-attempts": "EXTPROC_GUARDRAIL_MAX_ATTEMPTS",
@@ -56,6 +64,7 @@ ENV_NAMES = {
     "--keepalive-interval": "EXTPROC_KEEPALIVE_INTERVAL",
     "--streamed-message-timeout": "EXTPROC_STREAMED_MESSAGE_TIMEOUT",
     "--prompt-scope": "EXTPROC_PROMPT_SCOPE",
+    "--signed-prompt-mask": "EXTPROC_SIGNED_PROMPT_MASK",
     "--shadow": "EXTPROC_SHADOW",
     "--soft-block": "EXTPROC_SOFT_BLOCK",
     "--guardrail-attempt-timeout": "EXTPROC_GUARDRAIL_ATTEMPT_TIMEOUT",
@@ -157,6 +166,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--max-streams", "10", "max_streams", 10),
     ("--max-request-bytes", "2048", "max_request_bytes", 2048),
     ("--prompt-scope", "all_with_system", "prompt_scope", PromptScope.ALL_WITH_SYSTEM),
+    ("--signed-prompt-mask", "pass", "signed_prompt_mask", SignedPromptMask.PASS),
     ("--shadow", "on", "shadow", True),
     ("--soft-block", "yes", "soft_block", True),
     ("--guardrail-attempt-timeout", "1.5", "guardrail_attempt_timeout_s", 1.5),
@@ -207,6 +217,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--output-check", "yes", "output_check", True),
     ("--output-check", " True ", "output_check", True),
     ("--output-check", "1", "output_check", True),
+    ("--reasoning-check", "off", "reasoning_check", False),
     ("--failure-mode", "open", "failure_mode", FailurePolicy.uniform(FailureMode.OPEN)),
     ("--failure-mode", " Closed ", "failure_mode", FailurePolicy()),
     ("--guardrail-timeout", "2.5", "guardrail_timeout_s", 2.5),
@@ -446,6 +457,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--tls-key", "/nonexistent/key.pem", ("cannot read",)),
     ("--tls-client-ca", "/nonexistent/ca.pem", ("cannot read",)),
     ("--prompt-scope", "some", ("is not one of", "last_user")),
+    ("--signed-prompt-mask", "strip", ("is not one of", "refuse", "pass")),
     ("--shadow", "perhaps", ("is not a boolean",)),
     ("--soft-block", "2", ("is not a boolean",)),
     ("--guardrail-attempt-timeout", "0", ("outside",)),
@@ -488,6 +500,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--failure-mode", "maybe", ("'maybe'", "is not a failure mode", "closed or open")),
     ("--output-check", "enabled", ("'enabled'", "not a boolean", "on/off", "true/false")),
     ("--output-check", "", ("not a boolean", "on/off")),
+    ("--reasoning-check", "maybe", ("'maybe'", "not a boolean", "on/off")),
     ("--guardrail-timeout", "fast", ("'fast'", "not a float")),
     ("--guardrail-timeout", "0", ("outside", "0.05..120")),
     ("--guardrail-timeout", "0.049", ("outside", "0.05..120")),
