@@ -268,7 +268,33 @@ def _frame(buf: bytes | bytearray, view: memoryview, start: int, end: int) -> Ev
         raise EventStreamError(
             f"message checksum mismatch: expected 0x{crc:08x}, calculated 0x{computed:08x}")
     headers_end = start + PRELUDE_LENGTH + headers_length
-    headers = _headers(buf, start + PRELUDE_LENGTH, headers_end)
+    section = bytes(view[start + PRELUDE_LENGTH:headers_end])
+    known = _HEADER_CACHE.get(section)
+    if known is None:
+        known = _read_headers(section)
+        if len(_HEADER_CACHE) >= _HEADER_CACHE_SIZE:
+            _HEADER_CACHE.clear()
+        _HEADER_CACHE[section] = known
+    headers, message_type, event = known
+    if type(buf) is bytes and start == 0 and end == len(buf):
+        raw = buf  # the chunk is this one frame: no copy
+    else:
+        raw = bytes(view[start:end])
+    data = None
+    if payload_end > headers_end:
+        data = str(view[headers_end:payload_end], "utf-8", "replace")
+    return EventFrame(raw, event=event, data=data, message_type=message_type, headers=headers)
+
+
+#: Header sections already read -> (headers, message type, event name). A stream repeats a
+#: handful of them (one per event type) in every frame: reading one is a dict lookup.
+_HEADER_CACHE: dict[bytes, tuple[tuple[tuple[str, object], ...], str, str | None]] = {}
+_HEADER_CACHE_SIZE = 256
+
+
+def _read_headers(section: bytes) -> tuple[tuple[tuple[str, object], ...], str, str | None]:
+    """A header section's headers, ``:message-type`` and event name (``EventFrame``)."""
+    headers = _headers(section, 0, len(section))
     message_type = ""
     event = None
     for name, value in headers:
@@ -281,14 +307,7 @@ def _frame(buf: bytes | bytearray, view: memoryview, start: int, end: int) -> Ev
             if name == wanted and type(value) is str:
                 event = value
                 break
-    if type(buf) is bytes and start == 0 and end == len(buf):
-        raw = buf  # the chunk is this one frame: no copy
-    else:
-        raw = bytes(view[start:end])
-    data = None
-    if payload_end > headers_end:
-        data = str(view[headers_end:payload_end], "utf-8", "replace")
-    return EventFrame(raw, event=event, data=data, message_type=message_type, headers=headers)
+    return headers, message_type, event
 
 
 def _headers(buf: bytes | bytearray, pos: int, end: int) -> tuple[tuple[str, object], ...]:

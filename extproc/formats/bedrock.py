@@ -794,6 +794,11 @@ class ConverseStreamCodec:
             found = _unknown_texts(event)
         elif payload is None:
             return []
+        elif kind == "contentBlockDelta" and type(delta := payload.get("delta")) is dict \
+                and len(delta) == 1 and type(text := delta.get("text")) is str:
+            # The usual frame: a text delta alone (``_event_slots`` reads the same).
+            found = [(("text", c.key(payload.get("contentBlockIndex", 0))), text)] if text \
+                else []
         else:
             found = [(slot.channel, slot.get()) for slot in _event_slots(kind, payload)]
         if kind == "messageStop":

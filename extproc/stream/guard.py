@@ -116,7 +116,12 @@ class OutputGuard:
                 self._held.append(Held(body, None, 0, ()))
         else:
             hold = self._hold
-            for event in decoder.feed(body, end_of_stream=end_of_stream):
+            try:
+                events = decoder.feed(body, end_of_stream=end_of_stream)
+            except ValueError as exc:  # a corrupt frame (AWS event streams check CRCs)
+                self._unreadable(str(exc), end_of_stream)
+                return
+            for event in events:
                 hold(event.raw, event)
         if end_of_stream:
             self._upstream_done = True
@@ -155,6 +160,27 @@ class OutputGuard:
                         self._max_held_bytes)
             self.end(ErrorKind.UNAVAILABLE)
         return True
+
+    def _unreadable(self, reason: str, end_of_stream: bool) -> None:
+        """The framing cannot be read any further (a corrupt frame): the failure policy decides
+        between ending the stream (closed) and passing the rest through unchecked (open)."""
+        error = GuardrailServerError(f"unreadable answer stream: {reason}")
+        self._record.count("errors")
+        if self._ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
+            log.warning("answer stream unreadable (%s); failure mode open: passing the rest "
+                        "through unchecked", reason)
+            self._passthrough = True
+            self._upstream_done = end_of_stream
+            task, self._in_flight = self._in_flight, None
+            if task is not None:
+                task.cancel()
+            raw = b"".join(item.raw for item in self._held)
+            self._held.clear()
+            assert self._decoder is not None, "BUG: an unreadable stream without a decoder"
+            self._forward(raw + self._decoder.flush())
+        else:
+            log.warning("answer stream unreadable (%s); failure mode closed: ending it", reason)
+            self.end(ErrorKind.UNAVAILABLE)
 
     def _forward(self, data: bytes) -> None:
         """Pass-through after an overload in failure mode open."""
