@@ -280,3 +280,34 @@ def test_reasoning_is_checked_unless_the_route_opts_out(routes_stack: Stack,
     assert converse_text(events) == "Sure."
     assert any("reasoningContent" in e.get("contentBlockDelta", {}).get("delta", {})
                for e in events)
+
+
+WHOLE_BLOCKED: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    # provider: (path, request, a non-streamed answer saying the blocked phrase)
+    "bedrock": (f"/model/{MODEL}/converse", {"messages": MESSAGES},
+                converse_answer(f"It is {BLOCKED_PHRASE}.")),
+    "ollama": ("/api/chat", {"model": "m", "stream": False,
+                             "messages": [{"role": "user", "content": "Name?"}]},
+               {"model": "m", "created_at": "2026-12-06T05:00:00Z", "done": True,
+                "message": {"role": "assistant", "content": f"It is {BLOCKED_PHRASE}."}}),
+    "gemini": ("/v1beta/models/gemini-2.5-flash:generateContent",
+               {"contents": [{"parts": [{"text": "Name?"}]}]},
+               {"candidates": [{"content": {"role": "model", "parts": [
+                   {"text": f"It is {BLOCKED_PHRASE}."}]}, "index": 0}]}),
+}
+
+
+@pytest.mark.parametrize("provider", sorted(WHOLE_BLOCKED))
+def test_a_blocked_whole_answer_over_http2_is_the_apis_error(stack: Stack,
+                                                             provider: str) -> None:
+    path, request, answer = WHOLE_BLOCKED[provider]
+    script_id = stack.llm.register(json_answer(answer))
+    with httpx.Client(http1=False, http2=True, timeout=30) as http:
+        response = http.post(f"{stack.url}{path}", json=request,
+                             headers={"x-fake-script": script_id})
+    assert response.http_version == "HTTP/2" and response.status_code == 400
+    assert b"Nightingale" not in response.content
+    error = response.json()
+    message = {"bedrock": lambda: error["message"], "ollama": lambda: error["error"],
+               "gemini": lambda: error["error"]["message"]}[provider]()
+    assert message == VIOLATION
