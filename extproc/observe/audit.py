@@ -86,6 +86,7 @@ class AuditLog:
         request_id: str | None = None,
         chars_released: int = 0,
         tripped_window: str | None = None,
+        cost_usd: float = 0.0,
     ) -> dict[str, Any]:
         """Log one intervention; returns the record."""
         findings = []
@@ -108,6 +109,7 @@ class AuditLog:
             "chars_released": chars_released,
             "tripped_window": tripped_window,
             "text_units": verdict.text_units,
+            "cost_usd": cost_usd,  # the stream's guardrail calls so far, this one included
             "request_id": request_id,
             "route": route,
             "format": fmt,

@@ -24,7 +24,6 @@ Must not log, decide, or see prompts, answers or matched text.
 from __future__ import annotations
 
 import gc
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +44,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from extproc.domain.cost import policy_label
 from extproc.domain.errors import ERROR_CLASSES
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 
@@ -118,6 +118,9 @@ class Recorder(Protocol):
     def reasoning_unchecked(self, route: str, chars: int) -> None:
         """Characters of reasoning text a route's ``reasoning_check off`` let through."""
 
+    def cost(self, route: str, policy: str, usd: float) -> None:
+        """A guardrail call's cost for one policy type (``extproc.domain.cost``)."""
+
     def track_held(self, holder: HeldBytes) -> None:
         """Count ``holder.held_bytes`` in the held-bytes gauge until ``untrack_held``."""
 
@@ -156,6 +159,9 @@ class NullRecorder:
     def reasoning_unchecked(self, route: str, chars: int) -> None:
         pass
 
+    def cost(self, route: str, policy: str, usd: float) -> None:
+        pass
+
     def track_held(self, holder: HeldBytes) -> None:
         pass
 
@@ -186,14 +192,9 @@ def verdict_action(verdict: GuardrailVerdict) -> str:
     return "detect_only" if verdict.detected_only else "pass"
 
 
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
-
-
-def usage_policy(key: str) -> str:
-    """A ``usage`` member as a policy label: ``sensitiveInformationPolicyFreeUnits`` ->
-    ``sensitive_information_free``."""
-    base = key[:-len("Units")] if key.endswith("Units") else key
-    return _CAMEL.sub("_", base.replace("Policy", "")).lower()
+#: A ``usage`` member as a policy label (``sensitiveInformationPolicyFreeUnits`` ->
+#: ``sensitive_information_free``): the labels of ``text_units`` and ``cost_usd`` agree.
+usage_policy = policy_label
 
 
 class _Names:
@@ -264,6 +265,11 @@ class PrometheusRecorder:
         self._released = Histogram(
             PREFIX + "chars_released_before_block", "characters of model text the client "
             "already had when its answer was blocked", buckets=RELEASED_BUCKETS, registry=reg)
+        self._cost = Counter(
+            PREFIX + "cost_usd", "guardrail calls' cost in USD by route and policy type: text "
+            "units x the price table (--price-table; AWS's bill is the authority)",
+            ("route", "policy"), registry=reg)
+        self._cost_children: dict[tuple[str, str], Counter] = {}
         self._reasoning_unchecked = Counter(
             PREFIX + "reasoning_unchecked_chars", "characters of reasoning text passed "
             "unchecked because the route sets reasoning_check off", ("route",), registry=reg)
@@ -325,6 +331,13 @@ class PrometheusRecorder:
 
     def reasoning_unchecked(self, route: str, chars: int) -> None:
         self._reasoning_unchecked.labels(route).inc(chars)
+
+    def cost(self, route: str, policy: str, usd: float) -> None:
+        key = (route, policy)
+        child = self._cost_children.get(key)
+        if child is None:
+            child = self._cost_children[key] = self._cost.labels(route, policy)
+        child.inc(usd)
 
     # -- guardrail calls
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from extproc.domain.cost import format_price_table, parse_price_table
 from extproc.domain.errors import ConfigError
 from extproc.domain.failure import FailurePolicy, parse_failure_policy
 from extproc.domain.values import (
@@ -144,6 +145,13 @@ def _parse_file(value: str, where: str) -> str | None:
     return value
 
 
+def _parse_prices(value: str, where: str) -> Mapping[str, float]:
+    try:
+        return parse_price_table(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _parse_bool(value: str, where: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -250,6 +258,9 @@ OPTIONS: tuple[_Option, ...] = (
             "pass, kept per process so that a conversation's history is checked once (about 200 "
             "bytes each; 0: every text is checked every time)", "100000",
             _number_parser(int, 0, 100_000_000)),
+    _Option("--price-table", "streams.prices", "USD per 1,000 text units by policy, for the "
+            "cost figures (defaults: AWS's public prices; AWS's bill is the authority), e.g. "
+            "content=0.15,topic=0.15,sensitive_information=0.1", "aws", _parse_prices),
     _Option("--verdict-cache-ttl", "client.verdict_cache_ttl_s", "seconds a pass is kept in the "
             "verdict cache", "3600", _number_parser(float, 1, 30 * 86400)),
     _Option("--breaker-failures", "client.breaker_failures", "consecutive failed attempts that "
@@ -498,6 +509,8 @@ def _plain(value: Any) -> Any:
         return value.value
     if isinstance(value, FailurePolicy):
         return str(value)
+    if isinstance(value, Mapping):  # (the price table)
+        return format_price_table(value)
     return value
 
 

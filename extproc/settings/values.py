@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from extproc.domain.cost import DEFAULT_PRICES
 from extproc.domain.failure import FailurePolicy
 from extproc.domain.values import (
     GuardrailRef,
@@ -208,6 +209,8 @@ class StreamSettings:
     max_held_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
     max_streams: int = 2000
+    # ``usage`` member -> USD per 1,000 units (``extproc.domain.cost``; ``--price-table``)
+    prices: Mapping[str, float] = field(default_factory=lambda: DEFAULT_PRICES)
 
 
 @dataclass(frozen=True, slots=True)

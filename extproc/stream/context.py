@@ -16,6 +16,7 @@ from collections.abc import Hashable, Sequence
 
 from extproc.domain.cache import NO_CACHE, VerdictCache
 from extproc.domain.client import GuardrailClient
+from extproc.domain.cost import cost_usd, policy_label, unpriced
 from extproc.domain.decision import Action, decide_error
 from extproc.domain.errors import GuardrailError, GuardrailServerError
 from extproc.domain.values import Gate, Source
@@ -28,6 +29,7 @@ from extproc.stream.record import StreamRecord
 from extproc.stream.sinks import Outbox
 
 log = logging.getLogger(__name__)
+_UNPRICED: set[str] = set()  # usage members without a price, warned about once per process
 
 
 def as_guardrail_error(exc: Exception, what: str) -> GuardrailError:
@@ -76,9 +78,26 @@ class StreamContext:
                 time.monotonic() - started)
             raise
         self._recorder.verdict(source.value, verdict, time.monotonic() - started)
+        if verdict.usage:
+            self._cost(verdict)
         if verdict.findings:
             self.record.add_findings(verdict.findings)
         return verdict
+
+    def _cost(self, verdict: GuardrailVerdict) -> None:
+        """The call's dollar cost: added to the stream's ``cost_usd`` and the route's metric."""
+        prices = self.limits.prices
+        costs = cost_usd(verdict.usage, prices)
+        if costs:
+            record = self.record
+            record.cost_usd = round((record.cost_usd or 0.0) + sum(costs.values()), 9)
+            for key, usd in costs.items():
+                self._recorder.cost(record.route, policy_label(key), usd)
+        missing = unpriced(verdict.usage, prices)
+        if missing and not _UNPRICED.issuperset(missing):
+            _UNPRICED.update(missing)
+            log.warning("no price for guardrail usage %s: counted as free (--price-table)",
+                        ", ".join(missing))
 
     def unchecked_reasoning(self, found: Sequence[tuple[Hashable, str]]
                             ) -> list[tuple[Hashable, str]]:
@@ -112,4 +131,5 @@ class StreamContext:
         """One audit record for a block or mask acted on (or, shadow, one that would be)."""
         self._audit.record(
             outcome=outcome, source=source.value.lower(), verdict=verdict,
-            chars_released=chars_released, tripped_window=window, **self.record.identity())
+            chars_released=chars_released, tripped_window=window,
+            cost_usd=self.record.cost_usd or 0.0, **self.record.identity())

@@ -47,6 +47,7 @@ class StreamRecord:
     cumulative_cap_reached: bool = False
     checks: int | None = None
     text_units: int | None = None
+    cost_usd: float | None = None  # the guardrail calls' cost (``extproc.domain.cost``)
     cached_texts: int | None = None  # prompt texts the verdict cache knew to pass
     max_policy_text_units: int | None = None
     detected: int | None = None

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.domain.cost import DEFAULT_PRICES, LABELS
 from testkit.upstream import Script
 from tests.e2e.conftest import SMALL_WINDOWS, Stack, StackFactory
 from tests.e2e.test_chat_stream import events, post_stream
@@ -137,7 +138,15 @@ def test_clean_masked_and_blocked_streams_are_each_counted_once(metrics_stack: S
     assert delta(before, after, "findings_total") == {}
     assert delta(before, after, "response_body_mode_total") == {
         labels(mode="full_duplex_streamed"): 1}
-    assert delta(before, after, "text_units_total")
+    units = delta(before, after, "text_units_total")
+    assert units
+    # Cost (issue 18): each policy's units times AWS's price, per route.
+    costs = delta(before, after, "cost_usd_total")
+    assert costs and all(dict(key)["route"] == "default" for key in costs)
+    for key, usd in costs.items():
+        policy = dict(key)["policy"]
+        billed = sum(v for k, v in units.items() if dict(k)["policy"] == policy)
+        assert usd == pytest.approx(billed * DEFAULT_PRICES[LABELS[policy]] / 1000)
     assert get(after, "guardrail_call_duration_seconds_count", source="output") > get(
         before, "guardrail_call_duration_seconds_count", source="output")
     assert get(after, "bedrock_calls_total") > get(before, "bedrock_calls_total")
@@ -191,6 +200,7 @@ def test_clean_masked_and_blocked_streams_are_each_counted_once(metrics_stack: S
     assert metadata["request_id"] == request_id
     assert (metadata["guardrail_id"], metadata["guardrail_version"]) == ("demoguardrail", "1")
     assert metadata["text_units"] > 0 and metadata["checks"] >= 1
+    assert metadata["cost_usd"] > 0 and 0 < block["cost_usd"] <= metadata["cost_usd"]
 
     log = stack.sidecar.log_path.read_text(encoding="utf-8")
     for text in ("Nightingale", "jane.doe", "example.com", "Alpha beta"):

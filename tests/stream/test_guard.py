@@ -9,7 +9,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.domain.cost import DEFAULT_PRICES
 from extproc.domain.values import GuardrailRef, InputCheck, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.domain.windows import Strategy, WindowPolicy
@@ -309,3 +312,29 @@ async def test_reasoning_opt_out_applies_to_whole_answers() -> None:
             assert h.processor.record.to_metadata()["reasoning_unchecked"] == 18
         else:
             assert replies and replies[0].immediate_response.status.code == status
+
+
+class PricedGuardrail(FakeGuardrail):
+    """Bills 2 content-filter and 3 PII units per call (and blocks ``forbidden``)."""
+
+    async def apply(self, guardrail: GuardrailRef, source: Source,
+                    texts: Sequence[str]) -> GuardrailVerdict:
+        verdict = await super().apply(guardrail, source, texts)
+        usage = {**verdict.usage, "contentPolicyUnits": 2, "sensitiveInformationPolicyUnits": 3}
+        return __import__("dataclasses").replace(verdict, usage=usage)
+
+
+async def test_a_streams_cost_is_its_calls_units_times_the_price_table() -> None:
+    # Issue 18, item 3: $0.15 per 1,000 content units, $0.10 per 1,000 PII units.
+    h = Harness(PricedGuardrail(), input_check=InputCheck.OFF,
+                window=WindowPolicy(window_chars=10, overlap_chars=2, min_chars=5))
+    await run(h, [chunk_event(w) for w in words(60)] + [b"data: [DONE]\n\n"])
+    calls = len(h.guardrail.calls)
+    assert calls >= 2
+    facts = h.processor.record.to_metadata()
+    assert facts["cost_usd"] == pytest.approx(calls * (2 * 0.15 + 3 * 0.10) / 1000)
+    cheap = Harness(PricedGuardrail(), input_check=InputCheck.OFF,
+                    prices={**DEFAULT_PRICES, "contentPolicyUnits": 0.0})
+    await run(cheap, [chunk_event("the forbidden word"), b"data: [DONE]\n\n"])
+    assert cheap.processor.record.to_metadata()["cost_usd"] == pytest.approx(
+        len(cheap.guardrail.calls) * 3 * 0.10 / 1000)

@@ -82,7 +82,7 @@ def test_a_record_has_every_fact_and_no_matched_text(audit_log: Records) -> None
                      {"policy": "word", "name": "custom", "action": "BLOCKED"}],
         "chars_released": 76,
         "tripped_window": "0:40-200",
-        "text_units": 7,
+        "text_units": 7, "cost_usd": 0.0,
         "request_id": "req-9",
         "route": "default",
         "format": "openai.chat_completions",

@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
+from extproc.domain.cost import DEFAULT_PRICES
 from extproc.domain.errors import ConfigError, ExtprocError
 from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.domain.values import (
@@ -65,6 +67,7 @@ ENV_NAMES = {
     "--streamed-message-timeout": "EXTPROC_STREAMED_MESSAGE_TIMEOUT",
     "--prompt-scope": "EXTPROC_PROMPT_SCOPE",
     "--signed-prompt-mask": "EXTPROC_SIGNED_PROMPT_MASK",
+    "--price-table": "EXTPROC_PRICE_TABLE",
     "--shadow": "EXTPROC_SHADOW",
     "--soft-block": "EXTPROC_SOFT_BLOCK",
     "--guardrail-attempt-timeout": "EXTPROC_GUARDRAIL_ATTEMPT_TIMEOUT",
@@ -167,6 +170,8 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--max-request-bytes", "2048", "max_request_bytes", 2048),
     ("--prompt-scope", "all_with_system", "prompt_scope", PromptScope.ALL_WITH_SYSTEM),
     ("--signed-prompt-mask", "pass", "signed_prompt_mask", SignedPromptMask.PASS),
+    ("--price-table", "content=0.07", "prices",
+     MappingProxyType({**DEFAULT_PRICES, "contentPolicyUnits": 0.07})),
     ("--shadow", "on", "shadow", True),
     ("--soft-block", "yes", "soft_block", True),
     ("--guardrail-attempt-timeout", "1.5", "guardrail_attempt_timeout_s", 1.5),
@@ -458,6 +463,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--tls-client-ca", "/nonexistent/ca.pem", ("cannot read",)),
     ("--prompt-scope", "some", ("is not one of", "last_user")),
     ("--signed-prompt-mask", "strip", ("is not one of", "refuse", "pass")),
+    ("--price-table", "content=cheap", ("'cheap'", "is not a price")),
     ("--shadow", "perhaps", ("is not a boolean",)),
     ("--soft-block", "2", ("is not a boolean",)),
     ("--guardrail-attempt-timeout", "0", ("outside",)),
