@@ -276,18 +276,7 @@ class ChoicesCodec:
         """``texts`` with a masked joined piece given to the first choice's own channel (the
         part of it after the history; a by-index mask of the same text wins)."""
         read = self._joined_read.pop(id(event), None)
-        if not read:
-            return texts
-        merged = dict(texts)
-        for joined, (history, original) in read.items():
-            masked = texts.get(joined)
-            if masked is None or not isinstance(joined, tuple):
-                continue
-            own = (joined[1], index)
-            if own not in merged:
-                split = shift_offset(align(history + original, masked), len(history))
-                merged[own] = masked[split:]
-        return merged
+        return joined_masks(read, texts, index) if read else texts
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         states = self._notes.take(event)
@@ -414,6 +403,56 @@ class DropSlot(Slot):
 
     def set(self, text: str) -> None:
         self.container[self.key] = None
+
+
+def string_slots(container: Any, key: Any) -> list[Slot]:
+    """A slot for every non-empty string in ``container[key]``, at any depth, in document
+    order (iterative: a deep tool result must not exhaust the stack)."""
+    slots: list[Slot] = []
+    stack: list[tuple[Any, Any]] = [(container, key)]
+    while stack:
+        holder, name = stack.pop()
+        value = holder[name]
+        if isinstance(value, str):
+            if value:
+                slots.append(Slot(holder, name))
+        elif isinstance(value, dict):
+            stack.extend((value, inner) for inner in reversed(list(value)))
+        elif isinstance(value, list):
+            stack.extend((value, position) for position in range(len(value) - 1, -1, -1))
+    return slots
+
+
+def scoped_messages(messages: Any, scope: str,
+                    system_roles: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The messages of a chat-style ``messages`` list a prompt scope reads: the last user
+    message (``last_user``), every message but the system ones (``all``), or all of them."""
+    if not isinstance(messages, list):
+        return []
+    if scope == PromptScope.LAST_USER:
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return [message]
+        return []
+    return [message for message in messages if isinstance(message, dict) and not (
+        scope == PromptScope.ALL and message.get("role") in system_roles)]
+
+
+def joined_masks(read: Mapping[Hashable, tuple[str, str]], texts: Mapping[Hashable, str],
+                 index: Hashable) -> Mapping[Hashable, str]:
+    """``texts`` with each masked joined reading (``("joined", field)``: history + original
+    piece, ``ChoicesCodec``) given to the first choice's own channel ``(field, index)``: the
+    part after the history. A by-index mask of the same text wins."""
+    merged = dict(texts)
+    for joined, (history, original) in read.items():
+        masked = texts.get(joined)
+        if masked is None or not isinstance(joined, tuple):
+            continue
+        own = (joined[1], index)
+        if own not in merged:
+            split = shift_offset(align(history + original, masked), len(history))
+            merged[own] = masked[split:]
+    return merged
 
 
 def text_slot(container: Any, key: Any, channel: Hashable = None) -> list[Slot]:

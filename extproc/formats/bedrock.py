@@ -234,24 +234,6 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _strings(container: Any, key: Any) -> list[c.Slot]:
-    """A slot for every non-empty string in ``container[key]``, at any depth, in document
-    order (iterative: a deep tool result must not exhaust the stack)."""
-    slots: list[c.Slot] = []
-    stack: list[tuple[Any, Any]] = [(container, key)]
-    while stack:
-        holder, name = stack.pop()
-        value = holder[name]
-        if isinstance(value, str):
-            if value:
-                slots.append(c.Slot(holder, name))
-        elif isinstance(value, dict):
-            stack.extend((value, inner) for inner in reversed(list(value)))
-        elif isinstance(value, list):
-            stack.extend((value, position) for position in range(len(value) - 1, -1, -1))
-    return slots
-
-
 def _no_text(name: Any) -> bool:
     """Keys whose values no leaf reading enters: ``whole.NO_TEXT_KEYS`` and Bedrock's own
     ``amazon-bedrock-*`` fields (metrics, guardrail traces)."""
@@ -331,7 +313,7 @@ def _block_slots(block: dict[str, Any], tool_results: bool) -> list[c.Slot]:
                 continue
             slots += c.text_slot(part, "text")
             if "json" in part:
-                slots += _strings(part, "json")
+                slots += c.string_slots(part, "json")
             if "document" in part:
                 slots += _document_slots(part["document"])
     return slots

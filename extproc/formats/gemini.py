@@ -106,7 +106,7 @@ from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
 from extproc.framing import Decoder
 from extproc.sse import SSEDecoder, SSEEvent, encode_event
-from extproc.stream.masking import align, map_region, shift_offset
+from extproc.stream.masking import map_region
 
 #: Google's canonical status names for the HTTP statuses of our errors.
 _STATUS_NAMES: Final[Mapping[int, str]] = {
@@ -179,24 +179,6 @@ def _index(value: Any) -> Hashable:
     return 0 if value is None else c.key(value)
 
 
-def _strings(container: Any, key: Any) -> list[c.Slot]:
-    """A slot for every non-empty string in ``container[key]``, at any depth, in document
-    order (iterative: a deep tool result must not exhaust the stack)."""
-    slots: list[c.Slot] = []
-    stack: list[tuple[Any, Any]] = [(container, key)]
-    while stack:
-        holder, name = stack.pop()
-        value = holder[name]
-        if isinstance(value, str):
-            if value:
-                slots.append(c.Slot(holder, name))
-        elif isinstance(value, dict):
-            stack.extend((value, inner) for inner in reversed(list(value)))
-        elif isinstance(value, list):
-            stack.extend((value, position) for position in range(len(value) - 1, -1, -1))
-    return slots
-
-
 # -- prompt ----------------------------------------------------------------------------------
 
 
@@ -218,7 +200,7 @@ def _part_slots(content: dict[str, Any], tool_results: bool) -> list[c.Slot]:
         if tool_results:
             for response in _function_responses(part):
                 if isinstance(response, dict) and "response" in response:
-                    slots += _strings(response, "response")
+                    slots += c.string_slots(response, "response")
     return slots
 
 
@@ -725,16 +707,7 @@ class GeminiCodec:
         if entry is None:
             return texts
         index, read = entry
-        merged = dict(texts)
-        for joined, (history, original) in read.items():
-            masked = texts.get(joined)
-            if masked is None or not isinstance(joined, tuple):
-                continue
-            own = (joined[1], index)
-            if own not in merged:
-                split = shift_offset(align(history + original, masked), len(history))
-                merged[own] = masked[split:]
-        return merged
+        return c.joined_masks(read, texts, index)
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         note = self._notes.take(event)

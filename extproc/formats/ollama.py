@@ -63,22 +63,8 @@ def error_line(kind: str) -> bytes:
 
 
 def _chat_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:
-    messages = request.get("messages")
-    if not isinstance(messages, list):
-        return []
-    if scope == PromptScope.LAST_USER:
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                return c.text_slot(message, "content")
-        return []
-    slots: list[c.Slot] = []
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        if scope == PromptScope.ALL and message.get("role") in _SYSTEM_ROLES:
-            continue
-        slots += c.text_slot(message, "content")
-    return slots
+    return [slot for message in c.scoped_messages(request.get("messages"), scope, _SYSTEM_ROLES)
+            for slot in c.text_slot(message, "content")]
 
 
 def _generate_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:

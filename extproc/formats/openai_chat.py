@@ -65,22 +65,8 @@ _TEXT_FIELDS = ("content", "refusal", *_REASONING)
 
 
 def _prompt_slots(request: dict[str, Any], scope: str) -> list[c.Slot]:
-    messages = request.get("messages")
-    if not isinstance(messages, list):
-        return []
-    if scope == PromptScope.LAST_USER:
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                return c.content_slots(message)
-        return []
-    slots: list[c.Slot] = []
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        if scope == PromptScope.ALL and message.get("role") in _SYSTEM_ROLES:
-            continue
-        slots += c.content_slots(message)
-    return slots
+    return [slot for message in c.scoped_messages(request.get("messages"), scope, _SYSTEM_ROLES)
+            for slot in c.content_slots(message)]
 
 
 def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
