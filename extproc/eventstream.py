@@ -301,7 +301,7 @@ def _read_headers(section: bytes) -> tuple[tuple[tuple[str, object], ...], str, 
         if name == ":message-type" and type(value) is str:
             message_type = value
             break
-    wanted = _NAME_HEADER.get(message_type)
+    wanted = _NAME_HEADER.get(message_type, ":event-type")  # (botocore: not an error, an event)
     if wanted is not None:
         for name, value in headers:
             if name == wanted and type(value) is str:

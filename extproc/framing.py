@@ -71,7 +71,7 @@ class NDJSONDecoder:
     keepalive: bytes | None = None  # a blank line is an error to the ollama clients
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # the bytes of an unfinished line (it holds no line ending)
         self._cr = False  # the last byte fed was a CR ending a line: an LF may follow
 
     @property
@@ -87,25 +87,28 @@ class NDJSONDecoder:
                 # clients read; pass it on as a blank event of its own.
                 events.append(SSEEvent(b"\n"))
                 data = data[1:]
-        buf = self._buf + data if self._buf else data
+        # Only ``data`` is scanned: what is pending holds no line ending, so a long line fed
+        # in many chunks costs its length once.
         start = 0
-        if b"\r" not in buf:
-            find = buf.find
-            while (end := find(b"\n", start)) >= 0:
-                events.append(_line(buf[start:end + 1], buf[start:end]))
-                start = end + 1
-        else:
-            for match in _EOL.finditer(buf):
-                end, nxt = match.span()
-                if nxt == len(buf) and buf[end] == 0x0D and not end_of_stream:
-                    self._cr = True  # a CR LF may be cut between its bytes
-                events.append(_line(buf[start:nxt], buf[start:end]))
-                start = nxt
-        self._buf = buf[start:]
+        for match in _EOL.finditer(data):
+            end, nxt = match.span()
+            if nxt == len(data) and data[end] == 0x0D and not end_of_stream:
+                self._cr = True  # a CR LF may be cut between its bytes
+            if self._buf:
+                self._buf += data[start:end]
+                line = bytes(self._buf)
+                self._buf.clear()
+                events.append(_line(line + data[end:nxt], line))
+            else:
+                events.append(_line(data[start:nxt], data[start:end]))
+            start = nxt
+        if start < len(data):
+            self._buf += data[start:]
         return events
 
     def flush(self) -> bytes:
-        rest, self._buf = self._buf, b""
+        rest = bytes(self._buf)
+        self._buf.clear()
         return rest
 
     def last(self, leftover: bytes) -> SSEEvent | None:

@@ -612,7 +612,10 @@ def _utf8(text: str) -> bytes:
 
 
 def _message_type(event: SSEEvent) -> str:
-    return event.message_type if isinstance(event, EventFrame) else "event"
+    """``exception``, ``error`` or ``event``: botocore reads every other ``:message-type``
+    (missing, ``Event``...) as an event named by ``:event-type``, so the codec does too."""
+    kind = event.message_type if isinstance(event, EventFrame) else "event"
+    return kind if kind in ("exception", "error") else "event"
 
 
 def _reframe(event: SSEEvent, payload: bytes) -> bytes:

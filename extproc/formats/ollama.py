@@ -45,6 +45,7 @@ from typing import Any
 
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
+from extproc.formats.openai_chat import _extract_logprobs
 from extproc.framing import Decoder, NDJSONDecoder
 from extproc.sse import SSEEvent
 
@@ -55,7 +56,7 @@ _SYSTEM_ROLES = ("system",)
 
 def error_body(kind: str) -> tuple[int, bytes]:
     status, message = c.error_status(kind)
-    return status, c.dumps({"error": message}).encode()
+    return status, c.utf8(c.dumps({"error": message}))
 
 
 def error_line(kind: str) -> bytes:
@@ -114,6 +115,15 @@ def _answer_slots(answer: dict[str, Any], line: int = 0) -> list[c.Slot]:
         slots += _tool_slots(message, line)
     slots += c.text_slot(answer, "response", ("content",))
     slots += c.text_slot(answer, "thinking", ("thinking",))
+    tokens = answer.get("logprobs")
+    if isinstance(tokens, list) and tokens:
+        # Logprob tokens that are not the text, and the alternatives (Chat's reading,
+        # ``openai_chat._extract_logprobs``); a mask of anything in the line drops them.
+        text = message.get("content") if isinstance(message, dict) else answer.get("response")
+        found: list[tuple[Hashable, str]] = []
+        _extract_logprobs({"content": tokens}, {"content": text}, None, found)
+        slots += [c.DropSlot(answer, "logprobs", channel, text=shown)
+                  for channel, shown in found]
     return slots
 
 
@@ -139,11 +149,17 @@ class OllamaFormat:
         return c.response_texts(body, _answer_slots)
 
     def rewrite_response(self, body: bytes, texts: Mapping[Hashable, str]) -> bytes:
-        return c.rewrite_response(body, texts, _answer_slots)
+        def find(answer: dict[str, Any]) -> list[c.Slot]:
+            slots = _answer_slots(answer)
+            if texts and answer.get("logprobs") is not None:
+                answer["logprobs"] = None  # they would repeat the original tokens
+            return slots
+
+        return c.rewrite_response(body, texts, find)
 
     def soft_block_response(self, body: bytes | None, message: str) -> bytes:
         answer = c.load_object(body) or {}
-        return c.dumps(_done(answer, message, self._generate)).encode()
+        return c.utf8(c.dumps(_done(answer, message, self._generate)))
 
     def error_body(self, kind: str) -> tuple[int, bytes]:
         return error_body(kind)
@@ -217,13 +233,15 @@ class OllamaCodec:
         line = c.load_object(event.data)
         if line is None:
             masked = texts.get(DATA_CHANNEL)
-            return event.raw if masked is None else masked.encode() + ending
+            return event.raw if masked is None else c.utf8(masked) + ending
         slots = {slot.channel: slot for slot in _answer_slots(line, number)}
         for channel, text in texts.items():
             slot = slots.get(channel)
             if slot is not None:
                 slot.set(text)
-        return c.dumps(line).encode() + ending
+        if line.get("logprobs") is not None:
+            line["logprobs"] = None  # they would repeat the original tokens
+        return c.utf8(c.dumps(line)) + ending
 
     def terminal_frame(self, kind: str) -> bytes:
         return error_line(kind)
@@ -235,5 +253,5 @@ class OllamaCodec:
         else:
             text["message"] = {"role": "assistant", "content": message}
         text["done"] = False
-        return (c.dumps(text) + "\n" + c.dumps(_done(self._head, "", self._generate))
-                + "\n").encode()
+        return c.utf8(c.dumps(text) + "\n" + c.dumps(_done(self._head, "", self._generate))
+                      + "\n")

@@ -162,25 +162,15 @@ class OutputGuard:
         return True
 
     def _unreadable(self, reason: str, end_of_stream: bool) -> None:
-        """The framing cannot be read any further (a corrupt frame): the failure policy decides
-        between ending the stream (closed) and passing the rest through unchecked (open)."""
-        error = GuardrailServerError(f"unreadable answer stream: {reason}")
+        """The framing cannot be read any further (a corrupt frame): the stream ends with the
+        unavailable frame after the events already released."""
+        # Closed whatever --failure-mode says: it is the upstream's fault, not the guardrail's,
+        # and a client's parser may read what ours rejects (botocore reads some frames whose
+        # header lengths we refuse).
+        self._record.error_class = "server_error"
         self._record.count("errors")
-        if self._ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
-            log.warning("answer stream unreadable (%s); failure mode open: passing the rest "
-                        "through unchecked", reason)
-            self._passthrough = True
-            self._upstream_done = end_of_stream
-            task, self._in_flight = self._in_flight, None
-            if task is not None:
-                task.cancel()
-            raw = b"".join(item.raw for item in self._held)
-            self._held.clear()
-            assert self._decoder is not None, "BUG: an unreadable stream without a decoder"
-            self._forward(raw + self._decoder.flush())
-        else:
-            log.warning("answer stream unreadable (%s); failure mode closed: ending it", reason)
-            self.end(ErrorKind.UNAVAILABLE)
+        log.warning("answer stream unreadable (%s): ending it", reason)
+        self.end(ErrorKind.UNAVAILABLE)
 
     def _forward(self, data: bytes) -> None:
         """Pass-through after an overload in failure mode open."""
@@ -379,7 +369,11 @@ class OutputGuard:
             self.end(ErrorKind.UNAVAILABLE)
         else:
             self._in_flight = None
-            self._on_verdict(verdict, blocks, texts)
+            try:
+                self._on_verdict(verdict, blocks, texts)
+            except Exception:  # a codec's rewrite, on input it cannot write back
+                log.exception("BUG acting on the output verdict; ending the stream")
+                self.end(ErrorKind.UNAVAILABLE)
         await self._ctx.outbox.flush()
 
     def _on_verdict(self, verdict: GuardrailVerdict, blocks: list[Block],

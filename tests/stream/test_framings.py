@@ -81,7 +81,10 @@ async def test_a_blocked_event_stream_split_anywhere_ends_with_one_exception_fra
 
 
 @pytest.mark.parametrize("mode", [FailureMode.CLOSED, FailureMode.OPEN])
-async def test_a_corrupt_frame_follows_the_failure_policy(mode: FailureMode) -> None:
+async def test_a_corrupt_frame_ends_the_stream_whatever_the_failure_policy(
+        mode: FailureMode) -> None:
+    # An upstream's fault, not the guardrail's: failing open would pass unread what a
+    # client's parser may still read (botocore is laxer about header lengths).
     body = converse("Fine ", "text ", "here.")
     first = len(frame("messageStart", {"role": "assistant"}))
     corrupt = bytearray(body)
@@ -90,10 +93,22 @@ async def test_a_corrupt_frame_follows_the_failure_policy(mode: FailureMode) -> 
                       failure_mode=FailurePolicy.uniform(mode))
     out = h.client_bytes()
     assert h.body_answers()[-1][1]  # the stream ended, nothing hangs
-    if mode is FailureMode.OPEN:
-        assert out == bytes(corrupt)  # passed through unchecked, as the policy says
-    else:
-        frames = list(EventStreamDecoder().feed(out, end_of_stream=True))
-        assert frames[-1].message_type == "exception"
-        assert frames[-1].event == "serviceUnavailableException"
-        assert h.processor.record.to_metadata()["outcome"] == "unavailable"
+    frames = list(EventStreamDecoder().feed(out, end_of_stream=True))
+    assert frames[-1].message_type == "exception"
+    assert frames[-1].event == "serviceUnavailableException"
+    assert h.processor.record.to_metadata()["outcome"] == "unavailable"
+
+
+async def test_bug_a_chunk_frame_without_a_message_type_went_unread() -> None:
+    # botocore reads a frame with no (or another) :message-type as an event named by its
+    # :event-type; the codec took it for an unknown frame and left its text unread.
+    from extproc.eventstream import encode_frame
+
+    bare = encode_frame([(":event-type", "contentBlockDelta"),
+                         (":content-type", "application/json")],
+                        json.dumps({"contentBlockIndex": 0,
+                                    "delta": {"text": "the forbidden word"}}).encode())
+    body = frame("messageStart", {"role": "assistant"}) + bare
+    h = await guarded(CONVERSE, EVENTS, [body])
+    assert b"forbidden" not in h.client_bytes()
+    assert h.processor.record.to_metadata()["outcome"] == "block"

@@ -214,3 +214,29 @@ def test_prompts_per_scope_and_rewrite() -> None:
     assert GENERATE.prompt_texts(generate.encode(), PromptScope.LAST_USER) == ["Hi", "end"]
     assert GENERATE.prompt_texts(generate.encode(),
                                  PromptScope.ALL_WITH_SYSTEM) == ["Hi", "end", "S"]
+
+
+def test_bug_a_lone_surrogate_escape_crashed_the_masked_rewrite() -> None:
+    # ``"m\udc00"`` in the line made ``dumps(...).encode()`` raise UnicodeEncodeError.
+    raw = b'{"model":"m\\udc00","message":{"content":"mail jane@example.com"},"done":false}\n'
+    events = decode(raw)
+    codec = CHAT.stream_codec()
+    out = release(codec, events, lambda ch, t: t.replace("jane@example.com", "{EMAIL}"))
+    assert json.loads(out)["message"]["content"] == "mail {EMAIL}"
+    assert codec.soft_block_frame("Blocked.")  # the head holds the surrogate too
+
+
+def test_logprob_tokens_are_read_and_a_mask_drops_them() -> None:
+    # Review finding: a masked line kept ``logprobs[].token`` with the original text.
+    line = json.loads(chat_line("Mail jane@example.com"))
+    line["logprobs"] = [{"token": "Mail jane@example.com", "logprob": -0.1,
+                         "top_logprobs": [{"token": "bazinga", "logprob": -2.0}]}]
+    raw = json.dumps(line).encode() + b"\n"
+    codec = CHAT.stream_codec()
+    found = extract_all(codec, decode(raw))
+    assert (("top_logprobs", "content", None), "bazinga\n") in found
+    codec = CHAT.stream_codec()
+    out = release(codec, decode(raw), lambda ch, t: t.replace("jane@example.com", "{EMAIL}"))
+    assert b"jane" not in out and json.loads(out)["logprobs"] is None
+    whole = CHAT.rewrite_response(json.dumps(line).encode(), {("content",): "Mail {EMAIL}"})
+    assert b"jane" not in whole and json.loads(whole)["logprobs"] is None
