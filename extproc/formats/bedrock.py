@@ -134,6 +134,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import struct
 import zlib
@@ -840,7 +841,9 @@ def _chunk_json(event: SSEEvent) -> tuple[dict[str, Any], str] | None:
         decoded = base64.b64decode(encoded)  # as botocore decodes a blob: lenient
     except (binascii.Error, ValueError):
         return None
-    return wrapper, decoded.decode("utf-8", "replace")
+    # As a boto3 user's ``json.loads(chunk["bytes"])`` reads it: UTF-8, or UTF-16/32 by
+    # its first bytes (a UTF-16 chunk read as UTF-8 is text no guardrail policy matches).
+    return wrapper, decoded.decode(json.detect_encoding(decoded), "replace")
 
 
 def _chunk_frame(model: Any) -> bytes:

@@ -112,3 +112,16 @@ async def test_bug_a_chunk_frame_without_a_message_type_went_unread() -> None:
     h = await guarded(CONVERSE, EVENTS, [body])
     assert b"forbidden" not in h.client_bytes()
     assert h.processor.record.to_metadata()["outcome"] == "block"
+
+
+async def test_bug_a_utf16_chunk_was_read_as_utf8() -> None:
+    # boto3 users json.loads(chunk["bytes"]), which detects UTF-16; the codec read the bytes
+    # as UTF-8 and checked "{\x00"\x00o\x00..." instead of the text.
+    import base64
+
+    model = json.dumps({"outputText": "the forbidden word"}).encode("utf-16-le")
+    chunk = frame("chunk", {"bytes": base64.b64encode(model).decode()})
+    h = await guarded("/model/amazon.titan-text-express-v1/invoke-with-response-stream",
+                      EVENTS, [chunk])
+    assert h.processor.record.to_metadata()["outcome"] == "block"
+    assert model not in h.client_bytes()
