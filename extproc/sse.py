@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["SSEDecoder", "SSEEvent", "encode_comment", "encode_event"]
+__all__ = ["SSEDecoder", "SSEEvent", "encode_comment", "encode_event", "utf8"]
 
 _EOL = re.compile(rb"\r\n?|\n")
 _NEWLINES = re.compile(r"\r\n?|\n")
@@ -314,17 +314,19 @@ def encode_event(data: str, event: str | None = None) -> bytes:
         raise ValueError("SSE event name must not contain CR or LF")
     head = f"event: {event}\n" if event is not None else ""
     body = "".join(f"data: {line}\n" if line else "data:\n" for line in _NEWLINES.split(data))
-    return _utf8(f"{head}{body}\n")
+    return utf8(f"{head}{body}\n")
 
 
 def encode_comment(text: str) -> bytes:
     """Wire bytes of a comment-only block (one ``:`` line per line of ``text``,
     then a blank line), e.g. a keep-alive; receivers dispatch nothing for it."""
     body = "".join(f": {line}\n" if line else ":\n" for line in _NEWLINES.split(text))
-    return _utf8(f"{body}\n")
+    return utf8(f"{body}\n")
 
 
-def _utf8(text: str) -> bytes:
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, lone surrogates (a ``\\ud83d`` escape of the JSON read) as U+FFFD,
+    as a reader of the bytes would see them."""
     try:
         return text.encode()
     except UnicodeEncodeError:

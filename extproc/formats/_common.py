@@ -8,7 +8,6 @@ on order and count.
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,18 +69,6 @@ def load_object(data: bytes | str | None) -> dict[str, Any] | None:
             return value  # type: ignore[no-any-return]  # text opening with "{": a dict
     value = load_json(data)
     return value if isinstance(value, dict) else None
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def utf8(text: str) -> bytes:
-    """``text`` as UTF-8, lone surrogates (a ``\\ud83d`` escape of the JSON read) as U+FFFD,
-    as a reader of the bytes would see them."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return _SURROGATES.sub("\ufffd", text).encode()
 
 
 def dumps(value: Any) -> str:

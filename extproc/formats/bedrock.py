@@ -135,7 +135,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import struct
 import zlib
 from collections.abc import Collection, Hashable, Mapping
@@ -159,7 +158,7 @@ from extproc.formats.anthropic_messages import (
     _response_slots as _anthropic_response_slots,
 )
 from extproc.framing import Decoder
-from extproc.sse import SSEDecoder, SSEEvent
+from extproc.sse import SSEDecoder, SSEEvent, utf8
 
 __all__ = [
     "CONVERSE",
@@ -575,11 +574,11 @@ class BedrockRuntime:
             result = _converse_soft_block(c.load_object(body) or {}, message)
         else:
             result = _invoke_soft_block(body, message)
-        return _utf8(c.dumps(result))
+        return utf8(c.dumps(result))
 
     def error_body(self, kind: str) -> tuple[int, bytes]:
         status, message = c.error_status(kind)
-        return status, _utf8(c.dumps({"message": message, "__type": error_type(kind)}))
+        return status, utf8(c.dumps({"message": message, "__type": error_type(kind)}))
 
     def stream_codec(self) -> StreamCodec:
         if self.family == CONVERSE:
@@ -598,18 +597,6 @@ class BedrockRuntime:
 
 _UINT32 = struct.Struct("!I")
 _LENGTHS = struct.Struct("!II")
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def _utf8(text: str) -> bytes:
-    """``text`` as UTF-8, lone surrogates (a ``\\ud83d`` escape of the JSON read) as U+FFFD,
-    as a reader of the bytes would see them."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return _SURROGATES.sub("\ufffd", text).encode()
 
 
 def _message_type(event: SSEEvent) -> str:
@@ -656,10 +643,10 @@ def _rewrite_unknown(event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
     value = c.load_json(data)
     if value is None and data.strip() != "null":
         masked = texts.get(("unknown", event.event))
-        return event.raw if masked is None else _reframe(event, _utf8(masked))
+        return event.raw if masked is None else _reframe(event, utf8(masked))
     if not _put(_unknown_slots(event, value), texts):
         return event.raw
-    return _reframe(event, _utf8(c.dumps(value)))
+    return _reframe(event, utf8(c.dumps(value)))
 
 
 # -- Converse events (ConverseStream frames, Nova chunks) ------------------------------------
@@ -810,13 +797,13 @@ class ConverseStreamCodec:
                 return event.raw
         if not _put(_event_slots(kind, payload), texts):
             return event.raw
-        return _reframe(event, _utf8(c.dumps(payload)))
+        return _reframe(event, utf8(c.dumps(payload)))
 
     def terminal_frame(self, kind: str) -> bytes:
         return exception_frame(_stream_exception(kind), c.error_status(kind)[1])
 
     def soft_block_frame(self, message: str) -> bytes:
-        return b"".join(event_frame(kind, _utf8(c.dumps(payload)))
+        return b"".join(event_frame(kind, utf8(c.dumps(payload)))
                         for kind, payload in self._view.soft_block(message))
 
 
@@ -848,8 +835,8 @@ def _chunk_json(event: SSEEvent) -> tuple[dict[str, Any], str] | None:
 
 def _chunk_frame(model: Any) -> bytes:
     """A ``chunk`` event holding ``model`` (the model's JSON)."""
-    encoded = base64.b64encode(_utf8(c.dumps(model))).decode("ascii")
-    return event_frame("chunk", _utf8(c.dumps({"bytes": encoded})))
+    encoded = base64.b64encode(utf8(c.dumps(model))).decode("ascii")
+    return event_frame("chunk", utf8(c.dumps({"bytes": encoded})))
 
 
 def _native_ended(model: dict[str, Any]) -> bool:
@@ -991,8 +978,8 @@ class InvokeStreamCodec:
     def _rechunk(event: SSEEvent, text: str) -> bytes:
         """The chunk frame with ``text`` as its model JSON (other payload members kept)."""
         wrapper = c.load_object(event.data) or {}
-        wrapper["bytes"] = base64.b64encode(_utf8(text)).decode("ascii")
-        return _reframe(event, _utf8(c.dumps(wrapper)))
+        wrapper["bytes"] = base64.b64encode(utf8(text)).decode("ascii")
+        return _reframe(event, utf8(c.dumps(wrapper)))
 
     def terminal_frame(self, kind: str) -> bytes:
         return exception_frame(_stream_exception(kind), c.error_status(kind)[1])

@@ -47,7 +47,7 @@ from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
 from extproc.formats.openai_chat import _extract_logprobs
 from extproc.framing import Decoder, NDJSONDecoder
-from extproc.sse import SSEEvent
+from extproc.sse import SSEEvent, utf8
 
 NDJSON_TYPE = "application/x-ndjson"
 DATA_CHANNEL: Hashable = ("data",)
@@ -56,7 +56,7 @@ _SYSTEM_ROLES = ("system",)
 
 def error_body(kind: str) -> tuple[int, bytes]:
     status, message = c.error_status(kind)
-    return status, c.utf8(c.dumps({"error": message}))
+    return status, utf8(c.dumps({"error": message}))
 
 
 def error_line(kind: str) -> bytes:
@@ -159,7 +159,7 @@ class OllamaFormat:
 
     def soft_block_response(self, body: bytes | None, message: str) -> bytes:
         answer = c.load_object(body) or {}
-        return c.utf8(c.dumps(_done(answer, message, self._generate)))
+        return utf8(c.dumps(_done(answer, message, self._generate)))
 
     def error_body(self, kind: str) -> tuple[int, bytes]:
         return error_body(kind)
@@ -233,7 +233,7 @@ class OllamaCodec:
         line = c.load_object(event.data)
         if line is None:
             masked = texts.get(DATA_CHANNEL)
-            return event.raw if masked is None else c.utf8(masked) + ending
+            return event.raw if masked is None else utf8(masked) + ending
         slots = {slot.channel: slot for slot in _answer_slots(line, number)}
         for channel, text in texts.items():
             slot = slots.get(channel)
@@ -241,7 +241,7 @@ class OllamaCodec:
                 slot.set(text)
         if line.get("logprobs") is not None:
             line["logprobs"] = None  # they would repeat the original tokens
-        return c.utf8(c.dumps(line)) + ending
+        return utf8(c.dumps(line)) + ending
 
     def terminal_frame(self, kind: str) -> bytes:
         return error_line(kind)
@@ -253,5 +253,5 @@ class OllamaCodec:
         else:
             text["message"] = {"role": "assistant", "content": message}
         text["done"] = False
-        return c.utf8(c.dumps(text) + "\n" + c.dumps(_done(self._head, "", self._generate))
+        return utf8(c.dumps(text) + "\n" + c.dumps(_done(self._head, "", self._generate))
                       + "\n")
