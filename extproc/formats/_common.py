@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -420,6 +420,40 @@ def string_slots(container: Any, key: Any) -> list[Slot]:
             stack.extend((value, inner) for inner in reversed(list(value)))
         elif isinstance(value, list):
             stack.extend((value, position) for position in range(len(value) - 1, -1, -1))
+    return slots
+
+
+def no_text(name: Any) -> bool:
+    """Keys whose values no leaf reading enters (``whole.NO_TEXT_KEYS``)."""
+    return isinstance(name, str) and name in whole.NO_TEXT_KEYS
+
+
+def leaf_slots(root: Any, prefix: tuple[Any, ...], names: Collection[str] | None = None, *,
+               no_text: Callable[[Any], bool] = no_text,
+               top_skip: Collection[str] = ()) -> list[Slot]:
+    """The reading by rule of what a format does not know: every string leaf of ``root`` (an
+    object or array; of an object, only its members ``names`` when given, never those in
+    ``top_skip``) not under a ``no_text`` key nor one ``whole.skipped`` rejects, as a slot on
+    channel ``prefix + path``, in document order (iterative: no recursion limit)."""
+    slots: list[Slot] = []
+    stack: list[tuple[Any, Any, tuple[Any, ...]]] = []
+    if isinstance(root, dict):
+        stack.extend((root, name, (name,)) for name in reversed(list(root))
+                     if name not in top_skip and not no_text(name)
+                     and (names is None or name in names))
+    elif isinstance(root, list):
+        stack.extend((root, i, (i,)) for i in range(len(root) - 1, -1, -1))
+    while stack:
+        holder, name, path = stack.pop()
+        value = holder[name]
+        if isinstance(value, str):
+            if not whole.skipped(name, value):
+                slots.append(Slot(holder, name, (*prefix, *path)))
+        elif isinstance(value, dict):
+            stack.extend((value, inner, (*path, inner)) for inner in reversed(list(value))
+                         if not no_text(inner))
+        elif isinstance(value, list):
+            stack.extend((value, i, (*path, i)) for i in range(len(value) - 1, -1, -1))
     return slots
 
 

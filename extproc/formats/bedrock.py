@@ -243,28 +243,12 @@ def _no_text(name: Any) -> bool:
 
 def _leaf_slots(root: Any, prefix: tuple[Any, ...],
                 names: Collection[str] | None = None) -> list[c.Slot]:
-    """Every string leaf of ``root`` (an object or array; of an object, only its members
-    ``names`` when given) not under a no-text key, as a slot on channel ``prefix + path``, in
-    document order; a top-level ``p`` (Bedrock's padding of stream events) is skipped."""
-    slots: list[c.Slot] = []
-    stack: list[tuple[Any, Any, tuple[Any, ...]]] = []
-    if isinstance(root, dict):
-        stack.extend((root, name, (name,)) for name in reversed(list(root))
-                     if name != "p" and not _no_text(name) and (names is None or name in names))
-    elif isinstance(root, list):
-        stack.extend((root, i, (i,)) for i in range(len(root) - 1, -1, -1))
-    while stack:
-        holder, name, path = stack.pop()
-        value = holder[name]
-        if isinstance(value, str):
-            if not whole.skipped(name, value):
-                slots.append(c.Slot(holder, name, (*prefix, *path)))
-        elif isinstance(value, dict):
-            stack.extend((value, inner, (*path, inner)) for inner in reversed(list(value))
-                         if not _no_text(inner))
-        elif isinstance(value, list):
-            stack.extend((value, i, (*path, i)) for i in range(len(value) - 1, -1, -1))
-    return slots
+    """``_common.leaf_slots`` with Bedrock's no-text keys; a top-level ``p`` (Bedrock's
+    padding of stream events) is skipped."""
+    return c.leaf_slots(root, prefix, names, no_text=_no_text, top_skip=_PADDING)
+
+
+_PADDING: Final = frozenset({"p"})
 
 
 def _put(slots: list[c.Slot], texts: Mapping[Hashable, str]) -> bool:

@@ -46,8 +46,12 @@ A channel spanning several parts (of one event, or of a whole answer) is put bac
 replaced span going whole to the part where it starts, so the masks stay where they were and
 no part's text moves to another. A masked ``args`` that is no longer a JSON object makes
 ``rewrite_response`` raise ``ValueError`` (the caller blocks); in a stream the call's
-``args`` become ``{}``. Not checked: citations and grounding chunks (sources, not the model's
-text), ``webSearchQueries`` and ``searchEntryPoint``, ``promptFeedback``, inline data. The
+``args`` become ``{}``. Part and candidate members the format does not know
+(``toolCall``, ``audioTranscription``, ``finishMessage``, what Google adds next) are read by
+rule (``_common.leaf_slots``), on ``("unknown", i, "part", *path)`` and
+``("unknown", i, *path)``. Not checked: citations and grounding chunks (sources, not the
+model's text), ``webSearchQueries`` and ``searchEntryPoint``, ``promptFeedback``, safety
+ratings, inline data. The
 offsets that ``citationMetadata`` and grounding segments hold are not moved by a mask.
 
 The Python SDK (``google-genai``) reads ``candidates[0]`` of each object, whatever its
@@ -67,10 +71,13 @@ SDK behaviour verified (``google-genai`` 3.6.1, ``google/genai/_api_client.py``)
 
 * ``HttpResponse._iter_response_stream`` cuts lines at CR, LF and CR LF
   (``_SseLineDecoder``), joins ``data: `` lines (with the space) until a blank line, and hands
-  every other non-blank line to ``_RawJsonLineBuffer``, whose text must then parse as JSON or
+  every other non-blank line to ``_RawJsonLineBuffer``, which joins lines until the braces
+  outside strings balance; the joined text must then parse as JSON or
   ``_load_json_from_response`` raises ``UnknownApiResponseError``. An SSE comment
   (``: keep-alive``), an ``event:`` or ``id:`` line, ``data:`` without its space or a first
-  line after a byte order mark therefore end the stream with that error. So the stream
+  line after a byte order mark therefore end the stream with that error; but JSON lines
+  without ``data: `` (even across blank lines) are an answer the SDK shows, where SSE readers
+  skip them as unknown fields: ``GeminiSSEDecoder`` reads them as the SDK does. So the stream
   decoder has no keep-alive (``keepalive`` None; blank lines would stall the older JavaScript
   SDK's ``^data: `` reader), and text that WHATWG readers show after such a line continues its
   channel as they read it (the Python SDK's view is a prefix of it).
@@ -99,6 +106,7 @@ candidate, else index 0) hold the message as their text with ``finishReason: "SA
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Final
 
@@ -274,6 +282,8 @@ def _candidate_groups(candidate: dict[str, Any], index: Hashable, groups: Groups
             for result in _fields(part, "codeExecutionResult", "code_execution_result"):
                 if isinstance(result, dict):
                     _add_text(groups, ("code_result", index), result, "output")
+            _add_by_rule(groups, part, _PART_MEMBERS, ("unknown", index, "part"))
+    _add_by_rule(groups, candidate, _CANDIDATE_MEMBERS, ("unknown", index))
     for grounding in _fields(candidate, "groundingMetadata", "grounding_metadata"):
         if not isinstance(grounding, dict):
             continue
@@ -287,6 +297,34 @@ def _candidate_groups(candidate: dict[str, Any], index: Hashable, groups: Groups
         if isinstance(logprobs, dict):
             _logprob_groups(candidate, key, logprobs, index, ("".join(text), "".join(answer)),
                             groups)
+
+
+#: Part members read above or deliberately not read (``thought`` is a flag); any other
+#: (``toolCall``, ``audioTranscription``, ``partMetadata``, a member Google adds) is read by
+#: rule (``_common.leaf_slots``: every string leaf but ids, URIs, MIME types and base64 data).
+_PART_MEMBERS: Final = frozenset({
+    "text", "thought", "functionCall", "function_call", "executableCode", "executable_code",
+    "codeExecutionResult", "code_execution_result"})
+#: Candidate members read above or deliberately not read: flags, enums, numbers, sources
+#: (citations, grounding chunks, URL metadata: the caller's documents, not the model's text)
+#: and safety ratings; any other (``finishMessage``, a member Google adds) is read by rule.
+_CANDIDATE_MEMBERS: Final = frozenset({
+    "content", "index", "finishReason", "finish_reason", "groundingMetadata",
+    "grounding_metadata", "logprobsResult", "logprobs_result", "avgLogprobs", "avg_logprobs",
+    "tokenCount", "token_count", "safetyRatings", "safety_ratings", "citationMetadata",
+    "citation_metadata", "urlContextMetadata", "url_context_metadata"})
+
+
+def _add_by_rule(groups: Groups, holder: dict[str, Any], known: frozenset[str],
+                 prefix: tuple[Any, ...]) -> None:
+    """The members of ``holder`` not in ``known``, read by rule, each leaf on
+    ``prefix + path``."""
+    if len(holder) == 1 and next(iter(holder)) in known:
+        return  # the usual part: ``{"text": ...}``
+    others = [name for name in holder if name not in known]
+    if others:
+        for slot in c.leaf_slots(holder, prefix, others):
+            _add(groups, slot.channel, slot)
 
 
 def _call_groups(call: dict[str, Any], index: Hashable, groups: Groups) -> None:
@@ -586,13 +624,110 @@ class GeminiGenerateContent:
         return None
 
 
+_SDK_EOL: Final = re.compile(rb"\r\n|\r|\n")
+
+
+class _RawJsonLines:
+    """``google-genai``'s ``_RawJsonLineBuffer`` as its stream reader feeds it: every line
+    that is neither blank nor a ``data: `` line, joined with nothing until the braces outside
+    strings balance; a joined chunk that parses as JSON is read as an answer (the SDK shows
+    its candidates), whatever SSE readers make of the same lines (unknown fields: nothing)."""
+
+    __slots__ = ("_lines", "_depth", "_in_string", "_escaped")
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._lines
+
+    def read(self, raw: bytes) -> list[str]:
+        """The chunks the lines of ``raw`` complete that parse as JSON, in order."""
+        chunks: list[str] = []
+        for piece in _SDK_EOL.split(raw):
+            if not piece or piece.startswith(b"data: "):
+                continue  # blank, or the SDK's data lines (read as SSE reads them)
+            line = str(piece, "utf-8", "replace")
+            for char in line:
+                if self._in_string:
+                    if self._escaped:
+                        self._escaped = False
+                    elif char == "\\":
+                        self._escaped = True
+                    elif char == '"':
+                        self._in_string = False
+                elif char == '"':
+                    self._in_string = True
+                elif char == "{":
+                    self._depth += 1
+                elif char == "}":
+                    self._depth -= 1
+            self._lines.append(line)
+            if self._depth == 0:
+                chunk = "".join(self._lines)
+                self._lines = []
+                self._in_string = self._escaped = False
+                try:
+                    json.loads(chunk)
+                except ValueError:
+                    continue  # the SDK raises UnknownApiResponseError: it shows nothing more
+                chunks.append(chunk)
+        return chunks
+
+
+def _plain(raw: bytes) -> bool:
+    """``raw`` is one ``data: `` line and its blank line: nothing for the raw JSON reader."""
+    return (raw.startswith(b"data: ")
+            and raw.count(b"\n") + raw.count(b"\r") - raw.count(b"\r\n") == 2)
+
+
 class GeminiSSEDecoder(SSEDecoder):
     """SSE without keep-alive comments: ``google-genai`` raises ``UnknownApiResponseError`` on
-    any line that is neither ``data: `` nor blank (see the module docstring)."""
+    any line that is neither ``data: `` nor blank and not part of a JSON chunk (see the module
+    docstring). Lines that the SDK joins into a JSON chunk (``_RawJsonLines``) are read: an
+    event completing one has that chunk as its ``data`` when it has no ``data`` of its own;
+    an event holding two readings (its SSE data and a chunk, or two chunks) cannot be checked
+    as one and is refused (``ValueError``: the guard ends the stream)."""
 
-    __slots__ = ()
+    __slots__ = ("_raw_json",)
 
     keepalive: bytes | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw_json = _RawJsonLines()
+
+    def feed(self, data: bytes, *, end_of_stream: bool = False) -> list[SSEEvent]:
+        events = super().feed(data, end_of_stream=end_of_stream)
+        for i, event in enumerate(events):
+            if not (self._raw_json.idle and _plain(event.raw)):
+                events[i] = self._as_read(event)
+        return events
+
+    def last(self, leftover: bytes) -> SSEEvent | None:
+        event = super().last(leftover)
+        if event is None:
+            chunks = self._raw_json.read(leftover)
+            return SSEEvent(leftover, data=self._one(chunks, None)) if chunks else None
+        return self._as_read(event)
+
+    def _as_read(self, event: SSEEvent) -> SSEEvent:
+        chunks = self._raw_json.read(event.raw)
+        if not chunks:
+            return event
+        return SSEEvent(event.raw, event.event, self._one(chunks, event.data), event.id,
+                        event.retry, event.comments)
+
+    @staticmethod
+    def _one(chunks: list[str], data: str | None) -> str:
+        if len(chunks) > 1 or data is not None:
+            raise ValueError("an event holds JSON lines without 'data: ' that google-genai "
+                             "reads as an answer of their own")
+        return chunks[0]
 
 
 # -- stream ----------------------------------------------------------------------------------

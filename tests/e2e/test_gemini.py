@@ -179,3 +179,41 @@ def test_a_blocked_prompt_never_reaches_the_upstream(stack: Stack, client: Facto
             model=MODEL, contents="Hello",
             config=types.GenerateContentConfig(system_instruction="You say bazinga."))
     assert_never_contacted(stack, script_id)
+
+
+def raw_json_event(text: str, finish: bool = False) -> bytes:
+    """An answer as JSON lines without ``data: ``: SSE readers skip them (unknown fields),
+    google-genai joins them until the braces balance and shows the candidates."""
+    whole = json.dumps(response(text, finish)).encode()
+    return whole[:40] + b"\r\n" + whole[40:] + b"\r\n\r\n"
+
+
+def test_gemini_raw_json_lines_without_data_are_read(stack: Stack, client: Factory) -> None:
+    """Regression (issue 15 review): JSON lines without ``data: `` passed unread."""
+    events = [event("Hello. "), raw_json_event(f"It is {BLOCKED_PHRASE}."), event("Bye.", True)]
+    script_id = stack.llm.register(Script(chunks=tuple(events), delays_ms=5, headers=SSE))
+    shown, raised = read(client(stack, script_id, "http1"))
+    assert isinstance(raised, errors.ClientError) and raised.message == VIOLATION
+    assert shown == "Hello. "
+    events = [event("Hello. "), raw_json_event(f"Write to {EMAIL}."), event(" Bye.", True)]
+    script_id = stack.llm.register(Script(chunks=tuple(events), delays_ms=5, headers=SSE))
+    assert read(client(stack, script_id, "http1")) == ("Hello. Write to {EMAIL}. Bye.", None)
+
+
+def test_gemini_tool_call_args_and_finish_message_are_read(stack: Stack, client: Factory) -> None:
+    """Regression (issue 15 review): members the format did not know passed unread."""
+    tool = response("Looking. ")
+    tool["candidates"][0]["content"]["parts"].append(
+        {"toolCall": {"name": "search", "args": {"query": f"all about {BLOCKED_PHRASE}"}}})
+    events = [event("Hello. "), b"data: " + json.dumps(tool).encode() + b"\r\n\r\n",
+              event("Bye.", True)]
+    script_id = stack.llm.register(Script(chunks=tuple(events), delays_ms=5, headers=SSE))
+    shown, raised = read(client(stack, script_id, "http1"))
+    assert isinstance(raised, errors.ClientError) and raised.message == VIOLATION
+    assert shown == "Hello. "
+    final = response("Done.", True)
+    final["candidates"][0]["finishMessage"] = f"Stopped: {BLOCKED_PHRASE}"
+    script_id = stack.llm.register(json_script(final))
+    with pytest.raises(errors.ClientError) as caught:
+        client(stack, script_id, "http1").models.generate_content(model=MODEL, contents="Hi.")
+    assert caught.value.message == VIOLATION

@@ -984,3 +984,103 @@ def test_events_extract_never_saw_are_read_by_rewrite() -> None:
     assert json.loads(frame.data or "")["candidates"] == [
         {"content": {"parts": [{"text": "no"}], "role": "model"}, "finishReason": "SAFETY",
          "index": 0}]
+
+
+# --------------------------------------------------------------------------- stream: raw JSON lines
+
+
+def _read_all(body: bytes, chunk_size: int | None = None) -> list[SSEEvent]:
+    decoder = FMT.stream_decoder("text/event-stream")
+    assert decoder is not None
+    step = chunk_size or len(body) or 1
+    events: list[SSEEvent] = []
+    for at in range(0, len(body), step):
+        events += decoder.feed(body[at:at + step], end_of_stream=at + step >= len(body))
+    leftover = decoder.flush()
+    if leftover:
+        last = decoder.last(leftover)
+        if last is not None:
+            events.append(last)
+    assert b"".join(e.raw for e in events) == body
+    return events
+
+
+_PLAIN = b"data: " + json.dumps(chunk(candidate({"text": "Hello "}))).encode() + b"\r\n\r\n"
+_RAW = json.dumps(chunk(candidate({"text": 'secret {with} "braces"'}))).encode()
+
+
+@pytest.mark.parametrize(("name", "body"), [
+    ("one line", _PLAIN + _RAW + b"\r\n\r\n"),
+    ("two lines", _PLAIN + _RAW[:30] + b"\n" + _RAW[30:] + b"\n\n"),
+    ("across a blank line", _PLAIN + _RAW[:30] + b"\r\n\r\n" + _RAW[30:] + b"\r\n\r\n"),
+    ("a lone CR", _PLAIN + _RAW[:25] + b"\r" + _RAW[25:] + b"\r\r"),
+    ("unterminated", _PLAIN + _RAW),
+])
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_gemini_raw_json_lines_are_read_as_the_sdk_reads_them(
+        name: str, body: bytes, chunk_size: int | None) -> None:
+    """Regression (issue 15 review): google-genai shows an answer sent as JSON lines without
+    ``data: `` (SSE readers skip them as unknown fields); the decoder passed them unread."""
+    chunks, raised = read_stream(body)
+    assert raised is None
+    assert shown(chunks) == 'Hello secret {with} "braces"'
+    codec = FMT.stream_codec()
+    found = [pair for event in _read_all(body, chunk_size) for pair in codec.extract(event)]
+    assert joined(found) == {("text", 0): 'Hello secret {with} "braces"'}
+
+
+def test_gemini_raw_json_line_is_masked_as_a_data_event() -> None:
+    events = _read_all(_PLAIN + _RAW + b"\r\n\r\n")
+    codec = FMT.stream_codec()
+    extract_all(codec, events)
+    rewritten = codec.rewrite(events[1], {("text", 0): "masked"})
+    chunks, raised = read_stream(codec.rewrite(events[0], {}) + rewritten)
+    assert raised is None and shown(chunks) == "Hello masked"
+    assert b"secret" not in rewritten
+
+
+@pytest.mark.parametrize("body", [
+    b"data: " + _RAW + b"\r\n" + _RAW + b"\r\n\r\n",  # SSE data and a chunk in one event
+    _RAW + b"\r\n" + _RAW + b"\r\n\r\n",  # two chunks in one event
+])
+def test_gemini_an_event_with_two_readings_is_refused(body: bytes) -> None:
+    decoder = FMT.stream_decoder("text/event-stream")
+    assert decoder is not None
+    with pytest.raises(ValueError, match="google-genai"):
+        decoder.feed(body, end_of_stream=True)
+
+
+@pytest.mark.parametrize("line", [b": keep-alive", b"event: x", b"id: 7", b"data:{}",
+                                  b'{"candidates": [', b"not json"])
+def test_gemini_lines_the_sdk_cannot_parse_add_nothing(line: bytes) -> None:
+    events = _read_all(_PLAIN + line + b"\r\n\r\n")
+    codec = FMT.stream_codec()
+    found = [pair for event in events for pair in codec.extract(event)]
+    assert joined(found) == {("text", 0): "Hello "}
+
+
+# --------------------------------------------------------------------------- members read by rule
+
+
+def test_gemini_unknown_part_and_candidate_members_are_read_by_rule() -> None:
+    """Regression (issue 15 review): ``toolCall.args``, ``audioTranscription.text`` and
+    ``finishMessage`` passed unread; members the format does not know are read by rule."""
+    payload = chunk(candidate({"toolCall": {"name": "search", "args": {"query": "secret q"}}},
+                              {"audioTranscription": {"text": "heard secret"}},
+                              {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo" * 8}},
+                              {"text": "plain", "thoughtSignature": "c2lnbmF0dXJl"},
+                              finishMessage="finish secret"))
+    codec = FMT.stream_codec()
+    (event,) = events_of(payload)
+    found = dict(codec.extract(event))
+    assert found == {
+        ("text", 0): "plain",
+        ("unknown", 0, "part", "toolCall", "name"): "search",
+        ("unknown", 0, "part", "toolCall", "args", "query"): "secret q",
+        ("unknown", 0, "part", "audioTranscription", "text"): "heard secret",
+        ("unknown", 0, "finishMessage"): "finish secret",
+    }
+    rewritten = codec.rewrite(event, {k: v.replace("secret", "XX") for k, v in found.items()})
+    assert b"secret" not in rewritten and rewritten.count(b"XX") == 3
+    # Whole answers read the same members.
+    assert dict(FMT.response_texts(json.dumps(payload).encode())) == found
