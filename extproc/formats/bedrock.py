@@ -48,8 +48,9 @@ Anthropic Messages text, thinking, input     the Anthropic format's   InvokeMode
 ``completions[n].data.text``, ``choices[n]``
 ``.text`` / ``.message.content`` /
 ``.delta.content``
-every other string leaf of an event or       ``("unknown", *where)``  anything else
-chunk none of the above reads
+every other string leaf of an event or       ``("unknown", *where)``  anything else: a native
+chunk none of the above reads (stop fields                            model's tool calls, a Nova
+are enums, not text)                                                  chunk's second event
 ===========================================  =======================  ===========================
 
 A non-streamed ``toolUse.input`` whose mask is no longer JSON of its type makes
@@ -443,6 +444,20 @@ def _native_slots(answer: dict[str, Any]) -> tuple[list[c.Slot], tuple[str, ...]
     return slots, first
 
 
+def _native_no_text(name: Any) -> bool:
+    return _no_text(name) or name in _STOP_KEYS
+
+
+def _rest_slots(model: Any, known: list[c.Slot], prefix: tuple[Any, ...]) -> list[c.Slot]:
+    """Every string leaf of a model's JSON that the ``known`` slots do not read, by rule (a
+    model's tool calls, a ``text`` that is not a string, what a model adds next); stop
+    fields are enums, not text."""
+    taken = {(id(slot.container), slot.key) for slot in known}
+    return [slot for slot in c.leaf_slots(model, prefix, no_text=_native_no_text,
+                                          top_skip=_PADDING)
+            if (id(slot.container), slot.key) not in taken]
+
+
 def _walk(value: Any, path: tuple[str, ...], where: tuple[Any, ...],
           found: list[c.Slot]) -> None:
     step, rest = path[0], path[1:]
@@ -474,7 +489,7 @@ def _invoke_answer_slots(answer: dict[str, Any]) -> list[c.Slot]:
         return _converse_answer_slots(answer)
     slots, _ = _native_slots(answer)
     if slots or not _NATIVE_KEYS.isdisjoint(answer):
-        return slots
+        return slots + _rest_slots(answer, slots, ("unknown",))
     return _leaf_slots(answer, ("unknown",))
 
 
@@ -671,6 +686,22 @@ def _event_slots(kind: str, payload: dict[str, Any]) -> list[c.Slot]:
     others = [name for name in delta if name not in _DELTA_MEMBERS]
     if others:
         slots += _leaf_slots(delta, ("unknown", kind, index), others)
+    return slots
+
+
+def _chunk_event_slots(model: dict[str, Any]) -> list[c.Slot]:
+    """The slots of a model chunk holding Converse events (Nova's): each event member's, then
+    the other members' by rule (a chunk may hold two events, or an event and text)."""
+    slots: list[c.Slot] = []
+    others: list[str] = []
+    for name, value in model.items():
+        if name in _CONVERSE_EVENTS and isinstance(value, dict):
+            slots += _event_slots(name, value)
+        else:
+            others.append(name)
+    if others:
+        slots += c.leaf_slots(model, ("unknown", "chunk"), others, no_text=_native_no_text,
+                              top_skip=_PADDING)
     return slots
 
 
@@ -877,9 +908,10 @@ class InvokeStreamCodec:
         kind = model.get("type")
         if isinstance(kind, str) and kind in _ANTHROPIC_EVENTS:
             return ("anthropic", SSEEvent(b"", event=kind, data=text)), None
-        for name in model:
-            if name in _CONVERSE_EVENTS and isinstance(model[name], dict):
-                return ("converse", (name, _block_index(model[name]))), model
+        events = tuple((name, _block_index(value)) for name, value in model.items()
+                       if name in _CONVERSE_EVENTS and isinstance(value, dict))
+        if events:
+            return ("converse", events), model
         return ("native", None), model
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
@@ -895,17 +927,16 @@ class InvokeStreamCodec:
             return found
         if kind == "converse":
             self._family = self._family or kind
-            name = detail[0]
-            found = [(slot.channel, slot.get()) for slot in _event_slots(name, model[name])]
-            ended = name == "messageStop" or _INVOCATION_METRICS in model
+            found = [(slot.channel, slot.get()) for slot in _chunk_event_slots(model)]
+            ended = (any(name == "messageStop" for name, _ in detail)
+                     or _INVOCATION_METRICS in model)
         elif kind == "native":
             slots, path = _native_slots(model)
             if slots or not _NATIVE_KEYS.isdisjoint(model):
                 self._family = self._family or kind
                 if self._native_path is None:
                     self._native_path = path
-            else:
-                slots = _leaf_slots(model, ("unknown", "chunk"))
+            slots += _rest_slots(model, slots, ("unknown", "chunk"))
             found = [(slot.channel, slot.get()) for slot in slots]
             ended = _native_ended(model)
         elif kind == "bytes":
@@ -935,7 +966,8 @@ class InvokeStreamCodec:
                 return event.raw
             return self._rechunk(event, masked[0].data)
         if kind == "converse":
-            self._view.see(*detail)
+            for name, index in detail:
+                self._view.see(name, index)
         if not texts or kind == "pass":
             return event.raw
         if kind == "unknown":
@@ -948,12 +980,10 @@ class InvokeStreamCodec:
         if not isinstance(model, dict):
             return event.raw
         if kind == "converse":
-            name = detail[0]
-            slots = _event_slots(name, model[name])
+            slots = _chunk_event_slots(model)
         else:
             slots, _ = _native_slots(model)
-            if not slots and _NATIVE_KEYS.isdisjoint(model):
-                slots = _leaf_slots(model, ("unknown", "chunk"))
+            slots += _rest_slots(model, slots, ("unknown", "chunk"))
         if not _put(slots, texts):
             return event.raw
         return self._rechunk(event, c.dumps(model))

@@ -311,3 +311,23 @@ def test_a_blocked_whole_answer_over_http2_is_the_apis_error(stack: Stack,
     message = {"bedrock": lambda: error["message"], "ollama": lambda: error["error"],
                "gemini": lambda: error["error"]["message"]}[provider]()
     assert message == VIOLATION
+
+
+def test_bedrock_native_tool_call_arguments_are_read(stack: Stack, client: Factory) -> None:
+    """Regression (issue 15 review): a native model's streamed tool calls (gpt-oss's
+    ``delta.tool_calls``) passed unread."""
+    models: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Calling."}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {
+            "name": "lookup", "arguments": json.dumps({"q": BLOCKED_PHRASE})}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    script_id = stack.llm.register(script([chunk(model) for model in models]))
+    answer = client(stack, script_id).invoke_model_with_response_stream(
+        modelId="openai.gpt-oss-120b-1:0",
+        body=json.dumps({"messages": [{"role": "user", "content": "Look it up."}]}))
+    with pytest.raises(EventStreamError) as raised:
+        for event in answer["body"]:
+            assert b"Nightingale" not in event["chunk"]["bytes"]
+    answer["body"].close()
+    assert VIOLATION in str(raised.value)

@@ -1147,3 +1147,79 @@ def test_a_lone_surrogate_in_a_mask_is_sent_as_a_replacement_character() -> None
         out = codec.rewrite(event, {channel: "a\ud83db"})
         seen, raised = (read_converse_stream if fmt is CONV else read_invoke_stream)(out)
         assert raised is None and "a\ufffdb" in json.dumps(seen, ensure_ascii=False)
+
+
+# ------------------------------------------------------------- native models read by rule
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    # gpt-oss on Bedrock: OpenAI-style tool calls beside the content
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Calling.",
+                                           "tool_calls": [{"id": "c1", "type": "function",
+                                                           "function": {"name": "lookup",
+                                                                        "arguments": '{"q": "secret"}'}}]},
+                   "finish_reason": "tool_calls"}]},
+     {("native", "choices", 0, "message", "content"): "Calling.",
+      ("unknown", "choices", 0, "message", "tool_calls", 0, "function", "name"): "lookup",
+      ("unknown", "choices", 0, "message", "tool_calls", 0, "function", "arguments"):
+          '{"q": "secret"}'}),
+    # Cohere Command R: tool calls beside the text
+    ({"text": "", "tool_calls": [{"name": "lookup", "parameters": {"q": "secret"}}],
+      "finish_reason": "COMPLETE"},
+     {("unknown", "tool_calls", 0, "name"): "lookup",
+      ("unknown", "tool_calls", 0, "parameters", "q"): "secret"}),
+    # a ``text`` that is not a string
+    ({"text": [{"value": "secret list"}], "finish_reason": "COMPLETE"},
+     {("unknown", "text", 0, "value"): "secret list"}),
+])
+def test_bedrock_native_answers_read_every_string_by_rule(
+        answer: dict[str, Any], expected: dict[Hashable, str]) -> None:
+    """Regression (issue 15 review): only the listed paths of a native model's answer were
+    read; its tool calls and a non-string ``text`` passed unread."""
+    body = json.dumps(answer).encode()
+    assert dict(INV.response_texts(body)) == expected
+    masked = INV.rewrite_response(body, {ch: t.replace("secret", "{X}")
+                                         for ch, t in expected.items()})
+    assert b"secret" not in masked and b"{X}" in masked
+
+
+def test_bedrock_native_stream_tool_calls_are_read() -> None:
+    """Regression (issue 15 review): gpt-oss's streamed ``delta.tool_calls`` passed unread."""
+    models = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Calling."}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1",
+                                                            "function": {"name": "lookup",
+                                                                         "arguments": '{"q": "se'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {
+            "arguments": 'cret"}'}}]}, "finish_reason": "tool_calls"}],
+         "amazon-bedrock-invocationMetrics": {"inputTokenCount": 4, "outputTokenCount": 2}},
+    ]
+    recording = b"".join(chunk(model) for model in models)
+    events = decode(recording, 10)
+    codec = INV.stream_codec()
+    found = [pair for event in events for pair in codec.extract(event)]
+    args = ("unknown", "chunk", "choices", 0, "delta", "tool_calls", 0, "function", "arguments")
+    assert joined(found)[args] == '{"q": "secret"}'
+    assert joined(found)[("native", "choices", 0, "delta", "content")] == "Calling."
+    assert codec.text_ended
+    assert release(INV.stream_codec(), events) == recording
+    body = release(INV.stream_codec(), events, mask=lambda ch, t: t.replace("se", "XX"))
+    seen, raised = read_invoke_stream(body)
+    assert raised is None and "secret" not in json.dumps(seen)
+
+
+def test_bedrock_nova_chunk_with_two_events_reads_both() -> None:
+    """Regression (issue 15 review): a Nova chunk holding two Converse events was read by its
+    first only."""
+    model = {"contentBlockDelta": {"contentBlockIndex": 0, "delta": {"text": "one "}},
+             "messageStop": {"stopReason": "end_turn"},
+             "extra": {"words": "secret words"}}
+    (event,) = decode(chunk(model))
+    codec = INV.stream_codec()
+    found = dict(codec.extract(event))
+    assert found[("text", 0)] == "one "
+    assert found[("unknown", "chunk", "extra", "words")] == "secret words"
+    assert codec.text_ended
+    rewritten = codec.rewrite(event, {k: v.replace("secret", "{X}") for k, v in found.items()})
+    seen, raised = read_invoke_stream(rewritten)
+    assert raised is None and "secret words" not in json.dumps(seen)
