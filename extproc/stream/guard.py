@@ -143,14 +143,20 @@ class OutputGuard:
             return False
         error = GuardrailOverload(f"more than {self._max_held_bytes} bytes held")
         self._record.count("errors")
-        if self._ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
+        if not self._shadow and self._ctx.gate is not Gate.OPEN:
+            # Before the prompt's verdict nothing of the answer may go out, whatever the
+            # failure mode: the prompt may yet be blocked.
+            log.warning("stream held more than %d bytes before the prompt's verdict: ending it",
+                        self._max_held_bytes)
+            self.end(ErrorKind.UNAVAILABLE)
+        elif self._ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
             log.warning("stream held more than %d bytes; failure mode open: passing the rest "
                         "through unchecked", self._max_held_bytes)
             self._passthrough = True
             task, self._in_flight = self._in_flight, None
             if task is not None:
                 task.cancel()
-            raw = b"".join(item.raw for item in self._held)
+            raw = b"".join([self._render_unchecked(item) for item in self._held])
             self._held.clear()
             if self._decoder is not None:
                 raw += self._decoder.flush()
@@ -264,6 +270,26 @@ class OutputGuard:
             text = "".join(delta.mapped) if delta.mapped is not None else ""
             if text != delta.text:
                 changed[channels[delta.channel].key] = text
+        return self._codec.rewrite(item.event, changed)
+
+    def _render_unchecked(self, item: Held) -> bytes:
+        """The bytes of a held event passed on unchecked (``_over_limit``, failure mode open):
+        the masks already decided still apply (``mapped`` text, and the rest of an entity
+        carried past the release limit is dropped); only text no verdict covered goes out as
+        it came."""
+        if item.event is None or not item.deltas:
+            return item.raw
+        changed: dict[Hashable, str] = {}
+        channels = self._channels.all
+        for delta in item.deltas:
+            channel = channels[delta.channel]
+            end = delta.start + len(delta.text)
+            done = max(delta.mapped_to, delta.start)
+            head = "".join(delta.mapped) if delta.mapped is not None else ""
+            rest = max(done, channel.mask_from)
+            text = head + (delta.text[rest - delta.start:] if rest < end else "")
+            if text != delta.text:
+                changed[channel.key] = text
         return self._codec.rewrite(item.event, changed)
 
     def _release(self) -> None:

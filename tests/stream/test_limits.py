@@ -8,14 +8,19 @@ from typing import Any
 
 from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.domain.values import InputCheck
+from extproc.domain.verdict import classify
 from extproc.formats import all_formats
 from extproc.stream.processor import Admission, StreamProcessor
 from extproc.stream.sinks import Outbox
 from tests.stream.test_stream_processor import Harness
 from tests.support import (
     UNAVAILABLE_FRAME,
+    Call,
     FakeGuardrail,
+    bedrock_response,
+    chat_request,
     chunk_event,
+    request_body,
     request_headers,
     response_body,
     response_headers,
@@ -95,3 +100,47 @@ async def test_too_many_streams_pass_unchecked_when_open() -> None:
     assert sent[-1].mode_override.response_header_mode != 0  # SKIP: no further messages
     second.close()
     assert admission.active == 1
+
+
+class MaskThenHold(FakeGuardrail):
+    """Masks ``masked`` words in the first output check; every later call waits on ``hold``."""
+
+    async def apply(self, guardrail: Any, source: Any, texts: Any) -> Any:
+        first = not self.calls
+        self.calls.append(Call(source, list(texts)))
+        if not first and self.hold is not None:
+            await self.hold.wait()
+        return classify(bedrock_response("mask", [t.replace("secret", "{S}") for t in texts]))
+
+
+async def test_over_limit_before_the_prompt_verdict_ends_the_stream_when_open() -> None:
+    """Regression (issue 15 review): failing open over the held limit forwarded the held
+    answer before the prompt's verdict (a prompt still being checked could yet be blocked)."""
+    hold = asyncio.Event()  # the prompt check never returns: the gate stays pending
+    h = Harness(FakeGuardrail(hold=hold), input_check=InputCheck.PARALLEL,
+                max_held_bytes=2000, failure_mode=OPEN)
+    await h.feed(request_headers(), request_body(chat_request("hi")), response_headers())
+    for i in range(60):
+        await h.feed(response_body(chunk_event(f"{i:03d}" + "x" * 37)))
+    assert h.client_bytes() == UNAVAILABLE_FRAME
+    hold.set()
+
+
+async def test_over_limit_when_open_keeps_the_masks_already_decided() -> None:
+    """Regression (issue 15 review): failing open over the held limit forwarded held events as
+    they came, undoing masks a verdict had already decided for them."""
+    hold = asyncio.Event()
+    h = Harness(MaskThenHold(hold=hold), input_check=InputCheck.OFF, max_held_bytes=3000,
+                failure_mode=OPEN)
+    await h.feed(request_headers(), response_headers())
+    sent = [chunk_event("The secret word is out, and then")] + [
+        chunk_event(f"{i:03d} " + "y" * 36) for i in range(80)]
+    for event in sent:
+        await h.feed(response_body(event))
+        await h.settle()
+    await h.feed(response_body(b"data: [DONE]\n\n", end_of_stream=True))
+    shown = h.client_bytes()
+    assert b"secret" not in shown and b"{S}" in shown
+    assert shown.endswith(b"data: [DONE]\n\n") and b"079 " in shown
+    assert h.processor.record.to_metadata()["failed_open"] is True
+    hold.set()
