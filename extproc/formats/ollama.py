@@ -45,7 +45,6 @@ from typing import Any
 
 from extproc.formats import PromptScope, StreamCodec
 from extproc.formats import _common as c
-from extproc.formats.openai_chat import _extract_logprobs
 from extproc.framing import Decoder, NDJSONDecoder
 from extproc.sse import SSEEvent, utf8
 
@@ -118,10 +117,10 @@ def _answer_slots(answer: dict[str, Any], line: int = 0) -> list[c.Slot]:
     tokens = answer.get("logprobs")
     if isinstance(tokens, list) and tokens:
         # Logprob tokens that are not the text, and the alternatives (Chat's reading,
-        # ``openai_chat._extract_logprobs``); a mask of anything in the line drops them.
+        # ``_common.extract_logprobs``); a mask of anything in the line drops them.
         text = message.get("content") if isinstance(message, dict) else answer.get("response")
         found: list[tuple[Hashable, str]] = []
-        _extract_logprobs({"content": tokens}, {"content": text}, None, found)
+        c.extract_logprobs({"content": tokens}, {"content": text}, None, found)
         slots += [c.DropSlot(answer, "logprobs", channel, text=shown)
                   for channel, shown in found]
     return slots

@@ -86,7 +86,7 @@ def _response_slots(answer: dict[str, Any]) -> list[c.Slot]:
         logprobs = choice.get("logprobs")
         if logprobs:
             found: list[tuple[Hashable, str]] = []
-            _extract_logprobs(logprobs, message, index, found)
+            c.extract_logprobs(logprobs, message, index, found)
             slots += [c.DropSlot(choice, "logprobs", channel, text=text)
                       for channel, text in found]
         for kind, parts in _content_parts(message.get("content")).items():
@@ -229,7 +229,7 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
         states.append((index, bool(choice.get("finish_reason")), -1))
     logprobs = choice.get("logprobs")
     if logprobs:  # (requested explicitly; null in the usual chunk)
-        _extract_logprobs(logprobs, delta, index, found)
+        c.extract_logprobs(logprobs, delta, index, found)
     if content and isinstance(content, str):
         found.append((("content", index), content))
     elif isinstance(content, list):
@@ -273,59 +273,6 @@ def _extract_choice(choice: dict[str, Any], found: list[tuple[Hashable, str]],
         arguments = function_call.get("arguments")
         if c.is_text(arguments):
             found.append((("function", index), arguments))
-
-
-def _extract_logprobs(logprobs: Any, delta: dict[str, Any], index: Hashable,
-                      found: list[tuple[Hashable, str]]) -> None:
-    """The tokens of a chunk's ``logprobs`` (``content`` and ``refusal``), when they are not
-    the text they stand for: clients that show tokens show them, so they are checked, on a
-    channel of their own (``("logprobs", field, choice)``); a mask drops the choice's
-    ``logprobs``. Tokens are compared as strings, then as their ``bytes`` (a character split
-    over two tokens). The alternatives in ``top_logprobs`` that are not the token chosen are
-    text too (a playground shows them): checked one per line on ``("top_logprobs", field,
-    choice)``."""
-    if not isinstance(logprobs, dict):
-        return
-    for field in ("content", "refusal"):
-        tokens = logprobs.get(field)
-        if not isinstance(tokens, list) or not tokens:
-            continue
-        _extract_alternatives(tokens, field, index, found)
-        text = delta.get(field)
-        text = text if isinstance(text, str) else ""
-        strings = [t.get("token") for t in tokens if isinstance(t, dict)]
-        joined = "".join(s for s in strings if isinstance(s, str))
-        if joined == text:
-            continue
-        raw = b""
-        for token in tokens:
-            values = token.get("bytes") if isinstance(token, dict) else None
-            if isinstance(values, list) and all(isinstance(v, int) and 0 <= v < 256
-                                                for v in values):
-                raw += bytes(values)
-        if raw and raw == text.encode():
-            continue
-        shown = joined or raw.decode("utf-8", "replace")
-        if shown:
-            found.append((("logprobs", field, index), shown))
-
-
-def _extract_alternatives(tokens: list[Any], field: str, index: Hashable,
-                          found: list[tuple[Hashable, str]]) -> None:
-    lines = []
-    for token in tokens:
-        if not isinstance(token, dict):
-            continue
-        alternatives = token.get("top_logprobs")
-        if not isinstance(alternatives, list):
-            continue
-        chosen = token.get("token")
-        for alternative in alternatives:
-            other = alternative.get("token") if isinstance(alternative, dict) else None
-            if isinstance(other, str) and other != chosen and other.strip():
-                lines.append(other)
-    if lines:
-        found.append((("top_logprobs", field, index), "\n".join(lines) + "\n"))
 
 
 #: a streamed list content's part kind -> its channel kind: text parts continue the content
