@@ -173,6 +173,25 @@ class SSEDecoder:
                 return events
             if start:
                 data = data[start:]
+        elif not self._buf and not self._cr and not self._bom:
+            # The same for CR LF line endings (Google's streams): whole events of one ``data``
+            # line each, the line holding no other CR or LF.
+            n = len(data)
+            start = 0
+            while data.startswith(b"data:", start):
+                end = data.find(b"\r", start)
+                nxt = end + 4
+                if (end < 0 or nxt > n or data[end:nxt] != b"\r\n\r\n"
+                        or data.find(b"\n", start, end) >= 0):
+                    break
+                value = start + 6 if data[start + 5] == _SPACE else start + 5
+                events.append(SSEEvent(data[start:nxt], None,
+                                       str(data[value:end], "utf-8", "replace")))
+                start = nxt
+            if start == n:
+                return events
+            if start:
+                data = data[start:]
         if self._buf:
             buf: bytes | bytearray = self._buf
             self._buf += data

@@ -273,6 +273,8 @@ def _candidate_groups(candidate: dict[str, Any], index: Hashable, groups: Groups
                 text.append(value)
                 if kind == "text":
                     answer.append(value)
+            if part.keys() <= _TEXT_PART:
+                continue  # the usual part: nothing else to read
             for call in _fields(part, "functionCall", "function_call"):
                 if isinstance(call, dict):
                     _call_groups(call, index, groups)
@@ -283,6 +285,8 @@ def _candidate_groups(candidate: dict[str, Any], index: Hashable, groups: Groups
                 if isinstance(result, dict):
                     _add_text(groups, ("code_result", index), result, "output")
             _add_by_rule(groups, part, _PART_MEMBERS, ("unknown", index, "part"))
+    if candidate.keys() <= _PLAIN_CANDIDATE:
+        return  # the usual candidate: no grounding, logprobs or other members
     _add_by_rule(groups, candidate, _CANDIDATE_MEMBERS, ("unknown", index))
     for grounding in _fields(candidate, "groundingMetadata", "grounding_metadata"):
         if not isinstance(grounding, dict):
@@ -315,12 +319,16 @@ _CANDIDATE_MEMBERS: Final = frozenset({
     "citation_metadata", "urlContextMetadata", "url_context_metadata"})
 
 
+#: A part holding only these has nothing but its text to read; a candidate holding only
+#: these has nothing but its parts.
+_TEXT_PART: Final = frozenset({"text", "thought", "thoughtSignature", "thought_signature"})
+_PLAIN_CANDIDATE: Final = frozenset({"content", "index", "finishReason", "finish_reason"})
+
+
 def _add_by_rule(groups: Groups, holder: dict[str, Any], known: frozenset[str],
                  prefix: tuple[Any, ...]) -> None:
     """The members of ``holder`` not in ``known``, read by rule, each leaf on
     ``prefix + path``."""
-    if len(holder) == 1 and next(iter(holder)) in known:
-        return  # the usual part: ``{"text": ...}``
     others = [name for name in holder if name not in known]
     if others:
         for slot in c.leaf_slots(holder, prefix, others):

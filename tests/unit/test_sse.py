@@ -459,6 +459,11 @@ OTHER_BLOCKS = [
     b"data: cr\r\r",
     b"data: lf then cr\n\r",
 ]
+#: The fast path's CR LF shape (Google's streams): one ``data`` line per event.
+CRLF_BLOCKS = [block.replace(b"\n", b"\r\n") for block in FAST_BLOCKS
+               if not block.startswith(b"event")] + [
+    b"data: lone\rCR inside\r\n\r\n", b"data: LF\ninside\r\n\r\n",
+    b"data: CR LF then LF\r\n\n", b"data: three\r\n\r\n\r\n"]
 TAILS = [b"", b"data: partial", b"data: no blank line\n", b"event: e\n", b"event: e\ndata: d\n",
          b"data", b"event:", b"\r", BOM[:1]]
 
@@ -472,7 +477,8 @@ def whole_event_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     """Blocks, mostly of the fast shape, then maybe a partial tail; cut between blocks (so
     chunks start with whole events) and sometimes inside them."""
     blocks = draw(st.lists(st.one_of(st.sampled_from(FAST_BLOCKS), st.sampled_from(FAST_BLOCKS),
-                                     st.sampled_from(OTHER_BLOCKS)), max_size=12))
+                                     st.sampled_from(OTHER_BLOCKS),
+                                     st.sampled_from(CRLF_BLOCKS)), max_size=12))
     blocks.append(draw(st.sampled_from(TAILS)))
     stream = b"".join(blocks)
     ends = [sum(len(b) for b in blocks[:i]) for i in range(1, len(blocks))]
@@ -504,7 +510,7 @@ def test_property_whole_event_chunks_read_like_the_line_loop(
     assert whole.last_event_id == single.last_event_id
 
 
-@pytest.mark.parametrize("block", FAST_BLOCKS + OTHER_BLOCKS)
+@pytest.mark.parametrize("block", FAST_BLOCKS + OTHER_BLOCKS + CRLF_BLOCKS)
 @pytest.mark.parametrize("count", [1, 3])
 def test_whole_events_split_at_every_position(block: bytes, count: int) -> None:
     stream = block * count + FAST_BLOCKS[0]
@@ -533,6 +539,26 @@ def test_whole_event_chunks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) 
     for other in (b": comment\n\n", b"data: a\ndata: b\n\n", b"data: crlf\r\n\r\n"):
         with pytest.raises(AssertionError, match="per-line path"):
             dec.feed(b"data: x\n\n" + other)
+        dec.flush()
+
+
+def test_whole_crlf_events_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = CRLF_BLOCKS[:-4]
+    expected = [(e.event, e.data) for e in per_byte(b"".join(plain))[0]]
+    dec = SSEDecoder()
+    dec.feed(b"data: first chunk settles the BOM check\r\n\r\n")
+
+    def per_line(*args: object) -> None:
+        raise AssertionError("per-line path")
+
+    monkeypatch.setattr(SSEDecoder, "_line", per_line)
+    monkeypatch.setattr(SSEDecoder, "_dispatch", per_line)
+    events = dec.feed(b"".join(plain))
+    assert [e.raw for e in events] == plain
+    assert [(e.event, e.data) for e in events] == expected
+    for other in CRLF_BLOCKS[-4:] + [b": comment\r\n\r\n", b"event: e\r\ndata: d\r\n\r\n"]:
+        with pytest.raises(AssertionError, match="per-line path"):
+            dec.feed(b"data: x\r\n\r\n" + other)
         dec.flush()
 
 
