@@ -520,45 +520,31 @@ def test_whole_events_split_at_every_position(block: bytes, count: int) -> None:
         assert decode([stream[:i], stream[i:]]) == expected, f"split at {i}"
 
 
-def test_whole_event_chunks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("eol", "blocks", "others"), [
+    (b"\n", FAST_BLOCKS, [b": comment\n\n", b"data: a\ndata: b\n\n", b"data: crlf\r\n\r\n"]),
+    (b"\r\n", CRLF_BLOCKS[:-4],
+     [*CRLF_BLOCKS[-4:], b": comment\r\n\r\n", b"event: e\r\ndata: d\r\n\r\n"]),
+], ids=["LF", "CR LF"])
+def test_whole_event_chunks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch, eol: bytes,
+                                               blocks: list[bytes], others: list[bytes]) -> None:
     # The property tests above are only worth something if the fast path runs: whole events of
     # the usual shape never reach the per-line parser; anything else still does.
-    expected = [(e.event, e.data) for e in per_byte(b"".join(FAST_BLOCKS))[0]]
+    expected = [(e.event, e.data) for e in per_byte(b"".join(blocks))[0]]
     dec = SSEDecoder()
-    dec.feed(b"data: first chunk settles the BOM check\n\n")
+    dec.feed(b"data: first chunk settles the BOM check" + eol + eol)
 
     def per_line(*args: object) -> None:
         raise AssertionError("per-line path")
 
     monkeypatch.setattr(SSEDecoder, "_line", per_line)
     monkeypatch.setattr(SSEDecoder, "_dispatch", per_line)
-    events = dec.feed(b"".join(FAST_BLOCKS))
-    assert [e.raw for e in events] == FAST_BLOCKS
+    events = dec.feed(b"".join(blocks))
+    assert [e.raw for e in events] == blocks
     assert [(e.event, e.data) for e in events] == expected
     assert all(e.id is None and e.retry is None and e.comments == () for e in events)
-    for other in (b": comment\n\n", b"data: a\ndata: b\n\n", b"data: crlf\r\n\r\n"):
+    for other in others:
         with pytest.raises(AssertionError, match="per-line path"):
-            dec.feed(b"data: x\n\n" + other)
-        dec.flush()
-
-
-def test_whole_crlf_events_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    plain = CRLF_BLOCKS[:-4]
-    expected = [(e.event, e.data) for e in per_byte(b"".join(plain))[0]]
-    dec = SSEDecoder()
-    dec.feed(b"data: first chunk settles the BOM check\r\n\r\n")
-
-    def per_line(*args: object) -> None:
-        raise AssertionError("per-line path")
-
-    monkeypatch.setattr(SSEDecoder, "_line", per_line)
-    monkeypatch.setattr(SSEDecoder, "_dispatch", per_line)
-    events = dec.feed(b"".join(plain))
-    assert [e.raw for e in events] == plain
-    assert [(e.event, e.data) for e in events] == expected
-    for other in CRLF_BLOCKS[-4:] + [b": comment\r\n\r\n", b"event: e\r\ndata: d\r\n\r\n"]:
-        with pytest.raises(AssertionError, match="per-line path"):
-            dec.feed(b"data: x\r\n\r\n" + other)
+            dec.feed(b"data: x" + eol + eol + other)
         dec.flush()
 
 
