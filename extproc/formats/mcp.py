@@ -357,10 +357,9 @@ class McpFormat:
         if len(own) != len(texts):
             raise ValueError("channels of an SSE answer expected")
         codec = McpCodec(self)
-        decoder = SSEDecoder()
         out: list[bytes] = []
         done: set[Hashable] = set()
-        for event in (*decoder.feed(body), *decoder.feed(b"\n\n")):
+        for event in whole_events(body):
             found = codec.extract(event)
             changed = {channel: own[channel] for channel, _ in found if channel in own}
             done.update(changed)
@@ -375,9 +374,8 @@ class McpFormat:
         answer = c.load_json(body)
         if answer is not None:
             return utf8(c.dumps(_without_tools(answer, tools)))
-        decoder = SSEDecoder()
         out: list[bytes] = []
-        for event in (*decoder.feed(body), *decoder.feed(b"\n\n")):
+        for event in whole_events(body):
             message = c.load_object(event.data)
             if message is not None and isinstance(message.get("result"), dict) \
                     and isinstance(message["result"].get("tools"), list):
@@ -413,6 +411,18 @@ class McpFormat:
         if self.request.method == "tools/list":
             return None  # one message: taken whole, so that a poisoned tool can be removed
         return sse_decoder(content_type)
+
+
+def whole_events(body: bytes) -> list[SSEEvent]:
+    """The events of an SSE body taken whole (the ``raw`` of all is the body: an unterminated
+    last event is read as the clients that act on it read it, else kept as bytes)."""
+    decoder = SSEDecoder()
+    found = list(decoder.feed(body, end_of_stream=True))
+    leftover = decoder.flush()
+    if leftover:
+        last = decoder.last(leftover)
+        found.append(last if last is not None else SSEEvent(raw=leftover))
+    return found
 
 
 def _without_tools(answer: Any, tools: set[int]) -> Any:
