@@ -386,7 +386,11 @@ class McpFormat:
 
     def soft_block_response(self, body: bytes | None, message: str) -> bytes:
         answer = c.load_object(body) if body else None
-        id_ = answer.get("id") if answer is not None else self.request.id
+        id_ = answer.get("id") if answer is not None else self._id()
+        if answer is None and body and body.lstrip()[:6].startswith((b"event:", b"data:",
+                                                                      b"id:", b":")):
+            # An SSE answer taken whole keeps its content type: the result as one event.
+            return _encode(_soft_block(id_, message), None)
         return utf8(c.dumps(_soft_block(id_, message)))
 
     def _id(self) -> Any:

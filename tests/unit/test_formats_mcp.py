@@ -267,3 +267,12 @@ def test_other_streams_are_streamed_as_sse() -> None:
     fmt.prompt_texts(call({"q": "x"}), SCOPE)
     assert fmt.stream_decoder("text/event-stream") is not None
     assert fmt.stream_decoder("application/json") is None
+
+
+def test_a_soft_block_of_an_sse_answer_taken_whole_stays_sse() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(body({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}), SCOPE)
+    (event,) = events(fmt.soft_block_response(sse(TOOLS), "withheld"))
+    assert json.loads(event.data) == {"jsonrpc": "2.0", "id": 2, "result": {
+        "content": [{"type": "text", "text": "withheld"}], "isError": True}}
+    assert json.loads(fmt.soft_block_response(body(RESULT), "w"))["id"] == 3
