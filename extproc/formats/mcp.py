@@ -451,8 +451,10 @@ class McpCodec:
     """One SSE stream of JSON-RPC messages (a ``POST``'s answer or a ``GET`` stream).
 
     Channels are ``(event number, ...)``: each message's text is checked on its own. Every
-    event is a whole message, so the text read so far is complete after each one
-    (``text_ended``). The terminal frame answers the oldest response read and not yet
+    event is a whole message, so the text read so far is complete after each response
+    (``text_ended``; the guard then holds the events without text behind it until the next
+    checked text or the end of the body). A stream of notifications and server requests only
+    (the usual ``GET`` stream) never sets it, and nothing of it is held. The terminal frame answers the oldest response read and not yet
     released (else the request's ``id``, else ``null``)."""
 
     def __init__(self, fmt: McpFormat) -> None:
