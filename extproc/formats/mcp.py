@@ -314,6 +314,7 @@ class McpFormat:
         return [slot.get() for slot in _argument_slots(message)]
 
     def rewrite_prompt(self, body: bytes, scope: str, texts: list[str]) -> bytes | None:
+        c.check_scope(scope)
         message = c.load_object(body)
         if message is None:
             return None
@@ -454,14 +455,17 @@ class McpCodec:
     event is a whole message, so the text read so far is complete after each response
     (``text_ended``; the guard then holds the events without text behind it until the next
     checked text or the end of the body). A stream of notifications and server requests only
-    (the usual ``GET`` stream) never sets it, and nothing of it is held. The terminal frame answers the oldest response read and not yet
-    released (else the request's ``id``, else ``null``)."""
+    (the usual ``GET`` stream) never sets it, and nothing of it is held. The terminal frame
+    answers the oldest response read and not yet released (else the request's ``id``, else
+    ``null``)."""
 
     def __init__(self, fmt: McpFormat) -> None:
         self._fmt = fmt
         self._read = 0
         self._written = 0
-        self._pending: deque[tuple[SSEEvent, Any]] = deque()  # responses not yet released
+        # (event number, id) of the responses read and not yet released: extract and rewrite
+        # both see every event in order, so the counts number an event alike
+        self._pending: deque[tuple[int, Any]] = deque()
         self.text_ended = False
 
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
@@ -470,7 +474,7 @@ class McpCodec:
         message = c.load_object(event.data)
         if message is None or "method" in message or "id" not in message:
             return []
-        self._pending.append((event, message["id"]))
+        self._pending.append((number, message["id"]))
         found: list[tuple[Hashable, str]] = [(_numbered(number, slot.channel), slot.get())
                                              for slot in result_slots(message, 0)]
         self.text_ended = True
@@ -479,8 +483,9 @@ class McpCodec:
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         number = self._written
         self._written = number + 1
-        if self._pending and self._pending[0][0] is event:
-            self._pending.popleft()
+        pending = self._pending
+        while pending and pending[0][0] <= number:
+            pending.popleft()
         if not texts:
             return event.raw
         message = c.load_object(event.data)

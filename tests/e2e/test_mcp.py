@@ -21,7 +21,9 @@ import uvicorn
 from mcp import Client, MCPError
 from mcp.server.mcpserver import MCPServer
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 
 from extproc.formats.mcp import VIOLATION_CODE
 from extproc.localbedrock import LocalBedrock
@@ -110,7 +112,18 @@ def mcp_servers() -> Iterator[McpServers]:
                 await stack.enter_async_context(sub.router.lifespan_context(sub))
             yield
 
-    app = Starlette(routes=[Mount(path, app=sub) for path, sub in apps.items()],
+    async def server_stream(request: Request) -> Response:
+        """A GET stream as a server writes one: a notification, then a result (a replayed
+        response) whose text the output policy blocks, then a notification."""
+        notice = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+        result = {"jsonrpc": "2.0", "id": 12, "result": {
+            "content": [{"type": "text", "text": "It is Project Nightingale."}]}}
+        body = b"".join(f"event: message\r\ndata: {json.dumps(m)}\r\n\r\n".encode()
+                        for m in (notice, result, notice))
+        return Response(body, media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/raw/mcp", server_stream, methods=["GET"]),
+                            *(Mount(path, app=sub) for path, sub in apps.items())],
                     lifespan=lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            lifespan="on"))
@@ -366,6 +379,11 @@ def test_bad_json_rpc_gets_a_json_rpc_error(mcp_stack: McpStack) -> None:
             error = response.json()
             assert error["jsonrpc"] == "2.0" and error["id"] is None
             assert error["error"]["code"] == code
+        huge = json.dumps({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+            "name": "echo", "arguments": {"text": "x" * (2 << 20)}}})
+        response = http.post(url, content=huge, headers=ACCEPT)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == -32600
         # An unknown method passes to the server, which answers it.
         response = http.post(url, headers=ACCEPT, content=json.dumps(
             {"jsonrpc": "2.0", "id": 9, "method": "tools/frobnicate"}))
@@ -430,3 +448,17 @@ def test_audit_records_name_the_method_and_tool(mcp_stack: McpStack) -> None:
     assert blocked, audits[-3:]
     record = blocked[-1].get("audit", blocked[-1])
     assert record["mcp_method"] == "tools/call" and record["source"] == "output"
+
+
+def test_results_in_a_get_stream_are_checked(mcp_stack: McpStack) -> None:
+    with httpx.Client(timeout=20) as http:
+        direct = http.get(f"{mcp_stack.servers.url}/raw/mcp",
+                          headers={"accept": "text/event-stream"})
+        through = http.get(f"{mcp_stack.url}/raw/mcp", headers={"accept": "text/event-stream"})
+    assert b"Nightingale" in direct.content
+    assert through.status_code == 200 and b"Nightingale" not in through.content
+    blocks = [block for block in through.content.split(b"\r\n\r\n") if block.strip()]
+    assert blocks[0] == direct.content.split(b"\r\n\r\n")[0]  # the notification passed
+    last = json.loads(blocks[-1].split(b"data: ", 1)[1])
+    assert last == {"jsonrpc": "2.0", "id": 12, "error": {"code": VIOLATION_CODE,
+                                                          "message": VIOLATION}}

@@ -276,3 +276,26 @@ def test_a_soft_block_of_an_sse_answer_taken_whole_stays_sse() -> None:
     assert json.loads(event.data) == {"jsonrpc": "2.0", "id": 2, "result": {
         "content": [{"type": "text", "text": "withheld"}], "isError": True}}
     assert json.loads(fmt.soft_block_response(body(RESULT), "w"))["id"] == 3
+
+
+def test_text_ended_holds_after_each_response() -> None:
+    """Each event is one whole message: a later response's text is complete too (the model
+    APIs withdraw ``text_ended`` on later text; MCP has no partial text to wait for)."""
+    codec = stream_format().stream_codec()
+    note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    codec.extract(events(sse(note))[0])
+    assert not codec.text_ended  # notifications only: nothing is held behind them
+    for message in (RESULT, {**RESULT, "id": 4}):
+        assert codec.extract(events(sse(message))[0])
+        assert codec.text_ended
+
+
+def test_the_terminal_frame_answers_the_oldest_response_not_released() -> None:
+    fmt = stream_format()
+    codec = fmt.stream_codec()
+    first, second = events(sse({**RESULT, "id": 1}, {**RESULT, "id": 2}))
+    codec.extract(first)
+    codec.extract(second)
+    assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 1
+    codec.rewrite(first, {})
+    assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 2
