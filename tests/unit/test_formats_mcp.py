@@ -3,6 +3,7 @@ what it refuses, and the errors it writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -298,4 +299,30 @@ def test_the_terminal_frame_answers_the_oldest_response_not_released() -> None:
     codec.extract(second)
     assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 1
     codec.rewrite(first, {})
+    assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 2
+
+
+def test_regression_an_sse_answer_rewritten_whole_gains_no_bytes() -> None:
+    """Bug: the events of an SSE answer taken whole were read by feeding a blank line after
+    the body, and that line's bytes went out with the rewritten body."""
+    fmt = stream_format()
+    note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    raw = sse(note, TOOLS)
+    codec = fmt.stream_codec()
+    channels = [channel for e in events(raw) for channel, _ in codec.extract(e)]
+    masked = fmt.rewrite_response(raw, {("sse", channels[0]): "ECHO"})
+    assert masked.startswith(events(raw)[0].raw)  # the notification, byte for byte
+    assert masked.endswith(b"\n\n") and not masked.endswith(b"\n\n\n")
+    assert fmt.remove_tools(raw, set()).startswith(events(raw)[0].raw)
+    assert not fmt.remove_tools(raw, set()).endswith(b"\n\n\n")
+
+
+def test_regression_the_terminal_frame_id_follows_events_by_count_not_identity() -> None:
+    """Bug: a released response was matched by object identity, so a codec given copies of
+    the events (as ``rewrite`` may be) kept answering an id the client already had."""
+    codec = stream_format().stream_codec()
+    first, second = events(sse({**RESULT, "id": 1}, {**RESULT, "id": 2}))
+    codec.extract(first)
+    codec.extract(second)
+    codec.rewrite(dataclasses.replace(first), {})
     assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 2
