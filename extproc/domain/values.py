@@ -44,6 +44,21 @@ class UnknownTraffic(enum.Enum):
     PASS = "pass"  # let through unchecked: an explicit opt-out, logged and counted
 
 
+class Api(enum.Enum):
+    """Which API a route's requests speak: ``auto`` (each request's method and path say), or
+    one named for the whole route (``mcp``: every request is MCP, whatever its path)."""
+
+    AUTO = "auto"
+    MCP = "mcp"
+
+
+class PoisonedTools(enum.Enum):
+    """What an MCP ``tools/list`` answer with a tool the guardrail blocks becomes."""
+
+    REMOVE = "remove"  # the tools that block are removed from the list (each checked alone)
+    REFUSE = "refuse"  # the answer is refused: a JSON-RPC error for its id
+
+
 class SignedPromptMask(enum.Enum):
     """What a masked prompt does on a request the client signed with AWS SigV4 (Bedrock
     Runtime through boto3): a rewritten body would fail the signature upstream."""

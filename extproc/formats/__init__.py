@@ -38,6 +38,8 @@ module                    API                          path ends with
                           streams)                     ``.../converse-stream``, ``.../invoke``,
                                                        ``.../invoke-with-response-stream``
 ``ollama``                Ollama (NDJSON streams)      ``/api/chat``, ``/api/generate``
+``mcp``                   MCP over Streamable HTTP     ``/mcp`` (also ``GET``, ``DELETE``;
+                          (JSON-RPC; JSON or SSE)      any path on a route ``api: mcp``)
 ========================  ===========================  ===========================
 """
 
@@ -256,6 +258,7 @@ def all_formats() -> tuple[StreamFormat, ...]:
     from extproc.formats.anthropic_messages import AnthropicMessages
     from extproc.formats.bedrock import CONVERSE, INVOKE, BedrockRuntime
     from extproc.formats.gemini import GeminiGenerateContent
+    from extproc.formats.mcp import McpFormat
     from extproc.formats.ollama import OllamaFormat
     from extproc.formats.openai_chat import OpenAIChat
     from extproc.formats.openai_completions import OpenAICompletions
@@ -263,4 +266,4 @@ def all_formats() -> tuple[StreamFormat, ...]:
 
     return (OpenAIChat(), OpenAIResponses(), AnthropicMessages(), OpenAICompletions(),
             GeminiGenerateContent(), BedrockRuntime(CONVERSE), BedrockRuntime(INVOKE),
-            OllamaFormat(generate=False), OllamaFormat(generate=True))
+            OllamaFormat(generate=False), OllamaFormat(generate=True), McpFormat())

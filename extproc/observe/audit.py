@@ -87,6 +87,8 @@ class AuditLog:
         chars_released: int = 0,
         tripped_window: str | None = None,
         cost_usd: float = 0.0,
+        mcp_method: str | None = None,
+        mcp_tool: str | None = None,
     ) -> dict[str, Any]:
         """Log one intervention; returns the record."""
         findings = []
@@ -115,5 +117,8 @@ class AuditLog:
             "format": fmt,
             "stream": stream,
         }
+        if mcp_method is not None:  # (an MCP route: the JSON-RPC method and the tool called)
+            record["mcp_method"] = mcp_method
+            record["mcp_tool"] = mcp_tool
         self._logger.info("guardrail %s (%s)", outcome, source, extra={"audit": record})
         return record

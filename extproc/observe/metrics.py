@@ -121,6 +121,13 @@ class Recorder(Protocol):
     def cost(self, route: str, policy: str, usd: float) -> None:
         """A guardrail call's cost for one policy type (``extproc.domain.cost``)."""
 
+    def mcp_message(self, route: str, method: str, outcome: str) -> None:
+        """An MCP stream ended (``method``: a bounded label, ``extproc.formats.mcp``)."""
+
+    def mcp_poisoned_tools(self, route: str, action: str, count: int) -> None:
+        """``count`` tools of a ``tools/list`` answer blocked (``action``: removed or
+        refused)."""
+
     def track_held(self, holder: HeldBytes) -> None:
         """Count ``holder.held_bytes`` in the held-bytes gauge until ``untrack_held``."""
 
@@ -160,6 +167,12 @@ class NullRecorder:
         pass
 
     def cost(self, route: str, policy: str, usd: float) -> None:
+        pass
+
+    def mcp_message(self, route: str, method: str, outcome: str) -> None:
+        pass
+
+    def mcp_poisoned_tools(self, route: str, action: str, count: int) -> None:
         pass
 
     def track_held(self, holder: HeldBytes) -> None:
@@ -273,6 +286,15 @@ class PrometheusRecorder:
         self._reasoning_unchecked = Counter(
             PREFIX + "reasoning_unchecked_chars", "characters of reasoning text passed "
             "unchecked because the route sets reasoning_check off", ("route",), registry=reg)
+        self._mcp_messages = Counter(
+            PREFIX + "mcp_messages", "MCP requests (ext_proc streams of an MCP route) by "
+            "JSON-RPC method (known methods by name, else notification, response, batch, "
+            "stream for a GET, other) and outcome", ("route", "method", "outcome"),
+            registry=reg)
+        self._mcp_poisoned = Counter(
+            PREFIX + "mcp_poisoned_tools", "tools of MCP tools/list answers the guardrail "
+            "blocked, by what became of them (removed, refused)", ("route", "action"),
+            registry=reg)
         self._reloads = Counter(
             PREFIX + "config_reloads", "configuration file reloads (on change or SIGHUP) by "
             "result: applied, unchanged, refused (the loaded configuration keeps serving)",
@@ -338,6 +360,13 @@ class PrometheusRecorder:
         if child is None:
             child = self._cost_children[key] = self._cost.labels(route, policy)
         child.inc(usd)
+
+    def mcp_message(self, route: str, method: str, outcome: str) -> None:
+        label = outcome if outcome in STREAM_OUTCOMES else OTHER
+        self._mcp_messages.labels(route, method, label).inc()
+
+    def mcp_poisoned_tools(self, route: str, action: str, count: int) -> None:
+        self._mcp_poisoned.labels(route, action).inc(count)
 
     # -- guardrail calls
 

@@ -24,10 +24,12 @@ from extproc.domain.cost import format_price_table, parse_price_table
 from extproc.domain.errors import ConfigError
 from extproc.domain.failure import FailurePolicy, parse_failure_policy
 from extproc.domain.values import (
+    Api,
     GuardrailId,
     GuardrailRef,
     GuardrailVersion,
     InputCheck,
+    PoisonedTools,
     PromptScope,
     SignedPromptMask,
     StreamMode,
@@ -225,6 +227,14 @@ OPTIONS: tuple[_Option, ...] = (
             "generic (every string of their JSON checked, answers too), reject (403 before the "
             "upstream) or pass (unchecked, logged and counted)", "generic",
             _enum_parser(UnknownTraffic)),
+    _Option("--api", "default_route.api", "the API a route's requests speak: auto (each "
+            "request's method and path say) or mcp (every request is MCP over Streamable HTTP, "
+            "whatever its path)", "auto", _enum_parser(Api)),
+    _Option("--mcp-poisoned-tools", "default_route.mcp_poisoned_tools", "an MCP tools/list "
+            "answer with a tool the guardrail blocks (name, description, schema descriptions): "
+            "remove (those tools are taken out of the list, each checked alone) or refuse (a "
+            "JSON-RPC error for the request); either is logged and counted", "remove",
+            _enum_parser(PoisonedTools)),
     _Option("--signed-prompt-mask", "default_route.signed_prompt_mask", "a prompt the guardrail "
             "masked, on a request the client signed with AWS SigV4 (a rewritten body fails the "
             "signature): refuse (blocked before the upstream) or pass (sent unmasked, logged "
@@ -389,6 +399,8 @@ ROUTE_FIELDS: Mapping[str, tuple[str, Callable[[str, str], Any]]] = {
     "enabled": ("enabled", _parse_bool),
     "input_check": ("input_check", _enum_parser(InputCheck)),
     "unknown_traffic": ("unknown_traffic", _enum_parser(UnknownTraffic)),
+    "api": ("api", _enum_parser(Api)),
+    "mcp_poisoned_tools": ("mcp_poisoned_tools", _enum_parser(PoisonedTools)),
     "prompt_scope": ("prompt_scope", _enum_parser(PromptScope)),
     "signed_prompt_mask": ("signed_prompt_mask", _enum_parser(SignedPromptMask)),
     "output_check": ("output_check", _parse_bool),

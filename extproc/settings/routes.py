@@ -15,6 +15,8 @@ Envoy can say it in three ways (``shared/docs/ext_proc.md`` section 6); the side
    ``x-guardrail-input``      ``pre_call`` / ``parallel`` / ``off``
    ``x-guardrail-prompt-scope`` ``whole_request`` / ``last_user`` / ``all`` / ``all_with_system``
    ``x-guardrail-unknown-traffic`` ``generic`` / ``reject`` / ``pass``
+   ``x-guardrail-api``        ``auto`` / ``mcp`` (every request of the route is MCP)
+   ``x-guardrail-mcp-poisoned-tools`` ``remove`` / ``refuse``
    ``x-guardrail-output``     ``on`` / ``off``
    ``x-guardrail-mode``       ``sync`` / ``async``
    ``x-guardrail-shadow``     ``on`` / ``off``

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from extproc.domain.cost import DEFAULT_PRICES
 from extproc.domain.failure import FailurePolicy
 from extproc.domain.values import (
+    Api,
     GuardrailRef,
     InputCheck,
+    PoisonedTools,
     PromptScope,
     SignedPromptMask,
     StreamMode,
@@ -63,6 +65,8 @@ class RoutePolicy:
     input_check: InputCheck = InputCheck.PRE_CALL
     prompt_scope: PromptScope = PromptScope.WHOLE_REQUEST
     unknown_traffic: UnknownTraffic = UnknownTraffic.GENERIC
+    api: Api = Api.AUTO  # ``mcp``: every request of the route is MCP (``extproc.formats.mcp``)
+    mcp_poisoned_tools: PoisonedTools = PoisonedTools.REMOVE
     signed_prompt_mask: SignedPromptMask = SignedPromptMask.REFUSE
     output_check: bool = True
     # Reasoning text (thinking, reasoning_content, thought parts, reasoning summaries) is

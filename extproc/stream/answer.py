@@ -15,9 +15,11 @@ from collections.abc import Hashable
 
 from extproc.domain.decision import Action, decide_verdict
 from extproc.domain.errors import GuardrailServerError
-from extproc.domain.values import Gate, Source
+from extproc.domain.values import Gate, PoisonedTools, Source
+from extproc.domain.verdict import GuardrailVerdict
 from extproc.formats import ErrorKind, StreamFormat
 from extproc.formats._common import load_json
+from extproc.formats.mcp import McpFormat, tool_of
 from extproc.sse import SSEDecoder
 from extproc.stream.context import StreamContext, as_guardrail_error
 from extproc.stream.sinks import Replies
@@ -148,9 +150,70 @@ class WholeAnswer:
                     message = verdict.outputs[0] if verdict.outputs else ""
                     replacement = self._fmt.soft_block_response(body, message)
                 elif action is Action.BLOCK:
-                    log.info("answer blocked by the guardrail")
-                    replies.error(ErrorKind.VIOLATION, "block")
-                    return
+                    tools = {tool_of(channel) for channel, _ in pairs} - {None}
+                    if tools and isinstance(self._fmt, McpFormat):
+                        replacement = await self._poisoned_tools(body, pairs, verdict)
+                        if replacement is None:
+                            return
+                    else:
+                        log.info("answer blocked by the guardrail")
+                        replies.error(ErrorKind.VIOLATION, "block")
+                        return
         if record.outcome is None:
             record.outcome = "pass"
         ctx.outbox.put(replies.whole_body(body, replacement))
+
+    async def _poisoned_tools(self, body: bytes, pairs: list[tuple[Hashable, str]],
+                              verdict: GuardrailVerdict) -> bytes | None:
+        """An MCP ``tools/list`` answer the guardrail blocked (tool poisoning). ``refuse``: the
+        client gets a JSON-RPC error for its request. ``remove``: each tool is checked alone
+        (passes the verdict cache remembers are not paid again) and the answer goes out
+        without the tools that block, masked where a tool's check masks; refused when the
+        block came from text that is no tool's, or from no tool alone. Returns the answer's
+        new body, or None when the error went out."""
+        ctx, fmt, replies = self._ctx, self._fmt, self._replies
+        assert isinstance(fmt, McpFormat)
+        by_tool: dict[int, list[tuple[Hashable, str]]] = {}
+        for channel, text in pairs:
+            index = tool_of(channel)
+            if index is None:
+                by_tool.clear()  # text beside the tools blocked with them: refuse
+                break
+            by_tool.setdefault(index, []).append((channel, text))
+        if ctx.route.mcp_poisoned_tools is PoisonedTools.REMOVE and by_tool:
+            checks = await asyncio.gather(*(
+                ctx.check(Source.OUTPUT, [text for _, text in items])
+                for items in by_tool.values()), return_exceptions=True)
+            removed: set[int] = set()
+            masked: dict[Hashable, str] = {}
+            failed = False
+            for (index, items), result in zip(by_tool.items(), checks, strict=True):
+                if isinstance(result, BaseException):
+                    failed = True  # no verdict for a tool: the whole answer is refused
+                    continue
+                decision = decide_verdict(result.outcome, ctx.route, can_mask=True,
+                                          can_soft_block=False)
+                if decision.action is Action.BLOCK:
+                    removed.add(index)
+                    ctx.intervened(Source.OUTPUT, "block", result)
+                elif decision.action is Action.MASK and len(result.outputs) == len(items):
+                    masked.update({channel: text for (channel, _), text in zip(
+                        items, result.outputs, strict=True)})
+            if removed and not failed:
+                try:
+                    rewritten = fmt.rewrite_response(body, masked) if masked else body
+                    answer = fmt.remove_tools(rewritten, removed)
+                except ValueError as exc:
+                    log.warning("poisoned tools cannot be removed (%s); refusing", exc)
+                else:
+                    log.info("%d poisoned MCP tools removed from a tools/list answer",
+                             len(removed))
+                    ctx.record.mcp_tools_removed = len(removed)
+                    ctx.record.outcome = "pass"
+                    ctx.mcp_poisoned_tools("removed", len(removed))
+                    return answer
+        log.info("MCP tools/list answer refused: a tool blocked by the guardrail")
+        ctx.intervened(Source.OUTPUT, "block", verdict)
+        ctx.mcp_poisoned_tools("refused", 1)
+        replies.error(ErrorKind.VIOLATION, "block")
+        return None

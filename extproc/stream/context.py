@@ -116,6 +116,11 @@ class StreamContext:
             self._recorder.reasoning_unchecked(self.record.route, chars)
         return kept
 
+    def mcp_poisoned_tools(self, action: str, count: int) -> None:
+        """``count`` tools of an MCP ``tools/list`` answer blocked: ``removed``, or the answer
+        ``refused``."""
+        self._recorder.mcp_poisoned_tools(self.record.route, action, count)
+
     def no_verdict(self, error: GuardrailError) -> Action:
         """There is no verdict (``error``): record its class, and whether the text goes on
         unchecked (``RELEASE_UNCHECKED``, recorded as a fail-open) or the stream gets

@@ -45,9 +45,10 @@ from extproc.domain.cache import NO_CACHE, VerdictCache
 from extproc.domain.client import GuardrailClient
 from extproc.domain.decision import Action
 from extproc.domain.errors import GuardrailOverload, GuardrailServerError
-from extproc.domain.values import Gate, InputCheck, UnknownTraffic
+from extproc.domain.values import Api, Gate, InputCheck, UnknownTraffic
 from extproc.formats import ErrorKind, StreamFormat, find_format, strip_query
 from extproc.formats.generic import GENERIC
+from extproc.formats.mcp import STREAM, McpFormat
 from extproc.formats.strict import BodyRejected, check_charset, parse_request
 from extproc.formats.whole import PromptUnreadable
 from extproc.observe.audit import AuditLog
@@ -85,6 +86,10 @@ def is_signed(headers: Mapping[str, str]) -> bool:
     path = headers.get(":path", "")
     query = path.find("?")
     return query >= 0 and "x-amz-signature=" in path[query:].lower()
+
+#: The MCP format of a route whose ``api`` is ``mcp`` (any path).
+MCP_ROUTE = McpFormat(any_path=True)
+
 
 class BodyMode(enum.Enum):
     """The response body mode configured on Envoy's filter (``protocol_config``)."""
@@ -331,10 +336,13 @@ class GuardedStream:
         try:
             texts = self._fmt.prompt_texts(decoded, route.prompt_scope.value)
         except PromptUnreadable as exc:
-            # Token ids or embeddings: the model would read what the guardrail cannot.
+            # Token ids or embeddings: the model would read what the guardrail cannot (or, MCP,
+            # not one JSON-RPC message).
             log.info("request refused: %s: 400", exc)
+            self._label_mcp()
             self._replies.error(ErrorKind.INVALID, "invalid")
             return
+        self._label_mcp()
         if not texts:
             outbox.put(envoy.continue_request_body())
             return
@@ -347,6 +355,16 @@ class GuardedStream:
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
                                    decoded is not body, self._signed)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
+
+    def _label_mcp(self) -> None:
+        """An MCP request read: its method and tool go to the record (metrics, access log,
+        audit)."""
+        fmt = self._fmt
+        if isinstance(fmt, McpFormat):
+            record = self._ctx.record
+            record.mcp_method = fmt.method_label()
+            tool = fmt.request.tool
+            record.mcp_tool = tool[:64] if tool is not None else None
 
     async def _check_prompt(self) -> None:
         prompt = self._prompt
@@ -585,8 +603,12 @@ class StreamProcessor:
         """Choose, once, who answers this stream, and answer the request headers."""
         headers = envoy.header_map(message.headers)
         method, path = headers.get(":method", ""), headers.get(":path", "")
-        fmt = find_format(method, path, self._formats)
         route = self._route
+        fmt = find_format(method, path, self._formats)
+        if route.api is Api.MCP:
+            fmt = MCP_ROUTE if MCP_ROUTE.matches(method.upper(), "") else None
+        if isinstance(fmt, McpFormat):
+            fmt = fmt.for_stream()  # it remembers this stream's request
         guarding = route.enabled and (route.output_check or route.input_check is not InputCheck.OFF)
         unrecognised = guarding and fmt is None
         if unrecognised and route.unknown_traffic is not UnknownTraffic.PASS:
@@ -609,6 +631,8 @@ class StreamProcessor:
         if request_id:
             record.request_id = request_id
         record.format = fmt.name
+        if isinstance(fmt, McpFormat):
+            record.mcp_method = STREAM if method.upper() == "GET" else None
         ctx = StreamContext(route, self._settings.streams, self._settings.client.timeout_s,
                             record, self._outbox, self._guardrail, self._recorder, self._audit,
                             self._verdict_cache)
@@ -660,5 +684,8 @@ class StreamProcessor:
             outcome = self.record.outcome_label(guarded=fmt is not None, unfinished=unfinished)
             self._recorder.stream_finished(
                 self._route_name, fmt.name if fmt is not None else NO_FORMAT, outcome)
+            if isinstance(fmt, McpFormat):
+                self._recorder.mcp_message(self._route_name,
+                                           self.record.mcp_method or "other", outcome)
             if outcome == "block" or outcome == "soft_block":
                 self._recorder.released_before_block(self.record.chars_released or 0)

@@ -33,6 +33,9 @@ class StreamRecord:
     stream: str = field(default="", metadata={"metadata": False})
     request_id: str | None = None
     format: str | None = None
+    mcp_method: str | None = None  # an MCP request's JSON-RPC method (a bounded label)
+    mcp_tool: str | None = None  # the tool a tools/call names (cut to 64 characters)
+    mcp_tools_removed: int | None = None  # poisoned tools taken out of a tools/list answer
     body_mode: str | None = None
     mode: str | None = None
     strategy: str | None = None
@@ -94,7 +97,8 @@ class StreamRecord:
         """Who this stream is, for its audit records."""
         return {"guardrail_id": self.guardrail_id, "guardrail_version": self.guardrail_version,
                 "route": self.route, "fmt": self.format or "none", "stream": self.stream,
-                "request_id": self.request_id}
+                "request_id": self.request_id, "mcp_method": self.mcp_method,
+                "mcp_tool": self.mcp_tool}
 
     def outcome_label(self, *, guarded: bool, unfinished: bool) -> str:
         """What became of the stream, for metrics: the terminal outcome if there is one, else

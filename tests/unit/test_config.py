@@ -17,8 +17,10 @@ from extproc.domain.cost import DEFAULT_PRICES
 from extproc.domain.errors import ConfigError, ExtprocError
 from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.domain.values import (
+    Api,
     GuardrailRef,
     InputCheck,
+    PoisonedTools,
     PromptScope,
     SignedPromptMask,
     StreamMode,
@@ -74,6 +76,8 @@ ENV_NAMES = {
     "--guardrail-max-chars-per-call": "EXTPROC_GUARDRAIL_MAX_CHARS_PER_CALL",
     "--verdict-cache-entries": "EXTPROC_VERDICT_CACHE_ENTRIES",
     "--unknown-traffic": "EXTPROC_UNKNOWN_TRAFFIC",
+    "--api": "EXTPROC_API",
+    "--mcp-poisoned-tools": "EXTPROC_MCP_POISONED_TOOLS",
     "--verdict-cache-ttl": "EXTPROC_VERDICT_CACHE_TTL",
     "--breaker-failures": "EXTPROC_BREAKER_FAILURES",
     "--breaker-cooldown": "EXTPROC_BREAKER_COOLDOWN",
@@ -178,6 +182,8 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--guardrail-max-chars-per-call", "5000", "guardrail_max_chars_per_call", 5000),
     ("--verdict-cache-entries", "0", "verdict_cache_entries", 0),
     ("--unknown-traffic", "reject", "unknown_traffic", UnknownTraffic.REJECT),
+    ("--api", "mcp", "default_route.api", Api.MCP),
+    ("--mcp-poisoned-tools", "refuse", "default_route.mcp_poisoned_tools", PoisonedTools.REFUSE),
     ("--verdict-cache-ttl", "60", "verdict_cache_ttl_s", 60.0),
     ("--breaker-failures", "0", "breaker_failures", 0),
     ("--breaker-cooldown", "3", "breaker_cooldown_s", 3.0),
@@ -470,6 +476,8 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--guardrail-max-chars-per-call", "10", ("outside",)),
     ("--verdict-cache-entries", "-1", ("outside",)),
     ("--unknown-traffic", "allow", ("is not one of", "generic")),
+    ("--api", "grpc", ("is not one of", "auto", "mcp")),
+    ("--mcp-poisoned-tools", "hide", ("is not one of", "remove", "refuse")),
     ("--verdict-cache-ttl", "0", ("outside",)),
     ("--breaker-failures", "-1", ("outside",)),
     ("--breaker-cooldown", "0", ("outside",)),

@@ -35,6 +35,7 @@ from extproc.formats import (
 from extproc.formats.anthropic_messages import AnthropicMessages
 from extproc.formats.bedrock import BedrockRuntime
 from extproc.formats.gemini import GeminiGenerateContent
+from extproc.formats.mcp import McpFormat
 from extproc.formats.ollama import OllamaFormat
 from extproc.formats.openai_chat import OpenAIChat
 from extproc.formats.openai_completions import OpenAICompletions
@@ -172,6 +173,12 @@ def sse_payloads(raw: bytes) -> list[tuple[str | None, Any]]:
 FORMATS = all_formats()
 #: The formats whose streams are SSE (the tests that feed OpenAI- or Anthropic-shaped events).
 SSE_FORMATS = [f for f in FORMATS if f.stream_decoder("text/event-stream") is not None]
+#: The model APIs. MCP (JSON-RPC) differs by design where these tests assume a model API: it
+#: refuses a body that is not one JSON-RPC message (a JSON-RPC error, not an empty prompt), its
+#: errors are JSON-RPC errors (HTTP 200 for the id at stake), its events are whole messages
+#: (the text is complete after each one); tests/unit/test_formats_mcp.py covers those.
+MODEL_FORMATS = [f for f in FORMATS if f.name != "mcp"]
+MODEL_SSE_FORMATS = [f for f in SSE_FORMATS if f.name != "mcp"]
 CODEC_METHODS = ("extract", "rewrite", "terminal_frame", "soft_block_frame")
 FORMAT_METHODS = ("matches", "prompt_texts", "rewrite_prompt", "response_texts",
                   "rewrite_response", "soft_block_response", "error_body", "stream_codec",
@@ -181,11 +188,12 @@ FORMAT_METHODS = ("matches", "prompt_texts", "rewrite_prompt", "response_texts",
 def test_all_formats_order_and_names() -> None:
     assert [type(f) for f in FORMATS] == [
         OpenAIChat, OpenAIResponses, AnthropicMessages, OpenAICompletions,
-        GeminiGenerateContent, BedrockRuntime, BedrockRuntime, OllamaFormat, OllamaFormat]
+        GeminiGenerateContent, BedrockRuntime, BedrockRuntime, OllamaFormat, OllamaFormat,
+        McpFormat]
     names = [f.name for f in FORMATS]
     assert names == ["openai.chat_completions", "openai.responses", "anthropic.messages",
                      "openai.completions", "google.gemini", "bedrock.converse",
-                     "bedrock.invoke", "ollama.chat", "ollama.generate"]
+                     "bedrock.invoke", "ollama.chat", "ollama.generate", "mcp"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -252,7 +260,7 @@ def test_unknown_scope_is_rejected(fmt: StreamFormat) -> None:
         fmt.rewrite_prompt(b"{}", "everything", [])
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("scope", PromptScope.VALUES)
 @pytest.mark.parametrize("raw", [b"", b"{not json", b"\xff\xfe\x00", b"[]", b"null", b'"x"'])
 def test_prompt_of_garbage_is_empty(fmt: StreamFormat, scope: str, raw: bytes) -> None:
@@ -279,7 +287,7 @@ def test_rewrite_response_rejects_what_it_cannot_do(fmt: StreamFormat) -> None:
         fmt.rewrite_response(b"{}", {("no such channel", 0): "x"})
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize(
     ("kind", "status", "message"),
     [(ErrorKind.VIOLATION, 400, VIOLATION_MESSAGE),
@@ -339,7 +347,8 @@ def test_rewrite_without_changes_is_byte_identical(fmt: StreamFormat) -> None:
             "openai.responses": "responses_stream.sse",
             "anthropic.messages": "anthropic_stream.sse",
             "openai.completions": "completions.sse",
-            "google.gemini": "gemini_stream.sse"}[fmt.name]
+            "google.gemini": "gemini_stream.sse",
+            "mcp": "mcp_stream.sse"}[fmt.name]
     raw = fixture(name)
     assert release(fmt.stream_codec(), decode(raw, chunk_size=11)) == raw
     # And events that carry no JSON at all pass through.
@@ -386,7 +395,7 @@ _PAYLOADS = st.builds(
     st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6))
 
 
-@pytest.mark.parametrize("fmt", SSE_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_SSE_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("odd_index", [[1], {"a": 1}, True, "2", 1.5])
 def test_odd_indexes_give_stable_channels(fmt: StreamFormat, odd_index: Any) -> None:
     payloads = [
@@ -445,6 +454,7 @@ FIXTURES_OF = {
     "bedrock.invoke": ("bedrock_invoke.eventstream",),
     "ollama.chat": ("ollama_chat.ndjson",),
     "ollama.generate": ("ollama_generate.ndjson",),
+    "mcp": ("mcp_stream.sse",),  # (the SDK server's SSE answer to tools/call, legacy transport)
 }
 
 
@@ -631,7 +641,7 @@ def test_text_ended_after_the_last_text_of_each_recording(fmt: StreamFormat) -> 
         assert ended[-1], name  # and known before the body ends
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_FORMATS, ids=lambda f: f.name)
 def test_text_ended_is_withdrawn_by_later_text(fmt: StreamFormat) -> None:
     name = FIXTURES_OF[fmt.name][0]
     events = fixture_events(name)

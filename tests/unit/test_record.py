@@ -38,7 +38,7 @@ def test_identity_names_the_stream_for_its_audit_records() -> None:
     record = StreamRecord("gr1", "3", route="canary", stream="s9")
     assert record.identity() == {"guardrail_id": "gr1", "guardrail_version": "3",
                                  "route": "canary", "fmt": "none", "stream": "s9",
-                                 "request_id": None}
+                                 "request_id": None, "mcp_method": None, "mcp_tool": None}
     record.format, record.request_id = "openai.chat_completions", "r-1"
     assert record.identity()["fmt"] == "openai.chat_completions"
     assert record.identity()["request_id"] == "r-1"

@@ -1,0 +1,513 @@
+"""The Model Context Protocol over Streamable HTTP: JSON-RPC 2.0 messages ``POST``ed to the MCP
+endpoint, answered ``application/json`` (one message) or as an SSE stream of ``event: message``
+events (one JSON-RPC message each); a ``GET`` to the endpoint opens an SSE stream of messages
+the server starts. ``Mcp-Session-Id`` and every other header pass untouched.
+
+Recognised on a route whose ``api`` is ``mcp`` (any path), and by default on ``POST`` and
+``GET`` of a path ending with ``/mcp`` (the SDKs' default endpoint).
+
+What is read (a JSON-RPC message is read whatever its method says; an answer by its shape,
+since a response does not name its method):
+
+==============================  ==============================  ============================
+message                         text                            source
+==============================  ==============================  ============================
+request ``tools/call``          every string in                 INPUT, before the tool
+                                ``params.arguments``            server is contacted
+a result's ``content[]``        ``text`` items, an embedded     OUTPUT
+(``tools/call``)                ``resource.text``
+``structuredContent``           every string                    OUTPUT
+``tools`` (``tools/list``)      each tool's ``name``,           OUTPUT (tool poisoning)
+                                ``title``, ``description``,
+                                schema ``description`` and
+                                ``title`` strings
+``messages`` (``prompts/get``)  content ``text``, embedded      OUTPUT
+                                resource text; ``description``
+``contents`` (``resources/      ``text``                        OUTPUT
+read``)
+==============================  ==============================  ============================
+
+Notifications, requests from the server (``sampling/createMessage``, ``ping``), the client's
+responses and every other method pass unread; an ``error`` answer is the server's and passes.
+
+Blocks are JSON-RPC errors for the ``id`` at stake, HTTP 200 ``application/json`` (or, in an SSE
+answer, one ``event: message`` with the error, then the end of the stream):
+
+=====================  ======  =========================================================
+kind                   code    message
+=====================  ======  =========================================================
+violation              -32010  ``Violated guardrail policy``
+unavailable            -32011  ``Guardrail unavailable``
+=====================  ======  =========================================================
+
+(-32000..-32019 is the band the MCP specification leaves to implementations; the SDK uses
+-32000 and -32001.) Requests refused before the upstream for what they are, not what they say,
+keep their HTTP status and carry a JSON-RPC error without an ``id`` (``null``), as the
+specification asks of a server that cannot accept a message: not JSON (-32700, HTTP 400), not a
+JSON-RPC 2.0 message or a batch array (-32600, HTTP 400), too large (-32600, 413), an unreadable
+content-encoding (-32600, 415). Batch arrays (allowed by protocol revision 2025-03-26 only, sent
+by no SDK) are refused when the request is read; an answer that is an array has each element
+read, and a block of it is one error with ``id`` ``null``.
+
+A soft block (``--soft-block on``) answers a tool result with ``isError: true`` whose one text
+item is the guardrail's message.
+
+Formats are stateless and shared; this one is bound to each stream (``for_stream``): the
+request it read (method, ``id``, tool) names the error for that ``id`` and the metrics' method
+and tool, and a ``tools/list`` answer streamed as SSE is taken whole (one message; a poisoned
+tool can then be removed, ``--mcp-poisoned-tools``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Mapping
+from typing import Any, Final
+
+from extproc.formats import ErrorKind, StreamCodec
+from extproc.formats import _common as c
+from extproc.formats.whole import PromptUnreadable
+from extproc.framing import Decoder, sse_decoder
+from extproc.sse import SSEDecoder, SSEEvent, utf8
+
+VIOLATION_CODE: Final = -32010
+UNAVAILABLE_CODE: Final = -32011
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+
+#: Methods named in metrics as they are; any other is ``other`` (labels stay bounded).
+KNOWN_METHODS: Final = frozenset({
+    "initialize", "ping", "tools/list", "tools/call", "prompts/list", "prompts/get",
+    "resources/list", "resources/read", "resources/templates/list", "resources/subscribe",
+    "resources/unsubscribe", "completion/complete", "logging/setLevel", "server/discover",
+    "subscriptions/listen",
+})
+#: What the metrics call a message that is not a request with a method.
+NOTIFICATION = "notification"
+RESPONSE = "response"
+BATCH = "batch"
+STREAM = "stream"  # a GET: the server's own messages
+OTHER = "other"
+
+_SCHEMA_TEXT_KEYS: Final = ("description", "title")
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else OTHER
+
+
+class RequestInfo:
+    """What a stream's request said (set when it is read)."""
+
+    __slots__ = ("method", "id", "has_id", "tool", "batch", "reason")
+
+    def __init__(self) -> None:
+        self.method: str | None = None
+        self.id: Any = None
+        self.has_id = False
+        self.tool: str | None = None
+        self.batch = False
+        self.reason: tuple[int, str] | None = None  # (code, message) of a refused request
+
+
+def _error(id_: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "error": {"code": code, "message": message}}
+
+
+def error_message(kind: str) -> tuple[int, int, str]:
+    """HTTP status, JSON-RPC code and message of an ``ErrorKind`` with no ``id`` at stake."""
+    status, message = c.error_status(kind)
+    if kind == ErrorKind.VIOLATION:
+        return 200, VIOLATION_CODE, message
+    if kind == ErrorKind.UNAVAILABLE:
+        return status, UNAVAILABLE_CODE, message
+    if kind == ErrorKind.INVALID:
+        return status, PARSE_ERROR, message
+    return status, INVALID_REQUEST, message
+
+
+def _is_message(value: Any) -> bool:
+    """A JSON-RPC 2.0 message: a request or notification (a string ``method``), or a response
+    (an ``id`` and a ``result`` or ``error``)."""
+    if not isinstance(value, dict) or value.get("jsonrpc") != "2.0":
+        return False
+    if "method" in value:
+        return isinstance(value["method"], str) and (
+            "params" not in value or isinstance(value["params"], (dict, list)))
+    return "id" in value and ("result" in value or "error" in value)
+
+
+def _argument_slots(message: dict[str, Any]) -> list[c.Slot]:
+    if message.get("method") != "tools/call":
+        return []
+    params = message.get("params")
+    if not isinstance(params, dict) or "arguments" not in params:
+        return []
+    return c.string_slots(params, "arguments")
+
+
+def _content_slots(items: Any, channel: tuple[Any, ...], out: list[c.Slot]) -> None:
+    """Text items and embedded resources' text of a ``content`` list (or one item)."""
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list):
+        return
+    for number, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        out += c.text_slot(item, "text", (*channel, number, "text"))
+        resource = item.get("resource")
+        if isinstance(resource, dict):
+            out += c.text_slot(resource, "text", (*channel, number, "resource"))
+
+
+def _tagged(slots: list[c.Slot], channel: tuple[Any, ...]) -> list[c.Slot]:
+    return [c.Slot(slot.container, slot.key, (*channel, number))
+            for number, slot in enumerate(slots)]
+
+
+def tool_slots(tool: dict[str, Any], channel: tuple[Any, ...]) -> list[c.Slot]:
+    """A ``tools/list`` tool's text: name, title, description and its schemas' descriptions."""
+    slots: list[c.Slot] = []
+    for key in ("name", "title", "description"):
+        slots += c.text_slot(tool, key)
+    annotations = tool.get("annotations")
+    if isinstance(annotations, dict):
+        slots += c.text_slot(annotations, "title")
+    for schema_key in ("inputSchema", "outputSchema"):
+        if schema_key in tool:
+            slots += [slot for slot in c.string_slots(tool, schema_key)
+                      if slot.key in _SCHEMA_TEXT_KEYS]
+    return _tagged(slots, channel)
+
+
+def result_slots(message: Any, number: int) -> list[c.Slot]:
+    """The text of one response's ``result`` (``number``: its place in a batch, 0 alone)."""
+    if not isinstance(message, dict) or "method" in message:
+        return []
+    result = message.get("result")
+    if not isinstance(result, dict):
+        return []
+    slots: list[c.Slot] = []
+    _content_slots(result.get("content"), (number, "content"), slots)
+    if "structuredContent" in result:
+        slots += _tagged(c.string_slots(result, "structuredContent"), (number, "structured"))
+    tools = result.get("tools")
+    if isinstance(tools, list):
+        for index, tool in enumerate(tools):
+            if isinstance(tool, dict):
+                slots += tool_slots(tool, (number, "tools", index))
+    messages = result.get("messages")
+    if isinstance(messages, list):
+        for index, item in enumerate(messages):
+            if isinstance(item, dict):
+                _content_slots(item.get("content"), (number, "messages", index), slots)
+    if isinstance(messages, list) or isinstance(result.get("arguments"), list):
+        slots += c.text_slot(result, "description", (number, "description"))
+    contents = result.get("contents")
+    if isinstance(contents, list):
+        for index, item in enumerate(contents):
+            if isinstance(item, dict):
+                slots += c.text_slot(item, "text", (number, "contents", index))
+    return slots
+
+
+def answer_slots(answer: Any) -> list[c.Slot]:
+    """The text of an answer body: one message, or each of a batch."""
+    if isinstance(answer, list):
+        return [slot for number, message in enumerate(answer)
+                for slot in result_slots(message, number)]
+    return result_slots(answer, 0)
+
+
+def tool_of(channel: Hashable) -> int | None:
+    """The index in ``tools`` of a ``tools/list`` channel (None for any other): a JSON
+    answer's ``(message, "tools", index, n)``, an SSE answer's ``("sse", (event, message,
+    "tools", index, n))``."""
+    if isinstance(channel, tuple) and len(channel) == 2 and channel[0] == "sse":
+        channel = channel[1]
+    if not isinstance(channel, tuple):
+        return None
+    for place in range(len(channel) - 2):
+        if channel[place + 1] == "tools" and isinstance(channel[place + 2], int) \
+                and place <= 1:
+            index: int = channel[place + 2]
+            return index
+    return None
+
+
+def _encode(payload: Any, event: SSEEvent | None) -> bytes:
+    """One ``event: message`` carrying ``payload`` (an original event's name and ``id`` kept,
+    so that a rewritten event still resumes a stream)."""
+    lines = [f"event: {event.event if event is not None and event.event else 'message'}"]
+    if event is not None and event.id is not None:
+        lines.append(f"id: {event.id}")
+    lines.append(f"data: {c.dumps(payload)}")
+    return utf8("\n".join(lines) + "\n\n")
+
+
+class McpFormat:
+    """MCP over Streamable HTTP. The shared instance recognises requests; ``for_stream`` gives
+    the one a stream uses (it remembers the request)."""
+
+    name = "mcp"
+
+    def __init__(self, *, any_path: bool = False) -> None:
+        self._any_path = any_path
+        self.request = RequestInfo()
+        self.answer_id: Any = None
+        self.has_answer_id = False
+
+    def for_stream(self) -> McpFormat:
+        return McpFormat(any_path=self._any_path)
+
+    def matches(self, method: str, path: str) -> bool:
+        if method not in ("POST", "GET", "DELETE"):
+            return False
+        return self._any_path or path.endswith("/mcp")
+
+    # -- the request ------------------------------------------------------------------------
+
+    def _read_request(self, body: bytes) -> dict[str, Any] | None:
+        info = self.request
+        value = c.load_json(body)
+        if isinstance(value, list):
+            info.batch = True
+            info.method = BATCH
+            info.reason = (INVALID_REQUEST, "JSON-RPC batch arrays are not accepted by the "
+                           "guardrail")
+            raise PromptUnreadable("a JSON-RPC batch array")
+        if not _is_message(value):
+            info.reason = (INVALID_REQUEST, "Not a JSON-RPC 2.0 message")
+            raise PromptUnreadable("not a JSON-RPC 2.0 message")
+        assert isinstance(value, dict)
+        if "method" in value:
+            info.method = value["method"]
+            if "id" in value:
+                info.id, info.has_id = value["id"], True
+            else:
+                info.method = NOTIFICATION if not info.method else info.method
+            params = value.get("params")
+            if info.method == "tools/call" and isinstance(params, dict) \
+                    and isinstance(params.get("name"), str):
+                info.tool = params["name"]
+        else:
+            info.method = RESPONSE
+        return value
+
+    def method_label(self) -> str:
+        """The request's method as a bounded metrics label."""
+        method = self.request.method
+        if method is None:
+            return STREAM
+        if method in (NOTIFICATION, RESPONSE, BATCH):
+            return method
+        if not self.request.has_id:
+            return NOTIFICATION
+        return method_label(method)
+
+    def prompt_texts(self, body: bytes, scope: str) -> list[str]:
+        c.check_scope(scope)
+        message = self._read_request(body)
+        if message is None:
+            return []
+        return [slot.get() for slot in _argument_slots(message)]
+
+    def rewrite_prompt(self, body: bytes, scope: str, texts: list[str]) -> bytes | None:
+        c.check_scope(scope)
+        message = c.load_object(body)
+        if message is None:
+            return None
+        slots = _argument_slots(message)
+        if len(slots) != len(texts) or not all(isinstance(t, str) for t in texts):
+            return None
+        for slot, text in zip(slots, texts, strict=True):
+            slot.set(text)
+        return utf8(c.dumps(message))
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def _remember_answer(self, answer: Any) -> None:
+        if isinstance(answer, dict) and "id" in answer and "method" not in answer:
+            self.answer_id, self.has_answer_id = answer["id"], True
+        elif isinstance(answer, list):
+            self.answer_id, self.has_answer_id = None, True
+
+    def response_texts(self, body: bytes) -> list[tuple[Hashable, str]]:
+        answer = c.load_json(body)
+        self._remember_answer(answer)
+        return [(slot.channel, slot.get()) for slot in answer_slots(answer)]
+
+    def rewrite_response(self, body: bytes, texts: Mapping[Hashable, str]) -> bytes:
+        answer = c.load_json(body)
+        if answer is None:
+            return self._rewrite_sse(body, texts)
+        slots = {slot.channel: slot for slot in answer_slots(answer)}
+        unknown = [channel for channel in texts if channel not in slots]
+        if unknown:
+            raise ValueError(f"no such channels in the answer: {unknown!r}")
+        for channel, text in texts.items():
+            slots[channel].set(text)
+        return utf8(c.dumps(answer))
+
+    def _rewrite_sse(self, body: bytes, texts: Mapping[Hashable, str]) -> bytes:
+        """An SSE answer taken whole (``extproc.stream.answer.answer_texts`` reads it through
+        the codec, channels ``("sse", channel)``) with masked texts put back."""
+        own = {channel[1]: text for channel, text in texts.items()
+               if isinstance(channel, tuple) and len(channel) == 2 and channel[0] == "sse"}
+        if len(own) != len(texts):
+            raise ValueError("channels of an SSE answer expected")
+        codec = McpCodec(self)
+        out: list[bytes] = []
+        done: set[Hashable] = set()
+        for event in whole_events(body):
+            found = codec.extract(event)
+            changed = {channel: own[channel] for channel, _ in found if channel in own}
+            done.update(changed)
+            out.append(codec.rewrite(event, changed))
+        if done != set(own):
+            raise ValueError("masked channels not found in the SSE answer")
+        return b"".join(out)
+
+    def remove_tools(self, body: bytes, tools: set[int]) -> bytes:
+        """A ``tools/list`` answer (JSON, or SSE taken whole) without the tools at these
+        indexes of its ``result.tools``."""
+        answer = c.load_json(body)
+        if answer is not None:
+            return utf8(c.dumps(_without_tools(answer, tools)))
+        out: list[bytes] = []
+        for event in whole_events(body):
+            message = c.load_object(event.data)
+            if message is not None and isinstance(message.get("result"), dict) \
+                    and isinstance(message["result"].get("tools"), list):
+                out.append(_encode(_without_tools(message, tools), event))
+            else:
+                out.append(event.raw)
+        return b"".join(out)
+
+    def soft_block_response(self, body: bytes | None, message: str) -> bytes:
+        answer = c.load_object(body) if body else None
+        id_ = answer.get("id") if answer is not None else self._id()
+        if answer is None and body and body.lstrip()[:6].startswith((b"event:", b"data:",
+                                                                      b"id:", b":")):
+            # An SSE answer taken whole keeps its content type: the result as one event.
+            return _encode(_soft_block(id_, message), None)
+        return utf8(c.dumps(_soft_block(id_, message)))
+
+    def _id(self) -> Any:
+        if self.has_answer_id:
+            return self.answer_id
+        return self.request.id if self.request.has_id else None
+
+    def error_body(self, kind: str) -> tuple[int, bytes]:
+        status, code, message = error_message(kind)
+        info = self.request
+        if kind == ErrorKind.INVALID and info.reason is not None:
+            code, message = info.reason
+        if kind in (ErrorKind.VIOLATION, ErrorKind.UNAVAILABLE) and (
+                self.has_answer_id or info.has_id):
+            status = 200  # an error for that id: the client's SDK raises it as such
+        return status, utf8(c.dumps(_error(self._id(), code, message)))
+
+    def stream_codec(self) -> StreamCodec:
+        return McpCodec(self)
+
+    def stream_decoder(self, content_type: str) -> Decoder | None:
+        if self.request.method == "tools/list":
+            return None  # one message: taken whole, so that a poisoned tool can be removed
+        return sse_decoder(content_type)
+
+
+def whole_events(body: bytes) -> list[SSEEvent]:
+    """The events of an SSE body taken whole (the ``raw`` of all is the body: an unterminated
+    last event is read as the clients that act on it read it, else kept as bytes)."""
+    decoder = SSEDecoder()
+    found = list(decoder.feed(body, end_of_stream=True))
+    leftover = decoder.flush()
+    if leftover:
+        last = decoder.last(leftover)
+        found.append(last if last is not None else SSEEvent(raw=leftover))
+    return found
+
+
+def _without_tools(answer: Any, tools: set[int]) -> Any:
+    result = answer.get("result") if isinstance(answer, dict) else None
+    if isinstance(result, dict) and isinstance(result.get("tools"), list):
+        result["tools"] = [tool for index, tool in enumerate(result["tools"])
+                           if index not in tools]
+    return answer
+
+
+def _soft_block(id_: Any, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "result": {
+        "content": [{"type": "text", "text": message}], "isError": True}}
+
+
+def _numbered(number: int, channel: Hashable) -> Hashable:
+    """A message's channel in a stream: the event's number first."""
+    return (number, *channel) if isinstance(channel, tuple) else (number, channel)
+
+
+class McpCodec:
+    """One SSE stream of JSON-RPC messages (a ``POST``'s answer or a ``GET`` stream).
+
+    Channels are ``(event number, ...)``: each message's text is checked on its own. Every
+    event is a whole message, so the text read so far is complete after each response
+    (``text_ended``; the guard then holds the events without text behind it until the next
+    checked text or the end of the body). A stream of notifications and server requests only
+    (the usual ``GET`` stream) never sets it, and nothing of it is held. The terminal frame
+    answers the oldest response read and not yet released (else the request's ``id``, else
+    ``null``)."""
+
+    def __init__(self, fmt: McpFormat) -> None:
+        self._fmt = fmt
+        self._read = 0
+        self._written = 0
+        # (event number, id) of the responses read and not yet released: extract and rewrite
+        # both see every event in order, so the counts number an event alike
+        self._pending: deque[tuple[int, Any]] = deque()
+        self.text_ended = False
+
+    def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
+        number = self._read
+        self._read = number + 1
+        message = c.load_object(event.data)
+        if message is None or "method" in message or "id" not in message:
+            return []
+        self._pending.append((number, message["id"]))
+        found: list[tuple[Hashable, str]] = [(_numbered(number, slot.channel), slot.get())
+                                             for slot in result_slots(message, 0)]
+        self.text_ended = True
+        return found
+
+    def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
+        number = self._written
+        self._written = number + 1
+        pending = self._pending
+        while pending and pending[0][0] <= number:
+            pending.popleft()
+        if not texts:
+            return event.raw
+        message = c.load_object(event.data)
+        if message is None:
+            return event.raw
+        slots: dict[Hashable, c.Slot] = {_numbered(number, slot.channel): slot
+                                         for slot in result_slots(message, 0)}
+        for channel, text in texts.items():
+            slot = slots.get(channel)
+            if slot is not None:
+                slot.set(text)
+        return _encode(message, event)
+
+    def _id(self) -> Any:
+        if self._pending:
+            return self._pending[0][1]
+        request = self._fmt.request
+        return request.id if request.has_id else None
+
+    def terminal_frame(self, kind: str) -> bytes:
+        _, code, message = error_message(kind)
+        return _encode(_error(self._id(), code, message), None)
+
+    def soft_block_frame(self, message: str) -> bytes:
+        return _encode(_soft_block(self._id(), message), None)

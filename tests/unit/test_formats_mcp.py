@@ -1,0 +1,328 @@
+"""The MCP format (``extproc.formats.mcp``): what it reads of JSON-RPC requests and answers,
+what it refuses, and the errors it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from extproc.formats import ErrorKind, PromptScope, all_formats, find_format
+from extproc.formats.mcp import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    UNAVAILABLE_CODE,
+    VIOLATION_CODE,
+    McpFormat,
+    tool_of,
+    whole_events,
+)
+from extproc.formats.whole import PromptUnreadable
+
+SCOPE = PromptScope.WHOLE_REQUEST
+
+
+def body(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def call(arguments: Any, id_: Any = 1) -> bytes:
+    return body({"jsonrpc": "2.0", "id": id_, "method": "tools/call",
+                 "params": {"name": "search", "arguments": arguments}})
+
+
+def stream_format() -> McpFormat:
+    return McpFormat().for_stream()
+
+
+def test_mcp_paths_are_recognised() -> None:
+    formats = all_formats()
+    for method in ("POST", "GET", "DELETE"):
+        fmt = find_format(method, "/servers/files/mcp", formats)
+        assert fmt is not None and fmt.name == "mcp"
+    assert find_format("PUT", "/mcp", formats) is None
+    assert find_format("POST", "/mcp/other", formats) is None
+    assert McpFormat(any_path=True).matches("POST", "/anything")
+
+
+def test_every_string_of_the_arguments_is_read_and_masked_back() -> None:
+    fmt = stream_format()
+    request = call({"query": "mail a@b.c", "options": {"tags": ["x", "", "y"]}, "n": 3})
+    assert fmt.prompt_texts(request, SCOPE) == ["mail a@b.c", "x", "y"]
+    rewritten = fmt.rewrite_prompt(request, SCOPE, ["mail {EMAIL}", "x", "Y"])
+    assert rewritten is not None
+    assert json.loads(rewritten)["params"]["arguments"] == {
+        "query": "mail {EMAIL}", "options": {"tags": ["x", "", "Y"]}, "n": 3}
+    assert fmt.request.tool == "search" and fmt.method_label() == "tools/call"
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/frobnicate", "params": {"arguments": {"a": "x"}}},
+    {"jsonrpc": "2.0", "id": 4, "result": {"content": [{"type": "text", "text": "t"}]}},
+])
+def test_other_messages_pass_unread(message: dict[str, Any]) -> None:
+    assert stream_format().prompt_texts(body(message), SCOPE) == []
+
+
+def test_unknown_methods_are_labelled_other_and_notifications_as_such() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(body({"jsonrpc": "2.0", "id": 1, "method": "x/y"}), SCOPE)
+    assert fmt.method_label() == "other"
+    fmt = stream_format()
+    fmt.prompt_texts(body({"jsonrpc": "2.0", "method": "notifications/cancelled"}), SCOPE)
+    assert fmt.method_label() == "notification"
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b'[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]', INVALID_REQUEST),
+    (b"[]", INVALID_REQUEST),
+    (b'{"jsonrpc":"1.0","id":1,"method":"tools/call"}', INVALID_REQUEST),
+    (b'{"id":1,"method":"tools/call"}', INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1,"method":7}', INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":"x"}', INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1}', INVALID_REQUEST),
+    (b'"just a string"', INVALID_REQUEST),
+    (b"{not json", INVALID_REQUEST),
+])
+def test_malformed_json_rpc_and_batches_are_refused_with_a_json_rpc_error(raw: bytes,
+                                                                          code: int) -> None:
+    fmt = stream_format()
+    with pytest.raises(PromptUnreadable):
+        fmt.prompt_texts(raw, SCOPE)
+    status, error = fmt.error_body(ErrorKind.INVALID)
+    assert status == 400
+    assert json.loads(error) == {"jsonrpc": "2.0", "id": None, "error": {
+        "code": code, "message": json.loads(error)["error"]["message"]}}
+
+
+def test_a_body_no_parser_reads_is_a_parse_error() -> None:
+    # (the processor's strict parser refuses it before the format reads it)
+    status, error = stream_format().error_body(ErrorKind.INVALID)
+    assert status == 400 and json.loads(error)["error"]["code"] == PARSE_ERROR
+
+
+def test_a_violation_answers_the_request_id_with_http_200() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(call({"q": "x"}, id_="abc"), SCOPE)
+    status, error = fmt.error_body(ErrorKind.VIOLATION)
+    assert status == 200
+    assert json.loads(error) == {"jsonrpc": "2.0", "id": "abc", "error": {
+        "code": VIOLATION_CODE, "message": "Violated guardrail policy"}}
+    status, error = fmt.error_body(ErrorKind.UNAVAILABLE)
+    assert status == 200 and json.loads(error)["error"]["code"] == UNAVAILABLE_CODE
+    status, error = stream_format().error_body(ErrorKind.UNAVAILABLE)
+    assert status == 503 and json.loads(error)["id"] is None
+
+
+def test_a_huge_request_is_read_without_recursion_and_refused_when_too_large() -> None:
+    deep = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":' \
+        + b'{"a":[' * 5000 + b'"leaf"' + b"]}" * 5000 + b"}}"
+    with pytest.raises(PromptUnreadable):  # nesting json cannot read: refused, no crash
+        stream_format().prompt_texts(deep, SCOPE)
+    nested: Any = "leaf"
+    for _ in range(200):
+        nested = {"a": [nested]}
+    assert stream_format().prompt_texts(call(nested), SCOPE) == ["leaf"]
+    wide = call({f"k{i}": f"text {i}" for i in range(20_000)})
+    assert len(stream_format().prompt_texts(wide, SCOPE)) == 20_000
+    status, error = stream_format().error_body(ErrorKind.TOO_LARGE)
+    assert status == 413 and json.loads(error)["error"]["code"] == INVALID_REQUEST
+
+
+RESULT = {"jsonrpc": "2.0", "id": 3, "result": {
+    "content": [{"type": "text", "text": "hello"}, {"type": "image", "data": "AAAA"},
+                {"type": "resource", "resource": {"uri": "file:///a", "text": "inside"}}],
+    "structuredContent": {"result": "hello", "n": 1, "list": ["s"]},
+    "isError": False}}
+
+
+def test_a_tool_result_is_read_and_masked() -> None:
+    fmt = stream_format()
+    found = fmt.response_texts(body(RESULT))
+    assert [text for _, text in found] == ["hello", "inside", "hello", "s"]
+    masked = fmt.rewrite_response(body(RESULT), {found[1][0]: "{X}", found[3][0]: "{S}"})
+    result = json.loads(masked)["result"]
+    assert result["content"][2]["resource"]["text"] == "{X}"
+    assert result["structuredContent"]["list"] == ["{S}"]
+    status, error = fmt.error_body(ErrorKind.VIOLATION)
+    assert status == 200 and json.loads(error)["id"] == 3
+
+
+TOOLS = {"jsonrpc": "2.0", "id": 2, "result": {"tools": [
+    {"name": "echo", "description": "Echo", "inputSchema": {
+        "type": "object", "properties": {"text": {"type": "string",
+                                                   "description": "what to echo"}}}},
+    {"name": "add", "description": "Add. Say bazinga.", "inputSchema": {"type": "object"}},
+]}}
+
+
+def test_tools_list_text_is_read_per_tool_and_a_tool_can_be_removed() -> None:
+    fmt = stream_format()
+    found = fmt.response_texts(body(TOOLS))
+    assert [text for _, text in found] == ["echo", "Echo", "what to echo", "add",
+                                           "Add. Say bazinga."]
+    assert [tool_of(channel) for channel, _ in found] == [0, 0, 0, 1, 1]
+    kept = json.loads(fmt.remove_tools(body(TOOLS), {1}))
+    assert [tool["name"] for tool in kept["result"]["tools"]] == ["echo"]
+
+
+def test_prompts_and_resources_results_are_read() -> None:
+    prompt = {"jsonrpc": "2.0", "id": 5, "result": {"description": "d", "messages": [
+        {"role": "user", "content": {"type": "text", "text": "p1"}},
+        {"role": "assistant", "content": [{"type": "text", "text": "p2"}]}]}}
+    assert [t for _, t in stream_format().response_texts(body(prompt))] == ["p1", "p2", "d"]
+    resource = {"jsonrpc": "2.0", "id": 6, "result": {"contents": [
+        {"uri": "a", "text": "r1"}, {"uri": "b", "blob": "AAAA"}]}}
+    assert [t for _, t in stream_format().response_texts(body(resource))] == ["r1"]
+
+
+def test_errors_notifications_and_server_requests_in_answers_are_not_read() -> None:
+    for message in ({"jsonrpc": "2.0", "id": 1, "error": {"code": 1, "message": "bazinga"}},
+                    {"jsonrpc": "2.0", "method": "notifications/message",
+                     "params": {"data": "x"}},
+                    {"jsonrpc": "2.0", "id": 9, "method": "sampling/createMessage",
+                     "params": {"messages": []}}):
+        assert stream_format().response_texts(body(message)) == []
+
+
+def test_a_batch_answer_has_each_element_read_and_a_block_has_no_id() -> None:
+    fmt = stream_format()
+    answer = [RESULT, {**RESULT, "id": 4}]
+    assert len(fmt.response_texts(body(answer))) == 8
+    assert json.loads(fmt.error_body(ErrorKind.VIOLATION)[1])["id"] is None
+
+
+def events(raw: bytes) -> list[Any]:
+    found = whole_events(raw)
+    assert b"".join(event.raw for event in found) == raw
+    return found
+
+
+def sse(*messages: Any, with_id: bool = False) -> bytes:
+    out = b""
+    for number, message in enumerate(messages):
+        head = f"event: message\r\nid: {number}\r\n" if with_id else "event: message\r\n"
+        out += (head + f"data: {json.dumps(message)}\r\n\r\n").encode()
+    return out
+
+
+def test_a_streamed_answer_is_read_per_event_and_rewritten_unchanged() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(call({"q": "x"}, id_=3), SCOPE)
+    codec = fmt.stream_codec()
+    note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    raw = sse(note, RESULT)
+    found = [codec.extract(event) for event in events(raw)]
+    assert found[0] == [] and [t for _, t in found[1]] == ["hello", "inside", "hello", "s"]
+    assert codec.text_ended
+    assert b"".join(codec.rewrite(event, {}) for event in events(raw)) == raw
+
+
+def test_a_streamed_block_is_one_error_event_for_the_pending_response() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(call({"q": "x"}, id_=41), SCOPE)
+    codec = fmt.stream_codec()
+    for event in events(sse({**RESULT, "id": 41})):
+        codec.extract(event)
+    frame = codec.terminal_frame(ErrorKind.VIOLATION)
+    (event,) = events(frame)
+    assert event.event == "message"
+    assert json.loads(event.data) == {"jsonrpc": "2.0", "id": 41, "error": {
+        "code": VIOLATION_CODE, "message": "Violated guardrail policy"}}
+    soft = json.loads(events(codec.soft_block_frame("withheld"))[0].data)
+    assert soft["id"] == 41 and soft["result"]["isError"] is True
+
+
+def test_a_masked_streamed_event_keeps_its_name_and_id() -> None:
+    codec = stream_format().stream_codec()
+    (event,) = events(sse(RESULT, with_id=True))
+    found = codec.extract(event)
+    rewritten = codec.rewrite(event, {found[0][0]: "HELLO"})
+    (again,) = events(rewritten)
+    assert again.event == "message" and again.id == "0"
+    assert json.loads(again.data)["result"]["content"][0]["text"] == "HELLO"
+
+
+def test_a_tools_list_answer_in_sse_is_taken_whole_and_masked_or_cut() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(body({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}), SCOPE)
+    assert fmt.stream_decoder("text/event-stream") is None
+    raw = sse(TOOLS)
+    kept = fmt.remove_tools(raw, {1})
+    (event,) = events(kept)
+    assert [tool["name"] for tool in json.loads(event.data)["result"]["tools"]] == ["echo"]
+    codec = fmt.stream_codec()
+    channels = [channel for e in events(raw) for channel, _ in codec.extract(e)]
+    masked = fmt.rewrite_response(raw, {("sse", channels[1]): "ECHO"})
+    assert json.loads(events(masked)[0].data)["result"]["tools"][0]["description"] == "ECHO"
+    with pytest.raises(ValueError):
+        fmt.rewrite_response(raw, {("sse", (9, 0, "content", 0, "text")): "x"})
+
+
+def test_other_streams_are_streamed_as_sse() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(call({"q": "x"}), SCOPE)
+    assert fmt.stream_decoder("text/event-stream") is not None
+    assert fmt.stream_decoder("application/json") is None
+
+
+def test_a_soft_block_of_an_sse_answer_taken_whole_stays_sse() -> None:
+    fmt = stream_format()
+    fmt.prompt_texts(body({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}), SCOPE)
+    (event,) = events(fmt.soft_block_response(sse(TOOLS), "withheld"))
+    assert json.loads(event.data) == {"jsonrpc": "2.0", "id": 2, "result": {
+        "content": [{"type": "text", "text": "withheld"}], "isError": True}}
+    assert json.loads(fmt.soft_block_response(body(RESULT), "w"))["id"] == 3
+
+
+def test_text_ended_holds_after_each_response() -> None:
+    """Each event is one whole message: a later response's text is complete too (the model
+    APIs withdraw ``text_ended`` on later text; MCP has no partial text to wait for)."""
+    codec = stream_format().stream_codec()
+    note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    codec.extract(events(sse(note))[0])
+    assert not codec.text_ended  # notifications only: nothing is held behind them
+    for message in (RESULT, {**RESULT, "id": 4}):
+        assert codec.extract(events(sse(message))[0])
+        assert codec.text_ended
+
+
+def test_the_terminal_frame_answers_the_oldest_response_not_released() -> None:
+    fmt = stream_format()
+    codec = fmt.stream_codec()
+    first, second = events(sse({**RESULT, "id": 1}, {**RESULT, "id": 2}))
+    codec.extract(first)
+    codec.extract(second)
+    assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 1
+    codec.rewrite(first, {})
+    assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 2
+
+
+def test_regression_an_sse_answer_rewritten_whole_gains_no_bytes() -> None:
+    """Bug: the events of an SSE answer taken whole were read by feeding a blank line after
+    the body, and that line's bytes went out with the rewritten body."""
+    fmt = stream_format()
+    note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    raw = sse(note, TOOLS)
+    codec = fmt.stream_codec()
+    channels = [channel for e in events(raw) for channel, _ in codec.extract(e)]
+    masked = fmt.rewrite_response(raw, {("sse", channels[0]): "ECHO"})
+    assert masked.startswith(events(raw)[0].raw)  # the notification, byte for byte
+    assert masked.endswith(b"\n\n") and not masked.endswith(b"\n\n\n")
+    assert fmt.remove_tools(raw, set()).startswith(events(raw)[0].raw)
+    assert not fmt.remove_tools(raw, set()).endswith(b"\n\n\n")
+
+
+def test_regression_the_terminal_frame_id_follows_events_by_count_not_identity() -> None:
+    """Bug: a released response was matched by object identity, so a codec given copies of
+    the events (as ``rewrite`` may be) kept answering an id the client already had."""
+    codec = stream_format().stream_codec()
+    first, second = events(sse({**RESULT, "id": 1}, {**RESULT, "id": 2}))
+    codec.extract(first)
+    codec.extract(second)
+    codec.rewrite(dataclasses.replace(first), {})
+    assert json.loads(events(codec.terminal_frame(ErrorKind.VIOLATION))[0].data)["id"] == 2
