@@ -24,6 +24,7 @@ One event loop: the state is plain attributes, changed only from the loop's thre
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -212,7 +213,9 @@ class SharedState:
         self._served_locally = 0
         self._set_up(False)
         if self._started and (self._recovery is None or self._recovery.done()):
-            self._recovery = asyncio.get_running_loop().create_task(self._reconnect())
+            # Its own context: the stream whose operation failed is not the loop's business.
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._reconnect(), context=contextvars.Context())
 
     async def _reconnect(self) -> None:
         """Ping until the store answers: at once, then after a growing backoff."""
