@@ -131,6 +131,12 @@ class LocalBudget:
         if self.units is not None:
             self.units.refund(units)
 
+    def deficit(self) -> tuple[float, float]:
+        """Requests and units taken beyond what the buckets hold when full (0 when full)."""
+        return tuple(  # type: ignore[return-value]
+            max(0.0, bucket.capacity - bucket.tokens) if bucket is not None else 0.0
+            for bucket in (self.requests, self.units))
+
     def share(self, rps: float, text_units_per_s: float) -> None:
         """New rates (a shared budget's share of this replica)."""
         if self.requests is not None and rps > 0:

@@ -12,7 +12,12 @@ The script also notes this replica (a random id per process) in a sorted set and
 many replicas took budget in the last ``REPLICA_WINDOW_S`` seconds. While the store does not
 answer, this process's own buckets serve, at that share of the rates (the rates divided by the
 replicas it last saw), so that the replicas together stay near the budget during an outage
-too; a replica that never saw the store assumes it is alone.
+too; a replica that never saw the store assumes it is alone. Every shared take is mirrored in
+those local buckets, so an outage starts from what the replica spent, not from full buckets;
+and the first shared take after an outage also charges the store with what the replica spent
+locally beyond its share's refill (the local buckets' deficit, at most what they served), so
+that the store's bucket, full again after the outage, does not let a second's worth through on
+top.
 
 Keys: ``<prefix>budget:requests``, ``<prefix>budget:text_units`` (hashes: ``tokens``,
 ``stamp``; they expire once they would be full again) and ``<prefix>budget:replicas``.
@@ -28,7 +33,7 @@ from typing import Any, Final
 
 import redis.asyncio as aredis
 
-from extproc.guardrail.budget import LocalBudget, Reservation
+from extproc.guardrail.budget import LocalBudget, LocalReservation, Reservation
 from extproc.shared.store import SharedState, Unavailable
 
 #: Replicas that took budget within this many seconds count as alive.
@@ -76,12 +81,12 @@ return {string.format('%.17g', wait), redis.call('ZCARD', replicas)}
 @dataclass(frozen=True, slots=True)
 class SharedReservation:
     budget: SharedBudget
-    requests: int
-    units: int
+    local: LocalReservation  # the same amounts, mirrored in the fallback buckets
     wait: float
 
     def refund(self) -> None:
-        self.budget.refund(self.requests, self.units)
+        self.local.refund()
+        self.budget.refund(self.local.requests, self.local.units)
 
 
 class SharedBudget:
@@ -103,8 +108,10 @@ class SharedBudget:
         self._script = state.redis.register_script(TAKE)
         self.replica = replica or uuid.uuid4().hex
         self.replicas = 1  # as last seen in the store
+        # What the local buckets served since the store last answered (None: nothing).
+        self._spent: tuple[float, float] | None = None
 
-    def _args(self, requests: int, units: int) -> list[Any]:
+    def _args(self, requests: float, units: float) -> list[Any]:
         args: list[Any] = [self.replica, repr(REPLICA_WINDOW_S)]
         amounts = []
         if self._rps:
@@ -115,21 +122,36 @@ class SharedBudget:
             args += [repr(float(rate)), repr(float(rate)), repr(float(amount))]
         return args
 
-    async def _take(self, redis: aredis.Redis, requests: int, units: int) -> tuple[float, int]:
+    async def _take(self, redis: aredis.Redis, requests: float,
+                    units: float) -> tuple[float, int]:
         answer = await self._script(keys=self._keys, args=self._args(requests, units),
                                     client=redis)
         return float(answer[0]), int(answer[1])
 
     async def reserve(self, requests: int, units: int) -> Reservation:
+        # The first take after an outage also charges what this replica spent locally beyond
+        # its share's refill (its local buckets' deficit): the store's bucket, full again after
+        # the outage, would otherwise let a second's worth through on top.
+        debt_requests = debt_units = 0.0
+        if self._spent is not None:
+            deficit = self._local.deficit()
+            debt_requests = min(deficit[0], self._spent[0])
+            debt_units = min(deficit[1], self._spent[1])
+            self._spent = None
         try:
             wait, replicas = await self._state.run(
-                "budget", lambda redis: self._take(redis, requests, units))
+                "budget", lambda redis: self._take(redis, requests + debt_requests,
+                                                   units + debt_units))
         except Unavailable:
+            spent = self._spent or (0.0, 0.0)
+            self._spent = (spent[0] + requests + debt_requests, spent[1] + units + debt_units)
             return self._local.take(requests, units)
         if replicas != self.replicas and replicas > 0:
             self.replicas = replicas
             self._local.share(self._rps / replicas, self._tups / replicas)
-        return SharedReservation(self, requests, units, wait)
+        # Mirrored locally (its wait unused): when the store goes away, the fallback buckets
+        # carry on from what this replica spent, instead of from full.
+        return SharedReservation(self, self._local.take(requests, units), wait)
 
     def refund(self, requests: int, units: int) -> None:
         self._state.spawn("refund", lambda redis: self._take(redis, -requests, -units))

@@ -378,3 +378,44 @@ def test_the_metrics_have_the_names_the_dashboards_use() -> None:
     assert 'guardrail_extproc_shared_state_fallbacks_total{operation="budget"} 2.0' in text
     assert 'guardrail_extproc_shared_state_fallbacks_total{operation="cache_get"} 0.0' in text
     assert 'guardrail_extproc_shared_state_fallbacks_total{operation="cache_put"} 5.0' in text
+
+
+async def test_an_outage_starts_from_what_the_replica_spent_at_its_share(
+        server: RedisServer, client: aredis.Redis) -> None:
+    state = await started(server.url)
+    try:
+        one = SharedBudget(state, 0, 20, replica="a")
+        two = SharedBudget(state, 0, 20, replica="b")
+        await two.reserve(1, 1)
+        for _ in range(3):
+            await one.reserve(1, 4)
+        assert one.replicas == 2
+        # The store goes away: the local buckets serve at half the rate (two replicas), and
+        # start from the 12 units this replica took, not from a full bucket.
+        state.up = False
+        reservation = await one.reserve(1, 4)
+        assert isinstance(reservation, LocalReservation)
+        assert reservation.wait == pytest.approx((12 + 4 - 10) / 10, abs=0.05)
+    finally:
+        await state.close()
+
+
+async def test_the_first_take_after_an_outage_charges_what_was_spent_locally(
+        server: RedisServer, client: aredis.Redis) -> None:
+    state = await started(server.url)
+    try:
+        budget = SharedBudget(state, 0, 10, replica="a")
+        state.up = False
+        for _ in range(3):
+            assert isinstance(await budget.reserve(1, 4), LocalReservation)  # 12 of 10 local
+        await client.flushall()  # the store comes back empty: a full bucket of 10
+        state.up = True
+        reservation = await budget.reserve(1, 1)
+        assert isinstance(reservation, SharedReservation)
+        # The local bucket is at -2: 12 short of full, all of it spent locally. The store's
+        # fresh bucket of 10 pays 1 + 12: -3 at 10/s.
+        assert reservation.wait == pytest.approx(0.3, abs=0.02)
+        # Charged once: the next take pays only for itself.
+        assert (await budget.reserve(1, 1)).wait == pytest.approx(0.4, abs=0.02)
+    finally:
+        await state.close()
