@@ -26,6 +26,7 @@ Run::
     .venv/bin/python bench/shared_budget.py                          # 60 s, B = 20
     .venv/bin/python bench/shared_budget.py --stop-store-at 25 --stop-for 10
     .venv/bin/python bench/shared_budget.py --duration 20 --stop-store-at 5 --stop-for 10
+    .venv/bin/python bench/shared_budget.py --duration 20 --no-shared-state   # the control
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-store-at", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--stop-for", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--stop-mode", choices=("kill", "pause"), default="kill")
+    parser.add_argument("--no-shared-state", action="store_true",
+                        help="the control: each sidecar with its own --budget-text-units B "
+                        "and no --shared-state (as before issue 18)")
     parser.add_argument("--sidecar-args", default="", metavar="'FLAGS'")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
@@ -200,8 +204,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
             sidecars.append(SidecarProcess(
                 ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                  "--guardrail-id", "demoguardrail", "--guardrail-version", "1",
-                 "--output-check", "off", "--shared-state", store.unix_url,
-                 "--budget-text-units", f"{budget:g}", *shlex.split(args.sidecar_args)],
+                 "--output-check", "off", "--budget-text-units", f"{budget:g}",
+                 *([] if args.no_shared_state else ["--shared-state", store.unix_url]),
+                 *shlex.split(args.sidecar_args)],
                 sidecar_env(bedrock.url), folder).start())
         config = render_envoy_config(load_envoy_config(), sidecar_port=sidecars[0].port,
                                      upstream_port=llm.bound_port or 0)
@@ -209,7 +214,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
         envoy = EnvoyProcess(config, work).start()
         url = f"http://127.0.0.1:{envoy.listener_port}/v1/chat/completions"
         rate = args.load * budget
-        print(f"two sidecars, shared budget B = {budget:g} text units/s, load {rate:g} "
+        print(f"two sidecars, {'each with its own' if args.no_shared_state else 'shared'} "
+              f"budget B = {budget:g} text units/s, load {rate:g} "
               f"requests/s of 1 text unit for {args.duration:g}s"
               + (f", store stopped ({args.stop_mode}) at {args.stop_store_at:g}s for "
                  f"{args.stop_for:g}s" if args.stop_store_at is not None else ""), flush=True)
@@ -267,6 +273,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
           f"{longest:.2f}s: {'all well-formed' if not ended['malformed'] else 'NOT all'}")
     for index, values in enumerate(metrics):
         print(f"sidecar {index}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(values.items())))
+    if args.no_shared_state:
+        print("(control: no --shared-state; B x 1.05 is what the processes should have sent "
+              "together)")
     if args.json:
         args.json.write_text(json.dumps({
             "budget": budget, "duration": args.duration, "per_second": per_second,
