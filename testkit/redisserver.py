@@ -36,12 +36,15 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process; see the module docstring."""
 
-    def __init__(self, workdir: Path, *, tcp: bool = False, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, *, tcp: bool = False, password: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) PEM files: the TCP port speaks TLS only (``rediss``)."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket_path = workdir / "redis.sock"
         self.log_path = workdir / "redis.log"
-        self.tcp = tcp
+        self.tcp = tcp or tls is not None
+        self.tls = tls
         self.password = password
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -61,6 +64,8 @@ class RedisServer:
         if not self.tcp:
             return self.unix_url
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}localhost:{self.port}/0"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
@@ -73,7 +78,12 @@ class RedisServer:
 
     def _start_once(self, timeout: float) -> bool:
         self.socket_path.unlink(missing_ok=True)
-        args = [self.binary, "--port", str(self.port if self.tcp else 0),
+        port = ["--port", str(self.port if self.tcp else 0)]
+        if self.tls:
+            cert, key = self.tls
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                    "--tls-key-file", str(key), "--tls-auth-clients", "no"]
+        args = [self.binary, *port,
                 "--bind", "127.0.0.1", "--unixsocket", str(self.socket_path),
                 "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
                 "--dir", str(self.workdir), "--daemonize", "no", "--loglevel", "warning",

@@ -102,7 +102,9 @@ def test_two_processes_share_one_budget(stacks: StackFactory, store: RedisServer
         # The shared bucket: one second's worth at first, then its rate, for both together
         # (each process alone would have started with a full bucket of its own).
         assert calls <= rate + rate * elapsed
-        assert sorted(set(statuses)) == [200, 503] and statuses.count(200) == calls
+        assert set(statuses) <= {200, 503} and statuses.count(200) == calls
+        if rate + rate * elapsed < len(prompts):
+            assert 503 in statuses  # refused by the budget, before the upstream
         assert keys(store, "budget-test:budget:*") == [
             "budget-test:budget:replicas", "budget-test:budget:requests"]
         client = redis.Redis(unix_socket_path=str(store.socket_path))
