@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
+from extproc.domain.cache import VerdictCache, verdict_cache
 from extproc.domain.errors import ConfigError
 from extproc.guardrail import build_client
 from extproc.guardrail.bedrock import BedrockGuardrailClient
@@ -27,7 +29,11 @@ from extproc.observe.metrics import (
 )
 from extproc.settings.reload import FileStamp, Reloader, config_path
 from extproc.settings.values import EventLoop, Settings
+from extproc.shared import open_shared_state
 from extproc.transport.server import RunningServer, start_server
+
+if TYPE_CHECKING:
+    from extproc.shared.store import SharedState
 
 log = logging.getLogger("extproc")
 
@@ -37,7 +43,25 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
     """Run the sidecar until SIGTERM/SIGINT, then drain and return. With a configuration file
     named in ``argv`` or ``environ`` (the process's own), it is read again on change and on
     SIGHUP (``extproc.settings.reload``)."""
-    guardrail = build_client(settings)
+    shared = open_shared_state(settings.client)
+    budget = None
+    cache_factory: Callable[[int, float], VerdictCache] = verdict_cache
+    if shared is not None:
+        from extproc.shared.budget import SharedBudget
+        from extproc.shared.cache import shared_verdict_cache
+
+        await shared.start()
+        client = settings.client
+        if client.budget_rps or client.budget_text_units:
+            budget = SharedBudget(shared, client.budget_rps, client.budget_text_units)
+
+        def shared_cache(entries: int, ttl_s: float) -> VerdictCache:
+            assert shared is not None
+            return shared_verdict_cache(shared, entries, ttl_s)
+
+        cache_factory = shared_cache
+
+    guardrail = build_client(settings, budget=budget)
     bedrock = guardrail.inner
     assert isinstance(bedrock, BedrockGuardrailClient), "BUG: build_client wraps Bedrock"
     server, runtime = settings.server, settings.runtime
@@ -49,11 +73,16 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
         recorder: Recorder = NULL_RECORDER
         if prometheus is not None:
             prometheus.watch_resilience(lambda: guardrail.stats)
+            if shared is not None:
+                prometheus.watch_shared_state(lambda: shared.stats)
             recorder = prometheus
         try:
-            running = await start_server(settings, guardrail, recorder=recorder)
+            running = await start_server(settings, guardrail, recorder=recorder,
+                                         cache_factory=cache_factory)
         except RuntimeError as exc:
             raise ConfigError(f"--listen {server.listen}: cannot bind ({exc})") from None
+        if shared is not None:
+            _report_shared_state(shared, running)
         if prometheus is not None:
             prometheus.watch_routes(running.processor.route_stats)
         if prometheus is not None and address is not None:
@@ -105,6 +134,24 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
         if prometheus is not None:
             prometheus.close()
         guardrail.close()
+        if shared is not None:
+            await shared.close()
+
+
+def _report_shared_state(shared: SharedState, running: RunningServer) -> None:
+    """The store's state as a health detail (``HEALTH_SERVICE``), kept current."""
+    from extproc.shared.store import HEALTH_SERVICE
+
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def changed(up: bool) -> None:
+        task = loop.create_task(running.set_detail(HEALTH_SERVICE, up))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    shared.on_change = changed
+    changed(shared.up)
 
 
 def _watch_config(settings: Settings, argv: Sequence[str], environ: Mapping[str, str] | None,

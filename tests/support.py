@@ -104,7 +104,9 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
         "guardrail_max_chars_per_call", "guardrail_threads", "guardrail_calls")},
     **{name: ("client", name) for name in (
         "breaker_failures", "breaker_cooldown_s", "budget_rps", "budget_text_units",
-        "budget_max_wait_s", "aws_region", "verdict_cache_entries", "verdict_cache_ttl_s")},
+        "budget_max_wait_s", "aws_region", "verdict_cache_entries", "verdict_cache_ttl_s",
+        "shared_state_url", "shared_state_password_file", "shared_state_prefix",
+        "shared_state_timeout_s")},
     **{name: ("runtime", name) for name in (
         "event_loop", "gc_full_every", "gc_young_threshold", "log_level", "log_format",
         "audit_include_matches", "config_poll_s")},

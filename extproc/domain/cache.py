@@ -5,9 +5,13 @@ A key is the guardrail (id and version), the source and a SHA-256 of the text: a
 version, or the other source, is a new key. Only clean passes are kept (no intervention, no
 finding): a text that was masked, blocked or detected is checked again every time, so its
 audit record and metrics stay whole. ``VerdictCache`` is the interface a shared backend
-(Redis, Valkey) can implement; ``MemoryVerdictCache`` is one process's: bounded in entries,
-least recently used first out, each entry kept ``ttl_s`` seconds. No I/O; the clock is
-injected.
+implements (``extproc.shared.cache``: Redis or Valkey behind this process's own cache);
+``MemoryVerdictCache`` is one process's: bounded in entries, least recently used first out,
+each entry kept ``ttl_s`` seconds. No I/O here; the clock is injected.
+
+A stream asks with ``lookup`` (a coroutine: a shared cache asks the store for what the local
+one does not know) and tells with ``remember`` (returns at once: a shared cache writes the
+store in the background).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from extproc.domain.values import GuardrailRef, Source
@@ -32,11 +36,17 @@ class VerdictCache(Protocol):
     """Which texts a guardrail is known to pass."""
 
     def passed(self, key: Key) -> bool:
-        """True when the text of ``key`` passed within the time to live."""
+        """True when the text of ``key`` passed within the time to live (this process's
+        knowledge only)."""
         ...
 
-    def remember(self, keys: Iterable[Key]) -> None:
-        """The texts of ``keys`` passed just now."""
+    async def lookup(self, keys: Sequence[Key]) -> list[bool]:
+        """``passed`` for each of ``keys``, asking a shared store for those this process does
+        not know."""
+        ...
+
+    def remember(self, keys: Iterable[Key], text_units: int = 0) -> None:
+        """The texts of ``keys`` passed just now, in a call that billed ``text_units``."""
         ...
 
 
@@ -46,7 +56,10 @@ class NoCache:
     def passed(self, key: Key) -> bool:
         return False
 
-    def remember(self, keys: Iterable[Key]) -> None:
+    async def lookup(self, keys: Sequence[Key]) -> list[bool]:
+        return [False] * len(keys)
+
+    def remember(self, keys: Iterable[Key], text_units: int = 0) -> None:
         return None
 
 
@@ -91,9 +104,15 @@ class MemoryVerdictCache:
         self.hits += 1
         return True
 
-    def remember(self, keys: Iterable[Key]) -> None:
+    async def lookup(self, keys: Sequence[Key]) -> list[bool]:
+        return [self.passed(key) for key in keys]
+
+    def remember(self, keys: Iterable[Key], text_units: int = 0, *,
+                 ttl_s: float | None = None) -> None:
+        """``ttl_s``: less than the cache's time to live (a pass learnt from a shared store
+        keeps the time it has left there)."""
         entries = self._entries
-        expires = self._clock() + self._ttl
+        expires = self._clock() + (self._ttl if ttl_s is None else min(ttl_s, self._ttl))
         for key in keys:
             entries[key] = expires
             entries.move_to_end(key)

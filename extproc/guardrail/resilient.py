@@ -43,7 +43,8 @@ built with ``max_attempts=1``, see ``extproc.guardrail.build_client``) and adds,
    frees the probe slot for the next call. Rejected errors never count; they are logged at
    ERROR once per guardrail (again after a success).
 5. **A client-side budget**: two token buckets shared by all calls of the instance (build one
-   ``ResilientGuardrail`` per process, and size the rates as quota / replicas), ApplyGuardrail
+   ``ResilientGuardrail`` per process, and size the rates as quota / replicas; or give it a
+   ``Budget`` kept in a store every replica shares, ``extproc.shared.budget``), ApplyGuardrail
    requests per second (``budget_rps``) and text units per second (``budget_text_units_per_s``),
    each holding one second's worth. Every attempt (retries too) takes one request and its text
    units; when the buckets are short, it waits its turn (first come, first served) but only up
@@ -90,7 +91,7 @@ from extproc.domain.values import GuardrailRef, Source
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.domain.windows import text_units
 from extproc.guardrail.breaker import CLOSED, OPEN, CircuitBreaker
-from extproc.guardrail.budget import TokenBucket
+from extproc.guardrail.budget import Budget, LocalBudget, Reservation
 from extproc.guardrail.config import MIN_ATTEMPT_S, ResilienceConfig
 from extproc.guardrail.splitting import Part, Piece, merge_verdicts, plan_calls, units_of
 
@@ -148,6 +149,7 @@ class ResilientGuardrail:
         clock: Clock | None = None,
         sleep: Sleep | None = None,
         rng: random.Random | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._inner = inner
         self._config = config or ResilienceConfig()
@@ -156,9 +158,11 @@ class ResilientGuardrail:
         self._rng = rng or random.Random()
         self._passes_timeout = _accepts_timeout(inner.apply)
         cfg = self._config
-        self._rps = TokenBucket(cfg.budget_rps, clock=self._clock) if cfg.budget_rps else None
-        self._tups = (TokenBucket(cfg.budget_text_units_per_s, clock=self._clock)
-                      if cfg.budget_text_units_per_s else None)
+        # ``budget``: a shared one (``--shared-state``); else this process's buckets, if any.
+        self._budget: Budget | None = budget
+        if budget is None and (cfg.budget_rps or cfg.budget_text_units_per_s):
+            self._budget = LocalBudget(cfg.budget_rps, cfg.budget_text_units_per_s,
+                                       clock=self._clock)
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
         self._learned: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._rejected_logged: set[tuple[str, str]] = set()
@@ -338,7 +342,7 @@ class ResilientGuardrail:
                     raise last  # noqa: B904 - the last attempt's error, with its own cause
                 raise
             try:
-                await self._take_budget(units, deadline, patient=patient)
+                reservation = await self._take_budget(units, deadline, patient=patient)
             except GuardrailBudgetExhausted:
                 breaker.neutral(probe)
                 if last is not None:
@@ -350,7 +354,8 @@ class ResilientGuardrail:
             allowed = min(cfg.attempt_timeout_s, deadline - self._clock())
             if allowed <= 0:
                 breaker.neutral(probe)
-                self._refund_budget(units)
+                if reservation is not None:
+                    reservation.refund()
                 raise last or GuardrailTimeout("the deadline passed while waiting for budget")
             attempt += 1
             self._counters["attempts"] += 1
@@ -403,19 +408,18 @@ class ResilientGuardrail:
                 raise
             raise error from exc
 
-    async def _take_budget(self, units: int, deadline: float, *, patient: bool = False) -> None:
-        waits = []
-        if self._rps is not None:
-            waits.append(self._rps.reserve(1))
-        if self._tups is not None:
-            waits.append(self._tups.reserve(units))
-        wait = max(waits, default=0.0)
+    async def _take_budget(self, units: int, deadline: float, *,
+                           patient: bool = False) -> Reservation | None:
+        if self._budget is None:
+            return None
+        reservation = await self._budget.reserve(1, units)
+        wait = reservation.wait
         if wait <= 0:
-            return
+            return reservation
         remaining = deadline - self._clock()
         allowed = remaining if patient else min(self._config.budget_max_wait_s, remaining)
         if wait > allowed:
-            self._refund_budget(units)
+            reservation.refund()
             self._counters["budget_rejections"] += 1
             raise GuardrailBudgetExhausted(
                 f"client-side budget ({self._config.budget_rps:g} requests/s, "
@@ -427,14 +431,9 @@ class ResilientGuardrail:
         try:
             await self._sleep(wait)
         except BaseException:
-            self._refund_budget(units)
+            reservation.refund()
             raise
-
-    def _refund_budget(self, units: int) -> None:
-        if self._rps is not None:
-            self._rps.refund(1)
-        if self._tups is not None:
-            self._tups.refund(units)
+        return reservation
 
     # -- bookkeeping
 

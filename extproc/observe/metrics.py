@@ -459,6 +459,10 @@ class PrometheusRecorder:
         """Export a ``ResilientGuardrail``'s counters (``stats``: its ``stats`` property)."""
         self.registry.register(ResilienceCollector(stats))
 
+    def watch_shared_state(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the shared store's health and fallbacks (``stats``: ``SharedState.stats``)."""
+        self.registry.register(SharedStateCollector(stats))
+
     def watch_routes(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export a ``RouteResolver``'s counters (``stats``: its ``stats`` method)."""
         self.registry.register(RouteCollector(stats))
@@ -561,6 +565,32 @@ class ResilienceCollector(Collector):
             for name in BREAKER_STATES:
                 state.add_metric((guardrail, name), 1.0 if current == name else 0.0)
         yield state
+
+
+#: ``extproc.shared.store.OPERATIONS``: what the local state serves when the store does not.
+SHARED_STATE_OPERATIONS: Final = ("budget", "cache_get", "cache_put")
+
+
+class SharedStateCollector(Collector):
+    """The shared store (``--shared-state``), read from ``SharedState.stats`` at scrape time:
+    ``shared_state_up`` and ``shared_state_fallbacks_total{operation}``."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily(
+            PREFIX + "shared_state_up", "1 when the last shared-state operation succeeded, 0 "
+            "while the store does not answer (budgets and verdict cache are then this "
+            "process's own)", value=float(stats.get("up", 0)))
+        fallbacks = CounterMetricFamily(
+            PREFIX + "shared_state_fallbacks", "shared-state operations served by this "
+            "process's own state because the store was slow or down", labels=("operation",))
+        counts = dict(stats.get("fallbacks", {}))
+        for operation in SHARED_STATE_OPERATIONS:
+            fallbacks.add_metric((operation,), float(counts.get(operation, 0)))
+        yield fallbacks
 
 
 class RouteCollector(Collector):

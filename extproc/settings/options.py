@@ -199,6 +199,60 @@ def _parse_metrics_listen(value: str, where: str) -> str:
     return host_port(host, port)
 
 
+#: Query parameters a ``--shared-state`` URL may carry (redis-py's names): the database and
+#: TLS settings. Timeouts come from ``--shared-state-timeout``.
+SHARED_STATE_QUERY = ("db", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile",
+                      "ssl_cert_reqs", "ssl_check_hostname", "client_name")
+
+
+def _parse_shared_state(value: str, where: str) -> str | None:
+    """A Redis/Valkey URL: ``redis://`` (TCP), ``rediss://`` (TLS) or ``unix://`` (a socket);
+    errors never repeat the URL (it may hold a password)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a valid URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix") or "://" not in value:
+        raise ConfigError(f"{where}: expected redis://HOST[:PORT][/DB], rediss://… (TLS) or "
+                          f"unix:///PATH (got a URL of scheme {parts.scheme!r})")
+    if scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{where}: a unix:// URL needs the socket's path, "
+                              f"e.g. unix:///run/redis/redis.sock")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"{where}: no host in the URL (redis://HOST[:PORT][/DB])")
+        if port == 0:
+            raise ConfigError(f"{where}: port 0 is not a port")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"{where}: the path must be a database number (/0), got /{db}")
+    try:
+        query = parse_qs(parts.query, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigError(f"{where}: the query string does not parse") from None
+    unknown = sorted(set(query) - set(SHARED_STATE_QUERY))
+    if unknown:
+        raise ConfigError(f"{where}: unknown URL parameter(s) {', '.join(unknown)} (known: "
+                          f"{', '.join(SHARED_STATE_QUERY)})")
+    if "db" in query and not query["db"][0].isdigit():
+        raise ConfigError(f"{where}: db must be a number")
+    return value
+
+
+def _parse_prefix(value: str, where: str) -> str:
+    if not value or len(value) > 200 or any(c.isspace() for c in value):
+        raise ConfigError(f"{where}: {value!r} is not a key prefix (1-200 characters, no "
+                          f"whitespace)")
+    return value
+
+
 def _parse_namespace(value: str, where: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
         raise ConfigError(f"{where}: {value!r} is not a valid metadata namespace")
@@ -281,10 +335,24 @@ OPTIONS: tuple[_Option, ...] = (
             "before a probe call", "10", _number_parser(float, 0.1, 3600)),
     _Option("--budget-rps", "client.budget_rps", "ApplyGuardrail requests per second this process "
             "may send (token bucket; 0: unlimited): your account's quota divided by the processes "
-            "that share it", "0", _number_parser(float, 0, 100_000)),
+            "that share it; with --shared-state, all of them together: the quota itself", "0",
+            _number_parser(float, 0, 100_000)),
     _Option("--budget-text-units", "client.budget_text_units", "text units per second this process "
             "may send (0: unlimited): the smallest per-policy quota divided by the processes that "
-            "share it", "0", _number_parser(float, 0, 1_000_000)),
+            "share it; with --shared-state, all of them together", "0",
+            _number_parser(float, 0, 1_000_000)),
+    _Option("--shared-state", "client.shared_state_url", "Redis or Valkey URL (redis://HOST:PORT/"
+            "DB, rediss:// for TLS, unix:///PATH; a password as redis://:PASSWORD@HOST or in "
+            "--shared-state-password-file): the budgets (--budget-rps, --budget-text-units, then "
+            "for all replicas together) and the verdict cache are shared by every process using "
+            "it; empty: each process keeps its own", "", _parse_shared_state),
+    _Option("--shared-state-password-file", "client.shared_state_password_file", "file holding "
+            "the --shared-state password (trailing newline ignored)", "", _parse_file),
+    _Option("--shared-state-prefix", "client.shared_state_prefix", "prefix of every key the "
+            "sidecar writes in the shared store", "guardrail-extproc:", _parse_prefix),
+    _Option("--shared-state-timeout", "client.shared_state_timeout_s", "seconds one shared-state "
+            "operation may take; then (and until the store answers again) this process's own "
+            "budget and cache serve", "0.05", _number_parser(float, 0.001, 10)),
     _Option("--budget-max-wait", "client.budget_max_wait_s", "seconds a call may wait for budget "
             "before it fails as 'budget'", "0.25", _number_parser(float, 0, 60)),
     _Option("--guardrail-threads", "client.threads", "threads running boto3 calls (concurrent "
@@ -538,6 +606,8 @@ def render_settings(settings: Settings) -> str:
     for option in OPTIONS:
         if option.target == "server.listen":
             value: Any = settings.server.listen
+        elif option.target == "client.shared_state_url":
+            value = settings.client.shared_state_redacted  # never a password
         else:
             value = _get(settings, option.target)
         if value is not None:
@@ -594,6 +664,15 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if values["server.tls_client_ca"] and not values["server.tls_cert"]:
         raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    if values["client.shared_state_password_file"]:
+        from urllib.parse import urlsplit
+
+        url = values["client.shared_state_url"]
+        if url is None:
+            raise ConfigError("--shared-state-password-file needs --shared-state")
+        if urlsplit(url).password is not None:
+            raise ConfigError("--shared-state: the URL holds a password and "
+                              "--shared-state-password-file names another; give one of them")
     if values["default_route.window.min_chars"] > window_chars:
         raise ConfigError(
             f"--window-min-chars ({values['default_route.window.min_chars']}) must not exceed "

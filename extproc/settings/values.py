@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from extproc.domain.cost import DEFAULT_PRICES
 from extproc.domain.failure import FailurePolicy
@@ -187,6 +188,28 @@ class ClientSettings:
     aws_region: str | None = None  # AWS_REGION; None: boto3's own (AWS_DEFAULT_REGION, profile)
     verdict_cache_entries: int = 100_000  # prompt texts known to pass; 0: no cache
     verdict_cache_ttl_s: float = 3600.0
+    # Budgets and verdict cache in Redis/Valkey, shared by every replica (``extproc.shared``);
+    # None: each process keeps its own.
+    shared_state_url: str | None = None
+    shared_state_password_file: str | None = None
+    shared_state_prefix: str = "guardrail-extproc:"
+    shared_state_timeout_s: float = 0.05  # one store operation; then the local state serves
+
+    @property
+    def shared_state_redacted(self) -> str | None:
+        """``shared_state_url`` fit for a log line: its password replaced by ``***``."""
+        return None if self.shared_state_url is None else redact_url(self.shared_state_url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part (``user:password@``) replaced by ``***``."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    netloc = f"{user}:***@{host}" if colon else f"{user}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, slots=True)

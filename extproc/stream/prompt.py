@@ -95,7 +95,8 @@ class PromptCheck:
         ctx, record = self._ctx, self._ctx.record
         cache = ctx.verdict_cache
         keys = [verdict_key(ctx.route.guardrail, Source.INPUT, text) for text in self._texts]
-        todo = [index for index, key in enumerate(keys) if not cache.passed(key)]
+        known = await cache.lookup(keys)
+        todo = [index for index, passed in enumerate(known) if not passed]
         if len(todo) < len(keys):
             record.count("cached_texts", len(keys) - len(todo))
         if not todo:
@@ -122,7 +123,7 @@ class PromptCheck:
         record.input = verdict.outcome.value
         record.count("text_units", verdict.text_units)
         if verdict.outcome is Outcome.PASS and not verdict.findings:
-            cache.remember(keys[index] for index in todo)
+            cache.remember((keys[index] for index in todo), verdict.text_units)
         outcome = verdict.outcome
         can_mask = self.held is not None
         if outcome is Outcome.MASK and can_mask and self._signed and not ctx.route.shadow:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from extproc.domain.cache import verdict_cache
+from extproc.domain.cache import VerdictCache, verdict_cache
 from extproc.domain.client import GuardrailClient
 from extproc.formats import StreamFormat, all_formats
 from extproc.observe.audit import AuditLog
@@ -48,6 +48,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         formats: tuple[StreamFormat, ...] | None = None,
         recorder: Recorder = NULL_RECORDER,
         audit: AuditLog | None = None,
+        cache_factory: Callable[[int, float], VerdictCache] = verdict_cache,
     ) -> None:
         self._settings = settings
         self._guardrail = guardrail
@@ -58,11 +59,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._ids = itertools.count(1)
         self.routes = RouteResolver(settings)
         self.admission = Admission(settings.streams.max_streams)
-        # Prompt texts known to pass: one cache per process, kept across reloads unless its
-        # size or time to live changed.
+        # Prompt texts known to pass: one cache per process (with a shared store behind it
+        # when ``cache_factory`` says so), kept across reloads unless its size or time to live
+        # changed.
+        self._cache_factory = cache_factory
         self._settings_cache = (settings.client.verdict_cache_entries,
                                 settings.client.verdict_cache_ttl_s)
-        self.verdict_cache = verdict_cache(*self._settings_cache)
+        self.verdict_cache = cache_factory(*self._settings_cache)
         self.active_streams = 0
 
     @property
@@ -83,7 +86,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         before = self._settings_cache
         now = (settings.client.verdict_cache_entries, settings.client.verdict_cache_ttl_s)
         if now != before:
-            self.verdict_cache = verdict_cache(*now)
+            self.verdict_cache = self._cache_factory(*now)
             self._settings_cache = now
 
     def route_stats(self) -> Mapping[str, Any]:
@@ -149,6 +152,11 @@ class RunningServer:
     health: health.aio.HealthServicer
     processor: ExternalProcessor
 
+    async def set_detail(self, service: str, serving: bool) -> None:
+        """A health detail: ``service``'s status alone (the sidecar's own is unchanged)."""
+        await self.health.set(service, health_pb2.HealthCheckResponse.SERVING if serving
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -200,10 +208,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 
 async def start_server(settings: Settings, guardrail: GuardrailClient, *,
-                       recorder: Recorder = NULL_RECORDER) -> RunningServer:
+                       recorder: Recorder = NULL_RECORDER,
+                       cache_factory: Callable[[int, float], VerdictCache] = verdict_cache,
+                       ) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
     server = grpc.aio.server(options=server_options(settings.server.reuse_port))
-    processor = ExternalProcessor(settings, guardrail, recorder=recorder)
+    processor = ExternalProcessor(settings, guardrail, recorder=recorder,
+                                  cache_factory=cache_factory)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -84,6 +84,10 @@ ENV_NAMES = {
     "--budget-rps": "EXTPROC_BUDGET_RPS",
     "--budget-text-units": "EXTPROC_BUDGET_TEXT_UNITS",
     "--budget-max-wait": "EXTPROC_BUDGET_MAX_WAIT",
+    "--shared-state": "EXTPROC_SHARED_STATE",
+    "--shared-state-password-file": "EXTPROC_SHARED_STATE_PASSWORD_FILE",
+    "--shared-state-prefix": "EXTPROC_SHARED_STATE_PREFIX",
+    "--shared-state-timeout": "EXTPROC_SHARED_STATE_TIMEOUT",
     "--metrics-listen": "EXTPROC_METRICS_LISTEN",
     "--log-format": "EXTPROC_LOG_FORMAT",
     "--audit-include-matches": "EXTPROC_AUDIT_INCLUDE_MATCHES",
@@ -190,6 +194,10 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--budget-rps", "25", "budget_rps", 25.0),
     ("--budget-text-units", "0", "budget_text_units", 0.0),
     ("--budget-max-wait", "0.5", "budget_max_wait_s", 0.5),
+    ("--shared-state", "redis://cache:6379/0", "shared_state_url", "redis://cache:6379/0"),
+    ("--shared-state", "unix:///run/redis.sock", "shared_state_url", "unix:///run/redis.sock"),
+    ("--shared-state-prefix", "mesh-a:", "shared_state_prefix", "mesh-a:"),
+    ("--shared-state-timeout", "0.2", "shared_state_timeout_s", 0.2),
     ("--metrics-listen", "0.0.0.0:0", "metrics_listen", "0.0.0.0:0"),
     ("--metrics-listen", "[::1]:9100", "metrics_address", ("::1", 9100)),
     ("--metrics-listen", " Off ", "metrics_listen", "off"),
@@ -261,7 +269,9 @@ SETS: list[tuple[str, str, str, Any]] = [
 def test_set_table_covers_every_option() -> None:
     # TLS files only make sense together; tests/grpc/test_tls.py sets and uses them.
     tls = {"--tls-cert", "--tls-key", "--tls-client-ca"}
-    assert {flag for flag, *_ in SETS} == set(ENV_NAMES) - tls
+    # Needs --shared-state: test_the_password_comes_from_the_url_or_the_file_not_both.
+    together = {"--shared-state-password-file"}
+    assert {flag for flag, *_ in SETS} == set(ENV_NAMES) - tls - together
 
 
 def _argv_for(flag: str, value: str) -> list[str]:
@@ -484,6 +494,10 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--budget-rps", "-1", ("outside",)),
     ("--budget-text-units", "x", ("is not a float",)),
     ("--budget-max-wait", "-1", ("outside",)),
+    ("--shared-state", "memcached://cache", ("expected redis://",)),
+    ("--shared-state-password-file", "/nonexistent/pw", ("cannot read",)),
+    ("--shared-state-prefix", "has space", ("is not a key prefix",)),
+    ("--shared-state-timeout", "0", ("outside", "0.001..10")),
     ("--metrics-listen", "9464", ("expected HOST:PORT",)),
     ("--metrics-listen", "localhost:99999", ("port must be 0-65535",)),
     ("--metrics-listen", "no", ("expected HOST:PORT",)),
@@ -723,3 +737,53 @@ def test_workers_auto_is_the_cpus_this_process_may_use(monkeypatch: pytest.Monke
     assert settings_values.available_cpus() == 1
     monkeypatch.setattr(settings_values, "_cgroup_cpu_quota", lambda: 16.0)  # above the affinity
     assert settings_values.available_cpus() == 4
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+def test_shared_state_is_off_by_default_and_takes_redis_rediss_and_unix_urls() -> None:
+    client = settings_from(BASE_ARGV).client
+    assert client.shared_state_url is None and client.shared_state_timeout_s == 0.05
+    assert client.shared_state_prefix == "guardrail-extproc:"
+    for url in ("redis://cache:6379/0", "rediss://user:pw@cache.example:6380/2?ssl_ca_certs=/ca",
+                "unix:///run/redis.sock?db=1", "REDIS://h"):
+        assert settings_from([*BASE_ARGV, "--shared-state", url]).client.shared_state_url == url
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://:hunter2@cache:6379", "expected redis://"),
+    ("cache:6379", "expected redis://"),
+    ("redis://:hunter2@:6379", "no host"),
+    ("redis://:hunter2@cache:http", "not a valid URL"),
+    ("redis://:hunter2@cache:6379/zero", "database number"),
+    ("redis://:hunter2@cache:6379/0?socket_timeout=5", "unknown URL parameter(s) socket_timeout"),
+    ("unix://", "socket's path"),
+])
+def test_a_bad_shared_state_url_is_a_clear_start_up_error_without_its_password(
+        url: str, message: str) -> None:
+    error = config_error([*BASE_ARGV, "--shared-state", url])
+    assert message in error and "--shared-state" in error
+    assert "hunter2" not in error
+
+
+def test_print_config_shows_the_shared_state_url_without_its_password() -> None:
+    from extproc.settings.options import render_settings
+
+    settings = settings_from([*BASE_ARGV, "--shared-state", "rediss://app:hunter2@cache:6380/1"])
+    rendered = render_settings(settings)
+    assert "shared_state: rediss://app:***@cache:6380/1" in rendered
+    assert "hunter2" not in rendered
+
+
+def test_the_password_comes_from_the_url_or_the_file_not_both(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\n")
+    ok = settings_from([*BASE_ARGV, "--shared-state", "redis://cache",
+                        "--shared-state-password-file", str(secret)])
+    assert ok.client.shared_state_password_file == str(secret)
+    error = config_error([*BASE_ARGV, "--shared-state", "redis://:pw@cache",
+                          "--shared-state-password-file", str(secret)])
+    assert "give one of them" in error
+    assert "needs --shared-state" in config_error(
+        [*BASE_ARGV, "--shared-state-password-file", str(secret)])
