@@ -31,6 +31,7 @@ from extproc.domain.values import (
     PromptScope,
     SignedPromptMask,
     StreamMode,
+    UncheckedImages,
     UnknownTraffic,
 )
 from extproc.domain.windows import Strategy, WindowPolicy
@@ -225,6 +226,10 @@ OPTIONS: tuple[_Option, ...] = (
             "generic (every string of their JSON checked, answers too), reject (403 before the "
             "upstream) or pass (unchecked, logged and counted)", "generic",
             _enum_parser(UnknownTraffic)),
+    _Option("--unchecked-images", "default_route.unchecked_images", "prompt images the "
+            "guardrail cannot be given (a remote URL or file id, GIF or WebP, over 4 MB or "
+            "8000x8000 pixels, undecodable): reject (400 before the upstream) or pass "
+            "(unchecked, logged and counted)", "reject", _enum_parser(UncheckedImages)),
     _Option("--signed-prompt-mask", "default_route.signed_prompt_mask", "a prompt the guardrail "
             "masked, on a request the client signed with AWS SigV4 (a rewritten body fails the "
             "signature): refuse (blocked before the upstream) or pass (sent unmasked, logged "
@@ -389,6 +394,7 @@ ROUTE_FIELDS: Mapping[str, tuple[str, Callable[[str, str], Any]]] = {
     "enabled": ("enabled", _parse_bool),
     "input_check": ("input_check", _enum_parser(InputCheck)),
     "unknown_traffic": ("unknown_traffic", _enum_parser(UnknownTraffic)),
+    "unchecked_images": ("unchecked_images", _enum_parser(UncheckedImages)),
     "prompt_scope": ("prompt_scope", _enum_parser(PromptScope)),
     "signed_prompt_mask": ("signed_prompt_mask", _enum_parser(SignedPromptMask)),
     "output_check": ("output_check", _parse_bool),

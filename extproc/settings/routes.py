@@ -15,6 +15,7 @@ Envoy can say it in three ways (``shared/docs/ext_proc.md`` section 6); the side
    ``x-guardrail-input``      ``pre_call`` / ``parallel`` / ``off``
    ``x-guardrail-prompt-scope`` ``whole_request`` / ``last_user`` / ``all`` / ``all_with_system``
    ``x-guardrail-unknown-traffic`` ``generic`` / ``reject`` / ``pass``
+   ``x-guardrail-unchecked-images`` ``reject`` / ``pass``
    ``x-guardrail-output``     ``on`` / ``off``
    ``x-guardrail-mode``       ``sync`` / ``async``
    ``x-guardrail-shadow``     ``on`` / ``off``

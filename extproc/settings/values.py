@@ -29,6 +29,7 @@ from extproc.domain.values import (
     PromptScope,
     SignedPromptMask,
     StreamMode,
+    UncheckedImages,
     UnknownTraffic,
 )
 from extproc.domain.windows import WindowPolicy
@@ -63,6 +64,8 @@ class RoutePolicy:
     input_check: InputCheck = InputCheck.PRE_CALL
     prompt_scope: PromptScope = PromptScope.WHOLE_REQUEST
     unknown_traffic: UnknownTraffic = UnknownTraffic.GENERIC
+    # Prompt images the guardrail cannot be given (``extproc.images``): refused by default.
+    unchecked_images: UncheckedImages = UncheckedImages.REJECT
     signed_prompt_mask: SignedPromptMask = SignedPromptMask.REFUSE
     output_check: bool = True
     # Reasoning text (thinking, reasoning_content, thought parts, reasoning summaries) is

@@ -15,7 +15,7 @@ import time
 from collections.abc import Hashable, Sequence
 
 from extproc.domain.cache import NO_CACHE, VerdictCache
-from extproc.domain.client import GuardrailClient
+from extproc.domain.client import Content, GuardrailClient
 from extproc.domain.cost import cost_usd, policy_label, unpriced
 from extproc.domain.decision import Action, decide_error
 from extproc.domain.errors import GuardrailError, GuardrailServerError
@@ -62,7 +62,7 @@ class StreamContext:
         self._audit = audit
         self.verdict_cache = verdict_cache  # prompt texts known to pass
 
-    async def check(self, source: Source, texts: Sequence[str]) -> GuardrailVerdict:
+    async def check(self, source: Source, texts: Sequence[Content]) -> GuardrailVerdict:
         """One guardrail call, timed and reported to the recorder; its findings go into the
         record."""
         started = time.monotonic()

@@ -22,6 +22,7 @@ from extproc.domain.values import (
     PromptScope,
     SignedPromptMask,
     StreamMode,
+    UncheckedImages,
     UnknownTraffic,
 )
 from extproc.domain.windows import Strategy
@@ -74,6 +75,7 @@ ENV_NAMES = {
     "--guardrail-max-chars-per-call": "EXTPROC_GUARDRAIL_MAX_CHARS_PER_CALL",
     "--verdict-cache-entries": "EXTPROC_VERDICT_CACHE_ENTRIES",
     "--unknown-traffic": "EXTPROC_UNKNOWN_TRAFFIC",
+    "--unchecked-images": "EXTPROC_UNCHECKED_IMAGES",
     "--verdict-cache-ttl": "EXTPROC_VERDICT_CACHE_TTL",
     "--breaker-failures": "EXTPROC_BREAKER_FAILURES",
     "--breaker-cooldown": "EXTPROC_BREAKER_COOLDOWN",
@@ -178,6 +180,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--guardrail-max-chars-per-call", "5000", "guardrail_max_chars_per_call", 5000),
     ("--verdict-cache-entries", "0", "verdict_cache_entries", 0),
     ("--unknown-traffic", "reject", "unknown_traffic", UnknownTraffic.REJECT),
+    ("--unchecked-images", "pass", "unchecked_images", UncheckedImages.PASS),
     ("--verdict-cache-ttl", "60", "verdict_cache_ttl_s", 60.0),
     ("--breaker-failures", "0", "breaker_failures", 0),
     ("--breaker-cooldown", "3", "breaker_cooldown_s", 3.0),
@@ -470,6 +473,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--guardrail-max-chars-per-call", "10", ("outside",)),
     ("--verdict-cache-entries", "-1", ("outside",)),
     ("--unknown-traffic", "allow", ("is not one of", "generic")),
+    ("--unchecked-images", "allow", ("is not one of", "reject")),
     ("--verdict-cache-ttl", "0", ("outside",)),
     ("--breaker-failures", "-1", ("outside",)),
     ("--breaker-cooldown", "0", ("outside",)),
