@@ -3,9 +3,10 @@
 Owns: the ``data:`` URL parser (RFC 2397: base64, or percent-encoded bytes), the bounded
 base64 decoder, the format sniffer (magic bytes; the declared media type is never trusted) and
 the header readers for the dimensions (PNG ``IHDR``; JPEG start-of-frame markers, walking the
-segments). Pixels are never decoded: an image bomb (a small file claiming huge dimensions) is
-refused from its header, and no input makes these functions read past their argument, loop
-without advancing, or allocate more than the size bound.
+segments) and a PNG chunk walk (lengths and CRCs up to ``IEND``). Pixels are never decoded:
+an image bomb (a small file claiming huge dimensions) is refused from its header, and no
+input makes these functions read past their argument, loop without advancing, or allocate
+more than the size bound.
 
 Bedrock's limits for image content blocks (AWS, "Block harmful images with content filters",
 docs.aws.amazon.com/bedrock/latest/userguide/guardrails-mmfilter.html): PNG and JPEG only, at
@@ -21,6 +22,7 @@ from __future__ import annotations
 import binascii
 import enum
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_to_bytes
@@ -92,6 +94,25 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
+def png_intact(data: bytes) -> bool:
+    """Whether the PNG's chunks run whole from the signature to ``IEND``, each within the
+    data and with its CRC right (what a decoder checks first; the pixels are not inflated)."""
+    pos, end = 8, len(data)
+    view = memoryview(data)
+    while pos + 12 <= end:
+        (length,) = struct.unpack(">I", view[pos:pos + 4])
+        stop = pos + 8 + length
+        if stop + 4 > end:
+            return False
+        (crc,) = struct.unpack(">I", view[stop:stop + 4])
+        if zlib.crc32(view[pos + 4:stop]) != crc:
+            return False
+        if view[pos + 4:pos + 8] == b"IEND":
+            return True
+        pos = stop + 4
+    return False
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from the first start-of-frame segment, walking the marker segments
     from the start (each step advances at least two bytes; a truncated or malformed segment,
@@ -129,7 +150,9 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def inspect(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> Inspected:
     """``data`` as a checkable image, or ``ImageRefused``: empty, over ``max_bytes``, not PNG
-    or JPEG, a header without dimensions, a dimension of 0 or over ``MAX_DIMENSION``."""
+    or JPEG, a header without dimensions, a dimension of 0 or over ``MAX_DIMENSION``, a PNG
+    whose chunks do not run whole to ``IEND`` (a JPEG is read up to its frame header only:
+    bytes after the end of the image are common and harmless)."""
     if not data:
         raise ImageRefused(Reason.UNREADABLE, "no image bytes")
     if len(data) > max_bytes:
@@ -148,6 +171,8 @@ def inspect(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> Inspected:
     if width > MAX_DIMENSION or height > MAX_DIMENSION:
         raise ImageRefused(Reason.TOO_LARGE, f"{width}x{height} pixels, over "
                            f"{MAX_DIMENSION}x{MAX_DIMENSION}")
+    if fmt == "png" and not png_intact(data):
+        raise ImageRefused(Reason.UNREADABLE, "png chunks truncated or corrupt")
     return Inspected(fmt, width, height, data)
 
 

@@ -66,6 +66,15 @@ def test_zero_dimensions_and_truncated_headers_are_unreadable() -> None:
     refused(Reason.UNREADABLE, inspect, b"hello, not an image")
 
 
+def test_a_png_whose_chunks_do_not_run_whole_to_iend_is_unreadable() -> None:
+    data = png(8, 8)
+    refused(Reason.UNREADABLE, inspect, data[:40])  # the header is whole, the rest cut
+    corrupt = bytearray(data)
+    corrupt[-20] ^= 0xFF  # a byte of the IDAT chunk: its CRC no longer matches
+    refused(Reason.UNREADABLE, inspect, bytes(corrupt))
+    assert inspect(data).format == "png"
+
+
 def test_a_jpeg_scan_before_any_frame_header_has_no_size() -> None:
     assert jpeg_size(b"\xff\xd8\xff\xda\x00\x08" + b"\x00" * 10) is None
     assert jpeg_size(b"\xff\xd8\xff\xe0\x00\x01") is None  # a length below 2 never loops
