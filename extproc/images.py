@@ -107,7 +107,7 @@ def png_intact(data: bytes) -> bool:
         (crc,) = struct.unpack(">I", view[stop:stop + 4])
         if zlib.crc32(view[pos + 4:stop]) != crc:
             return False
-        if view[pos + 4:pos + 8] == b"IEND":
+        if data[pos + 4:pos + 8] == b"IEND":
             return True
         pos = stop + 4
     return False
