@@ -34,22 +34,19 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from extproc.domain.cache import image_key
+from extproc.domain.client import ImageBlock
+from extproc.domain.values import GuardrailRef, Source
+from extproc.formats.openai_chat import OpenAIChat
+from extproc.formats.prompt_images import find_images, resolve
+from extproc.formats.strict import parse_request
+from extproc.guardrail.wire import decode_content, encode_content
+from extproc.images import inspect, parse_data_url
+from testkit.images import jpeg
 
-from extproc.domain.cache import image_key  # noqa: E402
-from extproc.domain.client import ImageBlock  # noqa: E402
-from extproc.domain.values import GuardrailRef, Source  # noqa: E402
-from extproc.formats.openai_chat import OpenAIChat  # noqa: E402
-from extproc.formats.prompt_images import find_images, resolve  # noqa: E402
-from extproc.formats.strict import parse_request  # noqa: E402
-from extproc.guardrail.wire import decode_content, encode_content  # noqa: E402
-from extproc.images import inspect, parse_data_url  # noqa: E402
-from testkit.images import jpeg  # noqa: E402
-
-GUARDRAIL = GuardrailRef("benchguardrail", "1")  # type: ignore[arg-type]
+GUARDRAIL = GuardrailRef("benchguardrail", "1")
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
