@@ -83,6 +83,8 @@ class ErrorKind:
     IMAGE_FORMAT = "guardrail_image_format"
     IMAGE_TOO_LARGE = "guardrail_image_too_large"
     IMAGE_UNREADABLE = "guardrail_image_unreadable"
+    # the guardrail answered without screening the images (``guardrailCoverage.images``)
+    IMAGE_NOT_GUARDED = "guardrail_image_not_guarded"
 
 
 class PromptScope:

@@ -30,6 +30,8 @@ _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.IMAGE_TOO_LARGE: (400, "Image not checked: over the guardrail's limit of 4 MB "
                                      "or 8000x8000 pixels"),
     ErrorKind.IMAGE_UNREADABLE: (400, "Image not checked: its data could not be decoded"),
+    ErrorKind.IMAGE_NOT_GUARDED: (400, "Image not checked: the guardrail does not screen "
+                                       "images"),
 }
 
 DONE = b"data: [DONE]\n\n"

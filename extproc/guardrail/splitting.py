@@ -120,16 +120,20 @@ def merge_verdicts(block_count: int, parts: Sequence[Part]) -> GuardrailVerdict:
         for key, value in part.verdict.usage.items():
             usage[key] = usage.get(key, 0) + value
     units = sum(part.verdict.text_units for part in parts)
+    counted = [part.verdict.images_guarded for part in parts
+               if part.verdict.images_guarded is not None]
+    guarded = sum(counted) if counted else None
     for part in parts:
         if part.verdict.outcome is Outcome.BLOCK:
             return GuardrailVerdict(
                 outcome=Outcome.BLOCK, action=part.verdict.action, findings=findings,
                 outputs=part.verdict.outputs, text_units=units, usage=usage,
+                images_guarded=guarded,
             )
     if not any(part.verdict.outcome is Outcome.MASK for part in parts):
         return GuardrailVerdict(
             outcome=Outcome.PASS, action="NONE", findings=findings, outputs=(),
-            text_units=units, usage=usage,
+            text_units=units, usage=usage, images_guarded=guarded,
         )
     rebuilt: list[list[str] | None] = [None] * block_count
     for part in parts:
@@ -152,5 +156,5 @@ def merge_verdicts(block_count: int, parts: Sequence[Part]) -> GuardrailVerdict:
     return GuardrailVerdict(
         outcome=Outcome.MASK, action="GUARDRAIL_INTERVENED", findings=findings,
         outputs=tuple("".join(chunks) for chunks in rebuilt if chunks is not None),
-        text_units=units, usage=usage,
+        text_units=units, usage=usage, images_guarded=guarded,
     )

@@ -116,6 +116,16 @@ class StreamContext:
             self._recorder.reasoning_unchecked(self.record.route, chars)
         return kept
 
+    def images_unchecked(self, reason: str, count: int, *, rejected: bool) -> None:
+        """``count`` prompt images the guardrail could not screen (``reason``: an
+        ``extproc.images.Reason`` value, or ``not_guarded``): counted for the route, and in the
+        stream's ``images_unchecked`` when they passed."""
+        for _ in range(count):
+            self._recorder.images_unchecked(self.record.route, reason,
+                                            "rejected" if rejected else "passed")
+        if not rejected:
+            self.record.count("images_unchecked", count)
+
     def no_verdict(self, error: GuardrailError) -> Action:
         """There is no verdict (``error``): record its class, and whether the text goes on
         unchecked (``RELEASE_UNCHECKED``, recorded as a fail-open) or the stream gets

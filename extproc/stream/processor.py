@@ -380,12 +380,11 @@ class GuardedStream:
             except ImageRefused as exc:
                 reason = exc.reason.value
                 if route.unchecked_images is UncheckedImages.REJECT and not route.shadow:
-                    self._recorder.images_unchecked(ctx.record.route, reason, "rejected")
+                    ctx.images_unchecked(reason, 1, rejected=True)
                     log.info("prompt image cannot be checked (%s): 400", reason)
                     self._replies.error(_IMAGE_ERRORS[exc.reason], "image_refused")
                     return None
-                self._recorder.images_unchecked(ctx.record.route, reason, "passed")
-                ctx.record.count("images_unchecked")
+                ctx.images_unchecked(reason, 1, rejected=False)
                 log.info("prompt image cannot be checked (%s): passed unchecked (%s)", reason,
                          "shadow" if route.shadow else "unchecked_images pass")
                 continue
@@ -413,6 +412,10 @@ class GuardedStream:
 
     def _reply_gate(self, gate: Gate) -> None:
         """A blocked prompt (or one whose check failed closed) gets the API's error."""
+        refused = self._prompt.refusal if self._prompt is not None else None
+        if gate is Gate.BLOCKED and refused is not None:
+            self._replies.error(refused, "image_refused")
+            return
         kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
         self._replies.error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
 

@@ -18,9 +18,9 @@ from extproc import envoy
 from extproc.domain.cache import image_key, verdict_key
 from extproc.domain.client import Content, ImageBlock
 from extproc.domain.decision import Action, decide_verdict
-from extproc.domain.values import Gate, SignedPromptMask, Source
+from extproc.domain.values import Gate, SignedPromptMask, Source, UncheckedImages
 from extproc.domain.verdict import GuardrailVerdict, Outcome
-from extproc.formats import StreamFormat
+from extproc.formats import ErrorKind, StreamFormat
 from extproc.stream.context import StreamContext, as_guardrail_error
 from extproc.stream.packing import pack, unpack
 
@@ -81,7 +81,7 @@ class PromptCheck:
     them all is remembered."""
 
     __slots__ = ("_ctx", "_fmt", "_texts", "_images", "held", "_decoded", "verdict", "_outputs",
-                 "_signed")
+                 "_signed", "refusal")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
                  held: bytes | None, decoded: bool, signed: bool = False,
@@ -91,6 +91,9 @@ class PromptCheck:
         self._signed = signed  # the client signed the request (AWS SigV4): no rewriting
         self._texts = texts
         self._images = images or []
+        # The ``ErrorKind`` of a refusal that is not a guardrail block (images the guardrail
+        # answered for without screening them, ``--unchecked-images reject``).
+        self.refusal: str | None = None
         self.held = held
         self._decoded = decoded
         self.verdict: GuardrailVerdict | None = None
@@ -137,8 +140,25 @@ class PromptCheck:
         self.verdict = verdict
         record.input = verdict.outcome.value
         record.count("text_units", verdict.text_units)
+        unguarded = 0
+        if images and verdict.images_guarded is not None:
+            unguarded = max(0, len(images) - verdict.images_guarded)
+        if unguarded and verdict.outcome is not Outcome.BLOCK:
+            # The guardrail answered without screening them (its content filters do not have
+            # the image modality on): they are unchecked images.
+            route = ctx.route
+            reject = route.unchecked_images is UncheckedImages.REJECT and not route.shadow
+            ctx.images_unchecked("not_guarded", unguarded, rejected=reject)
+            log.warning("the guardrail did not screen %d of %d prompt images: %s", unguarded,
+                        len(images), "400" if reject else "passed unchecked")
+            if reject:
+                self.refusal = ErrorKind.IMAGE_NOT_GUARDED
+                record.input = "image_not_guarded"
+                ctx.gate = Gate.BLOCKED
+                return
         if verdict.outcome is Outcome.PASS and not verdict.findings:
-            cache.remember([*(keys[index] for index in todo), *(key for key, _ in images)])
+            cache.remember([*(keys[index] for index in todo),
+                            *(key for key, _ in images if not unguarded)])
         outcome = verdict.outcome
         can_mask = self.held is not None
         if outcome is Outcome.MASK and can_mask and self._signed and not ctx.route.shadow:

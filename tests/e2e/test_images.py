@@ -23,6 +23,7 @@ import httpx2
 import openai
 import pytest
 
+from extproc.localbedrock import parse_policy
 from testkit.images import GIF, b64, data_url, jpeg, png
 from tests.e2e.conftest import Stack, StackFactory, with_routes
 from tests.e2e.test_apis import (
@@ -217,3 +218,22 @@ def test_bad_images_get_a_clear_error_and_the_sidecar_serves_on(
                            {"model": CHAT.model, "messages": chat_image(data_url(CLEAN))},
                            clean_id)
     assert response.status_code == 200
+
+
+def test_a_guardrail_that_does_not_screen_images_is_no_check(
+        images_stack: Stack, sent: Sent) -> None:
+    """The local endpoint with no image rules for prompts answers ``NONE`` with
+    ``guardrailCoverage.images.guarded`` 0, as Bedrock does for a guardrail whose content
+    filters do not have the image modality on: the image is refused, not passed as checked."""
+    policy = images_stack.bedrock.policy
+    images_stack.bedrock.policy = parse_policy({"output": {"images": [{"png_text": MARKER}]}})
+    try:
+        script_id = images_stack.llm.register(json_script(CHAT.json_answer("never shown")))
+        with pytest.raises(openai.BadRequestError) as caught, \
+                openai_sdk(images_stack, script_id, sent) as sdk:
+            sdk.chat.completions.create(model=CHAT.model, messages=chat_image(data_url(BLOCKED)))
+        assert caught.value.type == "guardrail_image_not_guarded"
+        assert_never_contacted(images_stack, script_id)
+        assert images_seen(images_stack, BLOCKED)[-1] == "NONE"  # the guardrail passed it
+    finally:
+        images_stack.bedrock.policy = policy

@@ -31,8 +31,9 @@ BLOCKED = png(4, 4, text={"Comment": "forbidden"})
 class ImageGuardrail:
     """Blocks a text holding ``forbidden`` and a PNG whose bytes hold it; records calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, screens_images: bool = True) -> None:
         self.calls: list[list[Content]] = []
+        self.screens_images = screens_images  # False: the image modality is off
 
     async def apply(self, guardrail: GuardrailRef, source: Source,
                     texts: Sequence[Content]) -> GuardrailVerdict:
@@ -40,9 +41,14 @@ class ImageGuardrail:
         await asyncio.sleep(0)
         for item in texts:
             data = item.data if isinstance(item, ImageBlock) else item.encode()
-            if b"forbidden" in data:
+            if b"forbidden" in data and (self.screens_images or isinstance(item, str)):
                 return classify(bedrock_response("block"))
-        return classify(bedrock_response("pass"))
+        answer = bedrock_response("pass")
+        images = sum(isinstance(item, ImageBlock) for item in texts)
+        if images:
+            answer["guardrailCoverage"] = {"images": {
+                "guarded": images if self.screens_images else 0, "total": images}}
+        return classify(answer)
 
     def close(self) -> None:
         pass
@@ -150,3 +156,25 @@ async def test_an_image_that_passed_is_not_sent_again() -> None:
         await asyncio.sleep(0)
     assert len(guardrail.calls) == 2  # the same bytes in another API: known, no call
     assert second.record()["cached_images"] == 1
+
+
+async def test_images_the_guardrail_did_not_screen_are_refused_by_default() -> None:
+    """A guardrail whose content filters do not have the image modality on answers NONE for
+    every image, with ``guardrailCoverage.images.guarded`` 0: that is no check."""
+    h = Harness(ImageGuardrail(screens_images=False))
+    await h.send(chat(data_url(BLOCKED)))
+    assert h.status() == 400
+    assert h.error_type() == "guardrail_image_not_guarded"
+    assert h.record()["outcome"] == "image_refused"
+
+
+async def test_images_the_guardrail_did_not_screen_pass_with_unchecked_images_pass() -> None:
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: 0.0)
+    guardrail = ImageGuardrail(screens_images=False)
+    h = Harness(guardrail, cache, unchecked_images=UncheckedImages.PASS)
+    await h.send(chat(data_url(CLEAN)))
+    assert h.status() is None
+    assert h.record()["images_unchecked"] == 1
+    await Harness(guardrail, cache, unchecked_images=UncheckedImages.PASS).send(
+        chat(data_url(CLEAN)))
+    assert guardrail.calls[1] == [ImageBlock("png", CLEAN)]  # not remembered as checked

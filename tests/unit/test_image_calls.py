@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.domain.client import Content, ImageBlock
-from extproc.domain.verdict import GuardrailVerdict, Outcome
+from extproc.domain.verdict import GuardrailVerdict, Outcome, classify
 from extproc.guardrail.bedrock import apply_request, content_blocks
 from extproc.guardrail.splitting import (
     Part,
@@ -22,10 +22,12 @@ from testkit.images import png
 IMAGE = ImageBlock("png", png(2, 2))
 
 
-def verdict(outcome: Outcome, outputs: tuple[str, ...] = ()) -> GuardrailVerdict:
+def verdict(outcome: Outcome, outputs: tuple[str, ...] = (),
+            guarded: int | None = 1) -> GuardrailVerdict:
     return GuardrailVerdict(outcome=outcome, action="NONE" if outcome is Outcome.PASS
                             else "GUARDRAIL_INTERVENED", findings=(), outputs=outputs,
-                            text_units=1, usage={"contentPolicyImageUnits": 1})
+                            text_units=1, usage={"contentPolicyImageUnits": 1},
+                            images_guarded=guarded)
 
 
 def test_content_blocks_are_bedrocks() -> None:
@@ -67,3 +69,14 @@ def test_a_mask_beside_images_rebuilds_the_text_blocks_only() -> None:
     assert merged.outcome is Outcome.MASK
     assert merged.outputs == ("mail {EMAIL}", "plain")
     assert merged.usage == {"contentPolicyImageUnits": 2}
+
+
+def test_image_coverage_is_read_and_summed_over_split_calls() -> None:
+    answer = {"action": "NONE", "outputs": [], "assessments": [], "usage": {},
+              "guardrailCoverage": {"images": {"guarded": 0, "total": 2}}}
+    assert classify(answer).images_guarded == 0
+    assert classify({"action": "NONE"}).images_guarded is None
+    parts = [Part((Piece(0, IMAGE),), verdict(Outcome.PASS, guarded=1)),
+             Part((Piece(1, IMAGE),), verdict(Outcome.PASS, guarded=0)),
+             Part((Piece(2, "text"),), verdict(Outcome.PASS, guarded=None))]
+    assert merge_verdicts(3, parts).images_guarded == 1
