@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from extproc.formats.prompt_images import (
     BASE64,
@@ -68,3 +70,25 @@ def test_what_cannot_be_checked_says_why(part: ImagePart, reason: Reason) -> Non
 def test_no_images_no_parts() -> None:
     assert find_images({"messages": [{"role": "user", "content": "hello"}]}) == []
     assert find_images([1, "x", None]) == []
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    | st.sampled_from(["image", "image_url", "input_image", "base64", "url", "file", "data:",
+                       "data:image/png;base64,iVBORw0KGgo=", "https://x/y.png"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "image_url", "url", "source", "data", "file_id", "content"]),
+        children, max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_JSON)
+def test_arbitrary_json_never_crashes_finding_or_resolving(request: object) -> None:
+    for part in find_images(request):
+        try:
+            image = resolve(part)
+        except ImageRefused as exc:
+            assert exc.reason in Reason
+        else:
+            assert image.format in ("png", "jpeg")
