@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 
 from extproc.localbedrock import parse_policy
 from testkit.images import GIF, b64, data_url, jpeg, png
+from testkit.stack import REPO_ROOT
 from tests.e2e.conftest import Stack, StackFactory, with_routes
 from tests.e2e.test_apis import (
     TIMEOUT,
@@ -237,3 +239,30 @@ def test_a_guardrail_that_does_not_screen_images_is_no_check(
         assert images_seen(images_stack, BLOCKED)[-1] == "NONE"  # the guardrail passed it
     finally:
         images_stack.bedrock.policy = policy
+
+
+def test_an_image_over_the_request_limit_is_the_apis_413(images_stack: Stack) -> None:
+    """A 2 MB image is a body over --max-request-bytes (1 MiB by default): answered from the
+    content-length, before Envoy buffers it or anything is decoded."""
+    script_id = images_stack.llm.register(json_script(CHAT.json_answer("never shown")))
+    huge = png(2, 2) + b"\x00" * (2 * 1024 * 1024)
+    response, body = post_raw(images_stack, CHAT.path,
+                              {"model": CHAT.model, "messages": chat_image(data_url(huge))},
+                              script_id)
+    assert response.status_code == 413
+    assert json.loads(body)["error"]["type"] == "guardrail_request_too_large"
+    assert_never_contacted(images_stack, script_id)
+
+
+def test_the_readmes_image_curls_do_what_it_says(images_stack: Stack) -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Images in prompts"):]
+    section = section[:section.index("\n### ")]
+    blocked = re.search(r'"url":"(data:image/png;base64,[A-Za-z0-9+/=]+)"', section)
+    clean = re.search(r"marker \(`([A-Za-z0-9+/=]+)`\)", section)
+    assert blocked is not None and clean is not None
+    for url, status in ((blocked[1], 400), ("data:image/png;base64," + clean[1], 200)):
+        script_id = images_stack.llm.register(json_script(CHAT.json_answer("fine")))
+        response, _ = post_raw(images_stack, CHAT.path,
+                               {"model": "demo", "messages": chat_image(url)}, script_id)
+        assert response.status_code == status
