@@ -344,7 +344,7 @@ class GuardedStream:
             log.info("request refused: %s: 400", exc)
             self._replies.error(ErrorKind.INVALID, "invalid")
             return
-        images = self._prompt_images(request, limit)
+        images = self._prompt_images(request, decoded, limit)
         if images is None:
             return  # refused: the API's 400 is sent
         if not texts and not images:
@@ -360,11 +360,15 @@ class GuardedStream:
                                    decoded is not body, self._signed, images)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
-    def _prompt_images(self, request: object, limit: int) -> list[ImageBlock] | None:
+    def _prompt_images(self, request: object, body: bytes,
+                       limit: int) -> list[ImageBlock] | None:
         """The prompt's images as image blocks (``extproc.formats.prompt_images``); None when
         one cannot be checked and the route rejects such images (the API's 400 is sent). With
         ``unchecked_images pass`` (or in shadow mode) such an image is logged, counted and
         left out of the check. Their decoded bytes count against ``--max-request-bytes``."""
+        if b"image" not in body and b"\\u" not in body:
+            # Every image part's type holds "image"; spelt with escapes, the body holds "\u".
+            return []
         parts = find_images(request)
         if not parts:
             return []

@@ -178,3 +178,17 @@ async def test_images_the_guardrail_did_not_screen_pass_with_unchecked_images_pa
     await Harness(guardrail, cache, unchecked_images=UncheckedImages.PASS).send(
         chat(data_url(CLEAN)))
     assert guardrail.calls[1] == [ImageBlock("png", CLEAN)]  # not remembered as checked
+
+
+async def test_an_image_part_spelt_with_json_escapes_is_found() -> None:
+    url = data_url(BLOCKED, "application/octet-stream")
+    body = json.dumps(chat(url)).replace('"image_url"', '"\\u0069mage_url"')
+    assert "image" not in body
+    assert json.loads(body)["messages"][0]["content"][1]["type"] == "image_url"
+    h = Harness()
+    await h.processor.handle(request_headers())
+    await h.processor.handle(request_body(body.encode()))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert h.status() == 400
+    assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
