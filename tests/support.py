@@ -116,7 +116,7 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
     **{name: ("default_route", name) for name in (
         "guardrail", "input_check", "prompt_scope", "signed_prompt_mask", "output_check",
         "reasoning_check", "shadow", "soft_block", "failure_mode", "stream_mode", "window",
-        "unknown_traffic", "enabled")},
+        "unknown_traffic", "unchecked_images", "enabled")},
 }
 
 

@@ -1,7 +1,8 @@
 """Prompt verdicts already known: the texts a guardrail passed, so that a conversation's
 history is checked once, not once per turn.
 
-A key is the guardrail (id and version), the source and a SHA-256 of the text: a new guardrail
+A key is the guardrail (id and version), the source and a SHA-256 of the text (of the bytes,
+for an image): a new guardrail
 version, or the other source, is a new key. Only clean passes are kept (no intervention, no
 finding): a text that was masked, blocked or detected is checked again every time, so its
 audit record and metrics stay whole. ``VerdictCache`` is the interface a shared backend
@@ -30,6 +31,12 @@ Key = tuple[str, str, str, bytes]
 def verdict_key(guardrail: GuardrailRef, source: Source, text: str) -> Key:
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return (guardrail.id, guardrail.version, source.value, digest)
+
+
+def image_key(guardrail: GuardrailRef, source: Source, data: bytes) -> Key:
+    """The key of an image: a SHA-256 of its bytes (a source of its own: no text's key)."""
+    digest = hashlib.sha256(data).digest()
+    return (guardrail.id, guardrail.version, source.value + ":image", digest)
 
 
 class VerdictCache(Protocol):

@@ -59,6 +59,15 @@ class PoisonedTools(enum.Enum):
     REFUSE = "refuse"  # the answer is refused: a JSON-RPC error for its id
 
 
+class UncheckedImages(enum.Enum):
+    """What a guarded route does with a prompt image the guardrail cannot be given: a remote
+    URL or file id (the sidecar fetches nothing), GIF or WebP, over Bedrock's size limits,
+    undecodable (``extproc.images``)."""
+
+    REJECT = "reject"  # refused before the upstream (400 in the API's shape)
+    PASS = "pass"  # let through unchecked: an explicit opt-out, logged and counted
+
+
 class SignedPromptMask(enum.Enum):
     """What a masked prompt does on a request the client signed with AWS SigV4 (Bedrock
     Runtime through boto3): a rewritten body would fail the signature upstream."""

@@ -48,6 +48,10 @@ class GuardrailVerdict:
     outputs: tuple[str, ...]
     text_units: int
     usage: Mapping[str, int]
+    #: ``guardrailCoverage.images.guarded``: the images the guardrail screened (fewer than were
+    #: sent when its content filters do not have the image modality on); None when the answer
+    #: says nothing about images.
+    images_guarded: int | None = None
 
     @property
     def detected_only(self) -> tuple[Finding, ...]:
@@ -98,6 +102,13 @@ def _text_units(usage: Mapping[str, Any]) -> int:
     return sum(int(v) for k, v in usage.items() if k.endswith("Units") and isinstance(v, int))
 
 
+def _images_guarded(response: Mapping[str, Any]) -> int | None:
+    coverage = response.get("guardrailCoverage")
+    images = coverage.get("images") if isinstance(coverage, Mapping) else None
+    guarded = images.get("guarded") if isinstance(images, Mapping) else None
+    return guarded if isinstance(guarded, int) and not isinstance(guarded, bool) else None
+
+
 def classify(response: Mapping[str, Any]) -> GuardrailVerdict:
     """Classify a parsed ApplyGuardrail response (the dict boto3 returns)."""
     action = str(response.get("action", ""))
@@ -124,4 +135,5 @@ def classify(response: Mapping[str, Any]) -> GuardrailVerdict:
         outputs=outputs,
         text_units=_text_units(usage_raw),
         usage=usage,
+        images_guarded=_images_guarded(response),
     )

@@ -79,6 +79,14 @@ class ErrorKind:
     INVALID = "guardrail_invalid_request"
     # HTTP 403: no format recognises the request and its route says ``--unknown-traffic reject``
     UNRECOGNISED = "guardrail_unrecognised_request"
+    # HTTP 400: a prompt image the guardrail cannot be given, on a route with
+    # ``--unchecked-images reject`` (one kind per reason, ``extproc.images.Reason``)
+    IMAGE_REFERENCE = "guardrail_image_not_inline"
+    IMAGE_FORMAT = "guardrail_image_format"
+    IMAGE_TOO_LARGE = "guardrail_image_too_large"
+    IMAGE_UNREADABLE = "guardrail_image_unreadable"
+    # the guardrail answered without screening the images (``guardrailCoverage.images``)
+    IMAGE_NOT_GUARDED = "guardrail_image_not_guarded"
 
 
 class PromptScope:

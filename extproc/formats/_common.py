@@ -24,6 +24,14 @@ _ERRORS: Mapping[str, tuple[int, str]] = {
     ErrorKind.UNREADABLE: (415, "Request body could not be read by the guardrail"),
     ErrorKind.INVALID: (400, "Request body is not valid JSON the guardrail can read"),
     ErrorKind.UNRECOGNISED: (403, "Request not recognised by the guardrail"),
+    ErrorKind.IMAGE_REFERENCE: (400, "Image not checked: the guardrail does not fetch image "
+                                     "URLs or files; send the image inline as base64 data"),
+    ErrorKind.IMAGE_FORMAT: (400, "Image not checked: the guardrail reads PNG and JPEG only"),
+    ErrorKind.IMAGE_TOO_LARGE: (400, "Image not checked: over the guardrail's limit of 4 MB "
+                                     "or 8000x8000 pixels"),
+    ErrorKind.IMAGE_UNREADABLE: (400, "Image not checked: its data could not be decoded"),
+    ErrorKind.IMAGE_NOT_GUARDED: (400, "Image not checked: the guardrail does not screen "
+                                       "images"),
 }
 
 DONE = b"data: [DONE]\n\n"

@@ -26,6 +26,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from extproc.domain.client import Content
 from extproc.domain.errors import (
     ConfigError,
     GuardrailError,
@@ -92,11 +93,20 @@ def map_boto_error(exc: Exception) -> GuardrailError | None:
     return None
 
 
+def content_blocks(content: Sequence[Content]) -> list[dict[str, Any]]:
+    """The ``content`` member of a call: ``{"text": {"text": ...}}`` for a text,
+    ``{"image": {"format": ..., "source": {"bytes": ...}}}`` for an ``ImageBlock`` (boto3
+    base64-encodes the bytes)."""
+    return [{"text": {"text": item}} if isinstance(item, str) else
+            {"image": {"format": item.format, "source": {"bytes": item.data}}}
+            for item in content]
+
+
 def apply_request(guardrail_id: str, version: str, source: str,
-                  texts: Sequence[str]) -> dict[str, Any]:
+                  texts: Sequence[Content]) -> dict[str, Any]:
     """The keyword arguments of one ``apply_guardrail`` call."""
     return {"guardrailIdentifier": guardrail_id, "guardrailVersion": version, "source": source,
-            "content": [{"text": {"text": text}} for text in texts]}
+            "content": content_blocks(texts)}
 
 
 def boto3_client(region: str | None, *, threads: int, timeout_s: float,
@@ -186,7 +196,7 @@ class BedrockGuardrailClient:
         return self._region
 
     def _call(self, guardrail: GuardrailRef, source: Source,
-              texts: Sequence[str]) -> ApplyGuardrailResponseTypeDef:
+              texts: Sequence[Content]) -> ApplyGuardrailResponseTypeDef:
         assert self._client is not None, "BUG: an in-process call without the boto3 client"
         return self._client.apply_guardrail(
             **apply_request(guardrail.id, guardrail.version, source.value, texts))
@@ -200,7 +210,7 @@ class BedrockGuardrailClient:
         self,
         guardrail: GuardrailRef,
         source: Source,
-        texts: Sequence[str],
+        texts: Sequence[Content],
         *,
         timeout: float | None = None,
     ) -> GuardrailVerdict:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from extproc.domain.errors import ConfigError, GuardrailError, GuardrailServerError
 from extproc.guardrail.bedrock import apply_request, boto3_client, map_boto_error
-from extproc.guardrail.wire import error_answer, frame, read_frame_blocking
+from extproc.guardrail.wire import decode_content, error_answer, frame, read_frame_blocking
 
 if TYPE_CHECKING:  # boto3-stubs, a test dependency
     from mypy_boto3_bedrock_runtime.client import BedrockRuntimeClient
@@ -36,7 +36,8 @@ def answer(client: BedrockRuntimeClient, request: dict[str, Any]) -> dict[str, A
     call_id = request.get("id")
     try:
         response = client.apply_guardrail(**apply_request(
-            request["guardrail"], request["version"], request["source"], request["texts"]))
+            request["guardrail"], request["version"], request["source"],
+            decode_content(request["texts"])))
     except Exception as exc:  # whatever it is, the parent must get an answer
         error: GuardrailError | None = map_boto_error(exc)
         if error is None:

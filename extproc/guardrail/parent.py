@@ -37,8 +37,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from extproc.domain.client import Content
 from extproc.domain.errors import ConfigError, GuardrailError, GuardrailServerError
-from extproc.guardrail.wire import HEADER, MAX_FRAME, error_from, frame, read_frame_blocking
+from extproc.guardrail.wire import (
+    HEADER,
+    MAX_FRAME,
+    encode_content,
+    error_from,
+    frame,
+    read_frame_blocking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +167,7 @@ class CallProcess:
         return self._writer
 
     async def call(self, guardrail_id: str, version: str, source: str,
-                   texts: Sequence[str]) -> dict[str, Any]:
+                   texts: Sequence[Content]) -> dict[str, Any]:
         """One ApplyGuardrail call in the child; the response dict, or a ``GuardrailError``.
         Cancelling it (a timeout) forgets the call; the child's late answer is dropped."""
         if self._closed:
@@ -175,7 +183,7 @@ class CallProcess:
         self._pending[call_id] = future
         try:
             writer.write(frame({"id": call_id, "guardrail": guardrail_id, "version": version,
-                                "source": source, "texts": list(texts)}))
+                                "source": source, "texts": encode_content(texts)}))
             return await future
         finally:
             self._pending.pop(call_id, None)

@@ -25,7 +25,10 @@ built with ``max_attempts=1``, see ``extproc.guardrail.build_client``) and adds,
    run concurrently, at most ``split_concurrency`` at a time, and their verdicts are merged:
    any BLOCK is a BLOCK (the remaining parts are cancelled), else any MASK is a MASK whose
    outputs are the texts of the original blocks rebuilt from their parts' outputs (a part that
-   passed contributes its text unchanged); usage is summed, findings concatenated. When one
+   passed contributes its text unchanged); usage is summed, findings concatenated. Image
+   blocks (``ImageBlock``) count no text units; a call holds at most 20 of them (Bedrock's
+   limit) and ``splitting.MAX_IMAGE_BYTES_PER_CALL`` of their bytes, and more are split the
+   same way (an image is never cut). When one
    part fails, no further part is started, the running ones are awaited (a BLOCK among them
    still wins, so that a fail-open policy never releases text a part blocked), and the error is
    raised.
@@ -76,7 +79,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from extproc.domain.client import GuardrailClient
+from extproc.domain.client import Content, GuardrailClient
 from extproc.domain.errors import (
     ERROR_CLASSES,
     RETRYABLE_CLASSES,
@@ -89,11 +92,18 @@ from extproc.domain.errors import (
 )
 from extproc.domain.values import GuardrailRef, Source
 from extproc.domain.verdict import GuardrailVerdict, Outcome
-from extproc.domain.windows import text_units
 from extproc.guardrail.breaker import CLOSED, OPEN, CircuitBreaker
 from extproc.guardrail.budget import Budget, LocalBudget, Reservation
 from extproc.guardrail.config import MIN_ATTEMPT_S, ResilienceConfig
-from extproc.guardrail.splitting import Part, Piece, merge_verdicts, plan_calls, units_of
+from extproc.guardrail.splitting import (
+    Part,
+    Piece,
+    content_units,
+    fits_one_call,
+    merge_verdicts,
+    plan_calls,
+    units_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +222,7 @@ class ResilientGuardrail:
         self,
         guardrail: GuardrailRef,
         source: Source,
-        texts: Sequence[str],
+        texts: Sequence[Content],
         *,
         timeout: float | None = None,
     ) -> GuardrailVerdict:
@@ -240,11 +250,11 @@ class ResilientGuardrail:
         self._counters["verdicts"] += 1
         return verdict
 
-    async def _apply(self, guardrail: GuardrailRef, source: Source, texts: list[str],
+    async def _apply(self, guardrail: GuardrailRef, source: Source, texts: list[Content],
                      deadline: float) -> GuardrailVerdict:
         limit = self._max_units(guardrail, source)
-        units = sum(text_units(len(t)) for t in texts)
-        if units <= limit:
+        units = content_units(texts)
+        if units <= limit and fits_one_call(texts):
             try:
                 return await self._attempts(guardrail, source, texts, deadline)
             except GuardrailInputTooLarge:
@@ -321,14 +331,14 @@ class ResilientGuardrail:
 
     # -- one call: breaker, budget, attempts, backoff
 
-    async def _attempts(self, guardrail: GuardrailRef, source: Source, texts: list[str],
+    async def _attempts(self, guardrail: GuardrailRef, source: Source, texts: list[Content],
                         deadline: float, *, patient: bool = False) -> GuardrailVerdict:
         """One call with its retries; ``patient``: a part of a split input, which may wait for
         budget up to the deadline (a large prompt needs more text units than one second of
         budget holds, and must not fail for that alone)."""
         cfg = self._config
         breaker = self._breaker(guardrail)
-        units = sum(text_units(len(t)) for t in texts)
+        units = content_units(texts)
         last: GuardrailError | None = None
         attempt = 0
         while True:
@@ -391,7 +401,7 @@ class ResilientGuardrail:
             if delay > 0:
                 await self._sleep(delay)
 
-    async def _attempt(self, guardrail: GuardrailRef, source: Source, texts: list[str],
+    async def _attempt(self, guardrail: GuardrailRef, source: Source, texts: list[Content],
                        allowed: float) -> GuardrailVerdict:
         try:
             async with asyncio.timeout(allowed):

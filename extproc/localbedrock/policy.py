@@ -31,12 +31,24 @@ Policy file format::
       content_filters: [{type: PROMPT_ATTACK, phrases: [...], action: BLOCKED, strength: HIGH}]
       pii: [{type: EMAIL, action: ANONYMIZED}, {type: NAME, action: BLOCKED, pattern: "..."}]
       regexes: [{name: TicketId, pattern: "TKT-[0-9]{6}", action: ANONYMIZED}]
+      images: [{sha256: "<hex digest of the image bytes>", type: VIOLENCE, action: BLOCKED},
+               {png_text: "a marker in a PNG tEXt/iTXt chunk", type: HATE}]
+
+Images (``image`` content blocks) are judged by the ``images`` rules only, as Bedrock's image
+content filters judge pictures: a rule matches an image by the SHA-256 of its bytes or by a text
+in its PNG text chunks, and reports a content filter finding of its ``type``. A source with
+``images`` rules has the image modality on: its images are guarded (``guardrailCoverage.images``)
+and billed (``usage.contentPolicyImageUnits``, one per image); without, they are counted in
+``total`` but not guarded, as on a guardrail whose content filters are text-only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -56,6 +68,7 @@ __all__ = [
     "PII_ENTITY_TYPES",
     "ContentFilterRule",
     "Evaluation",
+    "ImageRule",
     "PiiRule",
     "Policy",
     "PolicyError",
@@ -67,6 +80,7 @@ __all__ = [
     "default_policy_text",
     "load_policy",
     "parse_policy",
+    "png_texts",
     "text_units",
 ]
 
@@ -285,6 +299,72 @@ class RegexRule:
         return [m for m in self._regex.finditer(text) if m.end() > m.start()]
 
 
+def png_texts(data: bytes, limit: int = 64) -> list[str]:
+    """The texts of a PNG's ``tEXt``, ``zTXt`` and ``iTXt`` chunks (at most ``limit`` chunks,
+    each inflated to at most 64 KiB); an empty list for anything else or a broken chunk walk."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return []
+    texts: list[str] = []
+    pos = 8
+    while pos + 8 <= len(data) and len(texts) < limit:
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if len(body) < length:
+            break
+        pos += 12 + length
+        _, sep, rest = body.partition(b"\x00")
+        if not sep:
+            continue
+        try:
+            if kind == b"tEXt":
+                texts.append(rest.decode("latin-1"))
+            elif kind == b"zTXt" and rest[:1] == b"\x00":
+                texts.append(zlib.decompressobj().decompress(rest[1:], 65536).decode("latin-1"))
+            elif kind == b"iTXt" and len(rest) >= 2:
+                compressed, text = rest[0], rest[2:].split(b"\x00", 2)
+                if len(text) == 3:
+                    value = text[2]
+                    if compressed:
+                        value = zlib.decompressobj().decompress(value, 65536)
+                    texts.append(value.decode("utf-8", "replace"))
+        except zlib.error:
+            continue
+        if kind == b"IEND":
+            break
+    return texts
+
+
+@dataclass(frozen=True)
+class ImageRule:
+    """An image content filter finding for images with this SHA-256, or PNG text."""
+
+    type: str = "VIOLENCE"
+    sha256: str | None = None
+    png_text: str | None = None
+    action: str = "BLOCKED"
+    strength: str = "HIGH"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.type, CONTENT_FILTER_TYPES, "image rule type")
+        _check_choice(self.action, BLOCK_ACTIONS, "image rule action")
+        _check_choice(self.strength, FILTER_STRENGTHS, "image rule strength")
+        if (self.sha256 is None) == (self.png_text is None):
+            raise PolicyError("an image rule needs exactly one of sha256, png_text")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise PolicyError(f"image rule sha256 {self.sha256!r} is not 64 lower-case hex digits")
+
+    @property
+    def key(self) -> str:
+        return f"sha256:{self.sha256}" if self.sha256 is not None else f"png_text:{self.png_text}"
+
+    def detected(self, data: bytes, digest: str, texts: Sequence[str]) -> bool:
+        if self.sha256 is not None:
+            return digest == self.sha256
+        marker = self.png_text or ""
+        return any(marker in text for text in texts)
+
+
 @dataclass(frozen=True)
 class SourcePolicy:
     """The effective rules for one source (INPUT or OUTPUT)."""
@@ -294,6 +374,7 @@ class SourcePolicy:
     content_filters: tuple[ContentFilterRule, ...] = ()
     pii: tuple[PiiRule, ...] = ()
     regexes: tuple[RegexRule, ...] = ()
+    images: tuple[ImageRule, ...] = ()
 
     @property
     def enabled_policies(self) -> frozenset[str]:
@@ -348,6 +429,8 @@ class Evaluation:
     characters_total: int
     characters_guarded: int
     text_units: int  # sum over blocks of ceil(len/1000), not multiplied by policies
+    images_total: int = 0
+    images_guarded: int = 0
 
     @property
     def blocked(self) -> bool:
@@ -404,13 +487,15 @@ class Policy:
         return ids_ok and versions_ok
 
     def evaluate(self, source: str, texts: Sequence[str], *,
-                 full_scope: bool = False) -> Evaluation:
+                 full_scope: bool = False, images: Sequence[bytes] = ()) -> Evaluation:
         """Apply the ``source`` rules to all content blocks and return the verdict.
 
         Semantics (docs/bedrock.md A.3): any BLOCKED finding -> GUARDRAIL_INTERVENED,
         "Guardrail blocked.", one output with the canned message; else any ANONYMIZED finding ->
         GUARDRAIL_INTERVENED, "Guardrail masked.", one rewritten output per block; else
         (nothing, or detect-only findings with action NONE) -> NONE, "No action.", no outputs.
+        ``images``: the bytes of the image blocks, judged by the ``images`` rules (a masked
+        verdict's outputs are the text blocks' only).
         ``full_scope`` (outputScope=FULL) also lists configured topics and content filters that
         were not detected (``detected: false``); like AWS, not words or regexes.
         """
@@ -457,6 +542,20 @@ class Policy:
             any_masked = any_masked or bool(spans)
             masked_texts.append(_mask(text, spans) if spans else text)
 
+        for data in images if rules.images else ():
+            digest = hashlib.sha256(data).hexdigest()
+            chunks = png_texts(data)
+            for image_rule in rules.images:
+                if image_rule.detected(data, digest, chunks):
+                    entry = filters.get(image_rule.type)
+                    if entry is None or (entry["action"] == "NONE"
+                                         and image_rule.action == "BLOCKED"):
+                        filters[image_rule.type] = {
+                            "type": image_rule.type, "confidence": "HIGH",
+                            "filterStrength": image_rule.strength,
+                            "action": image_rule.action, "detected": True,
+                        }
+
         found = [*topics.values(), *filters.values(), *words, *pii, *regexes]
         any_blocked = any(f["action"] == "BLOCKED" for f in found)
 
@@ -496,6 +595,9 @@ class Policy:
         units = sum(text_units(t) for t in texts)
         enabled = rules.enabled_policies
         usage = {key: (units if key in enabled else 0) for key in USAGE_KEYS}
+        guarded_images = len(images) if rules.images else 0
+        if images:
+            usage["contentPolicyImageUnits"] = guarded_images
         chars = sum(len(t) for t in texts)
         return Evaluation(
             action=action,
@@ -506,12 +608,14 @@ class Policy:
             characters_total=chars,
             characters_guarded=chars,
             text_units=units,
+            images_total=len(images),
+            images_guarded=guarded_images,
         )
 
 
 # --------------------------------------------------------------------------- parsing
 
-_RULE_KEYS = ("words", "topics", "content_filters", "pii", "regexes")
+_RULE_KEYS = ("words", "topics", "content_filters", "pii", "regexes", "images")
 _TOP_KEYS = frozenset({
     "name", "guardrail_ids", "guardrail_versions", "blocked_input_message",
     "blocked_output_message", "omit_mask_findings_on_block", "report_applied_guardrail_details",
@@ -611,6 +715,19 @@ def _parse_rules(raw: Any, where: str) -> dict[str, dict[str, Any]]:
             rx = RegexRule(str(entry.get("name", "")), entry["pattern"],
                            _action(entry, "ANONYMIZED"))
             out["regexes"][rx.key] = rx
+        for i, item in enumerate(_as_list(section.get("images"), f"{where}.images")):
+            entry = _as_mapping(item, f"{where}.images[{i}]")
+            _check_keys(entry, ("type", "sha256", "png_text", "action", "strength"),
+                        f"{where}.images[{i}]")
+            digest, marker = entry.get("sha256"), entry.get("png_text")
+            if (digest is not None and not isinstance(digest, str)) or (
+                    marker is not None and (not isinstance(marker, str) or not marker)):
+                raise PolicyError(f"{where}.images[{i}]: sha256 and png_text are strings")
+            image_rule = ImageRule(str(entry.get("type", "VIOLENCE")).upper(),
+                                   digest.lower() if digest is not None else None, marker,
+                                   _action(entry, "BLOCKED"),
+                                   str(entry.get("strength", "HIGH")).upper())
+            out["images"][image_rule.key] = image_rule
     except PolicyError as exc:
         if str(exc).startswith(where):
             raise

@@ -6,7 +6,11 @@ This module owns:
   ``POST /guardrail/{guardrailIdentifier}/version/{guardrailVersion}/apply`` in Bedrock's
   rest-json protocol, so that boto3's unmodified ``bedrock-runtime`` client parses every success
   and every error into its modeled shape / exception class;
-* request validation (ValidationException 400, ResourceNotFoundException 404);
+* request validation (ValidationException 400, ResourceNotFoundException 404), image content
+  blocks included: format ``png`` or ``jpeg`` and bytes of that format, at most 4 MB and
+  8000x8000 pixels an image, at most 20 images a call (AWS's documented limits, see
+  ``extproc.images``; the messages follow Bedrock's validation wording, AWS's exact text for
+  these limits is not published);
 * the test knobs: added latency (+ jitter), error injection (next N calls, a fraction of calls,
   or every call; plus deterministic ``__GUARDRAIL_ERROR_<KIND>__`` markers in the text), the
   per-call size limit (``max_text_units_per_call``), and their HTTP form ``POST /_control``;
@@ -30,6 +34,9 @@ which ``GET /_control`` also returns)::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import math
 import random
@@ -48,6 +55,8 @@ from socketserver import TCPServer
 from types import MappingProxyType, TracebackType
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
+
+from extproc.images import MAX_IMAGES_PER_CALL, ImageRefused, inspect
 
 from .policy import Policy, PolicyError, default_policy, parse_policy, text_units
 
@@ -161,6 +170,7 @@ class RecordedCall:
     status: int
     text_units: int
     timestamp: float
+    images: tuple[str, ...] = ()  # SHA-256 (hex) of each image block, in order
 
 
 @dataclass(frozen=True)
@@ -654,6 +664,7 @@ class LocalBedrock:
         action_reason: str | None = None,
         units: int = 0,
         usage: Mapping[str, int] | None = None,
+        images: Sequence[bytes] = (),
     ) -> None:
         with self._lock:
             if source in _SOURCES:
@@ -677,14 +688,16 @@ class LocalBedrock:
                     status=status,
                     text_units=units,
                     timestamp=time.time(),
+                    images=tuple(hashlib.sha256(data).hexdigest() for data in images),
                 )
             )
 
     # -- the operation
 
     def _validate(self, identifier: str, version: str,
-                  body: bytes) -> tuple[str, str, list[str], bool]:
-        """Returns (bare guardrail id, source, texts, full_scope) or raises _ValidationError."""
+                  body: bytes) -> tuple[str, str, list[str], bool, list[bytes]]:
+        """Returns (bare guardrail id, source, texts, full_scope, image bytes) or raises
+        _ValidationError."""
         problems: list[str] = []
         if len(identifier) > 2048 or not _IDENTIFIER_RE.fullmatch(identifier):
             problems.append(
@@ -718,6 +731,7 @@ class LocalBedrock:
                 "[INTERVENTIONS, FULL]"
             )
         texts: list[str] = []
+        images: list[bytes] = []
         content = data.get("content")
         if content is None:
             problems.append(f"Value null at 'content' {_UNSATISFIED} not be null")
@@ -734,8 +748,11 @@ class LocalBedrock:
                         f"Value at '{where}' {_UNSATISFIED} have exactly one of text, image")
                     continue
                 if "image" in block:
-                    problems.append(f"Value at '{where}.image' is not supported: local-bedrock "
-                                    "guards text content blocks only")
+                    image, problem = _image_block(block["image"], f"{where}.image")
+                    if problem is not None:
+                        problems.append(problem)
+                    elif image is not None:
+                        images.append(image)
                     continue
                 text_block = block.get("text")
                 if not isinstance(text_block, dict):
@@ -756,6 +773,9 @@ class LocalBedrock:
                     )
                     continue
                 texts.append(text)
+        if len(images) > MAX_IMAGES_PER_CALL:
+            problems.append(f"The number of images ({len(images)}) exceeds the maximum allowed "
+                            f"({MAX_IMAGES_PER_CALL}) for a single request")
         if problems:
             n = len(problems)
             raise _ValidationError(f"{n} validation error{'s' if n > 1 else ''} detected: "
@@ -763,7 +783,7 @@ class LocalBedrock:
         m = _IDENTIFIER_RE.fullmatch(identifier)
         assert m is not None
         bare_id = m.group(1) or m.group(4)
-        return bare_id, str(source), texts, scope == "FULL"
+        return bare_id, str(source), texts, scope == "FULL", images
 
     def _error_for(self, kind: str, *, guardrail_id: str, texts: Sequence[str], policy: Policy,
                    source: str) -> _GuardrailError:
@@ -858,7 +878,8 @@ class LocalBedrock:
             self._calls += 1
         policy = self._policy
         try:
-            guardrail_id, source, texts, full_scope = self._validate(identifier, version, body)
+            guardrail_id, source, texts, full_scope, images = self._validate(
+                identifier, version, body)
         except _ValidationError as exc:
             self._record(identifier=identifier, guardrail_id="", version=version, source=None,
                          texts=(), outcome="error:validation", status=400)
@@ -888,9 +909,11 @@ class LocalBedrock:
         if limit and sum(text_units(t) for t in texts) > limit:
             return fail("too_large")
 
-        ev = policy.evaluate(source, texts, full_scope=full_scope)
-        coverage = {"textCharacters": {"guarded": ev.characters_guarded,
-                                       "total": ev.characters_total}}
+        ev = policy.evaluate(source, texts, full_scope=full_scope, images=images)
+        coverage: dict[str, Any] = {"textCharacters": {"guarded": ev.characters_guarded,
+                                                       "total": ev.characters_total}}
+        if images:
+            coverage["images"] = {"guarded": ev.images_guarded, "total": ev.images_total}
         usage = dict(ev.usage)
         assessment: dict[str, Any] = dict(ev.policies)
         assessment["invocationMetrics"] = {
@@ -916,5 +939,41 @@ class LocalBedrock:
         }
         self._record(identifier=identifier, guardrail_id=guardrail_id, version=version,
                      source=source, texts=texts, outcome=ev.action, status=200,
-                     action_reason=ev.action_reason, units=ev.text_units, usage=usage)
+                     action_reason=ev.action_reason, units=ev.text_units, usage=usage,
+                     images=images)
         return _Reply(200, response)
+
+
+def _image_block(image: Any, where: str) -> tuple[bytes | None, str | None]:
+    """The bytes of one ``image`` content block, or the validation problem with it."""
+    if not isinstance(image, dict):
+        return None, f"Value at '{where}' {_UNSATISFIED} be a structure"
+    problem = None
+    fmt = image.get("format")
+    if fmt is None:
+        problem = f"Value null at '{where}.format' {_UNSATISFIED} not be null"
+    elif fmt not in ("png", "jpeg"):
+        problem = (f"Value '{fmt}' at '{where}.format' {_UNSATISFIED} satisfy enum value set: "
+                   "[png, jpeg]")
+    source = image.get("source")
+    encoded = source.get("bytes") if isinstance(source, dict) else None
+    if not isinstance(encoded, str):
+        return None, problem or f"Value null at '{where}.source.bytes' {_UNSATISFIED} not be null"
+    if problem is not None:
+        return None, problem
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        return None, f"Value at '{where}.source.bytes' is not valid base64"
+    if not data:
+        return None, (f"Value at '{where}.source.bytes' {_UNSATISFIED} have length greater "
+                      "than or equal to 1")
+    try:
+        found = inspect(data)
+    except ImageRefused as exc:
+        if exc.reason.value == "too_large":
+            return None, f"The image at '{where}' exceeds the maximum allowed size ({exc.detail})"
+        return None, f"The image at '{where}' is not a valid {fmt} image ({exc.detail})"
+    if found.format != fmt:
+        return None, f"The image at '{where}' is not a valid {fmt} image (it is {found.format})"
+    return data, None

@@ -63,7 +63,7 @@ SOURCES: Final[Mapping[str, str]] = {"INPUT": "input", "OUTPUT": "output"}
 STREAM_OUTCOMES: Final = (
     "pass", "block", "soft_block", "input_block", "mask", "unavailable", "failed_open",
     "shadow_would_block", "shadow_would_mask", "skipped", "cancelled", "too_large",
-    "unreadable", "invalid",
+    "unreadable", "invalid", "image_refused",
 )
 VERDICT_ACTIONS: Final = ("pass", "mask", "block", "detect_only")
 FAILURE_MODES: Final = ("closed", "open")
@@ -118,6 +118,10 @@ class Recorder(Protocol):
     def reasoning_unchecked(self, route: str, chars: int) -> None:
         """Characters of reasoning text a route's ``reasoning_check off`` let through."""
 
+    def images_unchecked(self, route: str, reason: str, action: str) -> None:
+        """A prompt image the guardrail could not be given (``reason``: an
+        ``extproc.images.Reason`` value) was rejected or passed (``action``)."""
+
     def cost(self, route: str, policy: str, usd: float) -> None:
         """A guardrail call's cost for one policy type (``extproc.domain.cost``)."""
 
@@ -164,6 +168,9 @@ class NullRecorder:
         pass
 
     def reasoning_unchecked(self, route: str, chars: int) -> None:
+        pass
+
+    def images_unchecked(self, route: str, reason: str, action: str) -> None:
         pass
 
     def cost(self, route: str, policy: str, usd: float) -> None:
@@ -295,6 +302,11 @@ class PrometheusRecorder:
             PREFIX + "mcp_poisoned_tools", "tools of MCP tools/list answers the guardrail "
             "blocked, by what became of them (removed, refused)", ("route", "action"),
             registry=reg)
+        self._images_unchecked = Counter(
+            PREFIX + "images_unchecked", "prompt images the guardrail could not be given (a "
+            "remote URL or file id, GIF/WebP, too large, undecodable) by route, reason and "
+            "action: rejected, or passed on routes with unchecked_images pass",
+            ("route", "reason", "action"), registry=reg)
         self._reloads = Counter(
             PREFIX + "config_reloads", "configuration file reloads (on change or SIGHUP) by "
             "result: applied, unchanged, refused (the loaded configuration keeps serving)",
@@ -353,6 +365,9 @@ class PrometheusRecorder:
 
     def reasoning_unchecked(self, route: str, chars: int) -> None:
         self._reasoning_unchecked.labels(route).inc(chars)
+
+    def images_unchecked(self, route: str, reason: str, action: str) -> None:
+        self._images_unchecked.labels(route, reason, action).inc()
 
     def cost(self, route: str, policy: str, usd: float) -> None:
         key = (route, policy)

@@ -33,6 +33,7 @@ from extproc.domain.values import (
     PromptScope,
     SignedPromptMask,
     StreamMode,
+    UncheckedImages,
     UnknownTraffic,
 )
 from extproc.domain.windows import Strategy, WindowPolicy
@@ -289,6 +290,10 @@ OPTIONS: tuple[_Option, ...] = (
             "remove (those tools are taken out of the list, each checked alone) or refuse (a "
             "JSON-RPC error for the request); either is logged and counted", "remove",
             _enum_parser(PoisonedTools)),
+    _Option("--unchecked-images", "default_route.unchecked_images", "prompt images the "
+            "guardrail cannot be given (a remote URL or file id, GIF or WebP, over 4 MB or "
+            "8000x8000 pixels, undecodable): reject (400 before the upstream) or pass "
+            "(unchecked, logged and counted)", "reject", _enum_parser(UncheckedImages)),
     _Option("--signed-prompt-mask", "default_route.signed_prompt_mask", "a prompt the guardrail "
             "masked, on a request the client signed with AWS SigV4 (a rewritten body fails the "
             "signature): refuse (blocked before the upstream) or pass (sent unmasked, logged "
@@ -469,6 +474,7 @@ ROUTE_FIELDS: Mapping[str, tuple[str, Callable[[str, str], Any]]] = {
     "unknown_traffic": ("unknown_traffic", _enum_parser(UnknownTraffic)),
     "api": ("api", _enum_parser(Api)),
     "mcp_poisoned_tools": ("mcp_poisoned_tools", _enum_parser(PoisonedTools)),
+    "unchecked_images": ("unchecked_images", _enum_parser(UncheckedImages)),
     "prompt_scope": ("prompt_scope", _enum_parser(PromptScope)),
     "signed_prompt_mask": ("signed_prompt_mask", _enum_parser(SignedPromptMask)),
     "output_check": ("output_check", _parse_bool),

@@ -17,6 +17,7 @@ Envoy can say it in three ways (``shared/docs/ext_proc.md`` section 6); the side
    ``x-guardrail-unknown-traffic`` ``generic`` / ``reject`` / ``pass``
    ``x-guardrail-api``        ``auto`` / ``mcp`` (every request of the route is MCP)
    ``x-guardrail-mcp-poisoned-tools`` ``remove`` / ``refuse``
+   ``x-guardrail-unchecked-images`` ``reject`` / ``pass``
    ``x-guardrail-output``     ``on`` / ``off``
    ``x-guardrail-mode``       ``sync`` / ``async``
    ``x-guardrail-shadow``     ``on`` / ``off``

@@ -32,6 +32,7 @@ from extproc.domain.values import (
     PromptScope,
     SignedPromptMask,
     StreamMode,
+    UncheckedImages,
     UnknownTraffic,
 )
 from extproc.domain.windows import WindowPolicy
@@ -68,6 +69,8 @@ class RoutePolicy:
     unknown_traffic: UnknownTraffic = UnknownTraffic.GENERIC
     api: Api = Api.AUTO  # ``mcp``: every request of the route is MCP (``extproc.formats.mcp``)
     mcp_poisoned_tools: PoisonedTools = PoisonedTools.REMOVE
+    # Prompt images the guardrail cannot be given (``extproc.images``): refused by default.
+    unchecked_images: UncheckedImages = UncheckedImages.REJECT
     signed_prompt_mask: SignedPromptMask = SignedPromptMask.REFUSE
     output_check: bool = True
     # Reasoning text (thinking, reasoning_content, thought parts, reasoning summaries) is

@@ -15,7 +15,7 @@ import time
 from collections.abc import Hashable, Sequence
 
 from extproc.domain.cache import NO_CACHE, VerdictCache
-from extproc.domain.client import GuardrailClient
+from extproc.domain.client import Content, GuardrailClient
 from extproc.domain.cost import cost_usd, policy_label, unpriced
 from extproc.domain.decision import Action, decide_error
 from extproc.domain.errors import GuardrailError, GuardrailServerError
@@ -62,7 +62,7 @@ class StreamContext:
         self._audit = audit
         self.verdict_cache = verdict_cache  # prompt texts known to pass
 
-    async def check(self, source: Source, texts: Sequence[str]) -> GuardrailVerdict:
+    async def check(self, source: Source, texts: Sequence[Content]) -> GuardrailVerdict:
         """One guardrail call, timed and reported to the recorder; its findings go into the
         record."""
         started = time.monotonic()
@@ -120,6 +120,16 @@ class StreamContext:
         """``count`` tools of an MCP ``tools/list`` answer blocked: ``removed``, or the answer
         ``refused``."""
         self._recorder.mcp_poisoned_tools(self.record.route, action, count)
+
+    def images_unchecked(self, reason: str, count: int, *, rejected: bool) -> None:
+        """``count`` prompt images the guardrail could not screen (``reason``: an
+        ``extproc.images.Reason`` value, or ``not_guarded``): counted for the route, and in the
+        stream's ``images_unchecked`` when they passed."""
+        for _ in range(count):
+            self._recorder.images_unchecked(self.record.route, reason,
+                                            "rejected" if rejected else "passed")
+        if not rejected:
+            self.record.count("images_unchecked", count)
 
     def no_verdict(self, error: GuardrailError) -> Action:
         """There is no verdict (``error``): record its class, and whether the text goes on

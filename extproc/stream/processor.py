@@ -42,15 +42,17 @@ from typing import Any
 
 from extproc import envoy
 from extproc.domain.cache import NO_CACHE, VerdictCache
-from extproc.domain.client import GuardrailClient
+from extproc.domain.client import GuardrailClient, ImageBlock
 from extproc.domain.decision import Action
 from extproc.domain.errors import GuardrailOverload, GuardrailServerError
-from extproc.domain.values import Api, Gate, InputCheck, UnknownTraffic
+from extproc.domain.values import Api, Gate, InputCheck, UncheckedImages, UnknownTraffic
 from extproc.formats import ErrorKind, StreamFormat, find_format, strip_query
 from extproc.formats.generic import GENERIC
 from extproc.formats.mcp import STREAM, McpFormat
+from extproc.formats.prompt_images import find_images, resolve
 from extproc.formats.strict import BodyRejected, check_charset, parse_request
 from extproc.formats.whole import PromptUnreadable
+from extproc.images import ImageRefused, Reason
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import (
     DEFAULT_ROUTE,
@@ -73,6 +75,13 @@ HEADER_ACCEPT_ENCODING = "accept-encoding"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_CONTENT_LENGTH = "content-length"
 HEADER_REQUEST_ID = "x-request-id"
+#: The client's error for a prompt image the guardrail cannot be given, by reason.
+_IMAGE_ERRORS: Mapping[Reason, str] = {
+    Reason.REFERENCE: ErrorKind.IMAGE_REFERENCE,
+    Reason.FORMAT: ErrorKind.IMAGE_FORMAT,
+    Reason.TOO_LARGE: ErrorKind.IMAGE_TOO_LARGE,
+    Reason.UNREADABLE: ErrorKind.IMAGE_UNREADABLE,
+}
 
 
 
@@ -327,7 +336,7 @@ class GuardedStream:
             return
         try:
             check_charset(self._content_type)
-            parse_request(decoded)
+            request = parse_request(decoded)
         except BodyRejected as exc:
             # What our parser reads differently from the upstream's must not go upstream.
             log.info("request body refused: %s: 400", exc.reason)
@@ -343,7 +352,10 @@ class GuardedStream:
             self._replies.error(ErrorKind.INVALID, "invalid")
             return
         self._label_mcp()
-        if not texts:
+        images = self._prompt_images(request, decoded, limit)
+        if images is None:
+            return  # refused: the API's 400 is sent
+        if not texts and not images:
             outbox.put(envoy.continue_request_body())
             return
         pre_call = route.input_check is InputCheck.PRE_CALL and not route.shadow
@@ -353,7 +365,7 @@ class GuardedStream:
         else:
             outbox.put(envoy.continue_request_body())
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
-                                   decoded is not body, self._signed)
+                                   decoded is not body, self._signed, images)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
     def _label_mcp(self) -> None:
@@ -365,6 +377,41 @@ class GuardedStream:
             record.mcp_method = fmt.method_label()
             tool = fmt.request.tool
             record.mcp_tool = tool[:64] if tool is not None else None
+
+    def _prompt_images(self, request: object, body: bytes,
+                       limit: int) -> list[ImageBlock] | None:
+        """The prompt's images as image blocks (``extproc.formats.prompt_images``); None when
+        one cannot be checked and the route rejects such images (the API's 400 is sent). With
+        ``unchecked_images pass`` (or in shadow mode) such an image is logged, counted and
+        left out of the check. Their decoded bytes count against ``--max-request-bytes``."""
+        if b"image" not in body and b"\\u" not in body:
+            # Every image part's type holds "image"; spelt with escapes, the body holds "\u".
+            return []
+        parts = find_images(request)
+        if not parts:
+            return []
+        ctx, route = self._ctx, self._ctx.route
+        blocks: list[ImageBlock] = []
+        total = 0
+        for part in parts:
+            try:
+                image = resolve(part)
+                total += len(image.data)
+                if limit and total > limit:
+                    raise ImageRefused(Reason.TOO_LARGE, "images over --max-request-bytes")
+            except ImageRefused as exc:
+                reason = exc.reason.value
+                if route.unchecked_images is UncheckedImages.REJECT and not route.shadow:
+                    ctx.images_unchecked(reason, 1, rejected=True)
+                    log.info("prompt image cannot be checked (%s): 400", reason)
+                    self._replies.error(_IMAGE_ERRORS[exc.reason], "image_refused")
+                    return None
+                ctx.images_unchecked(reason, 1, rejected=False)
+                log.info("prompt image cannot be checked (%s): passed unchecked (%s)", reason,
+                         "shadow" if route.shadow else "unchecked_images pass")
+                continue
+            blocks.append(ImageBlock(image.format, image.data))
+        return blocks
 
     async def _check_prompt(self) -> None:
         prompt = self._prompt
@@ -387,6 +434,10 @@ class GuardedStream:
 
     def _reply_gate(self, gate: Gate) -> None:
         """A blocked prompt (or one whose check failed closed) gets the API's error."""
+        refused = self._prompt.refusal if self._prompt is not None else None
+        if gate is Gate.BLOCKED and refused is not None:
+            self._replies.error(refused, "image_refused")
+            return
         kind = ErrorKind.VIOLATION if gate is Gate.BLOCKED else ErrorKind.UNAVAILABLE
         self._replies.error(kind, "input_block" if gate is Gate.BLOCKED else "unavailable")
 

@@ -15,11 +15,12 @@ import zlib
 from typing import Any
 
 from extproc import envoy
-from extproc.domain.cache import verdict_key
+from extproc.domain.cache import image_key, verdict_key
+from extproc.domain.client import Content, ImageBlock
 from extproc.domain.decision import Action, decide_verdict
-from extproc.domain.values import Gate, SignedPromptMask, Source
+from extproc.domain.values import Gate, SignedPromptMask, Source, UncheckedImages
 from extproc.domain.verdict import GuardrailVerdict, Outcome
-from extproc.formats import StreamFormat
+from extproc.formats import ErrorKind, StreamFormat
 from extproc.stream.context import StreamContext, as_guardrail_error
 from extproc.stream.packing import pack, unpack
 
@@ -73,17 +74,26 @@ class PromptCheck:
     content-encoding.
 
     Texts the verdict cache knows to pass are not sent again; the others go in as few content
-    blocks as their text units allow (``extproc.stream.packing``). A clean pass of them all is
-    remembered."""
+    blocks as their text units allow (``extproc.stream.packing``). ``images`` (decoded and
+    sniffed, ``extproc.formats.prompt_images``) go in the same call after the text blocks, as
+    image blocks (the guardrail client splits calls over Bedrock's per-call limits); an image
+    the cache knows (by the SHA-256 of its bytes) is not sent again either. A clean pass of
+    them all is remembered."""
 
-    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict", "_outputs", "_signed")
+    __slots__ = ("_ctx", "_fmt", "_texts", "_images", "held", "_decoded", "verdict", "_outputs",
+                 "_signed", "refusal")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
-                 held: bytes | None, decoded: bool, signed: bool = False) -> None:
+                 held: bytes | None, decoded: bool, signed: bool = False,
+                 images: list[ImageBlock] | None = None) -> None:
         self._ctx = ctx
         self._fmt = fmt
         self._signed = signed  # the client signed the request (AWS SigV4): no rewriting
         self._texts = texts
+        self._images = images or []
+        # The ``ErrorKind`` of a refusal that is not a guardrail block (images the guardrail
+        # answered for without screening them, ``--unchecked-images reject``).
+        self.refusal: str | None = None
         self.held = held
         self._decoded = decoded
         self.verdict: GuardrailVerdict | None = None
@@ -99,14 +109,23 @@ class PromptCheck:
         todo = [index for index, passed in enumerate(known) if not passed]
         if len(todo) < len(keys):
             record.count("cached_texts", len(keys) - len(todo))
-        if not todo:
+        image_keys = [image_key(ctx.route.guardrail, Source.INPUT, image.data)
+                      for image in self._images]
+        images = [(key, image) for key, image in zip(image_keys, self._images, strict=True)
+                  if not cache.passed(key)]
+        if self._images:
+            record.count("images", len(self._images))
+            if len(images) < len(self._images):
+                record.count("cached_images", len(self._images) - len(images))
+        if not todo and not images:
             record.input = Outcome.PASS.value
             ctx.gate = Gate.OPEN
             return
         texts = [self._texts[index] for index in todo]
         packed = pack(texts)
+        content: list[Content] = [*packed.blocks, *(image for _, image in images)]
         try:
-            verdict = await ctx.check(Source.INPUT, packed.blocks)
+            verdict = await ctx.check(Source.INPUT, content)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
@@ -122,8 +141,25 @@ class PromptCheck:
         self.verdict = verdict
         record.input = verdict.outcome.value
         record.count("text_units", verdict.text_units)
+        unguarded = 0
+        if images and verdict.images_guarded is not None:
+            unguarded = max(0, len(images) - verdict.images_guarded)
+        if unguarded and verdict.outcome is not Outcome.BLOCK:
+            # The guardrail answered without screening them (its content filters do not have
+            # the image modality on): they are unchecked images.
+            route = ctx.route
+            reject = route.unchecked_images is UncheckedImages.REJECT and not route.shadow
+            ctx.images_unchecked("not_guarded", unguarded, rejected=reject)
+            log.warning("the guardrail did not screen %d of %d prompt images: %s", unguarded,
+                        len(images), "400" if reject else "passed unchecked")
+            if reject:
+                self.refusal = ErrorKind.IMAGE_NOT_GUARDED
+                record.input = "image_not_guarded"
+                ctx.gate = Gate.BLOCKED
+                return
         if verdict.outcome is Outcome.PASS and not verdict.findings:
-            cache.remember((keys[index] for index in todo), verdict.text_units)
+            cache.remember([*(keys[index] for index in todo),
+                            *(key for key, _ in images if not unguarded)], verdict.text_units)
         outcome = verdict.outcome
         can_mask = self.held is not None
         if outcome is Outcome.MASK and can_mask and self._signed and not ctx.route.shadow:
@@ -140,7 +176,11 @@ class PromptCheck:
                             "Envoy after the sidecar to allow masking)")
                 outcome = Outcome.BLOCK
         if outcome is Outcome.MASK and can_mask:
-            outputs = unpack(packed, texts, verdict.outputs)
+            masked = verdict.outputs
+            if images and len(masked) == len(packed.blocks) + len(images):
+                # An output for each image block too (after the texts, as they were sent).
+                masked = masked[:len(packed.blocks)]
+            outputs = unpack(packed, texts, masked)
             if outputs is None:
                 # A masked span across two texts cannot be put back, and the held request
                 # must not go up unmasked: a mask that cannot be applied is a block.

@@ -59,6 +59,9 @@ class StreamRecord:
     masked: int | None = None
     mask_unapplied: int | None = None
     reasoning_unchecked: int | None = None  # characters of reasoning text not checked
+    images: int | None = None  # prompt images sent to the guardrail
+    cached_images: int | None = None  # prompt images the verdict cache knew to pass
+    images_unchecked: int | None = None  # prompt images passed unchecked (unchecked_images pass)
     mask_carried: int | None = None
     would_block: int | None = None
     would_mask: int | None = None

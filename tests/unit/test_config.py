@@ -24,6 +24,7 @@ from extproc.domain.values import (
     PromptScope,
     SignedPromptMask,
     StreamMode,
+    UncheckedImages,
     UnknownTraffic,
 )
 from extproc.domain.windows import Strategy
@@ -78,6 +79,7 @@ ENV_NAMES = {
     "--unknown-traffic": "EXTPROC_UNKNOWN_TRAFFIC",
     "--api": "EXTPROC_API",
     "--mcp-poisoned-tools": "EXTPROC_MCP_POISONED_TOOLS",
+    "--unchecked-images": "EXTPROC_UNCHECKED_IMAGES",
     "--verdict-cache-ttl": "EXTPROC_VERDICT_CACHE_TTL",
     "--breaker-failures": "EXTPROC_BREAKER_FAILURES",
     "--breaker-cooldown": "EXTPROC_BREAKER_COOLDOWN",
@@ -188,6 +190,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--unknown-traffic", "reject", "unknown_traffic", UnknownTraffic.REJECT),
     ("--api", "mcp", "default_route.api", Api.MCP),
     ("--mcp-poisoned-tools", "refuse", "default_route.mcp_poisoned_tools", PoisonedTools.REFUSE),
+    ("--unchecked-images", "pass", "unchecked_images", UncheckedImages.PASS),
     ("--verdict-cache-ttl", "60", "verdict_cache_ttl_s", 60.0),
     ("--breaker-failures", "0", "breaker_failures", 0),
     ("--breaker-cooldown", "3", "breaker_cooldown_s", 3.0),
@@ -488,6 +491,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--unknown-traffic", "allow", ("is not one of", "generic")),
     ("--api", "grpc", ("is not one of", "auto", "mcp")),
     ("--mcp-poisoned-tools", "hide", ("is not one of", "remove", "refuse")),
+    ("--unchecked-images", "allow", ("is not one of", "reject")),
     ("--verdict-cache-ttl", "0", ("outside",)),
     ("--breaker-failures", "-1", ("outside",)),
     ("--breaker-cooldown", "0", ("outside",)),

@@ -1,0 +1,113 @@
+"""The images of a prompt: where each API puts them, and what each one is.
+
+``find_images`` walks a parsed request body and returns every image part it holds, wherever
+it is (a message's content, a tool result's content, a Responses input item's content):
+
+===========================  ==================================================================
+API                          image part
+===========================  ==================================================================
+OpenAI Chat Completions      ``{"type": "image_url", "image_url": {"url": ...}}`` (a ``data:``
+                             URL or a remote URL; the bare-string ``image_url`` too)
+OpenAI Responses             ``{"type": "input_image", "image_url": ...}`` (``data:`` or
+                             remote) or ``{"type": "input_image", "file_id": ...}``
+Anthropic Messages           ``{"type": "image", "source": {"type": "base64", "data": ...}}``,
+                             ``source`` of type ``url`` or ``file``
+===========================  ==================================================================
+
+Parts are recognised by their ``type`` alone, in any format's body: an image part put where a
+format does not expect one is still an image a lenient upstream may show its model. ``resolve``
+turns a part into a checkable image (``extproc.images``) or says why it is not one. Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from extproc.images import (
+    MAX_IMAGE_BYTES,
+    ImageRefused,
+    Inspected,
+    Reason,
+    decode_base64,
+    inspect,
+    is_data_url,
+    parse_data_url,
+)
+
+DATA_URL: Final = "data_url"
+BASE64: Final = "base64"
+URL: Final = "url"
+FILE: Final = "file"
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """One image of a prompt: ``kind`` (``DATA_URL``, ``BASE64``, ``URL``, ``FILE``) and its
+    value (never logged)."""
+
+    kind: str
+    value: str = field(repr=False)
+
+
+def _url_part(url: Any) -> ImagePart | None:
+    if not isinstance(url, str):
+        return None
+    return ImagePart(DATA_URL if is_data_url(url) else URL, url)
+
+
+def _part(node: dict[str, Any]) -> ImagePart | None:
+    kind = node.get("type")
+    if kind == "image_url":
+        image_url = node.get("image_url")
+        return _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
+    if kind == "input_image":
+        image_url = node.get("image_url")
+        if isinstance(image_url, dict):
+            image_url = image_url.get("url")
+        if isinstance(image_url, str):
+            return _url_part(image_url)
+        file_id = node.get("file_id")
+        return ImagePart(FILE, file_id) if isinstance(file_id, str) else None
+    if kind == "image":
+        source = node.get("source")
+        if not isinstance(source, dict):
+            return None
+        source_type = source.get("type")
+        if source_type == "base64" and isinstance(source.get("data"), str):
+            return ImagePart(BASE64, source["data"])
+        if source_type == "url":
+            return _url_part(source.get("url"))
+        if source_type == "file" and isinstance(source.get("file_id"), str):
+            return ImagePart(FILE, source["file_id"])
+    return None
+
+
+def _walk(node: Any) -> Iterator[ImagePart]:
+    if isinstance(node, dict):
+        part = _part(node)
+        if part is not None:
+            yield part
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, (dict, list)):
+                yield from _walk(item)
+
+
+def find_images(request: Any) -> list[ImagePart]:
+    """Every image part of a parsed request body, in document order."""
+    return list(_walk(request))
+
+
+def resolve(part: ImagePart, max_bytes: int = MAX_IMAGE_BYTES) -> Inspected:
+    """The image of ``part`` (decoded, sniffed, its header read), or ``ImageRefused``: a
+    remote URL or a file id is a ``REFERENCE`` (the sidecar fetches nothing)."""
+    if part.kind == DATA_URL:
+        return inspect(parse_data_url(part.value, max_bytes), max_bytes)
+    if part.kind == BASE64:
+        return inspect(decode_base64(part.value, max_bytes), max_bytes)
+    raise ImageRefused(Reason.REFERENCE, f"an image by {part.kind}")

@@ -1,0 +1,94 @@
+"""extproc.formats.prompt_images: the image parts of Chat, Responses and Anthropic prompts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.formats.prompt_images import (
+    BASE64,
+    DATA_URL,
+    FILE,
+    URL,
+    ImagePart,
+    find_images,
+    resolve,
+)
+from extproc.images import ImageRefused, Reason
+from testkit.images import GIF, b64, data_url, jpeg, png
+
+PNG = png(3, 3)
+
+
+def test_chat_image_url_parts_data_and_remote() -> None:
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": data_url(PNG), "detail": "low"}},
+        {"type": "image_url", "image_url": "https://example.com/cat.png"}]}]}
+    assert [p.kind for p in find_images(request)] == [DATA_URL, URL]
+
+
+def test_responses_input_image_url_and_file_id() -> None:
+    request = {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "hi"},
+        {"type": "input_image", "image_url": data_url(PNG)},
+        {"type": "input_image", "file_id": "file-abc"}]}]}
+    assert [p.kind for p in find_images(request)] == [DATA_URL, FILE]
+
+
+def test_anthropic_image_sources_and_images_in_tool_results() -> None:
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": b64(PNG)}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}},
+        {"type": "image", "source": {"type": "file", "file_id": "file_1"}},
+        {"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                                         "data": b64(jpeg())}}]}]}]}
+    assert [p.kind for p in find_images(request)] == [BASE64, URL, FILE, BASE64]
+
+
+def test_resolve_decodes_and_sniffs() -> None:
+    assert resolve(ImagePart(DATA_URL, data_url(PNG))).data == PNG
+    assert resolve(ImagePart(BASE64, b64(jpeg()))).format == "jpeg"
+
+
+@pytest.mark.parametrize(("part", "reason"), [
+    (ImagePart(URL, "https://example.com/cat.png"), Reason.REFERENCE),
+    (ImagePart(FILE, "file-abc"), Reason.REFERENCE),
+    (ImagePart(DATA_URL, data_url(GIF, "image/gif")), Reason.FORMAT),
+    (ImagePart(BASE64, "not base64!"), Reason.UNREADABLE),
+    (ImagePart(BASE64, b64(png(1, 1, claimed=(50_000, 50_000)))), Reason.TOO_LARGE),
+])
+def test_what_cannot_be_checked_says_why(part: ImagePart, reason: Reason) -> None:
+    with pytest.raises(ImageRefused) as info:
+        resolve(part)
+    assert info.value.reason is reason
+
+
+def test_no_images_no_parts() -> None:
+    assert find_images({"messages": [{"role": "user", "content": "hello"}]}) == []
+    assert find_images([1, "x", None]) == []
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    | st.sampled_from(["image", "image_url", "input_image", "base64", "url", "file", "data:",
+                       "data:image/png;base64,iVBORw0KGgo=", "https://x/y.png"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "image_url", "url", "source", "data", "file_id", "content"]),
+        children, max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_JSON)
+def test_arbitrary_json_never_crashes_finding_or_resolving(request: object) -> None:
+    for part in find_images(request):
+        try:
+            image = resolve(part)
+        except ImageRefused as exc:
+            assert exc.reason in Reason
+        else:
+            assert image.format in ("png", "jpeg")
