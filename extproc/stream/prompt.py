@@ -105,14 +105,14 @@ class PromptCheck:
         ctx, record = self._ctx, self._ctx.record
         cache = ctx.verdict_cache
         keys = [verdict_key(ctx.route.guardrail, Source.INPUT, text) for text in self._texts]
-        known = await cache.lookup(keys)
-        todo = [index for index, passed in enumerate(known) if not passed]
-        if len(todo) < len(keys):
-            record.count("cached_texts", len(keys) - len(todo))
         image_keys = [image_key(ctx.route.guardrail, Source.INPUT, image.data)
                       for image in self._images]
-        images = [(key, image) for key, image in zip(image_keys, self._images, strict=True)
-                  if not cache.passed(key)]
+        known = await cache.lookup([*keys, *image_keys])  # one round trip to a shared store
+        todo = [index for index, passed in enumerate(known[:len(keys)]) if not passed]
+        if len(todo) < len(keys):
+            record.count("cached_texts", len(keys) - len(todo))
+        images = [(key, image) for key, image, passed
+                  in zip(image_keys, self._images, known[len(keys):], strict=True) if not passed]
         if self._images:
             record.count("images", len(self._images))
             if len(images) < len(self._images):

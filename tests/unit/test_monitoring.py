@@ -197,6 +197,7 @@ def exposed() -> Mapping[str, frozenset[str]]:
         recorder.cost(route, "topic", 0.00015)
         recorder.mcp_message(route, "tools/call", "block")
         recorder.mcp_poisoned_tools(route, "removed", 1)
+        recorder.images_unchecked(route, "remote_url", "rejected")
         recorder.track_held(Held(3))
         recorder.config_loaded("0123456789ab")
         recorder.config_reloaded("refused", "0123456789ab")
