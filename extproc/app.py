@@ -25,6 +25,7 @@ from extproc.observe.metrics import (
     Recorder,
     start_metrics_server,
 )
+from extproc.observe.tracing import Tracer
 from extproc.settings.reload import FileStamp, Reloader, config_path
 from extproc.settings.values import EventLoop, Settings
 from extproc.transport.server import RunningServer, start_server
@@ -37,7 +38,8 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
     """Run the sidecar until SIGTERM/SIGINT, then drain and return. With a configuration file
     named in ``argv`` or ``environ`` (the process's own), it is read again on change and on
     SIGHUP (``extproc.settings.reload``)."""
-    guardrail = build_client(settings)
+    tracer = build_tracer(settings.runtime.otlp_endpoint)
+    guardrail = build_client(settings, tracer=tracer)
     bedrock = guardrail.inner
     assert isinstance(bedrock, BedrockGuardrailClient), "BUG: build_client wraps Bedrock"
     server, runtime = settings.server, settings.runtime
@@ -51,7 +53,7 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
             prometheus.watch_resilience(lambda: guardrail.stats)
             recorder = prometheus
         try:
-            running = await start_server(settings, guardrail, recorder=recorder)
+            running = await start_server(settings, guardrail, recorder=recorder, tracer=tracer)
         except RuntimeError as exc:
             raise ConfigError(f"--listen {server.listen}: cannot bind ({exc})") from None
         if prometheus is not None:
@@ -105,6 +107,23 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
         if prometheus is not None:
             prometheus.close()
         guardrail.close()
+        if tracer is not None:
+            tracer.shutdown()  # the spans still queued, exported (bounded)
+
+
+def build_tracer(endpoint: str | None) -> Tracer | None:
+    """The OTLP tracer for ``--otlp-endpoint``, or None (tracing off: OpenTelemetry is not even
+    imported)."""
+    if endpoint is None:
+        return None
+    try:
+        from extproc.observe.otel import build_tracer as build_otel_tracer
+    except ImportError as exc:
+        raise ConfigError(f"--otlp-endpoint: the OpenTelemetry SDK or its OTLP exporter is not "
+                          f"installed ({exc})") from None
+    tracer = build_otel_tracer(endpoint)
+    log.info("traces to %s (OTLP/gRPC)", endpoint)
+    return tracer
 
 
 def _watch_config(settings: Settings, argv: Sequence[str], environ: Mapping[str, str] | None,

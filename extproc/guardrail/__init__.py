@@ -16,6 +16,7 @@ from extproc.guardrail.config import ResilienceConfig
 
 if TYPE_CHECKING:
     from extproc.guardrail.resilient import ResilientGuardrail
+    from extproc.observe.tracing import Tracer
     from extproc.settings.values import Settings
 
 
@@ -34,13 +35,15 @@ def resilience_config(settings: Settings) -> ResilienceConfig:
     )
 
 
-def build_client(settings: Settings, config: ResilienceConfig | None = None) -> ResilientGuardrail:
+def build_client(settings: Settings, config: ResilienceConfig | None = None, *,
+                 tracer: Tracer | None = None) -> ResilientGuardrail:
     """The production client: Bedrock with a single botocore attempt (the wrapper retries),
-    wrapped in ``ResilientGuardrail``; ``config`` defaults to ``resilience_config(settings)``."""
+    wrapped in ``ResilientGuardrail``; ``config`` defaults to ``resilience_config(settings)``;
+    with a ``tracer``, every attempt is a span."""
     from extproc.guardrail.bedrock import BedrockGuardrailClient
     from extproc.guardrail.resilient import ResilientGuardrail
 
     config = config or resilience_config(settings)
     inner = BedrockGuardrailClient(settings, max_attempts=1,
                                    attempt_timeout_s=config.attempt_timeout_s)
-    return ResilientGuardrail(inner, config)
+    return ResilientGuardrail(inner, config, tracer=tracer)

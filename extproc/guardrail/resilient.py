@@ -50,6 +50,9 @@ built with ``max_attempts=1``, see ``extproc.guardrail.build_client``) and adds,
    to ``budget_max_wait_s`` and only within the deadline, else ``GuardrailBudgetExhausted`` is
    raised without sending anything, so that load is shaped before AWS throttles.
 
+With a ``tracer`` (``--otlp-endpoint``), each attempt (the first and every retry, each part of
+a split call) is a CLIENT span, child of the caller's current span (``extproc.observe.tracing``).
+
 A retry that the breaker or the budget refuses, or that the deadline leaves no room for, raises
 the error of the attempt before it: the class says why the call really failed.
 
@@ -93,6 +96,23 @@ from extproc.guardrail.breaker import CLOSED, OPEN, CircuitBreaker
 from extproc.guardrail.budget import TokenBucket
 from extproc.guardrail.config import MIN_ATTEMPT_S, ResilienceConfig
 from extproc.guardrail.splitting import Part, Piece, merge_verdicts, plan_calls, units_of
+from extproc.observe.tracing import (
+    AWS_BEDROCK_GUARDRAIL_ID,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_PROVIDER_NAME,
+    GUARDRAIL_ATTEMPT,
+    GUARDRAIL_CONTENT_BLOCKS,
+    GUARDRAIL_SOURCE,
+    GUARDRAIL_TEXT_UNITS,
+    GUARDRAIL_VERSION,
+    OPERATION_APPLY_GUARDRAIL,
+    PROVIDER_AWS_BEDROCK,
+    RPC_METHOD,
+    RPC_SERVICE,
+    RPC_SYSTEM,
+    Tracer,
+    verdict_attributes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +168,10 @@ class ResilientGuardrail:
         clock: Clock | None = None,
         sleep: Sleep | None = None,
         rng: random.Random | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._inner = inner
+        self._tracer = tracer
         self._config = config or ResilienceConfig()
         self._clock = clock or time.monotonic
         self._sleep = sleep or asyncio.sleep
@@ -355,7 +377,11 @@ class ResilientGuardrail:
             attempt += 1
             self._counters["attempts"] += 1
             try:
-                verdict = await self._attempt(guardrail, source, texts, allowed)
+                if self._tracer is None:
+                    verdict = await self._attempt(guardrail, source, texts, allowed)
+                else:
+                    verdict = await self._traced_attempt(
+                        self._tracer, guardrail, source, texts, allowed, attempt, units)
             except GuardrailError as exc:
                 error = exc
             except BaseException:
@@ -402,6 +428,30 @@ class ResilientGuardrail:
             if error is exc:
                 raise
             raise error from exc
+
+    async def _traced_attempt(self, tracer: Tracer, guardrail: GuardrailRef, source: Source,
+                              texts: list[str], allowed: float, attempt: int,
+                              units: int) -> GuardrailVerdict:
+        """``_attempt`` in its own span (ids, counts and the verdict's names; never text)."""
+        with tracer.attempt_span({
+            RPC_SYSTEM: "aws-api", RPC_SERVICE: "BedrockRuntime", RPC_METHOD: "ApplyGuardrail",
+            GEN_AI_OPERATION_NAME: OPERATION_APPLY_GUARDRAIL,
+            GEN_AI_PROVIDER_NAME: PROVIDER_AWS_BEDROCK,
+            AWS_BEDROCK_GUARDRAIL_ID: guardrail.id, GUARDRAIL_VERSION: guardrail.version,
+            GUARDRAIL_SOURCE: source.value, GUARDRAIL_ATTEMPT: attempt,
+            GUARDRAIL_TEXT_UNITS: units, GUARDRAIL_CONTENT_BLOCKS: len(texts),
+        }) as span:
+            try:
+                verdict = await self._attempt(guardrail, source, texts, allowed)
+            except GuardrailError as exc:
+                span.failed(exc.error_class)
+                raise
+            except asyncio.CancelledError:
+                span.failed("cancelled")
+                raise
+            for key, value in verdict_attributes(verdict).items():
+                span.set(key, value)
+            return verdict
 
     async def _take_budget(self, units: int, deadline: float, *, patient: bool = False) -> None:
         waits = []
