@@ -50,8 +50,9 @@ built with ``max_attempts=1``, see ``extproc.guardrail.build_client``) and adds,
    to ``budget_max_wait_s`` and only within the deadline, else ``GuardrailBudgetExhausted`` is
    raised without sending anything, so that load is shaped before AWS throttles.
 
-With a ``tracer`` (``--otlp-endpoint``), each attempt (the first and every retry, each part of
-a split call) is a CLIENT span, child of the caller's current span (``extproc.observe.tracing``).
+With a ``tracer`` (``--otlp-endpoint``), each retry, each part of a split call and a first
+attempt that failed is a CLIENT span, child of the caller's current span (the call's span;
+``extproc.observe.tracing``).
 
 A retry that the breaker or the budget refuses, or that the deadline leaves no room for, raises
 the error of the attempt before it: the class says why the call really failed.
@@ -97,19 +98,14 @@ from extproc.guardrail.budget import TokenBucket
 from extproc.guardrail.config import MIN_ATTEMPT_S, ResilienceConfig
 from extproc.guardrail.splitting import Part, Piece, merge_verdicts, plan_calls, units_of
 from extproc.observe.tracing import (
-    AWS_BEDROCK_GUARDRAIL_ID,
-    GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
     GUARDRAIL_ATTEMPT,
-    GUARDRAIL_CONTENT_BLOCKS,
-    GUARDRAIL_SOURCE,
     GUARDRAIL_TEXT_UNITS,
-    GUARDRAIL_VERSION,
-    OPERATION_APPLY_GUARDRAIL,
     PROVIDER_AWS_BEDROCK,
     RPC_METHOD,
     RPC_SERVICE,
     RPC_SYSTEM,
+    AttributeValue,
     Tracer,
     verdict_attributes,
 )
@@ -381,7 +377,8 @@ class ResilientGuardrail:
                     verdict = await self._attempt(guardrail, source, texts, allowed)
                 else:
                     verdict = await self._traced_attempt(
-                        self._tracer, guardrail, source, texts, allowed, attempt, units)
+                        self._tracer, guardrail, source, texts, allowed, attempt, units,
+                        spanned=patient or attempt > 1)
             except GuardrailError as exc:
                 error = exc
             except BaseException:
@@ -430,17 +427,26 @@ class ResilientGuardrail:
             raise error from exc
 
     async def _traced_attempt(self, tracer: Tracer, guardrail: GuardrailRef, source: Source,
-                              texts: list[str], allowed: float, attempt: int,
-                              units: int) -> GuardrailVerdict:
-        """``_attempt`` in its own span (ids, counts and the verdict's names; never text)."""
-        with tracer.attempt_span({
+                              texts: list[str], allowed: float, attempt: int, units: int, *,
+                              spanned: bool) -> GuardrailVerdict:
+        """``_attempt`` in its own span (counts and the verdict's names; never text); unless
+        ``spanned`` (a call's first attempt), only when it fails: the call's span covers a first
+        attempt that succeeds (``extproc.observe.tracing``)."""
+        # The guardrail, source and mode are the call span's (the parent): an attempt says what
+        # is its own, so that a span costs what it must (README "Traces").
+        attributes: dict[str, AttributeValue] = {
             RPC_SYSTEM: "aws-api", RPC_SERVICE: "BedrockRuntime", RPC_METHOD: "ApplyGuardrail",
-            GEN_AI_OPERATION_NAME: OPERATION_APPLY_GUARDRAIL,
-            GEN_AI_PROVIDER_NAME: PROVIDER_AWS_BEDROCK,
-            AWS_BEDROCK_GUARDRAIL_ID: guardrail.id, GUARDRAIL_VERSION: guardrail.version,
-            GUARDRAIL_SOURCE: source.value, GUARDRAIL_ATTEMPT: attempt,
-            GUARDRAIL_TEXT_UNITS: units, GUARDRAIL_CONTENT_BLOCKS: len(texts),
-        }) as span:
+            GEN_AI_PROVIDER_NAME: PROVIDER_AWS_BEDROCK, GUARDRAIL_ATTEMPT: attempt,
+            GUARDRAIL_TEXT_UNITS: units,
+        }
+        if not spanned:
+            started = tracer.now()
+            try:
+                return await self._attempt(guardrail, source, texts, allowed)
+            except GuardrailError as exc:
+                tracer.past_attempt(attributes, started, exc.error_class)
+                raise
+        with tracer.attempt_span(attributes) as span:
             try:
                 verdict = await self._attempt(guardrail, source, texts, allowed)
             except GuardrailError as exc:
@@ -449,8 +455,7 @@ class ResilientGuardrail:
             except asyncio.CancelledError:
                 span.failed("cancelled")
                 raise
-            for key, value in verdict_attributes(verdict).items():
-                span.set(key, value)
+            span.update(verdict_attributes(verdict))
             return verdict
 
     async def _take_budget(self, units: int, deadline: float, *, patient: bool = False) -> None:

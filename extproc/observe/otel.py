@@ -18,6 +18,8 @@ client key, ``INSECURE``, headers, compression, timeout) and ``OTEL_PROPAGATORS`
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Final
@@ -43,7 +45,7 @@ from extproc.observe.tracing import (
 #: ``OTEL_RESOURCE_ATTRIBUTES``) says otherwise.
 DEFAULT_SERVICE_NAME: Final = "guardrail-extproc"
 INSTRUMENTATION: Final = "extproc"
-#: Seconds ``shutdown`` may take to export what is left.
+#: Seconds ``shutdown`` waits for what is left to be exported.
 SHUTDOWN_TIMEOUT_S: Final = 5.0
 
 
@@ -57,6 +59,9 @@ class OtelSpan:
 
     def set(self, key: str, value: AttributeValue) -> None:
         self.span.set_attribute(key, value)
+
+    def update(self, attributes: Attributes) -> None:
+        self.span.set_attributes(attributes)
 
     def failed(self, error_type: str) -> None:
         self.span.set_attribute(ERROR_TYPE, error_type)
@@ -91,7 +96,7 @@ class OtelTracer:
     def check_span(self, parent: Span, name: str, attributes: Attributes) -> Iterator[Span]:
         assert isinstance(parent, OtelSpan), "BUG: a span of another tracer"
         context = trace.set_span_in_context(parent.span)
-        span = self._tracer.start_span(name, context=context, kind=SpanKind.INTERNAL,
+        span = self._tracer.start_span(name, context=context, kind=SpanKind.CLIENT,
                                        attributes=attributes)
         # Current for the block: the attempts below start their spans from the current context
         # (asyncio tasks created inside copy it).
@@ -111,13 +116,28 @@ class OtelTracer:
         finally:
             span.end()
 
+    def now(self) -> int:
+        return time.time_ns()  # the SDK's own clock for span times
+
+    def past_attempt(self, attributes: Attributes, started: int, error_type: str) -> None:
+        span = self._tracer.start_span(ATTEMPT_SPAN, kind=SpanKind.CLIENT,
+                                       attributes=attributes, start_time=started)
+        span.set_attribute(ERROR_TYPE, error_type)
+        span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end()
+
     def force_flush(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
         """Export every ended span now (tests, benchmarks)."""
         return self._provider.force_flush(int(timeout_s * 1000))
 
-    def shutdown(self) -> None:
-        self._provider.force_flush(int(SHUTDOWN_TIMEOUT_S * 1000))
-        self._provider.shutdown()
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        # The SDK's shutdown exports what is queued, but bounds it only by the exporter's own
+        # timeout and retries (and its force_flush not at all): a collector that is down must
+        # not hold the exit, so the wait is ours.
+        stopping = threading.Thread(target=self._provider.shutdown, name="otel-shutdown",
+                                    daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
 
 
 def build_tracer(endpoint: str, exporter: SpanExporter | None = None) -> OtelTracer:
@@ -127,7 +147,7 @@ def build_tracer(endpoint: str, exporter: SpanExporter | None = None) -> OtelTra
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # ours: ``shutdown``
     provider.add_span_processor(BatchSpanProcessor(
         exporter if exporter is not None else OTLPSpanExporter(endpoint=endpoint)))
     return OtelTracer(provider)

@@ -114,8 +114,7 @@ class StreamContext:
             except BaseException:
                 call.failed("cancelled")
                 raise
-            for key, value in verdict_attributes(verdict).items():
-                call.set(key, value)
+            call.update(verdict_attributes(verdict))
             return verdict
 
     async def _check(self, source: Source, texts: Sequence[str]) -> GuardrailVerdict:

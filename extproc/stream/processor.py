@@ -73,6 +73,7 @@ from extproc.observe.tracing import (
     GUARDRAIL_SHADOW,
     GUARDRAIL_TEXT_UNITS,
     GUARDRAIL_VERSION,
+    AttributeValue,
     Span,
     Tracer,
 )
@@ -673,27 +674,28 @@ class StreamProcessor:
         """The guarded stream's span, parented on the trace context Envoy sent."""
         route, record = self._route, self.record
         carriers = (headers,) if self._trace_carrier is None else (self._trace_carrier, headers)
-        span = tracer.stream_span(carriers, {
+        attributes: dict[str, AttributeValue] = {
             AWS_BEDROCK_GUARDRAIL_ID: route.guardrail.id,
             GUARDRAIL_VERSION: route.guardrail.version, GUARDRAIL_ROUTE: self._route_name,
             GUARDRAIL_FORMAT: fmt, GUARDRAIL_MODE: route.stream_mode.value,
             GUARDRAIL_SHADOW: route.shadow,
-        })
+        }
         if record.request_id:
-            span.set(GUARDRAIL_REQUEST_ID, record.request_id)
-        return span
+            attributes[GUARDRAIL_REQUEST_ID] = record.request_id
+        return tracer.stream_span(carriers, attributes)
 
     def _end_span(self, span: Span, unfinished: bool) -> None:
         record = self.record
-        span.set(GUARDRAIL_OUTCOME, record.outcome_label(guarded=True, unfinished=unfinished))
-        span.set(GUARDRAIL_CHECKS, record.checks or 0)
-        span.set(GUARDRAIL_TEXT_UNITS, record.text_units or 0)
+        attributes: dict[str, AttributeValue] = {
+            GUARDRAIL_OUTCOME: record.outcome_label(guarded=True, unfinished=unfinished),
+            GUARDRAIL_CHECKS: record.checks or 0, GUARDRAIL_TEXT_UNITS: record.text_units or 0}
         if record.cost_usd:
-            span.set(GUARDRAIL_COST_USD, record.cost_usd)
+            attributes[GUARDRAIL_COST_USD] = record.cost_usd
         if record.finding_keys:
-            span.set(GUARDRAIL_POLICIES, list(record.finding_keys))
+            attributes[GUARDRAIL_POLICIES] = list(record.finding_keys)
         if record.failed_open:
-            span.set(GUARDRAIL_FAILED_OPEN, True)
+            attributes[GUARDRAIL_FAILED_OPEN] = True
+        span.update(attributes)
         if record.error_class:
             span.failed(record.error_class)
         span.end()

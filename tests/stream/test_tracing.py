@@ -22,7 +22,7 @@ from extproc.observe.otel import OtelTracer, build_tracer
 from extproc.observe.tracing import ATTEMPT_SPAN, CHECK_SPAN, STREAM_SPAN
 from extproc.stream.processor import StreamProcessor
 from extproc.stream.sinks import Outbox
-from testkit.otlp import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpReceiver
+from testkit.otlp import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, OtlpReceiver
 from tests.support import (
     FakeGuardrail,
     chat_request,
@@ -136,11 +136,12 @@ async def test_a_streams_guardrail_calls_and_retries_are_children_of_envoys_span
     assert stream.resource["deployment.environment"] == "test"
     # Every call is the stream's child; every attempt a call's child.
     assert checks and all(c.parent_span_id == stream.span_id for c in checks)
-    assert all(c.kind == KIND_INTERNAL for c in checks)
+    assert all(c.kind == KIND_CLIENT for c in checks)
     by_id = {c.span_id: c for c in checks}
     assert attempts and all(a.parent_span_id in by_id for a in attempts)
     assert all(a.kind == KIND_CLIENT for a in attempts)
-    assert len(attempts) == len(inner.calls) + 1  # the throttled attempt sent nothing through
+    # Attempt spans only where there was more than one attempt: the prompt's call.
+    assert len(attempts) == 2
 
     # The prompt's call: throttled once, then retried, both attempts under the one call.
     [prompt] = [c for c in checks if c.attributes["guardrail.source"] == "INPUT"]
@@ -152,6 +153,8 @@ async def test_a_streams_guardrail_calls_and_retries_are_children_of_envoys_span
     assert "error.type" not in tries[1].attributes
     assert tries[1].attributes["guardrail.outcome"] == "mask"
     assert tries[1].attributes["rpc.method"] == "ApplyGuardrail"
+    assert tries[0].attributes["rpc.method"] == "ApplyGuardrail"
+    assert tries[0].attributes["guardrail.text_units"] == 1
     assert prompt.attributes["guardrail.outcome"] == "mask"
     assert prompt.attributes["guardrail.policies"] == ("pii:EMAIL:ANONYMIZED",)
 
@@ -230,7 +233,35 @@ async def test_a_failed_call_records_its_error_class_and_the_decision(
     assert prompt.attributes["guardrail.decision"] == "closed"
     assert prompt.status_code == STATUS_ERROR
     attempts = [s for s in spans if s.name == ATTEMPT_SPAN]
-    assert len(attempts) == 3
+    assert sorted(a.attributes["guardrail.attempt"] for a in attempts) == [1, 2, 3]
     assert all(a.parent_span_id == prompt.span_id for a in attempts)
+    assert all(a.attributes["error.type"] == "throttled" for a in attempts)
     assert stream.attributes["error.type"] == "throttled"
     assert stream.attributes["guardrail.outcome"] == "unavailable"
+
+
+async def test_each_part_of_a_split_call_is_an_attempt_span(
+        receiver: OtlpReceiver, tracer: OtelTracer) -> None:
+    guardrail = ResilientGuardrail(
+        FakeGuardrail(), ResilienceConfig(budget_rps=0, budget_text_units_per_s=0,
+                                          max_chars_per_call=1000),
+        sleep=no_sleep, tracer=tracer)
+
+    async def write(message: Any) -> None:
+        pass
+
+    processor = StreamProcessor(settings(), guardrail, all_formats(), Outbox(write), "t1",
+                                tracer=tracer)
+    await processor.handle(request_headers(extra=[("traceparent", TRACEPARENT)]))
+    await processor.handle(request_body(chat_request("calm seas " * 250)))  # 2,500 characters
+    for _ in range(50):
+        await asyncio.sleep(0)
+    processor.close()
+    assert tracer.force_flush()
+    spans = receiver.wait_for(lambda got: any(s.name == STREAM_SPAN for s in got))
+    [prompt] = [s for s in spans if s.name.startswith(CHECK_SPAN)]
+    parts = [s for s in spans if s.name == ATTEMPT_SPAN]
+    assert len(parts) == 3
+    assert all(p.parent_span_id == prompt.span_id for p in parts)
+    assert all(p.attributes["guardrail.text_units"] == 1 for p in parts)
+    assert prompt.attributes["guardrail.text_units"] == 3
