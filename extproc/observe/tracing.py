@@ -73,6 +73,7 @@ GUARDRAIL_ATTEMPT: Final = "guardrail.attempt"  # 1, 2, ... within its call
 GUARDRAIL_CHECKS: Final = "guardrail.checks"
 GUARDRAIL_FAILED_OPEN: Final = "guardrail.failed_open"
 GUARDRAIL_COST_USD: Final = "guardrail.cost_usd"
+GUARDRAIL_CACHED_TEXTS: Final = "guardrail.cached_texts"  # prompt texts the cache knew to pass
 
 
 class Span(Protocol):

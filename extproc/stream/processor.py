@@ -61,6 +61,7 @@ from extproc.observe.metrics import (
 )
 from extproc.observe.tracing import (
     AWS_BEDROCK_GUARDRAIL_ID,
+    GUARDRAIL_CACHED_TEXTS,
     GUARDRAIL_CHECKS,
     GUARDRAIL_COST_USD,
     GUARDRAIL_FAILED_OPEN,
@@ -695,6 +696,8 @@ class StreamProcessor:
             attributes[GUARDRAIL_POLICIES] = list(record.finding_keys)
         if record.failed_open:
             attributes[GUARDRAIL_FAILED_OPEN] = True
+        if record.cached_texts:
+            attributes[GUARDRAIL_CACHED_TEXTS] = record.cached_texts
         span.update(attributes)
         if record.error_class:
             span.failed(record.error_class)

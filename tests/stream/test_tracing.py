@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from extproc.domain.cache import NO_CACHE, MemoryVerdictCache, VerdictCache
 from extproc.domain.errors import GuardrailThrottled
 from extproc.domain.values import GuardrailRef, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict
@@ -81,6 +82,7 @@ def tracer(receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 async def run_stream(tracer: OtelTracer, guardrail: Any, *, headers: Sequence[tuple[str, str]],
                      carrier: dict[str, str] | None = None, answer: Sequence[str] = ANSWER,
+                     verdict_cache: VerdictCache = NO_CACHE,
                      **overrides: Any) -> StreamProcessor:
     """One streamed chat completion through a processor with tracing on, then the RPC's end."""
     async def write(message: Any) -> None:
@@ -88,7 +90,7 @@ async def run_stream(tracer: OtelTracer, guardrail: Any, *, headers: Sequence[tu
 
     processor = StreamProcessor(
         settings(**overrides), guardrail, all_formats(), Outbox(write), "t1",
-        tracer=tracer, trace_carrier=carrier,
+        tracer=tracer, trace_carrier=carrier, verdict_cache=verdict_cache,
     )
     await processor.handle(request_headers(extra=headers))
     await processor.handle(request_body(chat_request(PROMPT)))
@@ -265,3 +267,18 @@ async def test_each_part_of_a_split_call_is_an_attempt_span(
     assert all(p.parent_span_id == prompt.span_id for p in parts)
     assert all(p.attributes["guardrail.text_units"] == 1 for p in parts)
     assert prompt.attributes["guardrail.text_units"] == 3
+
+
+async def test_a_prompt_the_cache_knew_is_counted_on_the_stream_not_called(
+        receiver: OtlpReceiver, tracer: OtelTracer) -> None:
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: 0.0)
+    for _ in range(2):
+        await run_stream(tracer, FakeGuardrail(), headers=[], answer=["Calm seas."],
+                         verdict_cache=cache)
+    spans = receiver.wait_for(lambda got: [s.name for s in got].count(STREAM_SPAN) == 2)
+    first, second = sorted((s for s in spans if s.name == STREAM_SPAN),
+                           key=lambda s: "guardrail.cached_texts" in s.attributes)
+    inputs = [s for s in spans if s.name.startswith(CHECK_SPAN)
+              and s.attributes["guardrail.source"] == "INPUT"]
+    assert [s.trace_id for s in inputs] == [first.trace_id]
+    assert second.attributes["guardrail.cached_texts"] == 1
