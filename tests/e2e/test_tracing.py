@@ -126,29 +126,40 @@ def test_with_envoy_tracing_the_guardrail_spans_join_envoys_trace(
 
     stack = stacks([*SMALL_WINDOWS, "--otlp-endpoint", receiver.endpoint], collector,
                    env=FAST_EXPORT, envoy_config=REPO_ROOT / "envoy" / "envoy-tracing.yaml")
-    header, trace_id, client_span = traceparent()
-    assert b"data: [DONE]" in post(stack, header)
+    # One request whose client sends a trace context, one whose trace Envoy starts.
+    header, client_trace, client_span = traceparent()
+    assert b"data: [DONE]" in post(stack, header, f"{PROMPT} (traced client)")
+    with httpx.Client(timeout=30) as http:
+        answer = http.post(f"{stack.url}/v1/chat/completions",
+                           content=chat_request(f"{PROMPT} (plain client)"),
+                           headers={"content-type": "application/json"})
+    assert answer.status_code == 200
+
+    def envoy_roots(spans: Sequence[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if s.service_name == "envoy-llm" and s.kind == KIND_SERVER
+                and s.parent_span_id in ("", client_span)]
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        mine = of_trace(spans, trace_id)
-        return (any(s.name == STREAM_SPAN for s in mine)
-                and any(s.service_name == "envoy-llm" and s.parent_span_id == client_span
-                        for s in mine))
+        roots = envoy_roots(spans)
+        return len(roots) == 2 and all(
+            sidecar_spans_done(root.trace_id)(spans) for root in roots)
 
-    spans = of_trace(receiver.wait_for(complete, WAIT_S, "Envoy's and the sidecar's spans"),
-                     trace_id)
-    envoy = [s for s in spans if s.service_name == "envoy-llm"]
-    # Envoy's span for the request, child of the client's.
-    [request] = [s for s in envoy if s.parent_span_id == client_span]
-    assert request.kind == KIND_SERVER
-    # The sidecar's stream span is the child of Envoy's span for its ext_proc call (sent in
-    # the call's gRPC metadata), itself the child of the request's; every guardrail span is in
-    # the tree below.
-    by_id = {s.span_id: s for s in spans}
-    [stream] = [s for s in spans if s.name == STREAM_SPAN]
-    ext_proc = by_id[stream.parent_span_id]
-    assert ext_proc.service_name == "envoy-llm"
-    assert ext_proc.name == f"async {EXT_PROC_METHOD} egress"
-    assert ext_proc.kind == KIND_CLIENT
-    assert ext_proc.parent_span_id == request.span_id
-    assert_guardrail_tree(spans, ext_proc.span_id)
+    received = receiver.wait_for(complete, WAIT_S, "Envoy's and the sidecar's spans")
+    roots = envoy_roots(received)
+    assert {r.trace_id for r in roots} >= {client_trace} and len({r.trace_id for r in roots}) == 2
+    for request in roots:
+        spans = of_trace(received, request.trace_id)
+        # Envoy's span for the request: the client's child, or the root of a trace Envoy began.
+        assert request.parent_span_id == (client_span if request.trace_id == client_trace
+                                          else "")
+        # The sidecar's stream span is the child of Envoy's span for its ext_proc call (sent in
+        # the call's gRPC metadata), itself the child of the request's; every guardrail span is
+        # in the tree below; one stream span per trace.
+        by_id = {s.span_id: s for s in spans}
+        [stream] = [s for s in spans if s.name == STREAM_SPAN]
+        ext_proc = by_id[stream.parent_span_id]
+        assert ext_proc.service_name == "envoy-llm"
+        assert ext_proc.name == f"async {EXT_PROC_METHOD} egress"
+        assert ext_proc.kind == KIND_CLIENT
+        assert ext_proc.parent_span_id == request.span_id
+        assert_guardrail_tree(spans, ext_proc.span_id)
