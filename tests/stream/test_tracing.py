@@ -282,3 +282,16 @@ async def test_a_prompt_the_cache_knew_is_counted_on_the_stream_not_called(
               and s.attributes["guardrail.source"] == "INPUT"]
     assert [s.trace_id for s in inputs] == [first.trace_id]
     assert second.attributes["guardrail.cached_texts"] == 1
+
+
+async def test_a_malformed_traceparent_starts_a_new_trace(
+        receiver: OtlpReceiver, tracer: OtelTracer) -> None:
+    await run_stream(tracer, FakeGuardrail(), answer=["Calm seas."],
+                     headers=[("traceparent", "00-zz-not-a-context-01"),
+                              ("tracestate", "=;=")],
+                     carrier={"traceparent": f"00-{'0' * 32}-{ENVOY_SPAN}-01"})
+    spans = receiver.wait_for(lambda got: any(s.name == STREAM_SPAN for s in got))
+    [stream] = [s for s in spans if s.name == STREAM_SPAN]
+    assert stream.parent_span_id == ""
+    assert stream.trace_id != "0" * 32
+    assert stream.attributes["guardrail.outcome"] == "pass"
