@@ -17,10 +17,11 @@ interleaved, round after round:
   Each round ends with a flush inside the timed section, so the export (span encoding, the
   gRPC call) is billed to this variant, not to the next one.
 
-Reported: CPU µs per body message (median of rounds, min, max), the ratio on/off, and the
-spans the receiver got. The issue's target: on within 10 % of off. ``bench/perf.py`` measures
-the same through Envoy and gRPC under load (its ``body-otel`` and ``sync-otel``
-configurations).
+Reported: CPU µs per body message (median of rounds, min, max), the ratio on/off, what tracing
+adds per message and per stream, and the spans the receiver got. The issue's target (on within
+10 % of off) is read on ``bench/perf.py``, which measures the same through Envoy and gRPC under
+load (its ``body-otel`` and ``sync-otel`` configurations): there a body message costs 80-130
+µs, here only the sidecar's own Python (about 15 µs), so the ratio here overstates it.
 """
 
 from __future__ import annotations
@@ -150,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{results[name] / base:7.3f}")
     print(f"spans received: {spans}")
     for mode in modes:
-        ratio = results[f"{mode}-otel"] / results[mode]
-        print(f"target: {mode}, tracing on within 10% of off: {ratio:.3f} "
-              f"{'PASS' if ratio <= 1.10 else 'FAIL'}")
+        added = results[f"{mode}-otel"] - results[mode]
+        print(f"{mode}: tracing adds {added:.1f} µs per body message here "
+              f"({added * body_msgs:.0f} µs per stream of {body_msgs} messages)")
+    print("(the ratio here is to the sidecar's own Python only; the issue's 10% target is "
+          "read on bench/perf.py's body-otel and sync-otel rows, where a body message costs "
+          "80-130 µs)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"per_message_us": results, "samples": samples, "spans": spans}, indent=2))
