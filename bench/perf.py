@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -85,6 +86,7 @@ from harness import (
     without_ext_proc,
 )
 
+from testkit.otlp import OtlpReceiver
 from testkit.stack import (
     EnvoyProcess,
     ext_proc_filter,
@@ -120,6 +122,9 @@ class Config:
     # Envoy's response body mode configured as FULL_DUPLEX_STREAMED, instead of the shipped NONE
     # switched per request: every body streams through the processor, guarded or not
     envoy_full_duplex: bool = False
+    # --otlp-endpoint to the run's OTLP receiver (testkit.otlp, in this process): every stream
+    # traced (no traceparent from the client: each is a new, sampled trace)
+    otlp: bool = False
 
 
 def configurations(args: argparse.Namespace) -> list[Config]:
@@ -161,6 +166,14 @@ def configurations(args: argparse.Namespace) -> list[Config]:
                bedrock_latency=args.latency, other_msgs=guard_other,
                describe=f"sidecar, --stream-mode sync, --input-check {args.guard_input}, "
                         f"windowed defaults, Bedrock {args.latency:.0f} ms"),
+        Config("body-otel", "sidecar", ("--input-check", "off", "--shadow", "on", *budget,
+                                        *extra),
+               bedrock_latency=0.0, other_msgs=2, otlp=True,
+               describe="as body, tracing on: --otlp-endpoint to a local OTLP receiver"),
+        Config("sync-otel", "sidecar", ("--stream-mode", "sync", "--input-check",
+                                        args.guard_input, *budget, *extra),
+               bedrock_latency=args.latency, other_msgs=guard_other, otlp=True,
+               describe="as sync, tracing on: --otlp-endpoint to a local OTLP receiver"),
         Config("sync-par", "sidecar", ("--stream-mode", "sync", "--input-check", "parallel",
                                        *budget, *extra),
                bedrock_latency=args.latency, other_msgs=3,
@@ -945,6 +958,17 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                                      "streams (ms)",
                            "value": value, "limit": limit,
                            "pass": value is not None and limit is not None and value <= limit})
+    # Tracing on (issue 18): CPU per body message within 10 % of the same configuration off.
+    for on, off in (("body-otel", "body"), ("sync-otel", "sync")):
+        c_on = by_key.get(("paced", target_conc, on))
+        c_off = by_key.get(("paced", target_conc, off))
+        if c_on is None or c_off is None:
+            continue
+        value = ratio(c_on.processor_us_per_body_msg, c_off.processor_us_per_body_msg)
+        checks.append({"target": f"tracing on ({on}): CPU per body message <= 1.1x {off}'s, "
+                                 f"{target_conc} paced streams",
+                       "value": value, "limit": 1.1,
+                       "pass": value is not None and value <= 1.1})
     # --workers 2 at 300 streams: no errors, p99 added below the single-process reference's.
     scale_conc = 300
     envoy300 = by_key.get(("paced", scale_conc, "envoy"))
@@ -992,8 +1016,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=None, help="comma list (default 1,20,100,300; quick 1,20,100)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=None,
                         help="comma list of configurations to run (default all: envoy,bare,off,"
-                             "off-fd,body,body-asyncio,body-thread,sync,sync-par,async,"
-                             "off-fd-w2,body-w2,sync-w2); envoy is always included")
+                             "off-fd,body,body-asyncio,body-thread,body-otel,sync-otel,sync,sync-par,"
+                             "async,off-fd-w2,body-w2,sync-w2); envoy is always included")
     parser.add_argument("--pacings", type=lambda s: s.split(","), default=["paced", "b2b"],
                         help="paced and/or b2b (default both)")
     parser.add_argument("--events", type=int, default=200, help="events per stream (200)")
@@ -1108,6 +1132,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.configs:
             wanted = set(args.configs) | {"envoy"}
             configs = [c for c in configs if c.name in wanted]
+        receiver: OtlpReceiver | None = None
+        if any(c.otlp for c in configs):
+            receiver = OtlpReceiver(keep=False).start()
+            cleanup.push("otlp receiver", receiver.stop)
+            configs = [dataclasses.replace(c, sidecar_args=(
+                *c.sidecar_args, "--otlp-endpoint", receiver.endpoint)) if c.otlp else c
+                for c in configs]
         started = time.monotonic()
         upstream = Service("upstream", [sys.executable, str(BENCH / "sse_upstream.py")], root,
                            cwd=CODE)
@@ -1189,6 +1220,9 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         text, checks = report(args, configs, cells, rtt_ms, crosscheck, profiles)
         print(text)
+        if receiver is not None:
+            print(f"\nOTLP receiver: {receiver.count} spans in {receiver.exports} export "
+                  f"requests (the -otel configurations, warm-up included)")
         print(f"\nelapsed {elapsed:.0f} s")
         doc = {
             "command": command,
@@ -1209,6 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
             "profiles": profiles,
             "targets": checks,
             "elapsed_s": elapsed,
+            "otlp_spans": receiver.count if receiver is not None else None,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

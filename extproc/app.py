@@ -27,6 +27,7 @@ from extproc.observe.metrics import (
     Recorder,
     start_metrics_server,
 )
+from extproc.observe.tracing import Tracer
 from extproc.settings.reload import FileStamp, Reloader, config_path
 from extproc.settings.values import EventLoop, Settings
 from extproc.shared import open_shared_state
@@ -43,6 +44,7 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
     """Run the sidecar until SIGTERM/SIGINT, then drain and return. With a configuration file
     named in ``argv`` or ``environ`` (the process's own), it is read again on change and on
     SIGHUP (``extproc.settings.reload``)."""
+    tracer = build_tracer(settings.runtime.otlp_endpoint)
     shared = open_shared_state(settings.client)
     budget = None
     cache_factory: Callable[[int, float], VerdictCache] = verdict_cache
@@ -61,7 +63,7 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
 
         cache_factory = shared_cache
 
-    guardrail = build_client(settings, budget=budget)
+    guardrail = build_client(settings, budget=budget, tracer=tracer)
     bedrock = guardrail.inner
     assert isinstance(bedrock, BedrockGuardrailClient), "BUG: build_client wraps Bedrock"
     server, runtime = settings.server, settings.runtime
@@ -78,7 +80,7 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
             recorder = prometheus
         try:
             running = await start_server(settings, guardrail, recorder=recorder,
-                                         cache_factory=cache_factory)
+                                         cache_factory=cache_factory, tracer=tracer)
         except RuntimeError as exc:
             raise ConfigError(f"--listen {server.listen}: cannot bind ({exc})") from None
         if shared is not None:
@@ -136,6 +138,8 @@ async def serve(settings: Settings, argv: Sequence[str] = (),
         guardrail.close()
         if shared is not None:
             await shared.close()
+        if tracer is not None:
+            tracer.shutdown()  # the spans still queued, exported (bounded)
 
 
 def _report_shared_state(shared: SharedState, running: RunningServer) -> None:
@@ -152,6 +156,21 @@ def _report_shared_state(shared: SharedState, running: RunningServer) -> None:
 
     shared.on_change = changed
     changed(shared.up)
+
+
+def build_tracer(endpoint: str | None) -> Tracer | None:
+    """The OTLP tracer for ``--otlp-endpoint``, or None (tracing off: OpenTelemetry is not even
+    imported)."""
+    if endpoint is None:
+        return None
+    try:
+        from extproc.observe.otel import build_tracer as build_otel_tracer
+    except ImportError as exc:
+        raise ConfigError(f"--otlp-endpoint: the OpenTelemetry SDK or its OTLP exporter is not "
+                          f"installed ({exc})") from None
+    tracer = build_otel_tracer(endpoint)
+    log.info("traces to %s (OTLP/gRPC)", endpoint)
+    return tracer
 
 
 def _watch_config(settings: Settings, argv: Sequence[str], environ: Mapping[str, str] | None,

@@ -109,7 +109,7 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
         "shared_state_timeout_s")},
     **{name: ("runtime", name) for name in (
         "event_loop", "gc_full_every", "gc_young_threshold", "log_level", "log_format",
-        "audit_include_matches", "config_poll_s")},
+        "audit_include_matches", "config_poll_s", "otlp_endpoint")},
     **{name: ("streams", name) for name in (
         "input_wait_s", "metadata_namespace", "keepalive_s", "streamed_message_timeout_s",
         "max_held_bytes", "max_request_bytes", "max_streams", "prices")},

@@ -17,6 +17,7 @@ from extproc.guardrail.config import ResilienceConfig
 if TYPE_CHECKING:
     from extproc.guardrail.budget import Budget
     from extproc.guardrail.resilient import ResilientGuardrail
+    from extproc.observe.tracing import Tracer
     from extproc.settings.values import Settings
 
 
@@ -36,14 +37,16 @@ def resilience_config(settings: Settings) -> ResilienceConfig:
 
 
 def build_client(settings: Settings, config: ResilienceConfig | None = None, *,
-                 budget: Budget | None = None) -> ResilientGuardrail:
+                 budget: Budget | None = None,
+                 tracer: Tracer | None = None) -> ResilientGuardrail:
     """The production client: Bedrock with a single botocore attempt (the wrapper retries),
     wrapped in ``ResilientGuardrail``; ``config`` defaults to ``resilience_config(settings)``;
-    ``budget``: a shared one (else the process's own buckets of ``config``)."""
+    ``budget``: a shared one (else the process's own buckets of ``config``); with a
+    ``tracer``, every attempt is a span."""
     from extproc.guardrail.bedrock import BedrockGuardrailClient
     from extproc.guardrail.resilient import ResilientGuardrail
 
     config = config or resilience_config(settings)
     inner = BedrockGuardrailClient(settings, max_attempts=1,
                                    attempt_timeout_s=config.attempt_timeout_s)
-    return ResilientGuardrail(inner, config, budget=budget)
+    return ResilientGuardrail(inner, config, budget=budget, tracer=tracer)

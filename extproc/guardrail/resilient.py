@@ -54,6 +54,10 @@ built with ``max_attempts=1``, see ``extproc.guardrail.build_client``) and adds,
    to ``budget_max_wait_s`` and only within the deadline, else ``GuardrailBudgetExhausted`` is
    raised without sending anything, so that load is shaped before AWS throttles.
 
+With a ``tracer`` (``--otlp-endpoint``), each retry, each part of a split call and a first
+attempt that failed is a CLIENT span, child of the caller's current span (the call's span;
+``extproc.observe.tracing``).
+
 A retry that the breaker or the budget refuses, or that the deadline leaves no room for, raises
 the error of the attempt before it: the class says why the call really failed.
 
@@ -103,6 +107,18 @@ from extproc.guardrail.splitting import (
     merge_verdicts,
     plan_calls,
     units_of,
+)
+from extproc.observe.tracing import (
+    GEN_AI_PROVIDER_NAME,
+    GUARDRAIL_ATTEMPT,
+    GUARDRAIL_TEXT_UNITS,
+    PROVIDER_AWS_BEDROCK,
+    RPC_METHOD,
+    RPC_SERVICE,
+    RPC_SYSTEM,
+    AttributeValue,
+    Tracer,
+    verdict_attributes,
 )
 
 log = logging.getLogger(__name__)
@@ -160,8 +176,10 @@ class ResilientGuardrail:
         sleep: Sleep | None = None,
         rng: random.Random | None = None,
         budget: Budget | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._inner = inner
+        self._tracer = tracer
         self._config = config or ResilienceConfig()
         self._clock = clock or time.monotonic
         self._sleep = sleep or asyncio.sleep
@@ -370,7 +388,12 @@ class ResilientGuardrail:
             attempt += 1
             self._counters["attempts"] += 1
             try:
-                verdict = await self._attempt(guardrail, source, texts, allowed)
+                if self._tracer is None:
+                    verdict = await self._attempt(guardrail, source, texts, allowed)
+                else:
+                    verdict = await self._traced_attempt(
+                        self._tracer, guardrail, source, texts, allowed, attempt, units,
+                        spanned=patient or attempt > 1)
             except GuardrailError as exc:
                 error = exc
             except BaseException:
@@ -417,6 +440,38 @@ class ResilientGuardrail:
             if error is exc:
                 raise
             raise error from exc
+
+    async def _traced_attempt(self, tracer: Tracer, guardrail: GuardrailRef, source: Source,
+                              texts: list[Content], allowed: float, attempt: int, units: int, *,
+                              spanned: bool) -> GuardrailVerdict:
+        """``_attempt`` in its own span (counts and the verdict's names; never text); unless
+        ``spanned`` (a call's first attempt), only when it fails: the call's span covers a first
+        attempt that succeeds (``extproc.observe.tracing``)."""
+        # The guardrail, source and mode are the call span's (the parent): an attempt says what
+        # is its own, so that a span costs what it must (README "Traces").
+        attributes: dict[str, AttributeValue] = {
+            RPC_SYSTEM: "aws-api", RPC_SERVICE: "BedrockRuntime", RPC_METHOD: "ApplyGuardrail",
+            GEN_AI_PROVIDER_NAME: PROVIDER_AWS_BEDROCK, GUARDRAIL_ATTEMPT: attempt,
+            GUARDRAIL_TEXT_UNITS: units,
+        }
+        if not spanned:
+            started = tracer.now()
+            try:
+                return await self._attempt(guardrail, source, texts, allowed)
+            except GuardrailError as exc:
+                tracer.past_attempt(attributes, started, exc.error_class)
+                raise
+        with tracer.attempt_span(attributes) as span:
+            try:
+                verdict = await self._attempt(guardrail, source, texts, allowed)
+            except GuardrailError as exc:
+                span.failed(exc.error_class)
+                raise
+            except asyncio.CancelledError:
+                span.failed("cancelled")
+                raise
+            span.update(verdict_attributes(verdict))
+            return verdict
 
     async def _take_budget(self, units: int, deadline: float, *,
                            patient: bool = False) -> Reservation | None:

@@ -254,6 +254,24 @@ def _parse_prefix(value: str, where: str) -> str:
     return value
 
 
+def _parse_otlp_endpoint(value: str, where: str) -> str | None:
+    """``--otlp-endpoint``: empty (tracing off), ``http://HOST:PORT`` (plaintext),
+    ``https://HOST:PORT`` (TLS) or ``HOST:PORT`` (as ``OTEL_EXPORTER_OTLP_INSECURE`` says)."""
+    text = value.strip()
+    if not text:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme.lower() not in ("http", "https"):
+        raise ConfigError(f"{where}: {value!r}: the scheme must be http:// or https://")
+    address = (rest if sep else text).rstrip("/")
+    if "/" in address:
+        raise ConfigError(f"{where}: {value!r}: OTLP over gRPC takes no path, only HOST:PORT")
+    _, port = _parse_listen(address, where)
+    if port == 0:
+        raise ConfigError(f"{where}: {value!r}: port 0 is not a collector's port")
+    return text
+
+
 def _parse_namespace(value: str, where: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
         raise ConfigError(f"{where}: {value!r} is not a valid metadata namespace")
@@ -430,6 +448,10 @@ OPTIONS: tuple[_Option, ...] = (
             "<= Envoy's max_message_timeout)", "10", _number_parser(float, 0.001, 3600)),
     _Option("--metrics-listen", "server.metrics_listen", "Prometheus /metrics address HOST:PORT "
             "(port 0 picks a free port), or off", "127.0.0.1:9464", _parse_metrics_listen),
+    _Option("--otlp-endpoint", "runtime.otlp_endpoint", "OpenTelemetry collector for traces, "
+            "OTLP over gRPC: http://HOST:PORT (plaintext), https://HOST:PORT (TLS) or HOST:PORT; "
+            "empty: no tracing. The standard OTEL_* variables apply (README \"Tracing\")", "",
+            _parse_otlp_endpoint),
     _Option("--log-format", "runtime.log_format", "json (one object per line) or text", "json",
             _enum_parser(LogFormat)),
     _Option("--audit-include-matches", "runtime.audit_include_matches", "audit records show "

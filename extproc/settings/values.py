@@ -217,7 +217,7 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeSettings:
-    """How the process runs: event loop, garbage collector, logs and the audit trail."""
+    """How the process runs: event loop, garbage collector, logs, the audit trail, traces."""
 
     event_loop: EventLoop = EventLoop.AUTO
     gc_full_every: int = 100
@@ -226,6 +226,8 @@ class RuntimeSettings:
     log_format: LogFormat = LogFormat.JSON
     audit_include_matches: bool = False
     config_poll_s: float = 2.0  # 0: the configuration file is read again on SIGHUP only
+    # OTLP/gRPC collector for traces (``extproc.observe.otel``); None: tracing off
+    otlp_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ an intervention (``intervened``), and take a decision when there is no verdict
 (``no_verdict``).
 
 ``check`` is the only way the stream code calls the guardrail: it times the call and reports the
-verdict or the error to the metrics ``Recorder`` and adds the findings to the record.
+verdict or the error to the metrics ``Recorder`` and adds the findings to the record. With tracing
+on (a ``tracer`` and the stream's ``span``), each call is a span, child of the stream's
+(``extproc.observe.tracing``); with it off, one test of ``span`` is all it costs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,28 @@ from extproc.domain.decision import Action, decide_error
 from extproc.domain.errors import GuardrailError, GuardrailServerError
 from extproc.domain.values import Gate, Source
 from extproc.domain.verdict import GuardrailVerdict
+from extproc.domain.windows import text_units
 from extproc.formats import is_reasoning
 from extproc.observe.audit import AuditLog
 from extproc.observe.metrics import Recorder
+from extproc.observe.tracing import (
+    AWS_BEDROCK_GUARDRAIL_ID,
+    CHECK_SPAN,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_PROVIDER_NAME,
+    GUARDRAIL_CONTENT_BLOCKS,
+    GUARDRAIL_DECISION,
+    GUARDRAIL_MODE,
+    GUARDRAIL_SHADOW,
+    GUARDRAIL_SOURCE,
+    GUARDRAIL_TEXT_UNITS,
+    GUARDRAIL_VERSION,
+    OPERATION_APPLY_GUARDRAIL,
+    PROVIDER_AWS_BEDROCK,
+    Span,
+    Tracer,
+    verdict_attributes,
+)
 from extproc.settings.values import RoutePolicy, StreamSettings
 from extproc.stream.record import StreamRecord
 from extproc.stream.sinks import Outbox
@@ -45,12 +66,13 @@ class StreamContext:
     """The shared state and services of one stream; see the module docstring."""
 
     __slots__ = ("route", "limits", "call_timeout_s", "record", "outbox", "gate", "_guardrail",
-                 "_recorder", "_audit", "verdict_cache")
+                 "_recorder", "_audit", "verdict_cache", "tracer", "span")
 
     def __init__(self, route: RoutePolicy, limits: StreamSettings, call_timeout_s: float,
                  record: StreamRecord, outbox: Outbox, guardrail: GuardrailClient,
                  recorder: Recorder, audit: AuditLog,
-                 verdict_cache: VerdictCache = NO_CACHE) -> None:
+                 verdict_cache: VerdictCache = NO_CACHE, tracer: Tracer | None = None,
+                 span: Span | None = None) -> None:
         self.route = route
         self.limits = limits
         self.call_timeout_s = call_timeout_s  # one guardrail call, retries included
@@ -61,10 +83,41 @@ class StreamContext:
         self._recorder = recorder
         self._audit = audit
         self.verdict_cache = verdict_cache  # prompt texts known to pass
+        self.tracer = tracer
+        self.span = span  # the stream's span (tracing on)
 
     async def check(self, source: Source, texts: Sequence[Content]) -> GuardrailVerdict:
         """One guardrail call, timed and reported to the recorder; its findings go into the
-        record."""
+        record; traced when tracing is on."""
+        tracer, span = self.tracer, self.span
+        if tracer is None or span is None:
+            return await self._check(source, texts)
+        route = self.route
+        guardrail = route.guardrail
+        with tracer.check_span(span, f"{CHECK_SPAN} {guardrail.id}", {
+            GEN_AI_OPERATION_NAME: OPERATION_APPLY_GUARDRAIL,
+            GEN_AI_PROVIDER_NAME: PROVIDER_AWS_BEDROCK,
+            AWS_BEDROCK_GUARDRAIL_ID: guardrail.id, GUARDRAIL_VERSION: guardrail.version,
+            GUARDRAIL_SOURCE: source.value, GUARDRAIL_MODE: route.stream_mode.value,
+            GUARDRAIL_SHADOW: route.shadow, GUARDRAIL_CONTENT_BLOCKS: len(texts),
+            GUARDRAIL_TEXT_UNITS: sum(text_units(len(t)) for t in texts if isinstance(t, str)),
+        }) as call:
+            try:
+                verdict = await self._check(source, texts)
+            except Exception as exc:
+                error_class = (exc.error_class if isinstance(exc, GuardrailError)
+                               else "server_error")
+                call.failed(error_class)
+                call.set(GUARDRAIL_DECISION, "open" if decide_error(error_class, route)
+                         is Action.RELEASE_UNCHECKED else "closed")
+                raise
+            except BaseException:
+                call.failed("cancelled")
+                raise
+            call.update(verdict_attributes(verdict))
+            return verdict
+
+    async def _check(self, source: Source, texts: Sequence[Content]) -> GuardrailVerdict:
         started = time.monotonic()
         try:
             verdict = await self._guardrail.apply(self.route.guardrail, source, texts)

@@ -29,7 +29,8 @@ guardrail failed and the failure mode is closed); a ``200 text/event-stream`` an
 switches to FULL_DUPLEX_STREAMED through the guard; a JSON answer -> BUFFERED, checked whole;
 any other answer whose prompt verdict is still pending -> FULL_DUPLEX too, held whole until the
 verdict. Decisions on verdicts and failures are ``extproc.domain.decision``'s; the stream's
-facts are its ``StreamRecord``, counted when the RPC ends (``close``).
+facts are its ``StreamRecord``, counted when the RPC ends (``close``). With tracing on, a guarded
+stream is a span from its request headers to ``close`` (``extproc.observe.tracing``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,25 @@ from extproc.observe.metrics import (
     NULL_RECORDER,
     UNRECOGNISED,
     Recorder,
+)
+from extproc.observe.tracing import (
+    AWS_BEDROCK_GUARDRAIL_ID,
+    GUARDRAIL_CACHED_TEXTS,
+    GUARDRAIL_CHECKS,
+    GUARDRAIL_COST_USD,
+    GUARDRAIL_FAILED_OPEN,
+    GUARDRAIL_FORMAT,
+    GUARDRAIL_MODE,
+    GUARDRAIL_OUTCOME,
+    GUARDRAIL_POLICIES,
+    GUARDRAIL_REQUEST_ID,
+    GUARDRAIL_ROUTE,
+    GUARDRAIL_SHADOW,
+    GUARDRAIL_TEXT_UNITS,
+    GUARDRAIL_VERSION,
+    AttributeValue,
+    Span,
+    Tracer,
 )
 from extproc.settings.values import RoutePolicy, Settings
 from extproc.stream.answer import WholeAnswer
@@ -601,8 +621,15 @@ class StreamProcessor:
         audit: AuditLog | None = None,
         admission: Admission | None = None,
         verdict_cache: VerdictCache = NO_CACHE,
+        tracer: Tracer | None = None,
+        trace_carrier: Mapping[str, str] | None = None,
     ) -> None:
         self._settings = settings
+        # Tracing on: the RPC's gRPC metadata, where Envoy puts its ext_proc call's trace
+        # context (the request headers are the other place a parent may be).
+        self._tracer = tracer
+        self._trace_carrier = trace_carrier
+        self._span: Span | None = None
         self._verdict_cache = verdict_cache
         self._guardrail = guardrail
         self._formats = formats
@@ -684,9 +711,11 @@ class StreamProcessor:
         record.format = fmt.name
         if isinstance(fmt, McpFormat):
             record.mcp_method = STREAM if method.upper() == "GET" else None
+        if self._tracer is not None:
+            self._span = self._start_span(self._tracer, headers, fmt.name)
         ctx = StreamContext(route, self._settings.streams, self._settings.client.timeout_s,
                             record, self._outbox, self._guardrail, self._recorder, self._audit,
-                            self._verdict_cache)
+                            self._verdict_cache, self._tracer, self._span)
         # Our request-headers answer asks for a BUFFERED request body; with the body mode
         # configured FULL_DUPLEX, Envoy ignores that and uses the configured request body mode.
         buffered = (self._body_mode is not BodyMode.FULL_DUPLEX
@@ -717,6 +746,38 @@ class StreamProcessor:
         stream.start(headers, message.end_of_stream)
         return stream
 
+    def _start_span(self, tracer: Tracer, headers: Mapping[str, str], fmt: str) -> Span:
+        """The guarded stream's span, parented on the trace context Envoy sent."""
+        route, record = self._route, self.record
+        carriers = (headers,) if self._trace_carrier is None else (self._trace_carrier, headers)
+        attributes: dict[str, AttributeValue] = {
+            AWS_BEDROCK_GUARDRAIL_ID: route.guardrail.id,
+            GUARDRAIL_VERSION: route.guardrail.version, GUARDRAIL_ROUTE: self._route_name,
+            GUARDRAIL_FORMAT: fmt, GUARDRAIL_MODE: route.stream_mode.value,
+            GUARDRAIL_SHADOW: route.shadow,
+        }
+        if record.request_id:
+            attributes[GUARDRAIL_REQUEST_ID] = record.request_id
+        return tracer.stream_span(carriers, attributes)
+
+    def _end_span(self, span: Span, unfinished: bool) -> None:
+        record = self.record
+        attributes: dict[str, AttributeValue] = {
+            GUARDRAIL_OUTCOME: record.outcome_label(guarded=True, unfinished=unfinished),
+            GUARDRAIL_CHECKS: record.checks or 0, GUARDRAIL_TEXT_UNITS: record.text_units or 0}
+        if record.cost_usd:
+            attributes[GUARDRAIL_COST_USD] = record.cost_usd
+        if record.finding_keys:
+            attributes[GUARDRAIL_POLICIES] = list(record.finding_keys)
+        if record.failed_open:
+            attributes[GUARDRAIL_FAILED_OPEN] = True
+        if record.cached_texts:
+            attributes[GUARDRAIL_CACHED_TEXTS] = record.cached_texts
+        span.update(attributes)
+        if record.error_class:
+            span.failed(record.error_class)
+        span.end()
+
     def close(self) -> None:
         """The RPC ended: cancel every background task of this stream, count its outcome."""
         if self._admitted:
@@ -729,6 +790,9 @@ class StreamProcessor:
             # finished stream (its RPC, task and text) at once, rather than a full garbage
             # collection, which ``--gc-full-every`` makes rare.
             stream.close()
+        span, self._span = self._span, None
+        if span is not None:
+            self._end_span(span, unfinished)
         if self._counted:
             self._counted = False
             fmt = self._fmt

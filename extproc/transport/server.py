@@ -28,6 +28,7 @@ from extproc.formats import StreamFormat, all_formats
 from extproc.observe.audit import AuditLog
 from extproc.observe.logs import bind_stream, unbind_stream
 from extproc.observe.metrics import NULL_RECORDER, Recorder
+from extproc.observe.tracing import Tracer
 from extproc.settings.routes import RouteResolver
 from extproc.settings.values import Settings
 from extproc.stream.processor import Admission, StreamProcessor
@@ -49,8 +50,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         recorder: Recorder = NULL_RECORDER,
         audit: AuditLog | None = None,
         cache_factory: Callable[[int, float], VerdictCache] = verdict_cache,
+        tracer: Tracer | None = None,
     ) -> None:
         self._settings = settings
+        self._tracer = tracer
         self._guardrail = guardrail
         self._formats = formats if formats is not None else all_formats()
         self._recorder = recorder
@@ -122,10 +125,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # The first message carries the request attributes (ext_proc.md section 6).
             facts = envoy.route_facts(request) if self.routes.reads_facts else None
             route = self.routes.select(metadata, facts)
+            # Tracing on: Envoy's trace context for its ext_proc call (traceparent, ...).
+            carrier = (None if self._tracer is None else
+                       {key: value for key, value in metadata if isinstance(value, str)})
             processor = StreamProcessor(
                 self._settings, self._guardrail, self._formats, outbox, stream_id,
                 route.policy, route_name=route.name, recorder=self._recorder,
                 audit=self._audit, admission=self.admission, verdict_cache=self.verdict_cache,
+                tracer=self._tracer, trace_carrier=carrier,
             )
             while request is not grpc.aio.EOF:
                 await processor.handle(request)
@@ -210,11 +217,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
 async def start_server(settings: Settings, guardrail: GuardrailClient, *,
                        recorder: Recorder = NULL_RECORDER,
                        cache_factory: Callable[[int, float], VerdictCache] = verdict_cache,
-                       ) -> RunningServer:
+                       tracer: Tracer | None = None) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
     server = grpc.aio.server(options=server_options(settings.server.reuse_port))
     processor = ExternalProcessor(settings, guardrail, recorder=recorder,
-                                  cache_factory=cache_factory)
+                                  cache_factory=cache_factory, tracer=tracer)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,16 +136,22 @@ class StackFactory:
         self,
         sidecar_args: Sequence[str] = (),
         tweak_envoy: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        envoy_config: Path | None = None,
     ) -> Stack:
+        """A sidecar (``sidecar_args``, its environment plus ``env``) and an Envoy in front of
+        it (the shipped ``envoy/envoy.yaml``, or ``envoy_config``, then ``tweak_envoy``)."""
         workdir = self.tmp / f"stack{len(self.stacks)}"
         workdir.mkdir()
         sidecar = SidecarProcess(
             ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--guardrail-id",
              GUARDRAIL_ID, "--guardrail-version", "1", "--grace-period", "5", *sidecar_args],
-            sidecar_env(self.bedrock.url), workdir,
+            {**sidecar_env(self.bedrock.url), **(env or {})}, workdir,
         ).start()
+        base = load_envoy_config() if envoy_config is None else load_envoy_config(envoy_config)
         config = render_envoy_config(
-            load_envoy_config(), sidecar_port=sidecar.port, upstream_port=self.llm.bound_port or 0
+            base, sidecar_port=sidecar.port, upstream_port=self.llm.bound_port or 0
         )
         if tweak_envoy is not None:
             tweak_envoy(config)

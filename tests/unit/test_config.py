@@ -102,6 +102,7 @@ ENV_NAMES = {
     "--tls-cert": "EXTPROC_TLS_CERT",
     "--tls-key": "EXTPROC_TLS_KEY",
     "--tls-client-ca": "EXTPROC_TLS_CLIENT_CA",
+    "--otlp-endpoint": "EXTPROC_OTLP_ENDPOINT",
 }
 
 
@@ -266,6 +267,7 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--log-level", "debug", "log_level", "DEBUG"),
     ("--log-level", "Warning", "log_level", "WARNING"),
     ("--log-level", "ERROR", "log_level", "ERROR"),
+    ("--otlp-endpoint", "http://127.0.0.1:4317", "otlp_endpoint", "http://127.0.0.1:4317"),
 ]
 
 
@@ -560,6 +562,10 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--event-loop", "trio", ("is not one of", "auto", "uvloop", "asyncio")),
     ("--gc-full-every", "-1", ("outside", "0..1000000")),
     ("--gc-young-threshold", "-1", ("outside", "0..100000000")),
+    ("--otlp-endpoint", "grpc://collector:4317", ("'grpc://collector:4317'", "http:// or https://")),
+    ("--otlp-endpoint", "http://collector:4318/v1/traces", ("takes no path", "HOST:PORT")),
+    ("--otlp-endpoint", "collector", ("expected HOST:PORT",)),
+    ("--otlp-endpoint", "http://collector:0", ("port 0",)),
 ]
 
 
@@ -791,3 +797,19 @@ def test_the_password_comes_from_the_url_or_the_file_not_both(tmp_path: Path) ->
     assert "give one of them" in error
     assert "needs --shared-state" in config_error(
         [*BASE_ARGV, "--shared-state-password-file", str(secret)])
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def test_tracing_is_off_by_default() -> None:
+    assert settings_from(BASE_ARGV).runtime.otlp_endpoint is None
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:4317", "https://collector.example:4317",
+                                   "collector:4317", "http://[::1]:4317/"])
+def test_otlp_endpoint_accepts_grpc_addresses(value: str) -> None:
+    assert settings_from([*BASE_ARGV, "--otlp-endpoint", value]).runtime.otlp_endpoint == value
+    from_env = settings_from(BASE_ARGV, {"EXTPROC_OTLP_ENDPOINT": value})
+    assert from_env.runtime.otlp_endpoint == value
+

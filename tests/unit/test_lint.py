@@ -34,3 +34,19 @@ def test_mypy_strict_passes() -> None:
 
 def test_ruff_check_passes() -> None:
     _passes(_run("ruff", "check", "--no-fix"))
+
+
+def test_no_merge_conflict_markers() -> None:
+    """Regression: a merge once committed README.md with its conflict markers."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    marked = []
+    for name in files:
+        path = REPO_ROOT / name
+        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".json", ".toml", ".txt", ".sh"} \
+                or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in text.splitlines()):
+            marked.append(name)
+    assert not marked, f"conflict markers in {marked}"

@@ -54,3 +54,10 @@ def test_the_check_sees_what_the_demo_launcher_loads() -> None:
     assert "testkit.upstream" in names
     assert "testkit.stack" in names
     assert "extproc.localbedrock" in names
+
+
+@pytest.mark.parametrize("module", RUNTIME_MODULES)
+def test_tracing_off_imports_no_opentelemetry(module: str) -> None:
+    # --otlp-endpoint unset: OpenTelemetry is never loaded (extproc.app imports
+    # extproc.observe.otel only when tracing is on).
+    assert [n for n in loaded_modules(module) if n.split(".")[0] == "opentelemetry"] == []
