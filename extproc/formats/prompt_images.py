@@ -12,10 +12,18 @@ OpenAI Responses             ``{"type": "input_image", "image_url": ...}`` (``da
                              remote) or ``{"type": "input_image", "file_id": ...}``
 Anthropic Messages           ``{"type": "image", "source": {"type": "base64", "data": ...}}``,
                              ``source`` of type ``url`` or ``file``
+Google Gemini                ``{"inlineData": {"mimeType": "image/...", "data": ...}}`` (base64;
+                             ``inline_data`` / ``mime_type`` too), ``fileData`` of an image
+                             type (a reference)
+Bedrock Converse             ``{"image": {"format": ..., "source": {"bytes": ...}}}`` (base64
+                             in JSON), ``source.s3Location`` (a reference)
+Ollama                       ``"images": [base64, ...]`` of a message or ``/api/generate``
 ===========================  ==================================================================
 
-Parts are recognised by their ``type`` alone, in any format's body: an image part put where a
-format does not expect one is still an image a lenient upstream may show its model. ``resolve``
+Parts are recognised by their ``type`` or their key alone, in any format's body: an image part
+put where a format does not expect one is still an image a lenient upstream may show its
+model. Gemini blobs of other media types (audio, video, PDF) are not images: they are not
+read (README, "What is not checked"). ``resolve``
 turns a part into a checkable image (``extproc.images``) or says why it is not one. Pure.
 """
 
@@ -84,11 +92,44 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
     return None
 
 
+def _is_image_type(blob: dict[str, Any]) -> bool:
+    mime = blob.get("mimeType", blob.get("mime_type"))
+    return isinstance(mime, str) and mime.strip().lower().startswith("image/")
+
+
+def _keyed(node: dict[str, Any]) -> Iterator[ImagePart]:
+    """The image parts an object holds under a key (Gemini, Bedrock Converse, Ollama)."""
+    for key in ("inlineData", "inline_data"):
+        blob = node.get(key)
+        if isinstance(blob, dict) and _is_image_type(blob) and isinstance(blob.get("data"), str):
+            yield ImagePart(BASE64, blob["data"])
+    for key in ("fileData", "file_data"):
+        blob = node.get(key)
+        if isinstance(blob, dict) and _is_image_type(blob):
+            uri = blob.get("fileUri", blob.get("file_uri"))
+            yield ImagePart(URL, uri if isinstance(uri, str) else "")
+    image = node.get("image")
+    source = image.get("source") if isinstance(image, dict) else None
+    if isinstance(source, dict):
+        if isinstance(source.get("bytes"), str):
+            yield ImagePart(BASE64, source["bytes"])
+        elif source:
+            yield ImagePart(FILE, "s3Location" if "s3Location" in source else "source")
+    images = node.get("images")
+    if isinstance(images, list):
+        for item in images:
+            if isinstance(item, str) and item:
+                yield ImagePart(BASE64, item)
+
+
 def _walk(node: Any) -> Iterator[ImagePart]:
     if isinstance(node, dict):
         part = _part(node)
         if part is not None:
             yield part
+        if "inlineData" in node or "inline_data" in node or "fileData" in node \
+                or "file_data" in node or "image" in node or "images" in node:
+            yield from _keyed(node)
         for value in node.values():
             if isinstance(value, (dict, list)):
                 yield from _walk(value)

@@ -92,3 +92,28 @@ def test_arbitrary_json_never_crashes_finding_or_resolving(request: object) -> N
             assert exc.reason in Reason
         else:
             assert image.format in ("png", "jpeg")
+
+
+def test_gemini_bedrock_and_ollama_images_are_found() -> None:
+    """Regression (issue 16): images of the other prompt formats passed unread."""
+    gemini = {"contents": [{"role": "user", "parts": [
+        {"text": "what is this?"},
+        {"inlineData": {"mimeType": "image/png", "data": b64(PNG)}},
+        {"inline_data": {"mime_type": "IMAGE/JPEG", "data": b64(jpeg())}},
+        {"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}},  # not an image
+        {"fileData": {"mimeType": "image/png", "fileUri": "gs://bucket/cat.png"}},
+        {"fileData": {"mimeType": "application/pdf", "fileUri": "gs://bucket/doc.pdf"}}]}]}
+    assert [p.kind for p in find_images(gemini)] == [BASE64, BASE64, URL]
+    converse = {"messages": [{"role": "user", "content": [
+        {"text": "what is this?"},
+        {"image": {"format": "png", "source": {"bytes": b64(PNG)}}},
+        {"image": {"format": "jpeg", "source": {"s3Location": {"uri": "s3://b/k"}}}}]}]}
+    assert [p.kind for p in find_images(converse)] == [BASE64, FILE]
+    ollama = {"model": "llava", "messages": [
+        {"role": "user", "content": "what is this?", "images": [b64(PNG), b64(jpeg())]}]}
+    assert [p.kind for p in find_images(ollama)] == [BASE64, BASE64]
+    assert resolve(find_images(ollama)[0]).data == PNG
+    generate = {"model": "llava", "prompt": "what is this?", "images": [b64(GIF)]}
+    with pytest.raises(ImageRefused) as refused:
+        resolve(find_images(generate)[0])
+    assert refused.value.reason is Reason.FORMAT
