@@ -125,6 +125,9 @@ class Config:
     # --otlp-endpoint to the run's OTLP receiver (testkit.otlp, in this process): every stream
     # traced (no traceparent from the client: each is a new, sampled trace)
     otlp: bool = False
+    # --shared-state to the run's redis-server (testkit.redisserver, a unix socket): the
+    # budgets' takes and the verdict cache go through the store
+    shared: bool = False
 
 
 def configurations(args: argparse.Namespace) -> list[Config]:
@@ -174,6 +177,13 @@ def configurations(args: argparse.Namespace) -> list[Config]:
                                         args.guard_input, *budget, *extra),
                bedrock_latency=args.latency, other_msgs=guard_other, otlp=True,
                describe="as sync, tracing on: --otlp-endpoint to a local OTLP receiver"),
+        Config("sync-all", "sidecar", ("--stream-mode", "sync", "--input-check",
+                                       args.guard_input, "--budget-rps", "100000",
+                                       "--budget-text-units", "1000000", *extra),
+               bedrock_latency=args.latency, other_msgs=guard_other, otlp=True, shared=True,
+               describe="as sync, tracing and shared state on: --otlp-endpoint to a local OTLP "
+                        "receiver, --shared-state to a local redis-server (budgets far above "
+                        "the load, so every call takes from the store's buckets)"),
         Config("sync-par", "sidecar", ("--stream-mode", "sync", "--input-check", "parallel",
                                        *budget, *extra),
                bedrock_latency=args.latency, other_msgs=3,
@@ -959,13 +969,14 @@ def report(args: argparse.Namespace, configs: list[Config], cells: list[CellResu
                            "value": value, "limit": limit,
                            "pass": value is not None and limit is not None and value <= limit})
     # Tracing on (issue 18): CPU per body message within 10 % of the same configuration off.
-    for on, off in (("body-otel", "body"), ("sync-otel", "sync")):
+    for on, off in (("body-otel", "body"), ("sync-otel", "sync"), ("sync-all", "sync")):
         c_on = by_key.get(("paced", target_conc, on))
         c_off = by_key.get(("paced", target_conc, off))
         if c_on is None or c_off is None:
             continue
         value = ratio(c_on.processor_us_per_body_msg, c_off.processor_us_per_body_msg)
-        checks.append({"target": f"tracing on ({on}): CPU per body message <= 1.1x {off}'s, "
+        checks.append({"target": f"{'tracing and shared state' if on == 'sync-all' else 'tracing'} "
+                                 f"on ({on}): CPU per body message <= 1.1x {off}'s, "
                                  f"{target_conc} paced streams",
                        "value": value, "limit": 1.1,
                        "pass": value is not None and value <= 1.1})
@@ -1016,7 +1027,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=None, help="comma list (default 1,20,100,300; quick 1,20,100)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=None,
                         help="comma list of configurations to run (default all: envoy,bare,off,"
-                             "off-fd,body,body-asyncio,body-thread,body-otel,sync-otel,sync,sync-par,"
+                             "off-fd,body,body-asyncio,body-thread,body-otel,sync-otel,sync-all,sync,sync-par,"
                              "async,off-fd-w2,body-w2,sync-w2); envoy is always included")
     parser.add_argument("--pacings", type=lambda s: s.split(","), default=["paced", "b2b"],
                         help="paced and/or b2b (default both)")
@@ -1138,6 +1149,14 @@ def main(argv: list[str] | None = None) -> int:
             cleanup.push("otlp receiver", receiver.stop)
             configs = [dataclasses.replace(c, sidecar_args=(
                 *c.sidecar_args, "--otlp-endpoint", receiver.endpoint)) if c.otlp else c
+                for c in configs]
+        if any(c.shared for c in configs):
+            from testkit.redisserver import RedisServer
+
+            store = RedisServer(root / "redis").start()
+            cleanup.push("redis-server", store.stop)
+            configs = [dataclasses.replace(c, sidecar_args=(
+                *c.sidecar_args, "--shared-state", store.unix_url)) if c.shared else c
                 for c in configs]
         started = time.monotonic()
         upstream = Service("upstream", [sys.executable, str(BENCH / "sse_upstream.py")], root,
