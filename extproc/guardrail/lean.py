@@ -30,11 +30,11 @@ verdict parses it once (the parent process, when the calls run in a child).
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import random
 import select
+import socket
 import ssl
 import threading
 import time
@@ -122,13 +122,117 @@ class Endpoint:
                    prefix=parts.path.rstrip("/"))
 
 
+class ProtocolError(Exception):
+    """The server's answer is not HTTP/1.1 as this client reads it."""
+
+
+#: The longest status or header line, and the most header lines, read from an answer.
+MAX_LINE: Final = 65_536
+MAX_HEADERS: Final = 100
+
+
+class Connection:
+    """One HTTP/1.1 keep-alive connection (TCP, or TLS with the pool's context).
+
+    Requests are written as one buffer (request line, headers and body: no Nagle/delayed-ACK
+    stall); answers are read with a buffered reader kept for the connection's life: status
+    line, headers (names lower-cased), and a body delimited by ``Content-Length``, chunked
+    transfer coding, or the end of the connection.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader = sock.makefile("rb")
+        self.reusable = True
+
+    def exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.sock.sendall(request)
+        reader = self._reader
+        while True:
+            status_line = reader.readline(MAX_LINE + 1)
+            if not status_line:
+                raise ProtocolError("connection closed before an answer")
+            version, _, rest = status_line.partition(b" ")
+            code = rest[:3]
+            if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+                raise ProtocolError("bad status line")
+            status = int(code)
+            headers = self._headers()
+            if status != 100:  # (never asked for; skipped as any client does)
+                break
+        connection = headers.get("connection", "").lower()
+        self.reusable = (version == b"HTTP/1.1" and "close" not in connection) or (
+            version == b"HTTP/1.0" and "keep-alive" in connection)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = self._chunked()
+        elif "content-length" in headers:
+            try:
+                size = int(headers["content-length"])
+            except ValueError:
+                raise ProtocolError("bad Content-Length") from None
+            body = reader.read(size)
+            if len(body) != size:
+                raise ProtocolError("connection closed within the answer")
+        elif status in (204, 304):
+            body = b""
+        else:
+            body = reader.read()
+            self.reusable = False
+        return status, headers, body
+
+    def _headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self._reader.readline(MAX_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                if not line:
+                    raise ProtocolError("connection closed within the headers")
+                return headers
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise ProtocolError("bad header line")
+            headers[name.strip().lower()] = value.strip()
+        raise ProtocolError("too many headers")
+
+    def _chunked(self) -> bytes:
+        reader = self._reader
+        parts: list[bytes] = []
+        while True:
+            line = reader.readline(MAX_LINE + 1)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise ProtocolError("bad chunk size") from None
+            if size == 0:
+                while reader.readline(MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            chunk = reader.read(size)
+            if len(chunk) != size or reader.readline(MAX_LINE + 1) not in (b"\r\n", b"\n"):
+                raise ProtocolError("connection closed within a chunk")
+            parts.append(chunk)
+
+    def dropped(self) -> bool:
+        """Whether this idle connection can no longer be used (readable: closed by the server,
+        or data nobody asked for)."""
+        if self.sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        self._reader.close()
+        self.sock.close()
+
+
 class ConnectionPool:
-    """Keep-alive ``http.client`` connections to one endpoint, shared by threads.
+    """Keep-alive connections to one endpoint, shared by threads.
 
     A connection is taken for one request and answer, and put back when the server keeps it
     open; before reuse, an idle connection that became readable (the server closed it, or sent
-    something unasked) is dropped. ``post`` raises the botocore exception boto3's urllib3
-    session raises for the same failure.
+    something unasked) is dropped, as urllib3 does. ``post`` raises the botocore exception
+    boto3's urllib3 session raises for the same failure.
     """
 
     def __init__(self, endpoint: Endpoint, *, connect_timeout_s: float, read_timeout_s: float,
@@ -137,61 +241,56 @@ class ConnectionPool:
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
         self._ssl = ssl_context
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self.connections_made = 0  # for tests and the bench
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self) -> Connection:
         e = self.endpoint
-        conn: http.client.HTTPConnection
-        if e.scheme == "https":
-            conn = http.client.HTTPSConnection(e.host, e.port, timeout=self._connect_timeout,
-                                               context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(e.host, e.port, timeout=self._connect_timeout)
+        sock: socket.socket | None = None
         try:
-            conn.connect()  # sets TCP_NODELAY
+            sock = socket.create_connection((e.host, e.port), timeout=self._connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if e.scheme == "https":
+                context = self._ssl or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=e.host)
         except ssl.SSLError as exc:
-            conn.close()
+            _close(sock)
             raise botocore.exceptions.SSLError(endpoint_url=e.url, error=exc) from exc
         except TimeoutError as exc:
-            conn.close()
+            _close(sock)
             raise botocore.exceptions.ConnectTimeoutError(endpoint_url=e.url,
                                                           error=exc) from exc
         except OSError as exc:
-            conn.close()
+            _close(sock)
             raise botocore.exceptions.EndpointConnectionError(endpoint_url=e.url,
                                                               error=exc) from exc
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)
+        sock.settimeout(self._read_timeout)
         self.connections_made += 1
-        return conn
+        return Connection(sock)
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _take(self) -> Connection:
         while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._connect()
-            if not _dropped(conn):
+            if not conn.dropped():
                 return conn
             conn.close()
 
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+    def _give_back(self, conn: Connection) -> None:
         with self._lock:
             if len(self._idle) < MAX_IDLE:
                 self._idle.append(conn)
                 return
         conn.close()
 
-    def post(self, target: str, headers: dict[str, str],
-             body: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """One POST: (status, headers, body)."""
+    def post(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        """One request (``request_bytes``): (status, headers with lower-case names, body)."""
         conn = self._take()
         try:
-            conn.request("POST", target, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
+            answer = conn.exchange(request)
         except ssl.SSLError as exc:
             conn.close()
             raise botocore.exceptions.SSLError(endpoint_url=self.endpoint.url,
@@ -200,18 +299,18 @@ class ConnectionPool:
             conn.close()
             raise botocore.exceptions.ReadTimeoutError(endpoint_url=self.endpoint.url,
                                                        error=exc) from exc
-        except (http.client.HTTPException, OSError) as exc:
+        except (ProtocolError, OSError) as exc:
             conn.close()
             raise botocore.exceptions.ConnectionClosedError(endpoint_url=self.endpoint.url,
                                                             error=exc) from exc
         except BaseException:
             conn.close()
             raise
-        if response.will_close:
-            conn.close()
-        else:
+        if conn.reusable:
             self._give_back(conn)
-        return response.status, response.headers, data
+        else:
+            conn.close()
+        return answer
 
     def close(self) -> None:
         with self._lock:
@@ -220,15 +319,17 @@ class ConnectionPool:
             conn.close()
 
 
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """Whether an idle keep-alive connection can no longer be used (readable: closed by the
-    server, or data nobody asked for)."""
-    sock = conn.sock
-    if sock is None:
-        return True
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+def request_bytes(target: str, headers: dict[str, str], body: bytes) -> bytes:
+    """An HTTP/1.1 POST as one buffer (``headers`` include ``Host``)."""
+    lines = [f"POST {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 class LeanApplyGuardrail:
@@ -299,10 +400,10 @@ class LeanApplyGuardrail:
             self._sleep(random.random() * min(MAX_BACKOFF_S, 2.0 ** (attempt - 2)))
 
     def _attempt(self, path: str, body: bytes) -> bytes:
-        headers = self.signed_headers(path, body)
+        request = request_bytes(self.endpoint.prefix + path, self.signed_headers(path, body),
+                                body)
         try:
-            status, response_headers, data = self._pool.post(self.endpoint.prefix + path,
-                                                             headers, body)
+            status, response_headers, data = self._pool.post(request)
         except botocore.exceptions.BotoCoreError as exc:
             from extproc.guardrail.bedrock import map_boto_error  # (imports this module)
 
@@ -313,8 +414,7 @@ class LeanApplyGuardrail:
             return data
         raise self.error_for(status, response_headers, data)
 
-    def error_for(self, status: int, headers: http.client.HTTPMessage | dict[str, str],
-                  body: bytes) -> GuardrailError:
+    def error_for(self, status: int, headers: dict[str, str], body: bytes) -> GuardrailError:
         """The error of an error answer: botocore's rest-json parser reads it as boto3 does
         (code from ``x-amzn-ErrorType`` or the body), then ``map_client_error``."""
         from extproc.guardrail.bedrock import map_client_error  # (imports this module)
