@@ -366,8 +366,8 @@ class LeanApplyGuardrail:
                                     read_timeout_s=timeout_s, ssl_context=ssl_context)
         # ``Host`` as botocore signs it (the port only when it is not the scheme's default).
         default_port = 443 if self.endpoint.scheme == "https" else 80
-        self._host = (self.endpoint.host if self.endpoint.port == default_port
-                      else f"{self.endpoint.host}:{self.endpoint.port}")
+        host = f"[{self.endpoint.host}]" if ":" in self.endpoint.host else self.endpoint.host
+        self._host = host if self.endpoint.port == default_port else f"{host}:{self.endpoint.port}"
 
     @property
     def pool(self) -> ConnectionPool:

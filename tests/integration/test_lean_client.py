@@ -7,14 +7,17 @@ call process."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
 import http.server
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -51,6 +54,7 @@ from extproc.guardrail.lean import (
 from extproc.localbedrock import LocalBedrock, default_policy
 from extproc.localbedrock.server import ERROR_KINDS
 from extproc.settings.values import GuardrailCalls, GuardrailClientKind
+from tests.grpc.test_tls import key_pem, make_cert, pem
 from tests.support import isolate_aws_env, settings
 
 GUARDRAIL = settings().guardrail
@@ -119,7 +123,12 @@ OK_BYTES = http_answer(200, json.dumps(OK_ANSWER).encode())
 def scripted() -> Iterator[tuple[str, Script]]:
     """A keep-alive HTTP/1.1 server on 127.0.0.1, port 0, that records each request and writes
     the next scripted answer as raw bytes (then closes when the answer says ``close``)."""
-    script = Script()
+    with serve(Script()) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serve(script: Script, tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, Script]]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -150,10 +159,13 @@ def scripted() -> Iterator[tuple[str, Script]]:
             script.closed.set()
 
     server = Server(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", script
+        port = server.server_address[1]
+        yield (f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"), script
     finally:
         server.shutdown()
         server.server_close()
@@ -444,6 +456,76 @@ def test_a_kept_alive_connection_the_server_closed_is_not_reused(
     assert lean.pool._idle[0].dropped()
     assert parse_answer(lean.call(apply_path("a", "1"), apply_body("INPUT", ["y"])))
     assert lean.pool.connections_made == 2
+    lean.close()
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Script, Path]]:
+    """The scripted server over TLS (a certificate for localhost from a test CA)."""
+    ca = make_cert("test-ca", None, ca=True)
+    cert, key = make_cert("localhost", ca, ca=False)
+    (tmp_path / "ca.pem").write_bytes(pem(ca[0]))
+    (tmp_path / "server.pem").write_bytes(pem(cert) + key_pem(key))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem")
+    with serve(Script(), context) as (url, script):
+        yield url, script, tmp_path / "ca.pem"
+
+
+def test_tls_is_verified_with_botocores_ca_bundle(
+        aws_env: None, tls_server: tuple[str, Script, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, script, ca = tls_server
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", url)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca))
+    lean = lean_client("us-east-1", threads=1, timeout_s=5, max_attempts=1)
+    assert lean is not None
+    assert parse_answer(lean.call(apply_path("a", "1"), apply_body("INPUT", ["x"]))) == OK_ANSWER
+    assert script.seen[0].headers["host"] == url.removeprefix("https://")
+    lean.close()
+
+
+def test_an_unverifiable_certificate_fails_as_with_boto3(
+        aws_env: None, tls_server: tuple[str, Script, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, script, _ = tls_server  # the test CA is not among the default ones
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", url)
+    boto = boto3_client("us-east-1", threads=1, timeout_s=5, max_attempts=1)
+    lean = lean_client("us-east-1", threads=1, timeout_s=5, max_attempts=1)
+    assert lean is not None
+    by_boto, by_lean = boto3_error(boto, ["x"]), lean_error(lean, ["x"])
+    assert type(by_lean) is type(by_boto) is GuardrailServerError
+    assert str(by_lean).startswith("SSLError: SSL validation failed")
+    assert "CERTIFICATE_VERIFY_FAILED" in str(by_lean) and "CERTIFICATE_VERIFY_FAILED" in str(
+        by_boto)
+    assert script.seen == []
+    boto.close()
+    lean.close()
+
+
+def test_a_proxy_for_the_endpoint_makes_the_calls_go_through_boto3(
+        bedrock: LocalBedrock, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert lean_client("us-east-1", threads=1, timeout_s=5, max_attempts=1) is None
+    client = BedrockGuardrailClient(
+        settings(aws_region="us-east-1", guardrail_calls=GuardrailCalls.THREAD,
+                 guardrail_client=GuardrailClientKind.LEAN), max_attempts=1)
+    assert client.client_kind is GuardrailClientKind.BOTO3
+    client.close()
+
+
+def test_an_ipv6_endpoint_is_signed_and_sent_with_a_bracketed_host(frozen_time: None) -> None:
+    lean = make_lean("http://[::1]:8443")
+    headers = lean.signed_headers(apply_path("a", "1"), apply_body("INPUT", ["x"]))
+    assert headers["Host"] == "[::1]:8443"
+    reference = botocore.awsrequest.AWSRequest(
+        method="POST", url="http://[::1]:8443" + apply_path("a", "1"),
+        data=apply_body("INPUT", ["x"]), headers={"Content-Type": "application/json"})
+    botocore.auth.SigV4Auth(botocore.credentials.Credentials("AKIDTEST", "s3cr3t"), "bedrock",
+                            "us-east-1").add_auth(reference)
+    assert headers["Authorization"] == reference.headers["Authorization"]
     lean.close()
 
 
