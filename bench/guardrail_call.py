@@ -42,6 +42,7 @@ from extproc.settings.values import (
     GuardrailCalls,
     GuardrailClientKind,
     RoutePolicy,
+    RuntimeSettings,
     Settings,
 )
 
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings = Settings(
                     default_route=RoutePolicy(guardrail=GUARDRAIL),
                     client=ClientSettings(client=kind, calls=mode, aws_region="us-east-1",
-                                          threads=max(4, args.concurrency)))
+                                          threads=max(4, args.concurrency)),
+                    runtime=RuntimeSettings(log_level="WARNING"))
                 client = BedrockGuardrailClient(settings, max_attempts=1, attempt_timeout_s=10)
                 if client.client_kind is not kind:
                     raise RuntimeError(f"asked for {kind.value}, got {client.client_kind.value}")

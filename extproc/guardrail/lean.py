@@ -30,6 +30,7 @@ verdict parses it once (the parent process, when the calls run in a child).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -77,6 +78,7 @@ class CredentialSource(Protocol):
     def get_frozen_credentials(self) -> Any: ...
 
 
+@functools.lru_cache(maxsize=1024)
 def apply_path(guardrail_id: str, version: str) -> str:
     """The request path of ApplyGuardrail, labels encoded as botocore's rest-json serialiser
     encodes them (an ARN's ``:`` and ``/`` included)."""
