@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.utils
 
 from extproc.domain.errors import (
     ConfigError,
@@ -150,8 +151,9 @@ def lean_client(region: str | None, *, threads: int, timeout_s: float,
                 max_attempts: int) -> LeanApplyGuardrail | None:
     """The lean client (``extproc.guardrail.lean``) with what botocore resolves for the boto3
     client: endpoint, region, signing name, the credential chain, TLS verification and the
-    operation's model. None when a proxy applies to the endpoint (``HTTPS_PROXY``...): the
-    caller then uses the boto3 client, which speaks to proxies."""
+    operation's model. None when a proxy applies to the endpoint (``HTTPS_PROXY``...) or a
+    Bedrock API key (``AWS_BEARER_TOKEN_BEDROCK``) makes botocore use bearer auth: the caller
+    then uses the boto3 client, which does both."""
     session = aws_session(region)
     client = _client_of(session, threads=threads, timeout_s=timeout_s,
                         max_attempts=max_attempts)
@@ -164,10 +166,17 @@ def lean_client(region: str | None, *, threads: int, timeout_s: float,
                  endpoint_url)
         client.close()
         return None
+    service_model = client.meta.service_model
+    if botocore.utils.get_token_from_environment(service_model.signing_name) is not None:
+        # botocore then authenticates with the bearer token (AWS_BEARER_TOKEN_BEDROCK)
+        # instead of SigV4: leave it to boto3.
+        log.info("a Bedrock API key (bearer token) is set: ApplyGuardrail calls use the boto3 "
+                 "client")
+        client.close()
+        return None
     verify: Any = getattr(http_session, "_verify", True)
     credentials = session.get_credentials()
     assert credentials is not None, "BUG: aws_session checked the credentials"
-    service_model = client.meta.service_model
     lean = LeanApplyGuardrail(
         endpoint_url=endpoint_url, region=str(client.meta.region_name),
         signing_name=str(service_model.signing_name),

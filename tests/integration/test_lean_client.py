@@ -516,6 +516,13 @@ def test_a_proxy_for_the_endpoint_makes_the_calls_go_through_boto3(
     client.close()
 
 
+def test_a_bedrock_api_key_makes_the_calls_go_through_boto3(
+        bedrock: LocalBedrock, monkeypatch: pytest.MonkeyPatch) -> None:
+    # boto3 then sends "Authorization: Bearer ...", not a SigV4 signature
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "an-api-key")
+    assert lean_client("us-east-1", threads=1, timeout_s=5, max_attempts=1) is None
+
+
 def test_an_ipv6_endpoint_is_signed_and_sent_with_a_bracketed_host(frozen_time: None) -> None:
     lean = make_lean("http://[::1]:8443")
     headers = lean.signed_headers(apply_path("a", "1"), apply_body("INPUT", ["x"]))
