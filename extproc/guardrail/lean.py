@@ -152,7 +152,7 @@ class Connection:
         reader = self._reader
         while True:
             status_line = reader.readline(MAX_LINE + 1)
-            if not status_line:
+            if not status_line or len(status_line) > MAX_LINE:
                 raise ProtocolError("connection closed before an answer")
             version, _, rest = status_line.partition(b" ")
             code = rest[:3]
@@ -186,6 +186,8 @@ class Connection:
         headers: dict[str, str] = {}
         for _ in range(MAX_HEADERS + 1):
             line = self._reader.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise ProtocolError("header line too long")
             if line in (b"\r\n", b"\n", b""):
                 if not line:
                     raise ProtocolError("connection closed within the headers")

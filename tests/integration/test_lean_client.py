@@ -406,6 +406,37 @@ def test_error_answers_without_the_usual_shape_map_as_boto3_maps_them(
     lean.close()
 
 
+@pytest.mark.parametrize("answer", [
+    b"SMTP ready\r\n\r\n",  # not HTTP
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",  # header line too long
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"action\"",  # cut short, closed
+    b"",  # closed without an answer
+])
+async def test_broken_answers_are_server_errors_as_with_boto3(
+        aws_env: None, scripted: tuple[str, Script], monkeypatch: pytest.MonkeyPatch,
+        answer: bytes) -> None:
+    # Through the sidecar's client, as the failure policy sees them. (boto3 reads a body cut
+    # short as an answer without an action; the lean client as a closed connection: both are
+    # server errors.)
+    url, script = scripted
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", url)
+    for kind in GuardrailClientKind:
+        client = BedrockGuardrailClient(
+            settings(aws_region="us-east-1", guardrail_calls=GuardrailCalls.THREAD,
+                     guardrail_client=kind), max_attempts=1, attempt_timeout_s=5)
+        try:
+            assert client.client_kind is kind
+            script.answers.append(answer)
+            script.close_silently = True
+            with pytest.raises(GuardrailServerError):
+                await client.apply(GUARDRAIL, Source.INPUT, ["x"])
+            # and the next call, on a new connection, works
+            verdict = await client.apply(GUARDRAIL, Source.INPUT, ["x"])
+            assert verdict.outcome is Outcome.PASS
+        finally:
+            client.close()
+
+
 def test_a_2xx_answer_that_is_not_a_json_object_is_a_server_error() -> None:
     for body in (b"<html>", b"[1, 2]", b""):
         with pytest.raises(GuardrailServerError):
