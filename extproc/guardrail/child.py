@@ -33,7 +33,7 @@ from extproc.guardrail.wire import (
     frame,
     json_payload,
     raw_answer_frame,
-    read_payload_blocking,
+    read_payload,
     read_raw_request,
 )
 
@@ -128,9 +128,10 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         assert lean is not None, "BUG: a raw request to the boto3 call process"
         send(answer_raw(lean, payload))
 
+    reader = sock.makefile("rb")
     try:
         while True:
-            payload = read_payload_blocking(sock)
+            payload = read_payload(reader)
             if payload[:1] == RAW_REQUEST:
                 executor.submit(run_raw, payload)
                 continue

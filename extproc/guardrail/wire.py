@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, BinaryIO
 
 from extproc.domain.errors import (
     GuardrailError,
@@ -117,6 +117,21 @@ def read_payload_blocking(sock: socket.socket) -> bytes:
     if size > MAX_FRAME:
         raise ValueError(f"frame of {size} bytes")
     return read_exactly(sock, size)
+
+
+def read_payload(reader: BinaryIO) -> bytes:
+    """One frame's payload from a buffered reader of a blocking socket (one ``recv`` for
+    several small frames); ``ConnectionError`` at the end of file."""
+    head = reader.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise ConnectionError("end of file")
+    (size,) = HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes")
+    payload = reader.read(size)
+    if len(payload) < size:
+        raise ConnectionError("end of file")
+    return payload
 
 
 def json_payload(payload: bytes) -> dict[str, Any]:
