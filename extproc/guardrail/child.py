@@ -121,11 +121,18 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             sock.sendall(data)
 
     def run(request: dict[str, Any]) -> None:
-        assert client is not None, "BUG: a JSON request to the lean call process"
+        if client is None:  # a bug of the parent's: answer it all the same
+            send(frame(error_answer(request.get("id"), GuardrailServerError(
+                "BUG: a JSON request to the lean call process"))))
+            return
         send(frame(answer(client, request)))
 
     def run_raw(payload: bytes) -> None:
-        assert lean is not None, "BUG: a raw request to the boto3 call process"
+        if lean is None:
+            call_id, _, _ = read_raw_request(payload)
+            send(frame(error_answer(call_id, GuardrailServerError(
+                "BUG: a raw request to the boto3 call process"))))
+            return
         send(answer_raw(lean, payload))
 
     reader = sock.makefile("rb")

@@ -51,6 +51,7 @@ from extproc.guardrail.lean import (
     apply_path,
     parse_answer,
 )
+from extproc.guardrail.parent import CallProcess
 from extproc.localbedrock import LocalBedrock, default_policy
 from extproc.localbedrock.server import ERROR_KINDS
 from extproc.settings.values import GuardrailCalls, GuardrailClientKind
@@ -596,6 +597,26 @@ def test_endpoint_url_path_prefix_is_kept(scripted: tuple[str, Script]) -> None:
 
 
 # ----------------------------------------------------------------- through the sidecar's client
+
+
+async def test_a_request_of_the_other_kind_gets_an_error_answer_not_silence(
+        bedrock: LocalBedrock) -> None:
+    """Regression guard: a lean call process answers a JSON (boto3) request with an error
+    instead of dropping it (the caller would wait for its timeout), and a boto3 one a raw
+    request."""
+    for kind in ("lean", "boto3"):
+        process = CallProcess(region="us-east-1", threads=2, timeout_s=5, max_attempts=1,
+                              client=kind)
+        try:
+            assert process.client == kind
+            with pytest.raises(GuardrailServerError, match="BUG"):
+                if kind == "lean":
+                    await process.call("testguardrail", "1", "INPUT", ["hello"])
+                else:
+                    await process.call_raw(apply_path("testguardrail", "1"),
+                                           apply_body("INPUT", ["hello"]))
+        finally:
+            process.close()
 
 
 @pytest.mark.parametrize("calls", list(GuardrailCalls))
