@@ -323,7 +323,10 @@ class BedrockGuardrailClient:
             future = asyncio.get_running_loop().run_in_executor(
                 self._executor, self._call, guardrail, source, texts)
         try:
-            answer = await asyncio.wait_for(future, limit)
+            # (asyncio.timeout, not wait_for: the call is awaited in this task, no task of its
+            # own per call)
+            async with asyncio.timeout(limit):
+                answer = await future
         except TimeoutError:
             raise GuardrailTimeout(f"no ApplyGuardrail answer within {limit:.2f}s") from None
         except GuardrailError:
