@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import random
 import select
 import socket
@@ -57,19 +56,12 @@ from extproc.domain.errors import (
     GuardrailServerError,
 )
 
-log = logging.getLogger(__name__)
 
 OPERATION: Final = "ApplyGuardrail"
 #: The most connections kept idle per pool (more may be open while calls are in flight).
 MAX_IDLE: Final = 64
 #: botocore's standard retry mode: the longest backoff, seconds.
 MAX_BACKOFF_S: Final = 20.0
-
-
-class FrozenCredentials(Protocol):
-    access_key: str
-    secret_key: str
-    token: str | None
 
 
 class CredentialSource(Protocol):
