@@ -56,7 +56,6 @@ from extproc.domain.errors import (
     GuardrailServerError,
 )
 
-
 OPERATION: Final = "ApplyGuardrail"
 #: The most connections kept idle per pool (more may be open while calls are in flight).
 MAX_IDLE: Final = 64
