@@ -101,7 +101,8 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
         "grace_period_s", "workers", "reuse_port", "metrics_listen")},
     **{name: ("client", name.removeprefix("guardrail_")) for name in (
         "guardrail_timeout_s", "guardrail_max_attempts", "guardrail_attempt_timeout_s",
-        "guardrail_max_chars_per_call", "guardrail_threads", "guardrail_calls")},
+        "guardrail_max_chars_per_call", "guardrail_threads", "guardrail_calls",
+        "guardrail_client")},
     **{name: ("client", name) for name in (
         "breaker_failures", "breaker_cooldown_s", "budget_rps", "budget_text_units",
         "budget_max_wait_s", "aws_region", "verdict_cache_entries", "verdict_cache_ttl_s",

@@ -1,6 +1,7 @@
 """Guardrail clients behind ``extproc.domain.client.GuardrailClient``.
 
-Modules: ``bedrock`` (boto3, the AWS error mapping; the only importer of boto3), ``parent`` /
+Modules: ``bedrock`` (boto3, the AWS error mapping; the only importer of boto3), ``lean`` (the
+call without boto3's per-call machinery: botocore's signer, a keep-alive connection), ``parent`` /
 ``child`` / ``wire`` (the calls in a child process), ``resilient`` (deadline, retries, splitting,
 breaker, budget around any client), ``breaker``, ``budget``, ``splitting`` and ``config`` (its
 mechanics and knobs). ``build_client`` is the one place the production stack is put together.

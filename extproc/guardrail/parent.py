@@ -1,8 +1,9 @@
 """ApplyGuardrail calls in a child process, so that boto3 never competes with the event loop:
 the parent's side.
 
-Why: one boto3 ``apply_guardrail`` call costs about 1 ms of Python CPU (request building,
-SigV4 signing, parsing; ``bench/README.md``). Run in a thread pool of the sidecar's own
+Why: one boto3 ``apply_guardrail`` call costs about 1 ms of Python CPU (request building, SigV4
+signing, parsing; ``bench/README.md``); the lean client (``extproc.guardrail.lean``) a fraction
+of it, still worth keeping off the event loop's GIL. Run in a thread pool of the sidecar's own
 process, every call holds the GIL against the event loop that answers Envoy. Under load the
 loop is one of 33 threads taking turns: at 100 concurrent streams the answer to a stream's
 request headers took up to 400 ms (Envoy's ``rh`` latency) although the process had CPU to
@@ -42,10 +43,13 @@ from extproc.domain.errors import ConfigError, GuardrailError, GuardrailServerEr
 from extproc.guardrail.wire import (
     HEADER,
     MAX_FRAME,
+    RAW_ANSWER,
     encode_content,
     error_from,
     frame,
+    raw_request_frame,
     read_frame_blocking,
+    read_raw_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -65,15 +69,15 @@ class CallProcess:
 
     def __init__(self, *, region: str | None, threads: int, timeout_s: float,
                  max_attempts: int, log_level: str = "INFO", log_format: str = "json",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, client: str = "lean") -> None:
         self._argv = ["--threads", str(threads), "--timeout", repr(timeout_s),
                       "--max-attempts", str(max_attempts), "--log-level", log_level,
-                      "--log-format", log_format]
+                      "--log-format", log_format, "--client", client]
         if region:
             self._argv += ["--region", region]
         self._clock = clock  # the restart interval's (injected by tests)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,6 +91,9 @@ class CallProcess:
         hello = self._spawn()
         self.endpoint_url = str(hello.get("endpoint_url", ""))
         self.region = str(hello.get("region", ""))
+        #: The client the child runs: "lean" (``call_raw``) or "boto3" (``call``); a proxy
+        #: makes a child asked for lean run boto3.
+        self.client = str(hello.get("client", "boto3"))
 
     @property
     def pid(self) -> int | None:
@@ -168,8 +175,21 @@ class CallProcess:
 
     async def call(self, guardrail_id: str, version: str, source: str,
                    texts: Sequence[Content]) -> dict[str, Any]:
-        """One ApplyGuardrail call in the child; the response dict, or a ``GuardrailError``.
-        Cancelling it (a timeout) forgets the call; the child's late answer is dropped."""
+        """One ApplyGuardrail call in the child (boto3); the response dict, or a
+        ``GuardrailError``. Cancelling it (a timeout) forgets the call; the child's late answer
+        is dropped."""
+        result: dict[str, Any] = await self._call(lambda call_id: frame(
+            {"id": call_id, "guardrail": guardrail_id, "version": version, "source": source,
+             "texts": encode_content(texts)}))
+        return result
+
+    async def call_raw(self, path: str, body: bytes) -> bytes:
+        """One ApplyGuardrail call in the child (lean): ``body`` sent to ``path`` as it is; the
+        answer body as received (parsed by the caller, once), or a ``GuardrailError``."""
+        result: bytes = await self._call(lambda call_id: raw_request_frame(call_id, path, body))
+        return result
+
+    async def _call(self, request: Callable[[int], bytes]) -> Any:
         if self._closed:
             raise GuardrailServerError("the guardrail client is closed")
         try:
@@ -179,11 +199,10 @@ class CallProcess:
         except (OSError, ConfigError) as exc:
             raise GuardrailServerError(f"guardrail call process unavailable: {exc}") from exc
         call_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            writer.write(frame({"id": call_id, "guardrail": guardrail_id, "version": version,
-                                "source": source, "texts": encode_content(texts)}))
+            writer.write(request(call_id))
             return await future
         finally:
             self._pending.pop(call_id, None)
@@ -195,7 +214,14 @@ class CallProcess:
                 (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
                 if size > MAX_FRAME:
                     raise ValueError(f"frame of {size} bytes")
-                answer = json.loads(await reader.readexactly(size))
+                payload = await reader.readexactly(size)
+                if payload[:1] == RAW_ANSWER:
+                    call_id, body = read_raw_answer(payload)
+                    future = self._pending.get(call_id)
+                    if future is not None and not future.done():
+                        future.set_result(body)
+                    continue
+                answer = json.loads(payload)
                 future = self._pending.get(answer.get("id"))
                 if future is None or future.done():
                     continue  # the caller gave up (timeout, cancelled stream)

@@ -44,6 +44,7 @@ from extproc.settings.values import (
     ClientSettings,
     EventLoop,
     GuardrailCalls,
+    GuardrailClientKind,
     RoutePolicy,
     RouteSelector,
     RuntimeSettings,
@@ -383,6 +384,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--guardrail-calls", "client.calls", "where boto3 calls run: process (a child process, "
             "so they never hold the event loop's GIL) or thread (this process's thread pool)",
             "process", _enum_parser(GuardrailCalls)),
+    _Option("--guardrail-client", "client.client", "how ApplyGuardrail is called: lean "
+            "(botocore's credentials, SigV4 signing and error model; one keep-alive POST per "
+            "call) or boto3 (boto3's client, about 3x the CPU per call)",
+            "lean", _enum_parser(GuardrailClientKind)),
     _Option("--event-loop", "runtime.event_loop", "asyncio event loop: auto (uvloop when "
             "installed), uvloop or asyncio", "auto", _enum_parser(EventLoop)),
     _Option("--gc-full-every", "runtime.gc_full_every", "Python runs a full garbage collection (a "

@@ -49,6 +49,13 @@ class GuardrailCalls(enum.Enum):
     THREAD = "thread"  # a thread pool of this process
 
 
+class GuardrailClientKind(enum.Enum):
+    """How an ApplyGuardrail call is made (``extproc.guardrail.lean`` says why)."""
+
+    LEAN = "lean"  # botocore signs and maps errors; one keep-alive POST per call
+    BOTO3 = "boto3"  # boto3's bedrock-runtime client, every step of it
+
+
 class EventLoop(enum.Enum):
     """The asyncio event loop implementation (``bench/README.md`` has the measurements)."""
 
@@ -188,6 +195,7 @@ class ClientSettings:
     budget_max_wait_s: float = 0.25
     threads: int = 32
     calls: GuardrailCalls = GuardrailCalls.PROCESS
+    client: GuardrailClientKind = GuardrailClientKind.LEAN
     aws_region: str | None = None  # AWS_REGION; None: boto3's own (AWS_DEFAULT_REGION, profile)
     verdict_cache_entries: int = 100_000  # prompt texts known to pass; 0: no cache
     verdict_cache_ttl_s: float = 3600.0

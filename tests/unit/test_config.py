@@ -30,7 +30,7 @@ from extproc.domain.values import (
 from extproc.domain.windows import Strategy
 from extproc.observe.logs import LogFormat
 from extproc.settings.options import OPTIONS, build_parser, load_settings
-from extproc.settings.values import EventLoop, GuardrailCalls, Settings
+from extproc.settings.values import EventLoop, GuardrailCalls, GuardrailClientKind, Settings
 from tests.support import setting
 from tests.support import settings as make_settings
 
@@ -51,6 +51,7 @@ ENV_NAMES = {
     "--guardrail-max-attempts": "EXTPROC_GUARDRAIL_MAX_ATTEMPTS",
     "--guardrail-threads": "EXTPROC_GUARDRAIL_THREADS",
     "--guardrail-calls": "EXTPROC_GUARDRAIL_CALLS",
+    "--guardrail-client": "EXTPROC_GUARDRAIL_CLIENT",
     "--event-loop": "EXTPROC_EVENT_LOOP",
     "--gc-full-every": "EXTPROC_GC_FULL_EVERY",
     "--gc-young-threshold": "EXTPROC_GC_YOUNG_THRESHOLD",
@@ -252,6 +253,8 @@ SETS: list[tuple[str, str, str, Any]] = [
     ("--guardrail-threads", "1024", "guardrail_threads", 1024),
     ("--guardrail-calls", "thread", "guardrail_calls", GuardrailCalls.THREAD),
     ("--guardrail-calls", "process", "guardrail_calls", GuardrailCalls.PROCESS),
+    ("--guardrail-client", "boto3", "guardrail_client", GuardrailClientKind.BOTO3),
+    ("--guardrail-client", "lean", "guardrail_client", GuardrailClientKind.LEAN),
     ("--event-loop", "asyncio", "event_loop", EventLoop.ASYNCIO),
     ("--event-loop", "uvloop", "event_loop", EventLoop.UVLOOP),
     ("--gc-full-every", "10", "gc_full_every", 10),
@@ -559,6 +562,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("--log-level", "TRACE", ("'TRACE'", "DEBUG", "INFO", "WARNING", "ERROR")),
     ("--log-level", "CRITICAL", ("DEBUG", "INFO", "WARNING", "ERROR")),
     ("--guardrail-calls", "fork", ("is not one of", "process", "thread")),
+    ("--guardrail-client", "botocore", ("is not one of", "lean", "boto3")),
     ("--event-loop", "trio", ("is not one of", "auto", "uvloop", "asyncio")),
     ("--gc-full-every", "-1", ("outside", "0..1000000")),
     ("--gc-young-threshold", "-1", ("outside", "0..100000000")),
