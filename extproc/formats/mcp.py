@@ -44,10 +44,12 @@ unavailable            -32011  ``Guardrail unavailable``
 -32000 and -32001.) Requests refused before the upstream for what they are, not what they say,
 keep their HTTP status and carry a JSON-RPC error without an ``id`` (``null``), as the
 specification asks of a server that cannot accept a message: not JSON (-32700, HTTP 400), not a
-JSON-RPC 2.0 message or a batch array (-32600, HTTP 400), too large (-32600, 413), an unreadable
-content-encoding (-32600, 415). Batch arrays (allowed by protocol revision 2025-03-26 only, sent
-by no SDK) are refused when the request is read; an answer that is an array has each element
-read, and a block of it is one error with ``id`` ``null``.
+JSON-RPC 2.0 message or a batch array (-32600, HTTP 400; so is a member spelt as a case
+variant of ``jsonrpc``, ``id``, ``method``, ``params`` or of ``params``' ``name``, ``arguments``,
+``_meta``, which a Go server on ``encoding/json`` reads as that member), too large (-32600,
+413), an unreadable content-encoding (-32600, 415). Batch arrays (allowed by protocol
+revision 2025-03-26 only, sent by no SDK) are refused when the request is read; an answer
+that is an array has each element read, and a block of it is one error with ``id`` ``null``.
 
 A soft block (``--soft-block on``) answers a tool result with ``isError: true`` whose one text
 item is the guardrail's message.
@@ -135,6 +137,25 @@ def _is_message(value: Any) -> bool:
         return isinstance(value["method"], str) and (
             "params" not in value or isinstance(value["params"], (dict, list)))
     return "id" in value and ("result" in value or "error" in value)
+
+
+#: Members a server written in Go with ``encoding/json`` (mcp-go; the go-sdk before
+#: CVE-2026-27896) matches without regard to case (and with U+017F as ``s``, U+212A as ``k``),
+#: the last one given winning: ``"method": "ping", "Method": "tools/call"`` is a tool call to
+#: it and a ping to us. A request with such a variant is refused.
+_ENVELOPE_KEYS: Final = frozenset({"jsonrpc", "id", "method", "params"})
+_PARAMS_KEYS: Final = frozenset({"name", "arguments", "_meta", "uri", "cursor", "task"})
+
+
+def _case_variant(value: Any, known: frozenset[str]) -> str | None:
+    """A member of the object ``value`` spelt otherwise than, but folding to, one in ``known``."""
+    if not isinstance(value, dict):
+        return None
+    for key in value:
+        folded = key.casefold() if isinstance(key, str) else key
+        if folded in known and key != folded:
+            return str(key)
+    return None
 
 
 def _argument_slots(message: dict[str, Any]) -> list[c.Slot]:
@@ -281,6 +302,12 @@ class McpFormat:
             info.reason = (INVALID_REQUEST, "Not a JSON-RPC 2.0 message")
             raise PromptUnreadable("not a JSON-RPC 2.0 message")
         assert isinstance(value, dict)
+        variant = _case_variant(value, _ENVELOPE_KEYS) or _case_variant(
+            value.get("params"), _PARAMS_KEYS)
+        if variant is not None:
+            info.reason = (INVALID_REQUEST, "Not a JSON-RPC 2.0 message")
+            raise PromptUnreadable(f"the member {variant!r} is a case variant of a JSON-RPC "
+                                   "or MCP member")
         if "method" in value:
             info.method = value["method"]
             if "id" in value:
