@@ -7,28 +7,63 @@ Recognised on a route whose ``api`` is ``mcp`` (any path), and by default on ``P
 ``GET`` of a path ending with ``/mcp`` (the SDKs' default endpoint).
 
 What is read (a JSON-RPC message is read whatever its method says; an answer by its shape,
-since a response does not name its method):
+since a response does not name its method). The known paths first, then by rule everything
+else a client may show a user or hand a model (``_rule_slots``: every string leaf, and the names
+of schema maps such as ``properties``, except under keys that carry no text: ids, types,
+roles, MIME types, URLs and URIs, base64 ``blob``/image and audio ``data``, icons, cursors,
+progress tokens):
 
 ==============================  ==============================  ============================
 message                         text                            source
 ==============================  ==============================  ============================
 request ``tools/call``          every string in                 INPUT, before the tool
                                 ``params.arguments``            server is contacted
+any other request or            ``params`` by rule (not         INPUT
+notification of the client      ``params.name``, which names
+                                a listed tool or prompt)
+a response the client posts     ``result``/``error`` by rule    INPUT
+(sampling, elicitation)         (model output; what the user
+                                typed)
 a result's ``content[]``        ``text`` items, an embedded     OUTPUT
-(``tools/call``)                ``resource.text``
+(``tools/call``)                ``resource.text``; by rule a
+                                ``resource_link``'s name,
+                                title, description
 ``structuredContent``           every string                    OUTPUT
 ``tools`` (``tools/list``)      each tool's ``name``,           OUTPUT (tool poisoning)
                                 ``title``, ``description``,
                                 schema ``description`` and
-                                ``title`` strings
+                                ``title`` strings; by rule
+                                the rest of the schemas
+                                (parameter names, ``enum``,
+                                ``default``), annotations
 ``messages`` (``prompts/get``)  content ``text``, embedded      OUTPUT
                                 resource text; ``description``
 ``contents`` (``resources/      ``text``                        OUTPUT
 read``)
+the rest of any ``result``      by rule (``resources/list``,    OUTPUT
+                                ``prompts/list`` descriptions,
+                                ``completion/complete``
+                                values, ``_meta``)
+an ``error`` answer             ``message``, ``data``: agents   OUTPUT
+                                hand a tool's error to the
+                                model
+a request or notification of    ``params`` by rule:             OUTPUT
+the server (in an SSE answer    ``sampling/createMessage``
+or a ``GET`` stream)            messages and system prompt
+                                (model input),
+                                ``elicitation/create``
+                                message and schema (shown to
+                                the user), logging data and
+                                progress messages
+an SSE event whose data is      the data, as text               OUTPUT
+JSON Python cannot read and
+Node or Go can (nesting past
+Python's recursion limit, an
+integer of 4,300+ digits)
 ==============================  ==============================  ============================
 
-Notifications, requests from the server (``sampling/createMessage``, ``ping``), the client's
-responses and every other method pass unread; an ``error`` answer is the server's and passes.
+Nothing else is in a message; an answer that is not JSON at all is read as text
+(``extproc.stream.answer``), an event whose data is JSON to no client (``[DONE]``) passes.
 
 Blocks are JSON-RPC errors for the ``id`` at stake, HTTP 200 ``application/json`` (or, in an SSE
 answer, one ``event: message`` with the error, then the end of the stream):
@@ -62,11 +97,13 @@ tool can then be removed, ``--mcp-poisoned-tools``).
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
-from extproc.formats import ErrorKind, StreamCodec
+from extproc.formats import ErrorKind, StreamCodec, whole
 from extproc.formats import _common as c
 from extproc.formats.whole import PromptUnreadable
 from extproc.framing import Decoder, sse_decoder
@@ -167,6 +204,24 @@ def _argument_slots(message: dict[str, Any]) -> list[c.Slot]:
     return c.string_slots(params, "arguments")
 
 
+def request_slots(message: dict[str, Any]) -> list[c.Slot]:
+    """The text a request body hands the server: a ``tools/call``'s arguments (every string),
+    then by rule every other string of any request's or notification's ``params`` (a
+    ``prompts/get``'s or ``completion/complete``'s arguments, a method a server adds) and of a
+    response the client posts (a ``sampling/createMessage`` result: model output; an
+    ``elicitation/create`` result: what the user typed). Not ``params.name``: it names the
+    tool or prompt the server listed (read there as OUTPUT), and a mask must not change it."""
+    slots = _argument_slots(message)
+    covered = {(id(slot.container), slot.key) for slot in slots}
+    params = message.get("params")
+    if isinstance(params, dict):
+        covered.add((id(params), "name"))
+    for member in ("params", "result", "error"):
+        if member in message:
+            slots += _rule_slots(message, member, (member,), covered)
+    return slots
+
+
 def _content_slots(items: Any, channel: tuple[Any, ...], out: list[c.Slot]) -> None:
     """Text items and embedded resources' text of a ``content`` list (or one item)."""
     if isinstance(items, dict):
@@ -202,10 +257,100 @@ def tool_slots(tool: dict[str, Any], channel: tuple[Any, ...]) -> list[c.Slot]:
     return _tagged(slots, channel)
 
 
+#: Keys whose strings in an answer carry nothing a model or a user reads (beside
+#: ``whole.NO_TEXT_KEYS``: ids, types, roles, MIME types, URLs): base64 blobs, icons (image URLs
+#: and sizes), cursors and progress tokens, protocol members.
+_NO_TEXT: Final = frozenset({"blob", "icons", "progressToken", "cursor", "nextCursor",
+                             "protocolVersion", "jsonrpc", "method", "uri", "uriTemplate"})
+#: Content types whose ``data`` is base64 (what the guardrail cannot read as text).
+_BINARY_TYPES: Final = frozenset({"image", "audio"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeySlot(c.Slot):
+    """A name in a schema map (``properties``: a tool's parameter names, which the model reads
+    with its descriptions): a mask renames it in place, the order of the names kept."""
+
+    def get(self) -> str:
+        return str(self.key)
+
+    def set(self, text: str) -> None:
+        if text == self.key:
+            return
+        mapping = self.container
+        if text in mapping:
+            raise ValueError(f"a masked name of {self.channel!r} collides with another")
+        items = [(text if name == self.key else name, value) for name, value in mapping.items()]
+        mapping.clear()
+        mapping.update(items)
+
+
+def _rule_slots(holder: Any, member: Any, prefix: tuple[Any, ...],
+                covered: set[tuple[int, Any]]) -> list[c.Slot]:
+    """The reading by rule of what the known paths do not read: every string leaf of
+    ``holder[member]`` (channel ``prefix + path``) not read already (``covered``: (container
+    id, key)) nor under a key that carries no text, and every name of a schema map (channel
+    ``prefix + path + (("key", name),)``), in document order; iterative (no recursion limit)."""
+    slots: list[c.Slot] = []
+    # (container, key, path, is_name): is_name, the key itself of the schema map container
+    stack: list[tuple[Any, Any, tuple[Any, ...], bool]] = [(holder, member, (), False)]
+    while stack:
+        container, name, path, is_name = stack.pop()
+        if is_name:
+            slots.append(KeySlot(container, name, (*prefix, *path[:-1], ("key", name))))
+            continue
+        value = container[name]
+        if isinstance(value, str):
+            if (id(container), name) not in covered and not whole.skipped(name, value) and not (
+                    name == "data" and container.get("type") in _BINARY_TYPES):
+                slots.append(c.Slot(container, name, (*prefix, *path)))
+        elif isinstance(value, dict):
+            schema_map = isinstance(name, str) and name in whole.SCHEMA_MAPS
+            for inner in reversed(list(value)):
+                if schema_map:
+                    stack.append((value, inner, (*path, inner), False))
+                    if inner:
+                        stack.append((value, inner, (*path, inner), True))
+                elif not (isinstance(inner, str) and inner in _NO_TEXT):
+                    stack.append((value, inner, (*path, inner), False))
+        elif isinstance(value, list):
+            stack.extend((value, i, (*path, i), False) for i in range(len(value) - 1, -1, -1))
+    return slots
+
+
 def result_slots(message: Any, number: int) -> list[c.Slot]:
-    """The text of one response's ``result`` (``number``: its place in a batch, 0 alone)."""
-    if not isinstance(message, dict) or "method" in message:
+    """The text of one message of an answer (``number``: its place in a batch, 0 alone): a
+    response's ``result`` by its known paths (below), then everything else a client may show
+    or hand to a model by rule (``_rule_slots``): the rest of the ``result`` (``resource_link``
+    names and descriptions, the descriptions of ``resources/list`` and ``prompts/list``,
+    ``completion/complete`` values, schema ``enum``/``default`` strings and parameter names,
+    ``_meta``), an ``error``'s ``message`` and ``data`` (agents hand a tool's error to the model),
+    and the ``params`` of a request or notification from the server (``sampling/createMessage``
+    messages and system prompt: model input; ``elicitation/create`` messages: shown to the
+    user; logging data and progress messages)."""
+    if not isinstance(message, dict):
         return []
+    slots = _known_result_slots(message, number)
+    covered = {(id(slot.container), slot.key) for slot in slots}
+    if "result" in message:
+        slots += _rule_slots(message, "result", (number,), covered)
+    for member in ("error", "params"):
+        if member in message and not (member == "error" and _is_own_error(message[member])):
+            slots += _rule_slots(message, member, (number, (member,)), covered)
+    return slots
+
+
+def _is_own_error(error: Any) -> bool:
+    """The sidecar's own error (a terminal frame read again): no text of the server's."""
+    if not isinstance(error, dict) or set(error) != {"code", "message"}:
+        return False
+    code, message = error["code"], error["message"]
+    return any(code == own_code and message == own_message for own_code, own_message in (
+        (VIOLATION_CODE, error_message(ErrorKind.VIOLATION)[2]),
+        (UNAVAILABLE_CODE, error_message(ErrorKind.UNAVAILABLE)[2])))
+
+
+def _known_result_slots(message: dict[str, Any], number: int) -> list[c.Slot]:
     result = message.get("result")
     if not isinstance(result, dict):
         return []
@@ -260,11 +405,38 @@ def tool_of(channel: Hashable) -> int | None:
 def _encode(payload: Any, event: SSEEvent | None) -> bytes:
     """One ``event: message`` carrying ``payload`` (an original event's name and ``id`` kept,
     so that a rewritten event still resumes a stream)."""
+    return _encode_data(c.dumps(payload), event)
+
+
+def _encode_data(data: str, event: SSEEvent | None) -> bytes:
     lines = [f"event: {event.event if event is not None and event.event else 'message'}"]
     if event is not None and event.id is not None:
         lines.append(f"id: {event.id}")
-    lines.append(f"data: {c.dumps(payload)}")
+    lines += [f"data: {line}" for line in data.splitlines() or [""]]
     return utf8("\n".join(lines) + "\n\n")
+
+
+#: What ``_event_value`` gives for an event whose data is not JSON Python reads.
+_NOT_JSON: Final = object()
+
+
+def _event_value(event: SSEEvent) -> Any:
+    """The JSON value of an event's data; None for an event without data (a comment, a
+    ``retry``, the SDK's priming event) or whose data is JSON to no client, ``_NOT_JSON`` for
+    JSON that Python does not read and Node's ``JSON.parse`` or Go's ``encoding/json`` do:
+    nesting past Python's recursion limit, an integer of more than 4,300 digits."""
+    data = event.data
+    if data is None or not data.strip():
+        return None
+    value = c.load_object(data)
+    if value is not None:
+        return value
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return None  # not JSON (``[DONE]``, a stray line): every client fails on it alike
+    except (ValueError, RecursionError):
+        return _NOT_JSON
 
 
 class McpFormat:
@@ -338,14 +510,14 @@ class McpFormat:
         message = self._read_request(body)
         if message is None:
             return []
-        return [slot.get() for slot in _argument_slots(message)]
+        return [slot.get() for slot in request_slots(message)]
 
     def rewrite_prompt(self, body: bytes, scope: str, texts: list[str]) -> bytes | None:
         c.check_scope(scope)
         message = c.load_object(body)
         if message is None:
             return None
-        slots = _argument_slots(message)
+        slots = request_slots(message)
         if len(slots) != len(texts) or not all(isinstance(t, str) for t in texts):
             return None
         for slot, text in zip(slots, texts, strict=True):
@@ -498,13 +670,20 @@ class McpCodec:
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         number = self._read
         self._read = number + 1
-        message = c.load_object(event.data)
-        if message is None or "method" in message or "id" not in message:
-            return []
-        self._pending.append((number, message["id"]))
+        value = _event_value(event)
+        if value is _NOT_JSON:
+            # Not JSON Python reads (nesting deeper than its recursion limit), which Node's
+            # JSON.parse and Go's encoding/json read: the data is checked as text.
+            assert isinstance(event.data, str)
+            self.text_ended = True
+            return [((number, "data"), event.data)]
+        response = isinstance(value, dict) and "id" in value and "method" not in value
+        if response:
+            self._pending.append((number, value["id"]))
         found: list[tuple[Hashable, str]] = [(_numbered(number, slot.channel), slot.get())
-                                             for slot in result_slots(message, 0)]
-        self.text_ended = True
+                                             for slot in answer_slots(value)]
+        if response or found:
+            self.text_ended = True
         return found
 
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
@@ -515,16 +694,19 @@ class McpCodec:
             pending.popleft()
         if not texts:
             return event.raw
-        message = c.load_object(event.data)
-        if message is None:
-            return event.raw
+        value = _event_value(event)
+        if value is _NOT_JSON:
+            masked = texts.get((number, "data"))
+            if masked is None:
+                return event.raw
+            return _encode_data(masked, event)
         slots: dict[Hashable, c.Slot] = {_numbered(number, slot.channel): slot
-                                         for slot in result_slots(message, 0)}
+                                         for slot in answer_slots(value)}
         for channel, text in texts.items():
             slot = slots.get(channel)
             if slot is not None:
                 slot.set(text)
-        return _encode(message, event)
+        return _encode(value, event)
 
     def _id(self) -> Any:
         if self._pending:

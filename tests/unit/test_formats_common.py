@@ -625,7 +625,7 @@ def test_load_object_reads_text_like_json_loads(data: str) -> None:
 # tail at once instead of waiting for the end of the body.
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_FORMATS, ids=lambda f: f.name)
 def test_text_ended_after_the_last_text_of_each_recording(fmt: StreamFormat) -> None:
     for name in FIXTURES_OF[fmt.name]:
         events = fixture_events(name)
