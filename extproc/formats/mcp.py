@@ -588,7 +588,7 @@ class McpFormat:
         answer = c.load_object(body) if body else None
         id_ = answer.get("id") if answer is not None else self._id()
         if answer is None and body and body.lstrip()[:6].startswith((b"event:", b"data:",
-                                                                      b"id:", b":")):
+                                                                      b"id:", b"retry:", b":")):
             # An SSE answer taken whole keeps its content type: the result as one event.
             return _encode(_soft_block(id_, message), None)
         return utf8(c.dumps(_soft_block(id_, message)))
