@@ -44,9 +44,9 @@ the rest of any ``result``      by rule (``resources/list``,    OUTPUT
                                 ``prompts/list`` descriptions,
                                 ``completion/complete``
                                 values, ``_meta``)
-an ``error`` answer             ``message``, ``data``: agents   OUTPUT
-                                hand a tool's error to the
-                                model
+an ``error`` answer (at any     ``message``, ``data``: agents   OUTPUT
+HTTP status: the SDK client     hand a tool's error to the
+reads a non-2xx body's error)   model
 a request or notification of    ``params`` by rule:             OUTPUT
 the server (in an SSE answer    ``sampling/createMessage``
 or a ``GET`` stream)            messages and system prompt

@@ -413,8 +413,10 @@ class GuardedStream:
         decoder = self._fmt.stream_decoder(content_type) if ok else None
         is_sse = decoder is not None
         # Everything else with a body is taken whole and read as a client may read it (JSON,
-        # SSE mislabelled, plain text; ``answer.answer_texts``), never passed unread.
-        is_json = ok and not is_sse
+        # SSE mislabelled, plain text; ``answer.answer_texts``), never passed unread. MCP: at
+        # any status (the SDK client surfaces a JSON-RPC error from a non-2xx body, the
+        # TypeScript one any body's text, and agents hand that error to the model).
+        is_json = (ok or isinstance(self._fmt, McpFormat)) and not is_sse
         has_body = not message.end_of_stream
         pending = gate is Gate.PENDING
         encoding = headers.get(HEADER_CONTENT_ENCODING, "identity").strip().lower()
