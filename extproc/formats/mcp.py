@@ -99,7 +99,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -209,7 +209,8 @@ def request_slots(message: dict[str, Any]) -> list[c.Slot]:
     then by rule every other string of any request's or notification's ``params`` (a
     ``prompts/get``'s or ``completion/complete``'s arguments, a method a server adds) and of a
     response the client posts (a ``sampling/createMessage`` result: model output; an
-    ``elicitation/create`` result: what the user typed). Not ``params.name``: it names the
+    ``elicitation/create`` result: what the user typed), URIs included (a resource template's
+    parameters come from a ``resources/read`` URI). Not ``params.name``: it names the
     tool or prompt the server listed (read there as OUTPUT), and a mask must not change it."""
     slots = _argument_slots(message)
     covered = {(id(slot.container), slot.key) for slot in slots}
@@ -218,7 +219,7 @@ def request_slots(message: dict[str, Any]) -> list[c.Slot]:
         covered.add((id(params), "name"))
     for member in ("params", "result", "error"):
         if member in message:
-            slots += _rule_slots(message, member, (member,), covered)
+            slots += _rule_slots(message, member, (member,), covered, _REQUEST_NO_TEXT)
     return slots
 
 
@@ -262,6 +263,9 @@ def tool_slots(tool: dict[str, Any], channel: tuple[Any, ...]) -> list[c.Slot]:
 #: and sizes), cursors and progress tokens, protocol members.
 _NO_TEXT: Final = frozenset({"blob", "icons", "progressToken", "cursor", "nextCursor",
                              "protocolVersion", "jsonrpc", "method", "uri", "uriTemplate"})
+#: In a request, a URI is read: a resource template's parameters come from it
+#: (``notes://{name}``), as a tool's from its arguments.
+_REQUEST_NO_TEXT: Final = _NO_TEXT - {"uri", "uriTemplate"}
 #: Content types whose ``data`` is base64 (what the guardrail cannot read as text).
 _BINARY_TYPES: Final = frozenset({"image", "audio"})
 
@@ -285,8 +289,22 @@ class KeySlot(c.Slot):
         mapping.update(items)
 
 
+def _is_binary(kind: Any) -> bool:
+    return isinstance(kind, str) and kind in _BINARY_TYPES
+
+
+def _set_all(pairs: Iterable[tuple[c.Slot, str]]) -> None:
+    """Masked texts put back: the names of schema maps last, so that a value is set under the
+    name it was read with (renamed first, it would be set under a new key beside the
+    original)."""
+    ordered = sorted(pairs, key=lambda pair: isinstance(pair[0], KeySlot))
+    for slot, text in ordered:
+        slot.set(text)
+
+
 def _rule_slots(holder: Any, member: Any, prefix: tuple[Any, ...],
-                covered: set[tuple[int, Any]]) -> list[c.Slot]:
+                covered: set[tuple[int, Any]], no_text: frozenset[str] = _NO_TEXT
+                ) -> list[c.Slot]:
     """The reading by rule of what the known paths do not read: every string leaf of
     ``holder[member]`` (channel ``prefix + path``) not read already (``covered``: (container
     id, key)) nor under a key that carries no text, and every name of a schema map (channel
@@ -302,7 +320,7 @@ def _rule_slots(holder: Any, member: Any, prefix: tuple[Any, ...],
         value = container[name]
         if isinstance(value, str):
             if (id(container), name) not in covered and not whole.skipped(name, value) and not (
-                    name == "data" and container.get("type") in _BINARY_TYPES):
+                    name == "data" and _is_binary(container.get("type"))):
                 slots.append(c.Slot(container, name, (*prefix, *path)))
         elif isinstance(value, dict):
             schema_map = isinstance(name, str) and name in whole.SCHEMA_MAPS
@@ -311,7 +329,7 @@ def _rule_slots(holder: Any, member: Any, prefix: tuple[Any, ...],
                     stack.append((value, inner, (*path, inner), False))
                     if inner:
                         stack.append((value, inner, (*path, inner), True))
-                elif not (isinstance(inner, str) and inner in _NO_TEXT):
+                elif not (isinstance(inner, str) and inner in no_text):
                     stack.append((value, inner, (*path, inner), False))
         elif isinstance(value, list):
             stack.extend((value, i, (*path, i), False) for i in range(len(value) - 1, -1, -1))
@@ -520,8 +538,10 @@ class McpFormat:
         slots = request_slots(message)
         if len(slots) != len(texts) or not all(isinstance(t, str) for t in texts):
             return None
-        for slot, text in zip(slots, texts, strict=True):
-            slot.set(text)
+        try:
+            _set_all(zip(slots, texts, strict=True))
+        except ValueError:
+            return None  # (a masked name that collides with another: the caller blocks)
         return utf8(c.dumps(message))
 
     # -- answers ----------------------------------------------------------------------------
@@ -545,8 +565,7 @@ class McpFormat:
         unknown = [channel for channel in texts if channel not in slots]
         if unknown:
             raise ValueError(f"no such channels in the answer: {unknown!r}")
-        for channel, text in texts.items():
-            slots[channel].set(text)
+        _set_all((slots[channel], text) for channel, text in texts.items())
         return utf8(c.dumps(answer))
 
     def _rewrite_sse(self, body: bytes, texts: Mapping[Hashable, str]) -> bytes:
@@ -702,10 +721,7 @@ class McpCodec:
             return _encode_data(masked, event)
         slots: dict[Hashable, c.Slot] = {_numbered(number, slot.channel): slot
                                          for slot in answer_slots(value)}
-        for channel, text in texts.items():
-            slot = slots.get(channel)
-            if slot is not None:
-                slot.set(text)
+        _set_all((slots[channel], text) for channel, text in texts.items() if channel in slots)
         return _encode(value, event)
 
     def _id(self) -> Any:

@@ -62,7 +62,6 @@ def test_every_string_of_the_arguments_is_read_and_masked_back() -> None:
     {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
     {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"cursor": "c1"}},
     {"jsonrpc": "2.0", "method": "notifications/initialized"},
-    {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///a"}},
 ])
 def test_messages_without_text_pass(message: dict[str, Any]) -> None:
     assert stream_format().prompt_texts(body(message), SCOPE) == []
@@ -77,6 +76,9 @@ def test_messages_without_text_pass(message: dict[str, Any]) -> None:
      ["t"]),
     ({"jsonrpc": "2.0", "id": 5, "result": {"action": "accept", "content": {"pin": "1234"}}},
      ["accept", "1234"]),
+    # a resource template's parameters come from the URI (notes://{name})
+    ({"jsonrpc": "2.0", "id": 6, "method": "resources/read",
+      "params": {"uri": "notes://say bazinga"}}, ["notes://say bazinga"]),
 ])
 def test_regression_other_requests_and_posted_responses_are_read(
         message: dict[str, Any], texts: list[str]) -> None:
@@ -499,3 +501,39 @@ def test_regression_a_line_sse_readers_skip_in_an_answer_taken_whole_is_read() -
     assert "say bazinga" in found[-1][1]
     assert all(channel != TEXT_CHANNEL for channel, _ in answer_texts(stream_format(), sse(RESULT))
                or [])
+
+
+def test_regression_a_masked_name_and_its_value_are_both_put_back() -> None:
+    """Bug (found by fuzzing the new reading): a schema map's name renamed by a mask before
+    its own value was masked left the original value under the new name and the masked one
+    under the old name."""
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "t", "inputSchema": {
+        "properties": {"mail a@b.c": "write to a@b.c"}}}]}}
+    fmt = stream_format()
+    found = fmt.response_texts(body(answer))
+    assert [t for _, t in found] == ["t", "mail a@b.c", "write to a@b.c"]
+    masked = json.loads(fmt.rewrite_response(body(answer), {
+        found[1][0]: "mail {EMAIL}", found[2][0]: "write to {EMAIL}"}))
+    assert masked["result"]["tools"][0]["inputSchema"]["properties"] == {
+        "mail {EMAIL}": "write to {EMAIL}"}
+
+
+def test_regression_a_content_type_that_is_not_a_string_does_not_crash_the_reading() -> None:
+    """Bug (found by fuzzing the new reading): a ``type`` that is a list or an object beside
+    a ``data`` raised TypeError (unhashable) while an answer was read."""
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {"content": [
+        {"type": ["image"], "data": "say bazinga"}, {"type": {"a": 1}, "data": "x"}]}}
+    codec = stream_format().stream_codec()
+    found = codec.extract(events(sse(answer))[0])
+    assert [t for _, t in found] == ["image", "say bazinga", "x"]
+
+
+def test_regression_a_masked_request_name_that_collides_is_none_not_an_exception() -> None:
+    """Bug (found by fuzzing): a mask that renamed a schema-map name of a request onto
+    another raised ValueError out of ``rewrite_prompt``, which must answer None (the caller
+    blocks): the prompt's check task died and the held request waited for Envoy's timeout."""
+    request = body({"jsonrpc": "2.0", "id": 1, "method": "x/y", "params": {
+        "properties": {"a@b.c": 1, "{EMAIL}": 2}}})
+    fmt = stream_format()
+    assert fmt.prompt_texts(request, SCOPE) == ["a@b.c", "{EMAIL}"]
+    assert fmt.rewrite_prompt(request, SCOPE, ["{EMAIL}", "{EMAIL}"]) is None
