@@ -221,6 +221,7 @@ class GuardedStream:
         self._content_encoding = "identity"
         self._content_type = ""
         self._signed = False  # the client signed the request (AWS SigV4)
+        self._mirrored = False  # MCP arguments again in Mcp-Param-* headers (2026-07-28)
         self._request_body = bytearray()
         self._request_done = False
         self._prompt: PromptCheck | None = None
@@ -274,6 +275,8 @@ class GuardedStream:
             HEADER_CONTENT_ENCODING, "identity").strip().lower()
         self._content_type = headers.get(HEADER_CONTENT_TYPE, "")
         self._signed = is_signed(headers)
+        self._mirrored = isinstance(self._fmt, McpFormat) and any(
+            name.startswith("mcp-param-") for name in headers)
         length = headers.get(HEADER_CONTENT_LENGTH, "")
         limit = limits.max_request_bytes
         if check_prompt and limit and length.isdigit() and int(length) > limit:
@@ -353,7 +356,7 @@ class GuardedStream:
         else:
             outbox.put(envoy.continue_request_body())
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
-                                   decoded is not body, self._signed)
+                                   decoded is not body, self._signed, self._mirrored)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
     def _label_mcp(self) -> None:

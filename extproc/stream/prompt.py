@@ -76,13 +76,18 @@ class PromptCheck:
     blocks as their text units allow (``extproc.stream.packing``). A clean pass of them all is
     remembered."""
 
-    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict", "_outputs", "_signed")
+    __slots__ = ("_ctx", "_fmt", "_texts", "held", "_decoded", "verdict", "_outputs", "_signed",
+                 "_mirrored")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
-                 held: bytes | None, decoded: bool, signed: bool = False) -> None:
+                 held: bytes | None, decoded: bool, signed: bool = False,
+                 mirrored: bool = False) -> None:
         self._ctx = ctx
         self._fmt = fmt
         self._signed = signed  # the client signed the request (AWS SigV4): no rewriting
+        # Headers carry the checked values again and are not rewritten (MCP ``Mcp-Param-*``):
+        # a mask of the body would leave the original in them, so it is a block.
+        self._mirrored = mirrored
         self._texts = texts
         self.held = held
         self._decoded = decoded
@@ -138,6 +143,11 @@ class PromptCheck:
                             "refused (a rewritten body would fail the signature; sign in "
                             "Envoy after the sidecar to allow masking)")
                 outcome = Outcome.BLOCK
+        if outcome is Outcome.MASK and can_mask and self._mirrored and not ctx.route.shadow:
+            log.warning("prompt masked by the guardrail on an MCP request whose Mcp-Param "
+                        "headers carry its arguments again: refused (they would still carry "
+                        "the original)")
+            outcome = Outcome.BLOCK
         if outcome is Outcome.MASK and can_mask:
             outputs = unpack(packed, texts, verdict.outputs)
             if outputs is None:

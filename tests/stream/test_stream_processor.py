@@ -724,3 +724,23 @@ async def test_regression_an_mcp_error_answer_at_a_non_2xx_status_is_read(status
     assert json.loads(answer.body)["error"]["code"] == -32010
     assert json.loads(answer.body)["id"] == 7
     assert h.guardrail.calls[-1].source is Source.OUTPUT
+
+
+async def test_regression_a_masked_mcp_call_with_mcp_param_headers_is_refused() -> None:
+    """Bug: a ``tools/call`` of protocol 2026-07-28 carries annotated arguments again in
+    ``Mcp-Param-*`` headers, which the sidecar does not rewrite: a masked call went up with
+    the masked body and the original value in its header (the server refuses the mismatch,
+    but has received the value). Such a mask is a block."""
+    call = {"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "mail", "arguments": {"to": "secret@example.com"}}}
+    h = Harness(FakeGuardrail(masked=("secret",)))
+    await h.feed(request_headers(path="/mcp", extra=(("mcp-param-to", "secret@example.com"),)),
+                 request_body(json.dumps(call).encode()))
+    await h.settle()
+    answer = h.sent[-1].immediate_response
+    assert json.loads(answer.body)["error"]["code"] == -32010
+    assert json.loads(answer.body)["id"] == 8
+    plain = Harness(FakeGuardrail(masked=("secret",)))
+    await plain.feed(request_headers(path="/mcp"), request_body(json.dumps(call).encode()))
+    await plain.settle()
+    assert plain.sent[-1].request_body.response.HasField("body_mutation")  # masked as usual
