@@ -670,12 +670,12 @@ class McpCodec:
     """One SSE stream of JSON-RPC messages (a ``POST``'s answer or a ``GET`` stream).
 
     Channels are ``(event number, ...)``: each message's text is checked on its own. Every
-    event is a whole message, so the text read so far is complete after each response
-    (``text_ended``; the guard then holds the events without text behind it until the next
-    checked text or the end of the body). A stream of notifications and server requests only
-    (the usual ``GET`` stream) never sets it, and nothing of it is held. The terminal frame
-    answers the oldest response read and not yet released (else the request's ``id``, else
-    ``null``)."""
+    event is a whole message, so the text read so far is complete after each response and
+    each message with text (``text_ended``, never withdrawn). Unlike a model API's stream, the
+    events without text behind it are not held until the end of the body (the guard knows
+    this codec): a ``POST``'s answer ends with its response, and a ``GET`` stream may never
+    end. The terminal frame answers the oldest response read and not yet released (else the
+    request's ``id``, else ``null``)."""
 
     def __init__(self, fmt: McpFormat) -> None:
         self._fmt = fmt
