@@ -62,7 +62,9 @@ Python's recursion limit, an
 integer of 4,300+ digits)
 ==============================  ==============================  ============================
 
-Nothing else is in a message; an answer that is not JSON at all is read as text
+Every other member of a message but ``jsonrpc``, ``id`` and ``method`` is read by rule too (a
+Go client on ``encoding/json`` reads ``"Result"`` as the result). An answer that is not JSON at
+all is read as text
 (``extproc.stream.answer``), an event whose data is JSON to no client (``[DONE]``) passes.
 
 Blocks are JSON-RPC errors for the ``id`` at stake, HTTP 200 ``application/json`` (or, in an SSE
@@ -181,6 +183,8 @@ def _is_message(value: Any) -> bool:
 #: the last one given winning: ``"method": "ping", "Method": "tools/call"`` is a tool call to
 #: it and a ping to us. A request with such a variant is refused.
 _ENVELOPE_KEYS: Final = frozenset({"jsonrpc", "id", "method", "params"})
+#: Members of a message that hold no text (the others are read, whatever their name).
+_ENVELOPE_TEXTLESS: Final = frozenset({"jsonrpc", "id", "method"})
 _PARAMS_KEYS: Final = frozenset({"name", "arguments", "_meta", "uri", "cursor", "task"})
 
 
@@ -217,8 +221,8 @@ def request_slots(message: dict[str, Any]) -> list[c.Slot]:
     params = message.get("params")
     if isinstance(params, dict):
         covered.add((id(params), "name"))
-    for member in ("params", "result", "error"):
-        if member in message:
+    for member in message:
+        if member not in _ENVELOPE_TEXTLESS:
             slots += _rule_slots(message, member, (member,), covered, _REQUEST_NO_TEXT)
     return slots
 
@@ -350,11 +354,12 @@ def result_slots(message: Any, number: int) -> list[c.Slot]:
         return []
     slots = _known_result_slots(message, number)
     covered = {(id(slot.container), slot.key) for slot in slots}
-    if "result" in message:
-        slots += _rule_slots(message, "result", (number,), covered)
-    for member in ("error", "params"):
-        if member in message and not (member == "error" and _is_own_error(message[member])):
-            slots += _rule_slots(message, member, (number, (member,)), covered)
+    for member in message:
+        if member in _ENVELOPE_TEXTLESS or (member == "error" and _is_own_error(message[member])):
+            continue
+        # (every other member: a Go client on encoding/json reads "Result" as the result)
+        prefix = (number,) if member == "result" else (number, (member,))
+        slots += _rule_slots(message, member, prefix, covered)
     return slots
 
 

@@ -544,7 +544,7 @@ def test_notes_change_no_byte_of_malformed_streams(fmt: StreamFormat,
         Unnoted(fmt.stream_codec()), events, schedule, released, mask)
 
 
-@pytest.mark.parametrize("fmt", SSE_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_SSE_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", [[1], {"a": 1}, 7, None, True])
 def test_bug_a_list_as_event_type_raised_in_the_responses_and_anthropic_codecs(
         fmt: StreamFormat, kind: Any) -> None:
