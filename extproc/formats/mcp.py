@@ -10,8 +10,8 @@ What is read (a JSON-RPC message is read whatever its method says; an answer by 
 since a response does not name its method). The known paths first, then by rule everything
 else a client may show a user or hand a model (``_rule_slots``: every string leaf, and the names
 of schema maps such as ``properties``, except under keys that carry no text: ids, types,
-roles, MIME types, URLs and URIs, base64 ``blob``/image and audio ``data``, icons, cursors,
-progress tokens):
+roles, MIME types, URLs and URIs, image and audio ``data`` (base64), icons, cursors, progress
+tokens; a resource ``blob`` that decodes to UTF-8 text is read decoded):
 
 ==============================  ==============================  ============================
 message                         text                            source
@@ -99,7 +99,9 @@ tool can then be removed, ``--mcp-poisoned-tools``).
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -297,6 +299,52 @@ def _is_binary(kind: Any) -> bool:
     return isinstance(kind, str) and kind in _BINARY_TYPES
 
 
+def _carries_text(container: Any, name: Any, value: str) -> bool:
+    """A string leaf read by rule. ``data`` is base64 only in image and audio content; in a
+    logging notification or an error it is text, whatever it looks like (``whole.skipped``
+    takes a long run of letters and spaces for base64)."""
+    if name == "data":
+        return bool(value) and not _is_binary(container.get("type"))
+    if name == "blob":
+        return False
+    return not whole.skipped(name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Base64Slot(c.Slot):
+    """A resource's ``blob`` that is UTF-8 text once decoded (a client shows a ``text/*`` blob
+    as text, and may sniff one labelled otherwise): read decoded, a mask encoded back."""
+
+    def get(self) -> str:
+        return _b64_text(self.container[self.key]) or ""
+
+    def set(self, text: str) -> None:
+        self.container[self.key] = base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+_NOT_BASE64: Final = re.compile(r"[^A-Za-z0-9+/]")
+
+
+def _b64_text(value: str) -> str | None:
+    """``value`` decoded as leniently as Node's ``Buffer.from(value, "base64")`` (and Python's
+    ``b64decode`` without ``validate``): URL-safe letters taken, other characters and missing
+    padding ignored; None when the bytes are not UTF-8 text."""
+    letters = _NOT_BASE64.sub("", value.replace("-", "+").replace("_", "/"))
+    letters = letters[:len(letters) - len(letters) % 4 if len(letters) % 4 == 1 else None]
+    try:
+        return base64.b64decode(letters + "=" * (-len(letters) % 4)).decode("utf-8")
+    except ValueError:  # (binascii.Error and UnicodeDecodeError are ValueErrors)
+        return None  # binary: what the guardrail cannot read as text
+
+
+def _blob_slot(container: Any, channel: tuple[Any, ...]) -> list[c.Slot]:
+    value = container["blob"]
+    text = _b64_text(value) if isinstance(value, str) else None
+    if text is None or not any(ch.isprintable() and not ch.isspace() for ch in text):
+        return []  # (bytes that happen to be UTF-8 but hold no visible character)
+    return [Base64Slot(container, "blob", channel)]
+
+
 def _set_all(pairs: Iterable[tuple[c.Slot, str]]) -> None:
     """Masked texts put back: the names of schema maps last, so that a value is set under the
     name it was read with (renamed first, it would be set under a new key beside the
@@ -323,9 +371,10 @@ def _rule_slots(holder: Any, member: Any, prefix: tuple[Any, ...],
             continue
         value = container[name]
         if isinstance(value, str):
-            if (id(container), name) not in covered and not whole.skipped(name, value) and not (
-                    name == "data" and _is_binary(container.get("type"))):
+            if (id(container), name) not in covered and _carries_text(container, name, value):
                 slots.append(c.Slot(container, name, (*prefix, *path)))
+            elif name == "blob" and (id(container), name) not in covered:
+                slots += _blob_slot(container, (*prefix, *path))
         elif isinstance(value, dict):
             schema_map = isinstance(name, str) and name in whole.SCHEMA_MAPS
             for inner in reversed(list(value)):
@@ -333,7 +382,7 @@ def _rule_slots(holder: Any, member: Any, prefix: tuple[Any, ...],
                     stack.append((value, inner, (*path, inner), False))
                     if inner:
                         stack.append((value, inner, (*path, inner), True))
-                elif not (isinstance(inner, str) and inner in no_text):
+                elif not (isinstance(inner, str) and inner in no_text) or inner == "blob":
                     stack.append((value, inner, (*path, inner), False))
         elif isinstance(value, list):
             stack.extend((value, i, (*path, i), False) for i in range(len(value) - 1, -1, -1))
