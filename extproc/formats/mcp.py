@@ -484,9 +484,13 @@ def _encode_data(data: str, event: SSEEvent | None) -> bytes:
     lines = [f"event: {event.event if event is not None and event.event else 'message'}"]
     if event is not None and event.id is not None:
         lines.append(f"id: {event.id}")
-    lines += [f"data: {line}" for line in data.splitlines() or [""]]
+    # (only CR, LF and CR LF end an SSE line: ``str.splitlines`` would also cut at U+2028 and
+    # the other Unicode line breaks, which JSON keeps raw inside a string)
+    lines += [f"data: {line}" for line in _SSE_BREAK.split(data)]
     return utf8("\n".join(lines) + "\n\n")
 
+
+_SSE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 
 #: What ``_event_value`` gives for an event whose data is not JSON Python reads.
 _NOT_JSON: Final = object()

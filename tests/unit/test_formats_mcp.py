@@ -581,3 +581,18 @@ def test_regression_text_in_data_and_in_a_text_blob_is_read() -> None:
     image = {"jsonrpc": "2.0", "id": 7, "result": {"content": [
         {"type": "image", "mimeType": "image/png", "data": sentence}]}}
     assert fmt.response_texts(body(image)) == []  # image data is base64 by the spec
+
+
+def test_regression_a_rewritten_event_keeps_unicode_line_separators_in_one_data_line() -> None:
+    """Bug (introduced and caught in this review): a rewritten event's data was cut into
+    lines with ``str.splitlines``, which also cuts at U+2028, U+0085 and the other Unicode
+    breaks that JSON keeps raw inside a string: the client joined the lines with LF, a raw
+    LF inside a JSON string, and could not parse the masked result."""
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {"content": [
+        {"type": "text", "text": "mail a@b.c\u2028line\x85two\x0bthree"}]}}
+    codec = stream_format().stream_codec()
+    (event,) = events(sse(answer))
+    ((channel, text),) = codec.extract(event)
+    (again,) = events(codec.rewrite(event, {channel: text.replace("a@b.c", "{EMAIL}")}))
+    assert json.loads(again.data)["result"]["content"][0]["text"] == (
+        "mail {EMAIL}\u2028line\x85two\x0bthree")
