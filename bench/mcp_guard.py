@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from harness import without_ext_proc
 from hotpath import InstantGuardrail, Sink, _headers
 
