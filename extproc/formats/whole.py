@@ -47,7 +47,9 @@ NO_TEXT_KEYS: Final = frozenset({
 #: URL, or a long run of the base64 alphabet); read when they hold text (Anthropic's plain-text
 #: document source is ``{"type": "text", "data": ...}``).
 BINARY_KEYS: Final = frozenset({"data", "file_data", "b64_json", "audio", "bytes"})
-_BASE64: Final = re.compile(r"[A-Za-z0-9+/=_\-\s]{64,}")
+#: (Line breaks only, as MIME wraps base64: with spaces, any sentence of 64 letters and spaces
+#: looked like base64 and passed unread.)
+_BASE64: Final = re.compile(r"[A-Za-z0-9+/=_\-\r\n]{64,}")
 #: Keys whose objects map names to JSON schemas: the names are read by the model.
 SCHEMA_MAPS: Final = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Hashable
+from typing import Final
 
 from extproc.domain.decision import Action, decide_verdict
 from extproc.domain.errors import GuardrailServerError
@@ -29,6 +31,12 @@ log = logging.getLogger(__name__)
 
 #: The channel of an answer that is text but neither JSON nor SSE.
 TEXT_CHANNEL: Hashable = ("text",)
+#: How an SSE body taken whole opens (a comment, or a field: a priming event opens with
+#: ``id:`` or ``retry:``).
+SSE_HEADS: Final = (b"data:", b"event:", b"id:", b"retry:", b":")
+_LINES: Final = re.compile(rb"\r\n|\r|\n")
+#: A line of an SSE body: blank, a comment, or a field SSE readers act on.
+_SSE_LINE: Final = re.compile(rb"|:.*|(?:data|event|id|retry)(?::.*)?", re.DOTALL)
 
 
 def answer_texts(fmt: StreamFormat, body: bytes) -> list[tuple[Hashable, str]] | None:
@@ -38,19 +46,27 @@ def answer_texts(fmt: StreamFormat, body: bytes) -> list[tuple[Hashable, str]] |
     JSON: the format's answer texts. Not JSON but SSE (an SSE body labelled JSON: the openai
     SDK parses a streamed call's answer as SSE whatever its content-type): every event's text
     through the format's stream codec, joined per channel; such an answer cannot be rewritten
-    (``rewrite_response`` does not know its channels), so a mask blocks it. Otherwise UTF-8
+    (``rewrite_response`` does not know its channels), so a mask blocks it; it opens with any
+    SSE field (``id:``, ``retry:``: an MCP server's priming event), and a line that is no SSE
+    field makes the whole body one more text (SSE readers skip it, a text reader shows it).
+    Otherwise UTF-8
     text (``text/plain``, no content-type): one text. Anything else cannot be read."""
     if load_json(body) is not None:
         return fmt.response_texts(body)
     head = body.lstrip()[:6]
-    if head.startswith((b"data:", b"event:", b":")):
+    if head.startswith(SSE_HEADS):
         codec = fmt.stream_codec()
         decoder = SSEDecoder()
         joined: dict[Hashable, list[str]] = {}
         for event in (*decoder.feed(body), *decoder.feed(b"\n\n")):
             for channel, text in codec.extract(event):
                 joined.setdefault(("sse", channel), []).append(text)
-        return [(channel, "".join(texts)) for channel, texts in joined.items()]
+        found = [(channel, "".join(texts)) for channel, texts in joined.items()]
+        if not all(_SSE_LINE.fullmatch(line) for line in _LINES.split(body)):
+            # A line that is no SSE field: SSE readers skip it, a client reading the body as
+            # text shows it. The whole body is checked as text too (a mask of it blocks).
+            found.append((TEXT_CHANNEL, body.decode("utf-8", "replace")))
+        return found
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

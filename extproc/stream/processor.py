@@ -250,6 +250,7 @@ class GuardedStream:
         self._content_encoding = "identity"
         self._content_type = ""
         self._signed = False  # the client signed the request (AWS SigV4)
+        self._mirrored = False  # MCP arguments again in Mcp-Param-* headers (2026-07-28)
         self._request_body = bytearray()
         self._request_done = False
         self._prompt: PromptCheck | None = None
@@ -303,6 +304,8 @@ class GuardedStream:
             HEADER_CONTENT_ENCODING, "identity").strip().lower()
         self._content_type = headers.get(HEADER_CONTENT_TYPE, "")
         self._signed = is_signed(headers)
+        self._mirrored = isinstance(self._fmt, McpFormat) and any(
+            name.startswith("mcp-param-") for name in headers)
         length = headers.get(HEADER_CONTENT_LENGTH, "")
         limit = limits.max_request_bytes
         if check_prompt and limit and length.isdigit() and int(length) > limit:
@@ -385,7 +388,8 @@ class GuardedStream:
         else:
             outbox.put(envoy.continue_request_body())
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
-                                   decoded is not body, self._signed, images)
+                                   decoded is not body, self._signed, images,
+                                   mirrored=self._mirrored)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
     def _label_mcp(self) -> None:
@@ -484,8 +488,10 @@ class GuardedStream:
         decoder = self._fmt.stream_decoder(content_type) if ok else None
         is_sse = decoder is not None
         # Everything else with a body is taken whole and read as a client may read it (JSON,
-        # SSE mislabelled, plain text; ``answer.answer_texts``), never passed unread.
-        is_json = ok and not is_sse
+        # SSE mislabelled, plain text; ``answer.answer_texts``), never passed unread. MCP: at
+        # any status (the SDK client surfaces a JSON-RPC error from a non-2xx body, the
+        # TypeScript one any body's text, and agents hand that error to the model).
+        is_json = (ok or isinstance(self._fmt, McpFormat)) and not is_sse
         has_body = not message.end_of_stream
         pending = gate is Gate.PENDING
         encoding = headers.get(HEADER_CONTENT_ENCODING, "identity").strip().lower()

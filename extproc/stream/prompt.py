@@ -81,14 +81,17 @@ class PromptCheck:
     them all is remembered."""
 
     __slots__ = ("_ctx", "_fmt", "_texts", "_images", "held", "_decoded", "verdict", "_outputs",
-                 "_signed", "refusal")
+                 "_signed", "refusal", "_mirrored")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
                  held: bytes | None, decoded: bool, signed: bool = False,
-                 images: list[ImageBlock] | None = None) -> None:
+                 images: list[ImageBlock] | None = None, *, mirrored: bool = False) -> None:
         self._ctx = ctx
         self._fmt = fmt
         self._signed = signed  # the client signed the request (AWS SigV4): no rewriting
+        # Headers carry the checked values again and are not rewritten (MCP ``Mcp-Param-*``):
+        # a mask of the body would leave the original in them, so it is a block.
+        self._mirrored = mirrored
         self._texts = texts
         self._images = images or []
         # The ``ErrorKind`` of a refusal that is not a guardrail block (images the guardrail
@@ -175,6 +178,11 @@ class PromptCheck:
                             "refused (a rewritten body would fail the signature; sign in "
                             "Envoy after the sidecar to allow masking)")
                 outcome = Outcome.BLOCK
+        if outcome is Outcome.MASK and can_mask and self._mirrored and not ctx.route.shadow:
+            log.warning("prompt masked by the guardrail on an MCP request whose Mcp-Param "
+                        "headers carry its arguments again: refused (they would still carry "
+                        "the original)")
+            outcome = Outcome.BLOCK
         if outcome is Outcome.MASK and can_mask:
             masked = verdict.outputs
             if images and len(masked) == len(packed.blocks) + len(images):

@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from mcp import Client, MCPError
-from mcp.server.mcpserver import MCPServer
+from mcp import Client, MCPError, types
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -84,6 +85,24 @@ def build_server(name: str, tools: Tools, *, poisoned: bool) -> MCPServer:
     return server
 
 
+class Confirmation(BaseModel):
+    ok: bool
+
+
+def build_asking_server(tools: Tools) -> MCPServer:
+    """A tool that asks the user (``elicitation/create``, on the call's SSE answer) before it
+    answers: the question carries text the output policy blocks."""
+    server = MCPServer("asking")
+
+    @server.tool(description="Ship a project after the user confirms")
+    async def ship(project: str, ctx: Context) -> str:
+        tools.calls.append(("ship", {"project": project}))
+        answer = await ctx.elicit(f"Ship {project}? It is Project Nightingale.", Confirmation)
+        return f"shipped: {answer.action}"
+
+    return server
+
+
 @dataclass
 class McpServers:
     url: str  # http://127.0.0.1:PORT
@@ -104,6 +123,7 @@ def mcp_servers() -> Iterator[McpServers]:
         .streamable_http_app(json_response=mode == "json")
         for prefix in ("", "poisoned-") for mode in MODES
     }
+    apps["/asking"] = build_asking_server(tools).streamable_http_app(json_response=False)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -462,3 +482,38 @@ def test_results_in_a_get_stream_are_checked(mcp_stack: McpStack) -> None:
     last = json.loads(blocks[-1].split(b"data: ", 1)[1])
     assert last == {"jsonrpc": "2.0", "id": 12, "error": {"code": VIOLATION_CODE,
                                                           "message": VIOLATION}}
+
+
+def test_regression_an_elicitation_request_of_the_server_is_checked(mcp_stack: McpStack) -> None:
+    """Bug: a request from the server on a tool call's SSE answer (``elicitation/create``,
+    shown to the user; ``sampling/createMessage``, model input) passed unread. Its blocked
+    question never reaches the client: the tool call gets the violation error."""
+    asked: list[str] = []
+
+    async def elicitation(context: Any, params: Any) -> Any:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async def call() -> Any:
+        async with Client(f"{mcp_stack.url}/asking/mcp", mode="legacy",
+                          elicitation_callback=elicitation) as client:
+            try:
+                return await client.call_tool("ship", {"project": "lighthouse"})
+            except MCPError as exc:
+                error = exc
+        raise error
+
+    with pytest.raises(MCPError) as raised:
+        run(call())
+    assert raised.value.error.code == VIOLATION_CODE
+    assert asked == []
+    assert mcp_stack.servers.tools.calls[-1] == ("ship", {"project": "lighthouse"})
+    # Directly, the question reaches the client: the server and the client are not at fault.
+    async def direct() -> Any:
+        async with Client(f"{mcp_stack.servers.url}/asking/mcp", mode="legacy",
+                          elicitation_callback=elicitation) as client:
+            return await client.call_tool("ship", {"project": "lighthouse"})
+
+    result = run(direct())
+    assert asked == ["Ship lighthouse? It is Project Nightingale."]
+    assert _texts(result) == ["shipped: accept"]

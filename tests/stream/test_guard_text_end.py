@@ -95,3 +95,24 @@ async def test_async_checks_the_tail_on_the_finish_event() -> None:
     await h.feed(response_body(chunk_event(finish_reason="stop")))
     await h.settle()
     assert len(guard.calls) == 2
+
+
+async def test_regression_an_mcp_get_stream_holds_no_event_after_checked_text() -> None:
+    """Bug: on an MCP ``GET`` stream (the server's own messages, a stream that may never end),
+    once a message with text was read (a logging notification, a sampling request), the
+    events without text behind it (``notifications/tools/list_changed``) waited for the next
+    checked text or the end of the body, which may never come."""
+    guard = FakeGuardrail()
+    h = Harness(guard, stream_mode=StreamMode.SYNC)
+    await h.feed(request_headers(path="/mcp", method="GET", end_of_stream=True),
+                 response_headers())
+    log = (b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/message",'
+           b'"params":{"level":"info","data":"indexing done"}}\n\n')
+    changed = (b'event: message\ndata: {"jsonrpc":"2.0",'
+               b'"method":"notifications/tools/list_changed"}\n\n')
+    await h.feed(response_body(log))
+    await h.settle()
+    assert len(guard.calls) == 1 and h.client_bytes() == log
+    await h.feed(response_body(changed))
+    await h.settle()
+    assert h.client_bytes() == log + changed

@@ -701,3 +701,46 @@ async def test_tool_descriptions_calls_and_results_are_read_and_paid_once() -> N
     await h.feed(request_headers(), request_body(poisoned))
     await h.settle()
     assert h.sent[-1].immediate_response.body == CHAT_VIOLATION_BODY
+
+
+@pytest.mark.parametrize("status", [400, 404, 500])
+async def test_regression_an_mcp_error_answer_at_a_non_2xx_status_is_read(status: int) -> None:
+    """Bug: a non-2xx answer passed unread, but the MCP SDK's client surfaces a JSON-RPC error
+    from a non-2xx body (the 2026-07-28 server answers its errors at 400 or 404; the
+    TypeScript client puts any body text in its error), and agents hand that error to the
+    model."""
+    h = Harness()
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "search", "arguments": {"q": "hi"}}}
+    await h.feed(request_headers(path="/mcp"), request_body(json.dumps(call).encode()))
+    await h.settle()
+    await h.feed(response_headers(status=status, content_type="application/json"))
+    assert h.sent[-1].mode_override.response_body_mode == ProcessingMode.BUFFERED_PARTIAL
+    error = {"jsonrpc": "2.0", "id": 7, "error": {"code": -32602,
+                                                  "message": "the forbidden word"}}
+    await h.feed(response_body(json.dumps(error).encode(), end_of_stream=True))
+    await h.settle()
+    answer = h.sent[-1].immediate_response
+    assert json.loads(answer.body)["error"]["code"] == -32010
+    assert json.loads(answer.body)["id"] == 7
+    assert h.guardrail.calls[-1].source is Source.OUTPUT
+
+
+async def test_regression_a_masked_mcp_call_with_mcp_param_headers_is_refused() -> None:
+    """Bug: a ``tools/call`` of protocol 2026-07-28 carries annotated arguments again in
+    ``Mcp-Param-*`` headers, which the sidecar does not rewrite: a masked call went up with
+    the masked body and the original value in its header (the server refuses the mismatch,
+    but has received the value). Such a mask is a block."""
+    call = {"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "mail", "arguments": {"to": "secret@example.com"}}}
+    h = Harness(FakeGuardrail(masked=("secret",)))
+    await h.feed(request_headers(path="/mcp", extra=(("mcp-param-to", "secret@example.com"),)),
+                 request_body(json.dumps(call).encode()))
+    await h.settle()
+    answer = h.sent[-1].immediate_response
+    assert json.loads(answer.body)["error"]["code"] == -32010
+    assert json.loads(answer.body)["id"] == 8
+    plain = Harness(FakeGuardrail(masked=("secret",)))
+    await plain.feed(request_headers(path="/mcp"), request_body(json.dumps(call).encode()))
+    await plain.settle()
+    assert plain.sent[-1].request_body.response.HasField("body_mutation")  # masked as usual

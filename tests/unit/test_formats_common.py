@@ -544,7 +544,7 @@ def test_notes_change_no_byte_of_malformed_streams(fmt: StreamFormat,
         Unnoted(fmt.stream_codec()), events, schedule, released, mask)
 
 
-@pytest.mark.parametrize("fmt", SSE_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_SSE_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", [[1], {"a": 1}, 7, None, True])
 def test_bug_a_list_as_event_type_raised_in_the_responses_and_anthropic_codecs(
         fmt: StreamFormat, kind: Any) -> None:
@@ -625,7 +625,7 @@ def test_load_object_reads_text_like_json_loads(data: str) -> None:
 # tail at once instead of waiting for the end of the body.
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", MODEL_FORMATS, ids=lambda f: f.name)
 def test_text_ended_after_the_last_text_of_each_recording(fmt: StreamFormat) -> None:
     for name in FIXTURES_OF[fmt.name]:
         events = fixture_events(name)
