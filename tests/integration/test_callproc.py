@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,24 +27,12 @@ from extproc.domain.values import Source
 from extproc.domain.verdict import Outcome
 from extproc.guardrail import parent
 from extproc.guardrail.bedrock import BedrockGuardrailClient
-from extproc.localbedrock import LocalBedrock, default_policy
+from extproc.localbedrock import LocalBedrock
 from extproc.settings.values import GuardrailCalls
-from tests.support import WAIT_S, eventually, isolate_aws_env, settings
+from tests.support import WAIT_S, eventually, settings
 
 GUARDRAIL = settings().guardrail
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    isolate_aws_env(monkeypatch)
-
-
-@pytest.fixture
-def bedrock(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBedrock]:
-    with LocalBedrock(default_policy(), port=0) as lb:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", lb.url)
-        yield lb
 
 
 def make_client(calls: GuardrailCalls = GuardrailCalls.PROCESS, timeout_s: float = WAIT_S,

@@ -56,7 +56,7 @@ from extproc.localbedrock import LocalBedrock, default_policy
 from extproc.localbedrock.server import ERROR_KINDS
 from extproc.settings.values import GuardrailCalls, GuardrailClientKind
 from tests.grpc.test_tls import key_pem, make_cert, pem
-from tests.support import isolate_aws_env, settings
+from tests.support import settings
 
 GUARDRAIL = settings().guardrail
 # botocore reads naive UTC times (get_current_datetime drops the tzinfo)
@@ -64,18 +64,6 @@ FROZEN = datetime.datetime(2026, 3, 14, 15, 9, 26, tzinfo=datetime.UTC).replace(
 ARN = "arn:aws:bedrock:us-east-1:123456789012:guardrail/abc123def456"
 OK_ANSWER = {"action": "NONE", "outputs": [], "assessments": [],
              "usage": {"topicPolicyUnits": 1}}
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    isolate_aws_env(monkeypatch)
-
-
-@pytest.fixture
-def bedrock(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBedrock]:
-    with LocalBedrock(default_policy(), port=0) as lb:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", lb.url)
-        yield lb
 
 
 @pytest.fixture
