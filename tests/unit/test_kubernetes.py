@@ -79,7 +79,7 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]
 
 def test_the_packaging_has_its_overlays_and_components() -> None:
     assert OVERLAYS == ["envoy", "envoy-gateway", "istio"]
-    assert COMPONENTS == ["autoscaling", "service-monitor"]
+    assert COMPONENTS == ["autoscaling", "service-monitor", "shared-state", "tracing"]
 
 
 def test_every_overlay_renders_the_sidecar(rendered: tuple[str, list[dict[str, Any]]]) -> None:
@@ -119,6 +119,17 @@ def test_components_render_on_every_overlay(overlay: str, tmp_path: Path) -> Non
     monitor = one(resources, "ServiceMonitor")
     service_ports = {p["name"] for p in one(resources, "Service")["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= service_ports
+    env = {e["name"]: e for e in one(resources, "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    # shared-state: the store's URL from a Secret (it may hold a password); tracing: OTLP.
+    assert env["EXTPROC_SHARED_STATE"]["valueFrom"]["secretKeyRef"] == {
+        "name": "guardrail-extproc-shared-state", "key": "url"}
+    assert env["EXTPROC_OTLP_ENDPOINT"]["value"].startswith("http://")
+    known = {option.env for option in OPTIONS}
+    assert {name for name in env if name.startswith("EXTPROC_")} <= known
+    loaded = load_settings(["--guardrail-id", "g1"], {"EXTPROC_OTLP_ENDPOINT": env["EXTPROC_OTLP_ENDPOINT"]["value"],
+                                "EXTPROC_SHARED_STATE": "rediss://u:p@valkey.cache.svc:6380/0"})
+    assert loaded.runtime.otlp_endpoint and loaded.client.shared_state_url
     validate_core(resources)
 
 
