@@ -186,17 +186,36 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-def server_options(reuse_port: bool = False) -> Sequence[tuple[str, Any]]:
+#: gRPC's default largest message a server receives (4 MiB).
+GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+#: Room in one ext_proc message besides the body it carries (headers, framing).
+_MESSAGE_SLACK = 64 * 1024
+
+
+def max_message_bytes(max_request_bytes: int) -> int:
+    """The largest ext_proc message the server receives: gRPC's default, or more when
+    ``--max-request-bytes`` allows a prompt that Envoy sends as one larger message (a buffered
+    body); -1 (no limit) when that limit is off. Otherwise the stream would fail with
+    RESOURCE_EXHAUSTED (an opaque 500 from Envoy) before the sidecar could answer 413."""
+    if max_request_bytes <= 0:
+        return -1
+    return max(GRPC_DEFAULT_MAX_MESSAGE, max_request_bytes + _MESSAGE_SLACK)
+
+
+def server_options(reuse_port: bool = False,
+                   max_message: int = GRPC_DEFAULT_MAX_MESSAGE) -> Sequence[tuple[str, Any]]:
     """gRPC server channel options.
 
     ``so_reuseport`` is off unless asked for (``--workers``, ``--reuse-port``), so that a second
     process on the same port fails loudly instead of silently sharing it. Keepalive pings from
-    Envoy are allowed so idle HTTP/2 connections to the sidecar survive.
+    Envoy are allowed so idle HTTP/2 connections to the sidecar survive. ``max_message``: the
+    largest message received (``max_message_bytes``).
     """
     return (
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_receive_message_length", max_message),
     )
 
 
@@ -219,7 +238,8 @@ async def start_server(settings: Settings, guardrail: GuardrailClient, *,
                        cache_factory: Callable[[int, float], VerdictCache] = verdict_cache,
                        tracer: Tracer | None = None) -> RunningServer:
     """Bind, register the ext_proc and health services, start; returns the bound port."""
-    server = grpc.aio.server(options=server_options(settings.server.reuse_port))
+    server = grpc.aio.server(options=server_options(
+        settings.server.reuse_port, max_message_bytes(settings.streams.max_request_bytes)))
     processor = ExternalProcessor(settings, guardrail, recorder=recorder,
                                   cache_factory=cache_factory, tracer=tracer)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)

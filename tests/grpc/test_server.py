@@ -30,7 +30,13 @@ from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as
 from extproc.domain.values import UnknownTraffic
 from extproc.envoy import ProcessingMode
 from extproc.localbedrock import LocalBedrock
-from extproc.transport.server import SERVICE_NAME, RunningServer
+from extproc.transport.server import (
+    GRPC_DEFAULT_MAX_MESSAGE,
+    SERVICE_NAME,
+    RunningServer,
+    max_message_bytes,
+    start_server,
+)
 from tests.support import (
     BLOCK_FRAME,
     WAIT_S,
@@ -694,3 +700,29 @@ async def test_process_port_in_use_fails_clearly(
     assert f"127.0.0.1:{port}" in sidecar.log and "cannot bind" in sidecar.log, sidecar.log
     assert "listening on" not in sidecar.log
     assert "Traceback" not in sidecar.log
+
+
+@pytest.mark.parametrize("max_request_bytes", [6 * 1024 * 1024, 0])
+async def test_a_prompt_larger_than_grpcs_default_message_is_received(
+        guardrail: FakeGuardrail, max_request_bytes: int) -> None:
+    """Regression: with ``--max-request-bytes`` over 4 MiB (or off), a buffered prompt larger
+    than gRPC's default 4 MiB message failed the stream (RESOURCE_EXHAUSTED: Envoy answers an
+    opaque 500) instead of being checked."""
+    running = await start_server(settings(listen_host="127.0.0.1", listen_port=0,
+                                          max_request_bytes=max_request_bytes), guardrail)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            conv = Conversation(pb_grpc.ExternalProcessorStub(channel))
+            assert kind(await conv.ask(request_headers())) == "request_headers"
+            prompt = "a long prompt " * (5 * 1024 * 1024 // 14)
+            answer = await conv.ask(request_body(chat_request(prompt)))
+            assert kind(answer) == "request_body"
+            assert any(len(" ".join(call.texts)) > 4 * 1024 * 1024 for call in guardrail.calls)
+    finally:
+        await asyncio.wait_for(running.server.stop(None), WAIT_S)
+
+
+def test_the_message_limit_follows_max_request_bytes() -> None:
+    assert max_message_bytes(1024 * 1024) == GRPC_DEFAULT_MAX_MESSAGE
+    assert max_message_bytes(8 * 1024 * 1024) > 8 * 1024 * 1024
+    assert max_message_bytes(0) == -1
