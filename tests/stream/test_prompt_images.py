@@ -192,3 +192,17 @@ async def test_an_image_part_spelt_with_json_escapes_is_found() -> None:
         await asyncio.sleep(0)
     assert h.status() == 400
     assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
+
+
+async def test_regression_an_image_whose_media_type_is_upper_case_is_not_skipped() -> None:
+    """The pre-check that skips bodies without images looked for a lower-case "image" only; a
+    Gemini blob of type ``IMAGE/PNG`` (media types are case-insensitive, and the finder reads
+    it as an image) passed unread."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"inlineData": {"mimeType": "IMAGE/PNG", "data": b64(BLOCKED)}}]}]}
+    assert "image" not in json.dumps(body)
+    h = Harness()
+    await h.send(body)
+    assert h.status() == 400
+    assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
