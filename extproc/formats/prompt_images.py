@@ -48,11 +48,17 @@ DATA_URL: Final = "data_url"
 BASE64: Final = "base64"
 URL: Final = "url"
 FILE: Final = "file"
+UNKNOWN: Final = "unknown"  # an image part of a shape not read: refused as unreadable
+
+#: Image part types whose image the guardrail cannot be given: vLLM's precomputed embeddings
+#: and in-process images (the model would read an image unchecked).
+_UNREAD_TYPES: Final = frozenset({"image_embeds", "image_pil"})
 
 
 @dataclass(frozen=True, slots=True)
 class ImagePart:
-    """One image of a prompt: ``kind`` (``DATA_URL``, ``BASE64``, ``URL``, ``FILE``) and its
+    """One image of a prompt: ``kind`` (``DATA_URL``, ``BASE64``, ``URL``, ``FILE``,
+    ``UNKNOWN``) and its
     value (never logged)."""
 
     kind: str
@@ -69,7 +75,12 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
     kind = node.get("type")
     if kind == "image_url":
         image_url = node.get("image_url")
-        return _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
+        part = _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
+        if part is not None:
+            return part
+        # vLLM's multimodal uuid with no image: the upstream shows a cached image
+        uuid = node.get("uuid", image_url.get("uuid") if isinstance(image_url, dict) else None)
+        return ImagePart(FILE, "uuid") if uuid is not None else ImagePart(UNKNOWN, "")
     if kind == "input_image":
         image_url = node.get("image_url")
         if isinstance(image_url, dict):
@@ -77,18 +88,26 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
         if isinstance(image_url, str):
             return _url_part(image_url)
         file_id = node.get("file_id")
-        return ImagePart(FILE, file_id) if isinstance(file_id, str) else None
+        return ImagePart(FILE, file_id) if isinstance(file_id, str) else ImagePart(UNKNOWN, "")
     if kind == "image":
         source = node.get("source")
+        if source is None:
+            return None  # not an Anthropic image block (an MCP content item, a schema)
         if not isinstance(source, dict):
-            return None
+            return ImagePart(UNKNOWN, "")
         source_type = source.get("type")
         if source_type == "base64" and isinstance(source.get("data"), str):
             return ImagePart(BASE64, source["data"])
         if source_type == "url":
-            return _url_part(source.get("url"))
+            return _url_part(source.get("url")) or ImagePart(UNKNOWN, "")
         if source_type == "file" and isinstance(source.get("file_id"), str):
             return ImagePart(FILE, source["file_id"])
+        return ImagePart(UNKNOWN, "")
+    if kind == "image_generation_call":  # Responses: a generated image given back as input
+        result = node.get("result")
+        return ImagePart(BASE64, result) if isinstance(result, str) and result else None
+    if isinstance(kind, str) and kind in _UNREAD_TYPES:
+        return ImagePart(UNKNOWN, "")
     return None
 
 
@@ -151,4 +170,6 @@ def resolve(part: ImagePart, max_bytes: int = MAX_IMAGE_BYTES) -> Inspected:
         return inspect(parse_data_url(part.value, max_bytes), max_bytes)
     if part.kind == BASE64:
         return inspect(decode_base64(part.value, max_bytes), max_bytes)
+    if part.kind == UNKNOWN:
+        raise ImageRefused(Reason.UNREADABLE, "an image part of a shape not read")
     raise ImageRefused(Reason.REFERENCE, f"an image by {part.kind}")

@@ -117,3 +117,38 @@ def test_gemini_bedrock_and_ollama_images_are_found() -> None:
     with pytest.raises(ImageRefused) as refused:
         resolve(find_images(generate)[0])
     assert refused.value.reason is Reason.FORMAT
+
+
+@pytest.mark.parametrize("part", [
+    # vLLM's multimodal uuids: an image_url of null and a uuid shows the model a cached image
+    {"type": "image_url", "image_url": None, "uuid": "sku-1234"},
+    {"type": "image_url", "image_url": {"uuid": "sku-1234"}},
+    {"type": "image_url", "image_url": {"URL": "data:image/png;base64,AAAA"}},
+    {"type": "input_image", "image_url": None},
+    {"type": "image", "source": {"type": "BASE64", "media_type": "image/png", "data": "AAAA"}},
+    {"type": "image", "source": {"type": "base64", "data": ["AAAA"]}},
+    # vLLM's precomputed image embeddings: the model reads a tensor the guardrail cannot
+    {"type": "image_embeds", "image_embeds": "AAAA"},
+    {"type": "image_pil", "image_pil": "AAAA"},
+])
+def test_regression_image_parts_of_an_unread_shape_are_refused_not_skipped(
+        part: dict[str, object]) -> None:
+    """An image-typed part whose image the finder did not find was skipped: a lenient upstream
+    (vLLM's cached uuids and embeddings) still shows its model an image."""
+    found = find_images({"messages": [{"role": "user", "content": [part]}]})
+    assert len(found) == 1
+    with pytest.raises(ImageRefused) as refused:
+        resolve(found[0])
+    assert refused.value.reason in (Reason.REFERENCE, Reason.UNREADABLE)
+
+
+def test_regression_a_generated_image_passed_back_in_responses_input_is_read() -> None:
+    """A Responses ``image_generation_call`` item given back as input carries its image in
+    ``result`` (base64), which the model sees; it passed unread."""
+    request = {"model": "m", "input": [
+        {"type": "image_generation_call", "id": "ig_1", "status": "completed",
+         "result": b64(PNG)},
+        {"role": "user", "content": "make it bigger"}]}
+    found = find_images(request)
+    assert [p.kind for p in found] == [BASE64]
+    assert resolve(found[0]).data == PNG
