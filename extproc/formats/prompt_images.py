@@ -63,6 +63,8 @@ class ImagePart:
 
     kind: str
     value: str = field(repr=False)
+    #: base64 whose API takes the URL-safe alphabet too (Gemini's protobuf JSON bytes)
+    url_safe: bool = False
 
 
 def _url_part(url: Any) -> ImagePart | None:
@@ -121,7 +123,7 @@ def _keyed(node: dict[str, Any]) -> Iterator[ImagePart]:
     for key in ("inlineData", "inline_data"):
         blob = node.get(key)
         if isinstance(blob, dict) and _is_image_type(blob) and isinstance(blob.get("data"), str):
-            yield ImagePart(BASE64, blob["data"])
+            yield ImagePart(BASE64, blob["data"], url_safe=True)
     for key in ("fileData", "file_data"):
         blob = node.get(key)
         if isinstance(blob, dict) and _is_image_type(blob):
@@ -169,7 +171,7 @@ def resolve(part: ImagePart, max_bytes: int = MAX_IMAGE_BYTES) -> Inspected:
     if part.kind == DATA_URL:
         return inspect(parse_data_url(part.value, max_bytes), max_bytes)
     if part.kind == BASE64:
-        return inspect(decode_base64(part.value, max_bytes), max_bytes)
+        return inspect(decode_base64(part.value, max_bytes, part.url_safe), max_bytes)
     if part.kind == UNKNOWN:
         raise ImageRefused(Reason.UNREADABLE, "an image part of a shape not read")
     raise ImageRefused(Reason.REFERENCE, f"an image by {part.kind}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -152,3 +154,21 @@ def test_regression_a_generated_image_passed_back_in_responses_input_is_read() -
     found = find_images(request)
     assert [p.kind for p in found] == [BASE64]
     assert resolve(found[0]).data == PNG
+
+
+def test_gemini_blobs_take_url_safe_base64_and_other_apis_do_not() -> None:
+    """Refusing URL-safe base64 (a lenient decoder reads other bytes) must not refuse Gemini's
+    blobs: its protobuf JSON bytes take either alphabet, and google-genai sends URL-safe."""
+    data = next(png(5, 5, seed=s) for s in range(50)
+                if b"-" in base64.urlsafe_b64encode(png(5, 5, seed=s))
+                or b"_" in base64.urlsafe_b64encode(png(5, 5, seed=s)))
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    gemini = {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png",
+                                                      "data": urlsafe}}]}]}
+    assert resolve(find_images(gemini)[0]).data == data
+    anthropic = {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": urlsafe}}]}]}
+    with pytest.raises(ImageRefused) as refused:
+        resolve(find_images(anthropic)[0])
+    assert refused.value.reason is Reason.UNREADABLE
