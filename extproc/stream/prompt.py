@@ -114,8 +114,10 @@ class PromptCheck:
         todo = [index for index, passed in enumerate(known[:len(keys)]) if not passed]
         if len(todo) < len(keys):
             record.count("cached_texts", len(keys) - len(todo))
-        images = [(key, image) for key, image, passed
-                  in zip(image_keys, self._images, known[len(keys):], strict=True) if not passed]
+        # Each distinct image once: copies of one image are one check (and one billed unit).
+        unique = {key: image for key, image, passed
+                  in zip(image_keys, self._images, known[len(keys):], strict=True) if not passed}
+        images = list(unique.items())
         if self._images:
             record.count("images", len(self._images))
             if len(images) < len(self._images):

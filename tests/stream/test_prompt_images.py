@@ -206,3 +206,14 @@ async def test_regression_an_image_whose_media_type_is_upper_case_is_not_skipped
     await h.send(body)
     assert h.status() == 400
     assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
+
+
+async def test_regression_the_same_image_repeated_in_one_prompt_is_sent_once() -> None:
+    """Each copy of one image went to the guardrail: a prompt of a few hundred copies of one
+    tiny PNG cost as many billed image units and calls (20 a call) as distinct images."""
+    h = Harness()
+    await h.send(chat(*[data_url(CLEAN)] * 50, data_url(BLOCKED)))
+    sent = [item for item in h.guardrail.calls[0] if isinstance(item, ImageBlock)]
+    assert sent == [ImageBlock("png", CLEAN), ImageBlock("png", BLOCKED)]
+    assert h.status() == 400
+    assert h.record()["images"] == 51
