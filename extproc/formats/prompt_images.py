@@ -7,9 +7,11 @@ it is (a message's content, a tool result's content, a Responses input item's co
 API                          image part
 ===========================  ==================================================================
 OpenAI Chat Completions      ``{"type": "image_url", "image_url": {"url": ...}}`` (a ``data:``
-                             URL or a remote URL; the bare-string ``image_url`` too)
+                             URL or a remote URL; the bare-string ``image_url`` too; vLLM's
+                             ``{"image_url": ...}`` without a ``type``)
 OpenAI Responses             ``{"type": "input_image", "image_url": ...}`` (``data:`` or
-                             remote) or ``{"type": "input_image", "file_id": ...}``
+                             remote) or ``{"type": "input_image", "file_id": ...}`` (a
+                             ``file_id`` beside an ``image_url`` makes it a reference)
 Anthropic Messages           ``{"type": "image", "source": {"type": "base64", "data": ...}}``,
                              ``source`` of type ``url`` or ``file``
 Google Gemini                ``{"inlineData": {"mimeType": "image/...", "data": ...}}`` (base64;
@@ -73,8 +75,20 @@ def _url_part(url: Any) -> ImagePart | None:
     return ImagePart(DATA_URL if is_data_url(url) else URL, url)
 
 
+def _untyped(node: dict[str, Any]) -> ImagePart | None:
+    """vLLM's parts without a ``type`` (it infers the type from the one key they have)."""
+    if node.keys() <= {"image_url", "uuid"} and "image_url" in node:
+        image_url = node["image_url"]
+        return _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
+    if len(node) == 1 and node.keys() & _UNREAD_TYPES:
+        return ImagePart(UNKNOWN, "")
+    return None
+
+
 def _part(node: dict[str, Any]) -> ImagePart | None:
     kind = node.get("type")
+    if kind is None:
+        return _untyped(node)
     if kind == "image_url":
         image_url = node.get("image_url")
         part = _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
@@ -84,13 +98,15 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
         uuid = node.get("uuid", image_url.get("uuid") if isinstance(image_url, dict) else None)
         return ImagePart(FILE, "uuid") if uuid is not None else ImagePart(UNKNOWN, "")
     if kind == "input_image":
+        file_id = node.get("file_id")
+        if file_id is not None:  # a file, even beside an inline image an upstream may ignore
+            return ImagePart(FILE, file_id if isinstance(file_id, str) else "")
         image_url = node.get("image_url")
         if isinstance(image_url, dict):
             image_url = image_url.get("url")
         if isinstance(image_url, str):
             return _url_part(image_url)
-        file_id = node.get("file_id")
-        return ImagePart(FILE, file_id) if isinstance(file_id, str) else ImagePart(UNKNOWN, "")
+        return ImagePart(UNKNOWN, "")
     if kind == "image":
         source = node.get("source")
         if source is None:

@@ -172,3 +172,28 @@ def test_gemini_blobs_take_url_safe_base64_and_other_apis_do_not() -> None:
     with pytest.raises(ImageRefused) as refused:
         resolve(find_images(anthropic)[0])
     assert refused.value.reason is Reason.UNREADABLE
+
+
+def test_regression_vllm_parts_without_a_type_are_found() -> None:
+    """vLLM infers a part's type from its one key: ``{"image_url": ...}`` with no ``type`` is an
+    image to it, and was only text (its base64 read as a string) to the sidecar."""
+    url = data_url(PNG)
+    request = {"model": "m", "messages": [{"role": "user", "content": [
+        {"text": "what is this?"},
+        {"image_url": url},
+        {"image_url": {"url": url}},
+        {"image_embeds": "AAAA"}]}]}
+    found = find_images(request)
+    assert [p.kind for p in found[:2]] == [DATA_URL, DATA_URL]
+    assert resolve(found[0]).data == PNG
+    assert len(found) == 3
+    with pytest.raises(ImageRefused):
+        resolve(found[2])
+
+
+def test_regression_an_input_image_with_a_file_id_too_is_a_reference() -> None:
+    """An ``input_image`` with both an inline ``image_url`` and a ``file_id``: the sidecar checked
+    the inline image, an upstream may show the file."""
+    part = {"type": "input_image", "image_url": data_url(PNG), "file_id": "file-abc"}
+    found = find_images({"input": [{"role": "user", "content": [part]}]})
+    assert [p.kind for p in found] == [FILE]
