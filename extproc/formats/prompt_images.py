@@ -12,6 +12,9 @@ OpenAI Chat Completions      ``{"type": "image_url", "image_url": {"url": ...}}`
 OpenAI Responses             ``{"type": "input_image", "image_url": ...}`` (``data:`` or
                              remote) or ``{"type": "input_image", "file_id": ...}`` (a
                              ``file_id`` beside an ``image_url`` makes it a reference)
+OpenAI file parts            ``{"type": "file", "file": {"file_data": ...}}`` and
+                             ``{"type": "input_file", "file_data": ...}`` whose ``data:`` URL
+                             declares an ``image/*`` type (other files are not images)
 Anthropic Messages           ``{"type": "image", "source": {"type": "base64", "data": ...}}``,
                              ``source`` of type ``url`` or ``file``
 Google Gemini                ``{"inlineData": {"mimeType": "image/...", "data": ...}}`` (base64;
@@ -75,6 +78,11 @@ def _url_part(url: Any) -> ImagePart | None:
     return ImagePart(DATA_URL if is_data_url(url) else URL, url)
 
 
+def _is_image_data_url(url: str) -> bool:
+    """A ``data:`` URL declaring an image media type (a file part holding an image)."""
+    return is_data_url(url) and url[5:5 + 64].lstrip().lower().startswith("image/")
+
+
 def _untyped(node: dict[str, Any]) -> ImagePart | None:
     """vLLM's parts without a ``type`` (it infers the type from the one key they have)."""
     if node.keys() <= {"image_url", "uuid"} and "image_url" in node:
@@ -121,6 +129,12 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
         if source_type == "file" and isinstance(source.get("file_id"), str):
             return ImagePart(FILE, source["file_id"])
         return ImagePart(UNKNOWN, "")
+    if kind in ("file", "input_file"):
+        holder = node.get("file") if kind == "file" else node
+        data = holder.get("file_data") if isinstance(holder, dict) else None
+        if isinstance(data, str) and _is_image_data_url(data):
+            return ImagePart(DATA_URL, data)
+        return None
     if kind == "image_generation_call":  # Responses: a generated image given back as input
         result = node.get("result")
         return ImagePart(BASE64, result) if isinstance(result, str) and result else None

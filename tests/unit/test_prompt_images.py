@@ -197,3 +197,21 @@ def test_regression_an_input_image_with_a_file_id_too_is_a_reference() -> None:
     part = {"type": "input_image", "image_url": data_url(PNG), "file_id": "file-abc"}
     found = find_images({"input": [{"role": "user", "content": [part]}]})
     assert [p.kind for p in found] == [FILE]
+
+
+def test_regression_an_image_sent_as_a_file_part_is_found() -> None:
+    """A Chat ``file`` part or a Responses ``input_file`` whose ``file_data`` is a ``data:`` URL
+    of an image type: an upstream that takes files by their media type (a proxy turning them
+    into the provider's image blocks) shows the model an image the sidecar did not read."""
+    url = data_url(PNG)
+    chat = {"messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": url, "filename": "cat.png"}},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0=",
+                                  "filename": "doc.pdf"}}]}]}
+    found = find_images(chat)
+    assert [p.kind for p in found] == [DATA_URL]
+    assert resolve(found[0]).data == PNG
+    responses = {"input": [{"role": "user", "content": [
+        {"type": "input_file", "file_data": url.replace("image/png", "IMAGE/PNG"),
+         "filename": "cat.png"}]}]}
+    assert [p.kind for p in find_images(responses)] == [DATA_URL]
