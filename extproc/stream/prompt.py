@@ -18,6 +18,7 @@ from extproc import envoy
 from extproc.domain.cache import image_key, verdict_key
 from extproc.domain.client import Content, ImageBlock
 from extproc.domain.decision import Action, decide_verdict
+from extproc.domain.errors import GuardrailRejected
 from extproc.domain.values import Gate, SignedPromptMask, Source, UncheckedImages
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.formats import ErrorKind, StreamFormat
@@ -136,6 +137,20 @@ class PromptCheck:
         except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
             error = as_guardrail_error(exc, "the prompt check")
             record.input = f"error:{error.error_class}"
+            if images and isinstance(error, GuardrailRejected):
+                # Bedrock refused a call holding images (one it cannot read: a PNG whose
+                # pixels do not inflate passes our header checks). That is an image the
+                # guardrail cannot be given, not an outage: --unchecked-images decides, never
+                # the failure mode (a crafted image would otherwise release an open route).
+                route = ctx.route
+                if route.unchecked_images is UncheckedImages.REJECT and not route.shadow:
+                    ctx.images_unchecked("unreadable", len(images), rejected=True)
+                    log.warning("the guardrail refused a call holding %d prompt images: 400",
+                                len(images))
+                    self.refusal = ErrorKind.IMAGE_UNREADABLE
+                    record.input = "image_refused"
+                    ctx.gate = Gate.BLOCKED
+                    return
             if ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
                 log.warning("prompt check failed (%s); failure mode open", error.error_class)
                 ctx.gate = Gate.OPEN

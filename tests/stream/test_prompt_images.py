@@ -10,6 +10,8 @@ from typing import Any
 
 from extproc.domain.cache import MemoryVerdictCache
 from extproc.domain.client import Content, ImageBlock
+from extproc.domain.errors import GuardrailRejected
+from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.domain.values import GuardrailRef, InputCheck, Source, UncheckedImages
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.formats import all_formats
@@ -217,3 +219,25 @@ async def test_regression_the_same_image_repeated_in_one_prompt_is_sent_once() -
     assert sent == [ImageBlock("png", CLEAN), ImageBlock("png", BLOCKED)]
     assert h.status() == 400
     assert h.record()["images"] == 51
+
+
+class RejectingImages(ImageGuardrail):
+    """Bedrock answering ``ValidationException`` for a call holding an image it cannot read (a
+    PNG whose pixel data does not inflate passes the sidecar's header checks)."""
+
+    async def apply(self, guardrail: GuardrailRef, source: Source,
+                    texts: Sequence[Content]) -> GuardrailVerdict:
+        self.calls.append(list(texts))
+        if any(isinstance(item, ImageBlock) for item in texts):
+            raise GuardrailRejected("ValidationException (400): invalid image")
+        return classify(bedrock_response("pass"))
+
+
+async def test_regression_an_image_bedrock_refuses_is_an_unchecked_image_not_an_outage() -> None:
+    """With ``--failure-mode open``, an image crafted for Bedrock to refuse made the call fail
+    and the prompt was released unchecked: ``--unchecked-images reject`` was bypassed."""
+    h = Harness(RejectingImages(), failure_mode=FailurePolicy.uniform(FailureMode.OPEN))
+    await h.send(chat(data_url(BLOCKED)))
+    assert h.status() == 400
+    assert h.error_type() == "guardrail_image_unreadable"
+    assert h.record()["outcome"] == "image_refused"
