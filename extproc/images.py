@@ -224,7 +224,8 @@ def parse_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of a ``data:`` URL (RFC 2397): ``;base64`` data decoded as ``decode_base64``
     does (a percent-escape in it is ``UNREADABLE``: a browser undoes it, an API's base64
     decoder refuses it or skips the ``%`` and reads the hex digits as base64), other data
-    percent-decoded; the media type is not read (the bytes are sniffed)."""
+    percent-decoded (raw non-ASCII characters are ``UNREADABLE``); the media type is not
+    read (the bytes are sniffed)."""
     if not is_data_url(url):
         raise ImageRefused(Reason.REFERENCE, "not a data URL")
     comma = url.find(",")
@@ -235,6 +236,9 @@ def parse_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         if "%" in payload:
             raise ImageRefused(Reason.UNREADABLE, "percent-escapes in base64")
         return decode_base64(payload, max_bytes)
+    if not payload.isascii():
+        # Latin-1 bytes to one reader, UTF-8 bytes to a URL decoder: not guessed.
+        raise ImageRefused(Reason.UNREADABLE, "a data URL with raw non-ASCII characters")
     if "%" in payload:
         if len(payload) > 3 * (2 * max_bytes + 64):
             raise ImageRefused(Reason.TOO_LARGE, f"{len(payload)} characters")
@@ -244,7 +248,4 @@ def parse_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         return decoded
     if len(payload) > max_bytes:
         raise ImageRefused(Reason.TOO_LARGE, f"{len(payload)} characters, over {max_bytes}")
-    try:
-        return payload.encode("latin-1")
-    except UnicodeEncodeError:
-        return payload.encode("utf-8")
+    return payload.encode("ascii")

@@ -167,3 +167,14 @@ def test_regression_base64_a_lenient_upstream_decodes_otherwise_is_refused() -> 
     # Where the API's decoder takes the URL-safe alphabet (Gemini's protobuf JSON bytes;
     # google-genai sends it), it is read.
     assert decode_base64(urlsafe, url_safe=True) == data
+
+
+def test_regression_a_data_url_with_raw_non_ascii_characters_is_refused() -> None:
+    """Raw (unescaped) characters over U+007F in a data URL's data: the sidecar took them as
+    Latin-1 bytes, a URL decoder (the fetch standard, Python's urllib) takes their UTF-8
+    bytes; the two readings differ, so neither is guessed."""
+    data = png()
+    raw = data.decode("latin-1")
+    assert raw.encode("utf-8") != data
+    refused(Reason.UNREADABLE, parse_data_url, "data:image/png," + raw)
+    refused(Reason.UNREADABLE, parse_data_url, "data:image/png,%89PNG" + raw[4:])
