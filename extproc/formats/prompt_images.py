@@ -17,6 +17,9 @@ OpenAI file parts            ``{"type": "file", "file": {"file_data": ...}}`` an
                              declares an ``image/*`` type (other files are not images)
 Anthropic Messages           ``{"type": "image", "source": {"type": "base64", "data": ...}}``,
                              ``source`` of type ``url`` or ``file``
+Other ``image`` parts         ``{"type": "image", ...}`` with ``image``, ``url`` (a ``data:`` or
+                             remote URL), ``base64`` or ``data`` (base64) beside the type
+                             (Hugging Face chat templates, MCP content)
 Google Gemini                ``{"inlineData": {"mimeType": "image/...", "data": ...}}`` (base64;
                              ``inline_data`` / ``mime_type`` too), ``fileData`` of an image
                              type (a reference)
@@ -117,8 +120,14 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
         return ImagePart(UNKNOWN, "")
     if kind == "image":
         source = node.get("source")
-        if source is None:
-            return None  # not an Anthropic image block (an MCP content item, a schema)
+        if source is None:  # the image beside the type (chat templates, MCP content)
+            for key in ("image", "url", "image_url"):
+                if isinstance(node.get(key), str):
+                    return _url_part(node[key])
+            for key in ("base64", "data"):
+                if isinstance(node.get(key), str):
+                    return ImagePart(BASE64, node[key])
+            return None
         if not isinstance(source, dict):
             return ImagePart(UNKNOWN, "")
         source_type = source.get("type")

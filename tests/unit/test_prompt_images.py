@@ -215,3 +215,17 @@ def test_regression_an_image_sent_as_a_file_part_is_found() -> None:
         {"type": "input_file", "file_data": url.replace("image/png", "IMAGE/PNG"),
          "filename": "cat.png"}]}]}
     assert [p.kind for p in find_images(responses)] == [DATA_URL]
+
+
+def test_regression_image_typed_parts_without_a_source_are_read() -> None:
+    """``{"type": "image"}`` parts carrying their image beside the type (Hugging Face chat
+    templates' ``image``/``url``/``base64``, MCP content's ``data``), which servers built on
+    them show their model, were skipped: only Anthropic's ``source`` was read."""
+    url = data_url(PNG)
+    parts = [{"type": "image", "image": url}, {"type": "image", "url": url},
+             {"type": "image", "base64": b64(PNG)},
+             {"type": "image", "data": b64(PNG), "mimeType": "image/png"},
+             {"type": "image", "url": "https://example.com/cat.png"}]
+    found = find_images({"messages": [{"role": "user", "content": parts}]})
+    assert [p.kind for p in found] == [DATA_URL, DATA_URL, BASE64, BASE64, URL]
+    assert all(resolve(p).data == PNG for p in found[:4])
