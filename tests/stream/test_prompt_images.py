@@ -241,3 +241,25 @@ async def test_regression_an_image_bedrock_refuses_is_an_unchecked_image_not_an_
     assert h.status() == 400
     assert h.error_type() == "guardrail_image_unreadable"
     assert h.record()["outcome"] == "image_refused"
+
+
+async def test_regression_a_prompt_of_thousands_of_tiny_images_is_refused_before_any_call(
+        ) -> None:
+    """A 1 MiB prompt holds thousands of distinct tiny PNGs: each was sent to the guardrail,
+    twenty a call, each billed as an image unit (about $5 a request at the default price
+    table, against cents for the same bytes of text) and each spending the account's 25
+    images a second quota, which then throttled every other route's images for minutes."""
+    images = [png(1, 1, seed=i) for i in range(12)]
+    h = Harness(max_prompt_images=10)
+    await h.send(chat(*(data_url(image) for image in images)))
+    assert h.status() == 400
+    assert h.error_type() == "guardrail_image_too_large"
+    assert h.guardrail.calls == []
+    passing = Harness(max_prompt_images=10, unchecked_images=UncheckedImages.PASS)
+    await passing.send(chat(*(data_url(image) for image in images)))
+    sent = [item for item in passing.guardrail.calls[0] if isinstance(item, ImageBlock)]
+    assert len(sent) == 10
+    assert passing.record()["images_unchecked"] == 2
+    copies = Harness(max_prompt_images=10)  # copies of one image are one image
+    await copies.send(chat(*[data_url(CLEAN)] * 12))
+    assert copies.status() is None
