@@ -90,6 +90,8 @@ def _untyped(node: dict[str, Any]) -> ImagePart | None:
     """vLLM's parts without a ``type`` (it infers the type from the one key they have)."""
     if node.keys() <= {"image_url", "uuid"} and "image_url" in node:
         image_url = node["image_url"]
+        if node.get("uuid") is not None:
+            return ImagePart(FILE, "uuid")
         return _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
     if len(node) == 1 and node.keys() & _UNREAD_TYPES:
         return ImagePart(UNKNOWN, "")
@@ -102,12 +104,12 @@ def _part(node: dict[str, Any]) -> ImagePart | None:
         return _untyped(node)
     if kind == "image_url":
         image_url = node.get("image_url")
-        part = _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
-        if part is not None:
-            return part
-        # vLLM's multimodal uuid with no image: the upstream shows a cached image
         uuid = node.get("uuid", image_url.get("uuid") if isinstance(image_url, dict) else None)
-        return ImagePart(FILE, "uuid") if uuid is not None else ImagePart(UNKNOWN, "")
+        if uuid is not None:
+            # vLLM's multimodal uuid: it may show the image cached under it, not this one
+            return ImagePart(FILE, "uuid")
+        part = _url_part(image_url.get("url") if isinstance(image_url, dict) else image_url)
+        return part if part is not None else ImagePart(UNKNOWN, "")
     if kind == "input_image":
         file_id = node.get("file_id")
         if file_id is not None:  # a file, even beside an inline image an upstream may ignore

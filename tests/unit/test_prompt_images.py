@@ -229,3 +229,13 @@ def test_regression_image_typed_parts_without_a_source_are_read() -> None:
     found = find_images({"messages": [{"role": "user", "content": parts}]})
     assert [p.kind for p in found] == [DATA_URL, DATA_URL, BASE64, BASE64, URL]
     assert all(resolve(p).data == PNG for p in found[:4])
+
+
+def test_regression_an_image_with_a_vllm_uuid_is_a_reference_even_with_its_data() -> None:
+    """vLLM keys its multimodal cache by a given ``uuid``: a part carrying an inline image and
+    a uuid may be shown as the image cached under that uuid (sent earlier by any client), not
+    the inline one the sidecar checked."""
+    for part in ({"type": "image_url", "image_url": {"url": data_url(PNG)}, "uuid": "cat"},
+                 {"image_url": data_url(PNG), "uuid": "cat"}):
+        found = find_images({"messages": [{"role": "user", "content": [part]}]})
+        assert [p.kind for p in found] == [FILE]
