@@ -393,7 +393,8 @@ class GuardedStream:
             outbox.put(envoy.continue_request_body())
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
                                    decoded is not body, self._signed, images,
-                                   mirrored=self._mirrored)
+                                   mirrored=self._mirrored,
+                                   max_images=self._settings.streams.max_prompt_images)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
     def _label_mcp(self) -> None:
@@ -411,8 +412,8 @@ class GuardedStream:
         """The prompt's images as image blocks (``extproc.formats.prompt_images``); None when
         one cannot be checked and the route rejects such images (the API's 400 is sent). With
         ``unchecked_images pass`` (or in shadow mode) such an image is logged, counted and
-        left out of the check. Their decoded bytes count against ``--max-request-bytes``, and
-        distinct images beyond ``--max-prompt-images`` are unchecked images (too large)."""
+        left out of the check. Their decoded bytes count against ``--max-request-bytes``
+        (``--max-prompt-images`` is applied by ``PromptCheck``, to the images not known)."""
         if b"\\u" not in body and _IMAGE_WORD.search(body) is None:
             # Every image part's type, key or media type holds "image" in some letter case
             # (media types are case-insensitive: "IMAGE/PNG"); spelt with escapes, the body
@@ -422,9 +423,7 @@ class GuardedStream:
         if not parts:
             return []
         ctx, route = self._ctx, self._ctx.route
-        most = self._settings.streams.max_prompt_images
         blocks: list[ImageBlock] = []
-        seen: set[bytes] = set()  # copies of one image are one check
         total = 0
         for part in parts:
             try:
@@ -432,12 +431,6 @@ class GuardedStream:
                 total += len(image.data)
                 if limit and total > limit:
                     raise ImageRefused(Reason.TOO_LARGE, "images over --max-request-bytes")
-                if image.data in seen:
-                    blocks.append(ImageBlock(image.format, image.data))
-                    continue
-                if most and len(seen) >= most:
-                    raise ImageRefused(Reason.TOO_LARGE, "images over --max-prompt-images")
-                seen.add(image.data)
             except ImageRefused as exc:
                 reason = exc.reason.value
                 if route.unchecked_images is UncheckedImages.REJECT and not route.shadow:

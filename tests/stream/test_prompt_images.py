@@ -263,3 +263,18 @@ async def test_regression_a_prompt_of_thousands_of_tiny_images_is_refused_before
     copies = Harness(max_prompt_images=10)  # copies of one image are one image
     await copies.send(chat(*[data_url(CLEAN)] * 12))
     assert copies.status() is None
+
+
+async def test_images_the_cache_knows_do_not_count_against_max_prompt_images() -> None:
+    """A conversation resends its earlier images: those already checked cost nothing and do
+    not count against ``--max-prompt-images``."""
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: 0.0)
+    guardrail = ImageGuardrail()
+    first = [png(1, 1, seed=i) for i in range(8)]
+    await Harness(guardrail, cache, max_prompt_images=10).send(
+        chat(*(data_url(image) for image in first)))
+    later = Harness(guardrail, cache, max_prompt_images=10)
+    await later.send(chat(*(data_url(image) for image in first),
+                          *(data_url(png(1, 1, seed=100 + i)) for i in range(8))))
+    assert later.status() is None
+    assert sum(isinstance(item, ImageBlock) for item in guardrail.calls[-1]) == 8
