@@ -167,7 +167,9 @@ def _keyed(node: dict[str, Any]) -> Iterator[ImagePart]:
             yield ImagePart(BASE64, blob["data"], url_safe=True)
     for key in ("fileData", "file_data"):
         blob = node.get(key)
-        if isinstance(blob, dict) and _is_image_type(blob):
+        # an image type, or none (optional: the File API knows the file's type)
+        if isinstance(blob, dict) and (_is_image_type(blob) or not isinstance(
+                blob.get("mimeType", blob.get("mime_type")), str)):
             uri = blob.get("fileUri", blob.get("file_uri"))
             yield ImagePart(URL, uri if isinstance(uri, str) else "")
     image = node.get("image")

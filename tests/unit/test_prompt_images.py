@@ -239,3 +239,12 @@ def test_regression_an_image_with_a_vllm_uuid_is_a_reference_even_with_its_data(
                  {"image_url": data_url(PNG), "uuid": "cat"}):
         found = find_images({"messages": [{"role": "user", "content": [part]}]})
         assert [p.kind for p in found] == [FILE]
+
+
+def test_regression_a_gemini_file_without_a_media_type_is_a_reference() -> None:
+    """Gemini's ``fileData.mimeType`` is optional (the File API knows the file's type): a file
+    without one may be an image the model sees, and was skipped as "not an image type"."""
+    gemini = {"contents": [{"parts": [
+        {"fileData": {"fileUri": "https://generativelanguage.googleapis.com/v1beta/files/x"}},
+        {"file_data": {"file_uri": "gs://bucket/cat"}}]}]}
+    assert [p.kind for p in find_images(gemini)] == [URL, URL]
