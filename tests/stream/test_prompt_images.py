@@ -4,6 +4,7 @@ judges image blocks: what is sent, what is refused, what is cached, what is pass
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -278,3 +279,16 @@ async def test_images_the_cache_knows_do_not_count_against_max_prompt_images() -
                           *(data_url(png(1, 1, seed=100 + i)) for i in range(8))))
     assert later.status() is None
     assert sum(isinstance(item, ImageBlock) for item in guardrail.calls[-1]) == 8
+
+
+async def test_an_image_in_a_gzipped_body_spelt_with_escapes_is_found() -> None:
+    """The skip-if-no-image pre-check reads the inflated body: gzip hides nothing."""
+    url = data_url(BLOCKED, "application/octet-stream")
+    body = json.dumps(chat(url)).replace('"image_url"', '"\\u0069mage_url"').encode()
+    h = Harness()
+    await h.processor.handle(request_headers(extra=(("content-encoding", "gzip"),)))
+    await h.processor.handle(request_body(gzip.compress(body)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert h.status() == 400
+    assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
