@@ -1,12 +1,12 @@
 """Images a prompt carries inline, read just far enough to send them to ``ApplyGuardrail``.
 
 Owns: the ``data:`` URL parser (RFC 2397: base64, or percent-encoded bytes), the bounded
-base64 decoder, the format sniffer (magic bytes; the declared media type is never trusted) and
-the header readers for the dimensions (PNG ``IHDR``; JPEG start-of-frame markers, walking the
-segments) and a PNG chunk walk (lengths and CRCs up to ``IEND``). Pixels are never decoded:
-an image bomb (a small file claiming huge dimensions) is refused from its header, and no
-input makes these functions read past their argument, loop without advancing, or allocate
-more than the size bound.
+base64 decoder (refusing what decoders disagree on), the format sniffer (magic bytes; the
+declared media type is never trusted) and the header readers for the dimensions (PNG
+``IHDR``; JPEG start-of-frame markers, walking the segments) and a PNG chunk walk (lengths
+and CRCs up to ``IEND``). Pixels are never decoded: an image bomb (a small file claiming
+huge dimensions) is refused from its header, and no input makes these functions read past
+their argument, loop without advancing, or allocate more than the size bound.
 
 Bedrock's limits for image content blocks (AWS, "Block harmful images with content filters",
 docs.aws.amazon.com/bedrock/latest/userguide/guardrails-mmfilter.html): PNG and JPEG only, at
@@ -176,11 +176,14 @@ def inspect(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> Inspected:
     return Inspected(fmt, width, height, data)
 
 
-def decode_base64(text: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """Base64 as the upstream APIs take it: whitespace ignored, the URL-safe alphabet read as
-    the standard one, padding optional; refused before decoding when the encoded length
-    already says more than ``max_bytes``. Any other character is ``UNREADABLE`` (Python's
-    default decoder would skip it and decode other bytes than a strict upstream)."""
+def decode_base64(text: str, max_bytes: int = MAX_IMAGE_BYTES, url_safe: bool = False) -> bytes:
+    """Base64 as the upstream APIs take it: whitespace ignored, padding optional; refused
+    before decoding when the encoded length already says more than ``max_bytes``. Any other
+    character is ``UNREADABLE``: Python's default decoder (vLLM's, many proxies') skips it
+    and decodes other bytes than the sidecar would, so the guardrail would check another
+    image than the model sees. So are the URL-safe ``-`` and ``_`` unless ``url_safe`` (an
+    API whose decoder takes that alphabet: Gemini's protobuf JSON bytes), and a text mixing
+    both alphabets always (no decoder reads it as one)."""
     # Three bytes per four characters: a bound from the length alone, whitespace allowed for
     # (a line break every 64 characters at most doubles nothing; twice the bound is generous).
     bound = (max_bytes + 2) // 3 * 4
@@ -190,7 +193,14 @@ def decode_base64(text: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
         raise ImageRefused(Reason.UNREADABLE, "base64 with a non-ASCII character") from None
-    raw = raw.translate(_BASE64_CLEAN, _WHITESPACE)
+    if b"-" in raw or b"_" in raw:
+        if not url_safe:
+            raise ImageRefused(Reason.UNREADABLE, "URL-safe base64 where the API reads the "
+                               "standard alphabet")
+        if b"+" in raw or b"/" in raw:
+            raise ImageRefused(Reason.UNREADABLE, "base64 mixing both alphabets")
+        raw = raw.translate(_BASE64_CLEAN)
+    raw = raw.translate(None, _WHITESPACE)
     raw = raw.rstrip(b"=")
     if len(raw) > bound:
         raise ImageRefused(Reason.TOO_LARGE, f"{len(raw)} base64 characters")
@@ -212,7 +222,9 @@ def is_data_url(url: str) -> bool:
 
 def parse_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of a ``data:`` URL (RFC 2397): ``;base64`` data decoded as ``decode_base64``
-    does (percent-escapes undone first), other data percent-decoded; the media type is not
+    does (a percent-escape in it is ``UNREADABLE``: a browser undoes it, an API's base64
+    decoder refuses it or skips the ``%`` and reads the hex digits as base64), other data
+    percent-decoded (raw non-ASCII characters are ``UNREADABLE``); the media type is not
     read (the bytes are sniffed)."""
     if not is_data_url(url):
         raise ImageRefused(Reason.REFERENCE, "not a data URL")
@@ -220,24 +232,20 @@ def parse_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     if comma < 0:
         raise ImageRefused(Reason.UNREADABLE, "a data URL without a comma")
     header, payload = url[5:comma], url[comma + 1:]
-    base64 = header.rstrip().lower().endswith(";base64")
+    if header.rstrip().lower().endswith(";base64"):
+        if "%" in payload:
+            raise ImageRefused(Reason.UNREADABLE, "percent-escapes in base64")
+        return decode_base64(payload, max_bytes)
+    if not payload.isascii():
+        # Latin-1 bytes to one reader, UTF-8 bytes to a URL decoder: not guessed.
+        raise ImageRefused(Reason.UNREADABLE, "a data URL with raw non-ASCII characters")
     if "%" in payload:
         if len(payload) > 3 * (2 * max_bytes + 64):
             raise ImageRefused(Reason.TOO_LARGE, f"{len(payload)} characters")
         decoded = unquote_to_bytes(payload)
-        if not base64:
-            if len(decoded) > max_bytes:
-                raise ImageRefused(Reason.TOO_LARGE, f"{len(decoded)} bytes, over {max_bytes}")
-            return decoded
-        try:
-            payload = decoded.decode("ascii")
-        except UnicodeDecodeError:
-            raise ImageRefused(Reason.UNREADABLE, "base64 with a non-ASCII byte") from None
-    if base64:
-        return decode_base64(payload, max_bytes)
+        if len(decoded) > max_bytes:
+            raise ImageRefused(Reason.TOO_LARGE, f"{len(decoded)} bytes, over {max_bytes}")
+        return decoded
     if len(payload) > max_bytes:
         raise ImageRefused(Reason.TOO_LARGE, f"{len(payload)} characters, over {max_bytes}")
-    try:
-        return payload.encode("latin-1")
-    except UnicodeEncodeError:
-        return payload.encode("utf-8")
+    return payload.encode("ascii")

@@ -113,7 +113,7 @@ _SECTION_OF: dict[str, tuple[str, str]] = {
         "audit_include_matches", "config_poll_s", "otlp_endpoint")},
     **{name: ("streams", name) for name in (
         "input_wait_s", "metadata_namespace", "keepalive_s", "streamed_message_timeout_s",
-        "max_held_bytes", "max_request_bytes", "max_streams", "prices")},
+        "max_held_bytes", "max_request_bytes", "max_prompt_images", "max_streams", "prices")},
     **{name: ("default_route", name) for name in (
         "guardrail", "input_check", "prompt_scope", "signed_prompt_mask", "output_check",
         "reasoning_check", "shadow", "soft_block", "failure_mode", "stream_mode", "window",

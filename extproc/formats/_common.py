@@ -455,7 +455,7 @@ def leaf_slots(root: Any, prefix: tuple[Any, ...], names: Collection[str] | None
         holder, name, path = stack.pop()
         value = holder[name]
         if isinstance(value, str):
-            if not whole.skipped(name, value):
+            if not whole.skipped(name, value, holder):
                 slots.append(Slot(holder, name, (*prefix, *path)))
         elif isinstance(value, dict):
             stack.extend((value, inner, (*path, inner)) for inner in reversed(list(value))

@@ -36,18 +36,18 @@ DATA_CHANNEL: Hashable = ("data",)
 
 
 def _leaves(value: Any, path: tuple[Any, ...], key: Any,
-            found: list[tuple[Hashable, str]]) -> None:
+            found: list[tuple[Hashable, str]], container: Any = None) -> None:
     if isinstance(value, str):
-        if not whole.skipped(key, value):
+        if not whole.skipped(key, value, container):
             found.append((path, value))
     elif isinstance(value, dict):
         for name, item in value.items():
             if name in whole.NO_TEXT_KEYS:
                 continue
-            _leaves(item, (*path, name), name, found)
+            _leaves(item, (*path, name), name, found, value)
     elif isinstance(value, list):
         for position, item in enumerate(value):
-            _leaves(item, (*path, position), position, found)
+            _leaves(item, (*path, position), position, found, value)
 
 
 def _set(value: Any, path: tuple[Any, ...], text: str) -> bool:

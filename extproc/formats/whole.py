@@ -54,12 +54,30 @@ _BASE64: Final = re.compile(r"[A-Za-z0-9+/=_\-\r\n]{64,}")
 SCHEMA_MAPS: Final = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 
 
-def skipped(key: Any, value: str) -> bool:
-    """True when the string ``value`` under ``key`` carries no text a model reads."""
+def declares_text(container: Any) -> bool:
+    """Whether an object says its ``data`` is text: ``type`` ``text`` (Anthropic's plain-text
+    document source) or a ``text/*`` media type."""
+    if not isinstance(container, dict):
+        return False
+    if container.get("type") == "text":
+        return True
+    for name in ("media_type", "mime_type", "mimeType"):
+        media = container.get(name)
+        if isinstance(media, str) and media.strip().lower().startswith("text/"):
+            return True
+    return False
+
+
+def skipped(key: Any, value: str, container: Any = None) -> bool:
+    """True when the string ``value`` under ``key`` (a member of ``container``, when given)
+    carries no text a model reads. A binary key's value is read, whatever it looks like, when
+    its object declares it text (``declares_text``) or it is a ``data:text/`` URL."""
     if isinstance(key, str):
         if key in NO_TEXT_KEYS or key.endswith("_id"):
             return True
         if key in BINARY_KEYS:
+            if declares_text(container) or value[:10].lower() == "data:text/":
+                return not value
             return value.startswith("data:") or _BASE64.fullmatch(value) is not None
     return not value
 
@@ -200,7 +218,7 @@ def _map_span(opcodes: Sequence[tuple[str, int, int, int, int]], start: int, end
 def _walk(value: Any, key: Any, container: Any, run: int | None, out: list[Leaf],
           runs: Iterator[int]) -> None:
     if isinstance(value, str):
-        if not skipped(key, value):
+        if not skipped(key, value, container):
             out.append(Leaf(container, key, run))
     elif isinstance(value, dict):
         schema_map = key in SCHEMA_MAPS

@@ -443,6 +443,11 @@ OPTIONS: tuple[_Option, ...] = (
             "checked, inflated; larger ones get 413 before anything goes upstream (keep it at most "
             "Envoy's buffer limit, per_connection_buffer_limit_bytes, 1 MiB by default; 0: no "
             "limit)", "1048576", _number_parser(int, 0, 1 << 34)),
+    _Option("--max-prompt-images", "streams.max_prompt_images", "distinct images one prompt "
+            "may have checked (not counting those the verdict cache knows); those beyond are "
+            "unchecked images (too_large) that --unchecked-images refuses or passes: each image "
+            "is a billed call unit and spends Bedrock's 25 images a second quota (0: no limit)",
+            "100", _number_parser(int, 0, 1_000_000)),
     _Option("--max-streams", "streams.max_streams", "streams this process guards at once; beyond "
             "it the failure policy's 'overload' class decides (closed: 503; open: unchecked) (0: "
             "no limit)", "2000", _number_parser(int, 0, 10_000_000)),

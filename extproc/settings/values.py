@@ -248,6 +248,7 @@ class StreamSettings:
     streamed_message_timeout_s: float = 10.0
     max_held_bytes: int = 4 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
+    max_prompt_images: int = 100  # distinct images a prompt may have checked (0: no limit)
     max_streams: int = 2000
     # ``usage`` member -> USD per 1,000 units (``extproc.domain.cost``; ``--price-table``)
     prices: Mapping[str, float] = field(default_factory=lambda: DEFAULT_PRICES)

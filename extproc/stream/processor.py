@@ -38,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from extproc import envoy
 from extproc.domain.cache import NO_CACHE, VerdictCache
@@ -95,6 +96,9 @@ HEADER_ACCEPT_ENCODING = "accept-encoding"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_CONTENT_LENGTH = "content-length"
 HEADER_REQUEST_ID = "x-request-id"
+#: What every image part holds (in its type, its key or its media type), in any letter case.
+_IMAGE_WORD: Final = re.compile(rb"[iI][mM][aA][gG][eE]")
+
 #: The client's error for a prompt image the guardrail cannot be given, by reason.
 _IMAGE_ERRORS: Mapping[Reason, str] = {
     Reason.REFERENCE: ErrorKind.IMAGE_REFERENCE,
@@ -389,7 +393,8 @@ class GuardedStream:
             outbox.put(envoy.continue_request_body())
         self._prompt = PromptCheck(ctx, self._fmt, texts, decoded if pre_call else None,
                                    decoded is not body, self._signed, images,
-                                   mirrored=self._mirrored)
+                                   mirrored=self._mirrored,
+                                   max_images=self._settings.streams.max_prompt_images)
         self._prompt_task = asyncio.get_running_loop().create_task(self._check_prompt())
 
     def _label_mcp(self) -> None:
@@ -407,9 +412,12 @@ class GuardedStream:
         """The prompt's images as image blocks (``extproc.formats.prompt_images``); None when
         one cannot be checked and the route rejects such images (the API's 400 is sent). With
         ``unchecked_images pass`` (or in shadow mode) such an image is logged, counted and
-        left out of the check. Their decoded bytes count against ``--max-request-bytes``."""
-        if b"image" not in body and b"\\u" not in body:
-            # Every image part's type holds "image"; spelt with escapes, the body holds "\u".
+        left out of the check. Their decoded bytes count against ``--max-request-bytes``
+        (``--max-prompt-images`` is applied by ``PromptCheck``, to the images not known)."""
+        if b"\\u" not in body and _IMAGE_WORD.search(body) is None:
+            # Every image part's type, key or media type holds "image" in some letter case
+            # (media types are case-insensitive: "IMAGE/PNG"); spelt with escapes, the body
+            # holds "\u".
             return []
         parts = find_images(request)
         if not parts:

@@ -18,6 +18,7 @@ from extproc import envoy
 from extproc.domain.cache import image_key, verdict_key
 from extproc.domain.client import Content, ImageBlock
 from extproc.domain.decision import Action, decide_verdict
+from extproc.domain.errors import GuardrailRejected
 from extproc.domain.values import Gate, SignedPromptMask, Source, UncheckedImages
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.formats import ErrorKind, StreamFormat
@@ -81,11 +82,12 @@ class PromptCheck:
     them all is remembered."""
 
     __slots__ = ("_ctx", "_fmt", "_texts", "_images", "held", "_decoded", "verdict", "_outputs",
-                 "_signed", "refusal", "_mirrored")
+                 "_signed", "refusal", "_mirrored", "_max_images")
 
     def __init__(self, ctx: StreamContext, fmt: StreamFormat, texts: list[str],
                  held: bytes | None, decoded: bool, signed: bool = False,
-                 images: list[ImageBlock] | None = None, *, mirrored: bool = False) -> None:
+                 images: list[ImageBlock] | None = None, *, mirrored: bool = False,
+                 max_images: int = 0) -> None:
         self._ctx = ctx
         self._fmt = fmt
         self._signed = signed  # the client signed the request (AWS SigV4): no rewriting
@@ -94,6 +96,9 @@ class PromptCheck:
         self._mirrored = mirrored
         self._texts = texts
         self._images = images or []
+        # Distinct images not known to the verdict cache one check may send (0: no limit):
+        # each is a billed unit and a share of Bedrock's 25 images a second quota.
+        self._max_images = max_images
         # The ``ErrorKind`` of a refusal that is not a guardrail block (images the guardrail
         # answered for without screening them, ``--unchecked-images reject``).
         self.refusal: str | None = None
@@ -114,8 +119,24 @@ class PromptCheck:
         todo = [index for index, passed in enumerate(known[:len(keys)]) if not passed]
         if len(todo) < len(keys):
             record.count("cached_texts", len(keys) - len(todo))
-        images = [(key, image) for key, image, passed
-                  in zip(image_keys, self._images, known[len(keys):], strict=True) if not passed]
+        # Each distinct image once: copies of one image are one check (and one billed unit).
+        unique = {key: image for key, image, passed
+                  in zip(image_keys, self._images, known[len(keys):], strict=True) if not passed}
+        images = list(unique.items())
+        if self._max_images and len(images) > self._max_images:
+            extra = len(images) - self._max_images
+            route = ctx.route
+            reject = route.unchecked_images is UncheckedImages.REJECT and not route.shadow
+            ctx.images_unchecked("too_large", extra, rejected=reject)
+            log.info("%d prompt images over --max-prompt-images: %s", extra,
+                     "400" if reject else "passed unchecked")
+            if reject:
+                record.count("images", len(self._images))
+                self.refusal = ErrorKind.IMAGE_TOO_LARGE
+                record.input = "image_refused"
+                ctx.gate = Gate.BLOCKED
+                return
+            images = images[:self._max_images]
         if self._images:
             record.count("images", len(self._images))
             if len(images) < len(self._images):
@@ -134,6 +155,20 @@ class PromptCheck:
         except Exception as exc:  # noqa: BLE001 - GuardrailError, or a bug: never hang the request
             error = as_guardrail_error(exc, "the prompt check")
             record.input = f"error:{error.error_class}"
+            if images and isinstance(error, GuardrailRejected):
+                # Bedrock refused a call holding images (one it cannot read: a PNG whose
+                # pixels do not inflate passes our header checks). That is an image the
+                # guardrail cannot be given, not an outage: --unchecked-images decides, never
+                # the failure mode (a crafted image would otherwise release an open route).
+                route = ctx.route
+                if route.unchecked_images is UncheckedImages.REJECT and not route.shadow:
+                    ctx.images_unchecked("unreadable", len(images), rejected=True)
+                    log.warning("the guardrail refused a call holding %d prompt images: 400",
+                                len(images))
+                    self.refusal = ErrorKind.IMAGE_UNREADABLE
+                    record.input = "image_refused"
+                    ctx.gate = Gate.BLOCKED
+                    return
             if ctx.no_verdict(error) is Action.RELEASE_UNCHECKED:
                 log.warning("prompt check failed (%s); failure mode open", error.error_class)
                 ctx.gate = Gate.OPEN

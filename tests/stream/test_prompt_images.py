@@ -4,12 +4,15 @@ judges image blocks: what is sent, what is refused, what is cached, what is pass
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from extproc.domain.cache import MemoryVerdictCache
 from extproc.domain.client import Content, ImageBlock
+from extproc.domain.errors import GuardrailRejected
+from extproc.domain.failure import FailureMode, FailurePolicy
 from extproc.domain.values import GuardrailRef, InputCheck, Source, UncheckedImages
 from extproc.domain.verdict import GuardrailVerdict, classify
 from extproc.formats import all_formats
@@ -188,6 +191,103 @@ async def test_an_image_part_spelt_with_json_escapes_is_found() -> None:
     h = Harness()
     await h.processor.handle(request_headers())
     await h.processor.handle(request_body(body.encode()))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert h.status() == 400
+    assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
+
+
+async def test_regression_an_image_whose_media_type_is_upper_case_is_not_skipped() -> None:
+    """The pre-check that skips bodies without images looked for a lower-case "image" only; a
+    Gemini blob of type ``IMAGE/PNG`` (media types are case-insensitive, and the finder reads
+    it as an image) passed unread."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"inlineData": {"mimeType": "IMAGE/PNG", "data": b64(BLOCKED)}}]}]}
+    assert "image" not in json.dumps(body)
+    h = Harness()
+    await h.send(body)
+    assert h.status() == 400
+    assert any(isinstance(item, ImageBlock) for item in h.guardrail.calls[0])
+
+
+async def test_regression_the_same_image_repeated_in_one_prompt_is_sent_once() -> None:
+    """Each copy of one image went to the guardrail: a prompt of a few hundred copies of one
+    tiny PNG cost as many billed image units and calls (20 a call) as distinct images."""
+    h = Harness()
+    await h.send(chat(*[data_url(CLEAN)] * 50, data_url(BLOCKED)))
+    sent = [item for item in h.guardrail.calls[0] if isinstance(item, ImageBlock)]
+    assert sent == [ImageBlock("png", CLEAN), ImageBlock("png", BLOCKED)]
+    assert h.status() == 400
+    assert h.record()["images"] == 51
+
+
+class RejectingImages(ImageGuardrail):
+    """Bedrock answering ``ValidationException`` for a call holding an image it cannot read (a
+    PNG whose pixel data does not inflate passes the sidecar's header checks)."""
+
+    async def apply(self, guardrail: GuardrailRef, source: Source,
+                    texts: Sequence[Content]) -> GuardrailVerdict:
+        self.calls.append(list(texts))
+        if any(isinstance(item, ImageBlock) for item in texts):
+            raise GuardrailRejected("ValidationException (400): invalid image")
+        return classify(bedrock_response("pass"))
+
+
+async def test_regression_an_image_bedrock_refuses_is_an_unchecked_image_not_an_outage() -> None:
+    """With ``--failure-mode open``, an image crafted for Bedrock to refuse made the call fail
+    and the prompt was released unchecked: ``--unchecked-images reject`` was bypassed."""
+    h = Harness(RejectingImages(), failure_mode=FailurePolicy.uniform(FailureMode.OPEN))
+    await h.send(chat(data_url(BLOCKED)))
+    assert h.status() == 400
+    assert h.error_type() == "guardrail_image_unreadable"
+    assert h.record()["outcome"] == "image_refused"
+
+
+async def test_regression_a_prompt_of_thousands_of_tiny_images_is_refused_before_any_call(
+        ) -> None:
+    """A 1 MiB prompt holds thousands of distinct tiny PNGs: each was sent to the guardrail,
+    twenty a call, each billed as an image unit (about $5 a request at the default price
+    table, against cents for the same bytes of text) and each spending the account's 25
+    images a second quota, which then throttled every other route's images for minutes."""
+    images = [png(1, 1, seed=i) for i in range(12)]
+    h = Harness(max_prompt_images=10)
+    await h.send(chat(*(data_url(image) for image in images)))
+    assert h.status() == 400
+    assert h.error_type() == "guardrail_image_too_large"
+    assert h.guardrail.calls == []
+    passing = Harness(max_prompt_images=10, unchecked_images=UncheckedImages.PASS)
+    await passing.send(chat(*(data_url(image) for image in images)))
+    sent = [item for item in passing.guardrail.calls[0] if isinstance(item, ImageBlock)]
+    assert len(sent) == 10
+    assert passing.record()["images_unchecked"] == 2
+    copies = Harness(max_prompt_images=10)  # copies of one image are one image
+    await copies.send(chat(*[data_url(CLEAN)] * 12))
+    assert copies.status() is None
+
+
+async def test_images_the_cache_knows_do_not_count_against_max_prompt_images() -> None:
+    """A conversation resends its earlier images: those already checked cost nothing and do
+    not count against ``--max-prompt-images``."""
+    cache = MemoryVerdictCache(100, 60.0, clock=lambda: 0.0)
+    guardrail = ImageGuardrail()
+    first = [png(1, 1, seed=i) for i in range(8)]
+    await Harness(guardrail, cache, max_prompt_images=10).send(
+        chat(*(data_url(image) for image in first)))
+    later = Harness(guardrail, cache, max_prompt_images=10)
+    await later.send(chat(*(data_url(image) for image in first),
+                          *(data_url(png(1, 1, seed=100 + i)) for i in range(8))))
+    assert later.status() is None
+    assert sum(isinstance(item, ImageBlock) for item in guardrail.calls[-1]) == 8
+
+
+async def test_an_image_in_a_gzipped_body_spelt_with_escapes_is_found() -> None:
+    """The skip-if-no-image pre-check reads the inflated body: gzip hides nothing."""
+    url = data_url(BLOCKED, "application/octet-stream")
+    body = json.dumps(chat(url)).replace('"image_url"', '"\\u0069mage_url"').encode()
+    h = Harness()
+    await h.processor.handle(request_headers(extra=(("content-encoding", "gzip"),)))
+    await h.processor.handle(request_body(gzip.compress(body)))
     for _ in range(20):
         await asyncio.sleep(0)
     assert h.status() == 400

@@ -23,10 +23,10 @@ from extproc.images import (
 from testkit.images import GIF, b64, data_url, jpeg, png
 
 
-def refused(reason: Reason, call: object, *args: object) -> None:
+def refused(reason: Reason, call: object, *args: object, **kwargs: object) -> None:
     assert callable(call)
     with pytest.raises(ImageRefused) as info:
-        call(*args)
+        call(*args, **kwargs)
     assert info.value.reason is reason
 
 
@@ -93,7 +93,7 @@ def test_base64_is_read_as_leniently_as_the_apis_take_it() -> None:
     plain = base64.b64encode(data).decode()
     assert decode_base64(plain) == data
     assert decode_base64(plain.rstrip("=")) == data  # padding optional
-    assert decode_base64(base64.urlsafe_b64encode(data).decode()) == data
+    assert decode_base64(base64.urlsafe_b64encode(data).decode(), url_safe=True) == data
     wrapped = "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76))
     assert decode_base64(wrapped) == data  # MIME line breaks
 
@@ -107,8 +107,6 @@ def test_data_urls_base64_and_percent_encoded() -> None:
     data = png()
     assert parse_data_url(data_url(data)) == data
     assert parse_data_url("DATA:image/png;BASE64," + b64(data)) == data
-    escaped = b64(data).replace("+", "%2B").replace("/", "%2F")
-    assert parse_data_url("data:image/png;base64," + escaped) == data
     percent = "".join(f"%{byte:02X}" for byte in data)
     assert parse_data_url("data:image/png," + percent) == data
     refused(Reason.REFERENCE, parse_data_url, "https://example.com/cat.png")
@@ -147,3 +145,36 @@ def test_arbitrary_text_never_crashes_the_url_parser(text: str) -> None:
             parse_data_url(url, 1000)
         except ImageRefused as exc:
             assert exc.reason in Reason
+
+
+def test_regression_base64_a_lenient_upstream_decodes_otherwise_is_refused() -> None:
+    """Base64 the sidecar and a plausible upstream decode to different bytes: the guardrail
+    would check another image than the model sees. Python's default decoder (vLLM's and many
+    proxies') skips the URL-safe ``-`` and ``_`` and the ``%`` of an escape (reading its hex
+    digits as base64), where the sidecar read ``-`` as ``+`` and undid the escape."""
+    data = png(7, 7, seed=3)
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    assert "-" in urlsafe or "_" in urlsafe
+    assert base64.b64decode(urlsafe) != data  # what a lenient upstream shows its model
+    refused(Reason.UNREADABLE, decode_base64, urlsafe)
+    refused(Reason.UNREADABLE, parse_data_url, "data:image/png;base64," + urlsafe)
+    escaped = b64(data).replace("+", "%2B").replace("/", "%2F")
+    assert escaped != b64(data)
+    refused(Reason.UNREADABLE, parse_data_url, "data:image/png;base64," + escaped)
+    # Both alphabets in one text: no decoder reads it as the sidecar did.
+    mixed = "ab+d" + "ab-d"
+    refused(Reason.UNREADABLE, decode_base64, mixed, url_safe=True)
+    # Where the API's decoder takes the URL-safe alphabet (Gemini's protobuf JSON bytes;
+    # google-genai sends it), it is read.
+    assert decode_base64(urlsafe, url_safe=True) == data
+
+
+def test_regression_a_data_url_with_raw_non_ascii_characters_is_refused() -> None:
+    """Raw (unescaped) characters over U+007F in a data URL's data: the sidecar took them as
+    Latin-1 bytes, a URL decoder (the fetch standard, Python's urllib) takes their UTF-8
+    bytes; the two readings differ, so neither is guessed."""
+    data = png()
+    raw = data.decode("latin-1")
+    assert raw.encode("utf-8") != data
+    refused(Reason.UNREADABLE, parse_data_url, "data:image/png," + raw)
+    refused(Reason.UNREADABLE, parse_data_url, "data:image/png,%89PNG" + raw[4:])
