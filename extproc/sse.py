@@ -141,54 +141,14 @@ class SSEDecoder:
         if type(data) is not bytes:
             data = bytes(data)
         events: list[SSEEvent] = []
-        if not self._buf and not self._cr and not self._bom and _CR_BYTE not in data:
-            # Nothing pending (so no field of an unfinished event either), the BOM settled, LF
-            # line endings: the usual chunk is one or more whole events, each an optional
-            # ``event`` line and one ``data`` line, and needs no per-line work. What follows
-            # them is fed as a chunk of its own, which gives the same events (boundaries are
-            # arbitrary).
-            n = len(data)
-            start = 0
-            while True:
-                line = start
-                name = None
-                if data.startswith(b"event:", line):
-                    end = data.find(b"\n", line)
-                    if end < 0:
-                        break
-                    value = line + 7 if data[line + 6] == _SPACE else line + 6
-                    name = str(data[value:end], "utf-8", "replace")
-                    line = end + 1
-                if not data.startswith(b"data:", line):
-                    break
-                end = data.find(b"\n", line)
-                nxt = end + 2
-                if end < 0 or nxt > n or data[end + 1] != _LF:
-                    break
-                value = line + 6 if data[line + 5] == _SPACE else line + 5
-                events.append(SSEEvent(data[start:nxt], name,
-                                       str(data[value:end], "utf-8", "replace")))
-                start = nxt
-            if start == n:
-                return events
-            if start:
-                data = data[start:]
-        elif not self._buf and not self._cr and not self._bom:
-            # The same for CR LF line endings (Google's streams): whole events of one ``data``
-            # line each, the line holding no other CR or LF.
-            n = len(data)
-            start = 0
-            while data.startswith(b"data:", start):
-                end = data.find(b"\r", start)
-                nxt = end + 4
-                if (end < 0 or nxt > n or data[end:nxt] != b"\r\n\r\n"
-                        or data.find(b"\n", start, end) >= 0):
-                    break
-                value = start + 6 if data[start + 5] == _SPACE else start + 5
-                events.append(SSEEvent(data[start:nxt], None,
-                                       str(data[value:end], "utf-8", "replace")))
-                start = nxt
-            if start == n:
+        if not self._buf and not self._cr and not self._bom:
+            # Nothing pending (so no field of an unfinished event either), the BOM settled: the
+            # usual chunk is one or more whole events, each an optional ``event`` line and one
+            # ``data`` line, and needs no per-line work. What follows them is fed as a chunk of
+            # its own, which gives the same events (boundaries are arbitrary).
+            start = (_whole_lf_events(data, events) if _CR_BYTE not in data
+                     else _whole_crlf_events(data, events))
+            if start == len(data):
                 return events
             if start:
                 data = data[start:]
@@ -317,6 +277,51 @@ class SSEDecoder:
         )
         self._data = self._event = self._id = self._retry = self._comments = None
         return event
+
+
+def _whole_lf_events(data: bytes, events: list[SSEEvent]) -> int:
+    """``SSEDecoder.feed``'s fast path for LF line endings: the whole events at the start of
+    ``data`` (an optional ``event`` line, one ``data`` line) appended to ``events``; returns
+    where the rest begins."""
+    n = len(data)
+    start = 0
+    while True:
+        line = start
+        name = None
+        if data.startswith(b"event:", line):
+            end = data.find(b"\n", line)
+            if end < 0:
+                break
+            value = line + 7 if data[line + 6] == _SPACE else line + 6
+            name = str(data[value:end], "utf-8", "replace")
+            line = end + 1
+        if not data.startswith(b"data:", line):
+            break
+        end = data.find(b"\n", line)
+        nxt = end + 2
+        if end < 0 or nxt > n or data[end + 1] != _LF:
+            break
+        value = line + 6 if data[line + 5] == _SPACE else line + 5
+        events.append(SSEEvent(data[start:nxt], name, str(data[value:end], "utf-8", "replace")))
+        start = nxt
+    return start
+
+
+def _whole_crlf_events(data: bytes, events: list[SSEEvent]) -> int:
+    """The same for CR LF line endings (Google's streams): whole events of one ``data`` line
+    each, the line holding no other CR or LF."""
+    n = len(data)
+    start = 0
+    while data.startswith(b"data:", start):
+        end = data.find(b"\r", start)
+        nxt = end + 4
+        if (end < 0 or nxt > n or data[end:nxt] != b"\r\n\r\n"
+                or data.find(b"\n", start, end) >= 0):
+            break
+        value = start + 6 if data[start + 5] == _SPACE else start + 5
+        events.append(SSEEvent(data[start:nxt], None, str(data[value:end], "utf-8", "replace")))
+        start = nxt
+    return start
 
 
 def _fields(event: SSEEvent) -> tuple[str | None, str | None, str | None, int | None,
