@@ -114,6 +114,12 @@ class StreamCodec(Protocol):
     #: the guard checks the tail now rather than at the end of the body. Later text clears it.
     text_ended: bool
 
+    #: In sync mode the events after the end of the text (finish, usage, terminator) wait for
+    #: the end of the body, so that a client stopping at the terminator does not hang up
+    #: before the stream's metadata reached Envoy (True); or go out as soon as they may
+    #: (False: MCP, whose events are whole messages and whose GET streams may never end).
+    holds_trailing_events: bool
+
     def extract(self, event: SSEEvent) -> list[tuple[Hashable, str]]:
         """The model text in one SSE event as (channel, text) pairs in stream order, each text
         non-empty.

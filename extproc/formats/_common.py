@@ -144,6 +144,8 @@ class ChoicesCodec:
     original tokens.
     """
 
+    holds_trailing_events = True
+
     HEAD_KEYS: tuple[str, ...] = ()
 
     def __init__(self) -> None:

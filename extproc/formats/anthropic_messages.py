@@ -273,6 +273,8 @@ def _start_slots(payload: dict[str, Any]) -> list[c.Slot]:
 class AnthropicCodec:
     """One streamed Messages answer; keeps which content blocks the client has open."""
 
+    holds_trailing_events = True
+
     def __init__(self) -> None:
         self._message: dict[str, Any] | None = None  # the message_start message seen
         self._output_tokens = 0

@@ -755,6 +755,8 @@ _UNKNOWN: Final = ("unknown", None)
 class ConverseStreamCodec:
     """One ConverseStream answer; keeps the client's view of its content blocks."""
 
+    holds_trailing_events = True
+
     def __init__(self) -> None:
         self.text_ended = False
         self._notes = c.Notes()
@@ -876,6 +878,8 @@ class InvokeStreamCodec:
     """One InvokeModelWithResponseStream answer. Each ``chunk``'s model JSON is read by its
     shape: Anthropic events through the Anthropic format's codec (fed as SSE events without
     raw bytes, named by their ``type``), Nova's Converse events, other models' fields."""
+
+    holds_trailing_events = True
 
     def __init__(self) -> None:
         self.text_ended = False

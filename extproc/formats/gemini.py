@@ -761,6 +761,8 @@ def _encode(payload: Any, event: SSEEvent, crlf: bool) -> bytes:
 class GeminiCodec:
     """One streamed Gemini answer; keeps the candidates the client saw and which finished."""
 
+    holds_trailing_events = True
+
     def __init__(self) -> None:
         self.text_ended = False
         self._notes = c.Notes()

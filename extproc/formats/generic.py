@@ -68,6 +68,8 @@ def _set(value: Any, path: tuple[Any, ...], text: str) -> bool:
 class GenericCodec:
     """One streamed answer of an API no format recognises."""
 
+    holds_trailing_events = True
+
     def __init__(self) -> None:
         self.text_ended = False
 

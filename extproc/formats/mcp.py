@@ -735,6 +735,8 @@ class McpCodec:
     end. The terminal frame answers the oldest response read and not yet released (else the
     request's ``id``, else ``null``)."""
 
+    holds_trailing_events = False  # whole messages; a GET stream may never end
+
     def __init__(self, fmt: McpFormat) -> None:
         self._fmt = fmt
         self._read = 0

@@ -193,6 +193,8 @@ def _done(answer: Mapping[str, Any], text: str, generate: bool) -> dict[str, Any
 class OllamaCodec:
     """One streamed Ollama answer (NDJSON lines as ``SSEEvent``s: ``data`` is the line)."""
 
+    holds_trailing_events = True
+
     def __init__(self, generate: bool) -> None:
         self._generate = generate
         self._head: dict[str, Any] = {}

@@ -327,6 +327,8 @@ def _put(items: list[Any], index: Any, value: Any) -> None:
 class ResponsesCodec:
     """One streamed Responses answer; keeps the client's view of the output items."""
 
+    holds_trailing_events = True
+
     def __init__(self) -> None:
         self._seq = -1  # highest sequence_number seen
         self._response: dict[str, Any] | None = None  # the lifecycle response seen

@@ -42,7 +42,6 @@ from extproc.domain.values import Gate, Source, StreamMode
 from extproc.domain.verdict import GuardrailVerdict, Outcome
 from extproc.domain.windows import Block, Strategy, estimated_units, held_tail, should_check
 from extproc.formats import ErrorKind, StreamFormat
-from extproc.formats.mcp import McpCodec
 from extproc.framing import Decoder
 from extproc.sse import SSEEvent
 from extproc.stream.channels import Channels, Delta, Held
@@ -323,13 +322,11 @@ class OutputGuard:
                     break
                 count += 1
             if count == len(held) and not self._upstream_done and self._codec.text_ended \
-                    and not isinstance(self._codec, McpCodec):
+                    and self._codec.holds_trailing_events:
                 # The text ended before the body: the events after it (finish, usage, [DONE])
                 # wait for the end of the body, as in async mode. A client that stops reading
                 # at [DONE] would otherwise hang up before the body's last message, and the
-                # stream's metadata with it, reached Envoy. (Not MCP: each event is a whole
-                # message, a POST's answer ends with its response, and a GET stream of the
-                # server's messages may never end.)
+                # stream's metadata with it, reached Envoy (``holds_trailing_events``).
                 while count and not held[count - 1].chars:
                     count -= 1
             for _ in range(count):

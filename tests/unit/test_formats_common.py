@@ -471,6 +471,10 @@ class Unnoted:
     def text_ended(self) -> bool:
         return self.codec.text_ended
 
+    @property
+    def holds_trailing_events(self) -> bool:
+        return self.codec.holds_trailing_events
+
     def rewrite(self, event: SSEEvent, texts: Mapping[Hashable, str]) -> bytes:
         return self.codec.rewrite(event, texts)
 
