@@ -149,14 +149,19 @@ class Sink:
         self.bytes += len(message.SerializeToString())
 
 
-async def run_sidecar(settings: Settings, wire: list[bytes], sink: Sink, stream_id: str) -> None:
+async def run_sidecar(settings: Settings, wire: list[bytes], sink: Sink, stream_id: str, *,
+                      settle: int = 1) -> None:
+    """One stream through the processor; ``settle`` loop turns after each message (the next
+    stream's message with --interleave; a check task and its answer, where each message waits
+    for one, as in bench/mcp_guard.py)."""
     processor = StreamProcessor(settings, InstantGuardrail(), all_formats(),
                                 Outbox(sink.write), stream_id)
     parse = pb.ProcessingRequest.FromString
     try:
         for data in wire:
             await processor.handle(parse(data))
-            await asyncio.sleep(0)  # the next stream's message (--interleave)
+            for _ in range(settle):
+                await asyncio.sleep(0)
         for _ in range(3):  # let a check in flight finish and its release go out
             await asyncio.sleep(0)
     finally:

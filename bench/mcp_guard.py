@@ -32,14 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from harness import without_ext_proc
-from hotpath import InstantGuardrail, Sink, _headers
+from hotpath import InstantGuardrail, Sink, _headers, run_sidecar
 
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.domain.values import GuardrailRef
-from extproc.formats import all_formats
 from extproc.settings.values import RoutePolicy, Settings
-from extproc.stream.processor import StreamProcessor
-from extproc.stream.sinks import Outbox
 
 #: The checkout whose ``extproc`` is measured (the one the interpreter imports; PYTHONPATH picks
 #: another, as for every benchmark here).
@@ -89,19 +86,6 @@ def round_trip(kind: str) -> list[bytes]:
     return [m.SerializeToString() for m in messages]
 
 
-async def one(settings: Settings, wire: list[bytes], sink: Sink, stream_id: str) -> None:
-    processor = StreamProcessor(settings, InstantGuardrail(), all_formats(),
-                                Outbox(sink.write), stream_id)
-    parse = pb.ProcessingRequest.FromString
-    try:
-        for data in wire:
-            await processor.handle(parse(data))
-            for _ in range(3):  # the check task runs and its answer goes out
-                await asyncio.sleep(0)
-    finally:
-        processor.close()
-
-
 async def cpu(kind: str, count: int) -> float:
     """CPU µs per round trip of ``kind`` (each one must make two guardrail calls: its request
     and its answer)."""
@@ -111,7 +95,7 @@ async def cpu(kind: str, count: int) -> float:
     sink = Sink()
     started = time.process_time()
     for number in range(count):
-        await one(settings, wire, sink, f"s{number}")
+        await run_sidecar(settings, wire, sink, f"s{number}", settle=3)
     spent = time.process_time() - started
     if InstantGuardrail.calls - calls != 2 * count:
         raise RuntimeError(f"{kind}: {InstantGuardrail.calls - calls} guardrail calls for "
